@@ -1,0 +1,283 @@
+"""Attention-backend selection for Step-3.5 (pure policy + a side-effect-free platform probe).
+
+Step-3.5 mixes full-attention layers with sliding-window layers (window 512, 3 sliding : 1 full).
+A backend that ignores the window does not crash: it silently attends to the whole context and the
+text degrades after a few hundred tokens (SGLang on B200 with ``trtllm_mha``, sglang #18970). So the
+selection below only ever returns, or accepts from the user, backends whose SGLang 0.5.23
+implementation applies the window. The capability table was read from the 0.5.23 sources
+(``sglang/srt/layers/attention/*``, ``arg_groups/model_override_base.py``, ``arg_groups/overrides.py``);
+each entry says where.
+
+``choose_attention_backend`` is pure: it takes a :class:`PlatformInfo` and returns a :class:`Choice`.
+``detect_platform`` builds the PlatformInfo without creating a CUDA/HIP context (NVML / sysfs first),
+because SGLang forks scheduler processes after argument resolution and an early context poisons
+``fork()``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping
+
+PlatformKind = Literal["cpu", "nvidia", "amd"]
+
+# --- What SGLang 0.5.23 does with sliding windows, per MHA attention backend -----------------------
+# Backends that apply ``layer.sliding_window_size`` on every prefill/decode path:
+WINDOW_CAPABLE: dict[str, str] = {
+    "torch_native": "torch_native_backend.py builds a (k <= q) & (k >= q - window) mask",
+    "triton": "triton_backend.py passes sliding_window_size to its extend/decode kernels (the one "
+    "path that cannot, dense one-shot prefill, is MLA-only and raises instead of ignoring it)",
+    "flashinfer": "flashinfer_backend.py passes window_left=layer.sliding_window_size and uses a "
+    "separate wrapper for sliding layers",
+    "fa3": "flashattention_backend.py passes window_size=(sliding_window_size, 0)",
+    "fa4": "same FlashAttentionBackend as fa3 (fa_impl_ver=4, sm100 and a dedicated sm120 module)",
+    # sglang #18970: trtllm_mha once dropped the window on B200. In 0.5.23 every call into
+    # trtllm_batch_{decode,context}_with_kv_cache / fmha_v2 passes window_left=layer.sliding_window_size
+    # and the module docstring states sliding-window support, so an explicit choice is honoured;
+    # the default on Blackwell is still fa4 (see choose_attention_backend).
+    "trtllm_mha": "trtllm_mha_backend.py passes window_left=layer.sliding_window_size on every "
+    "prefill/decode call (the bug of sglang #18970 is fixed in 0.5.23)",
+    "aiter": "aiter_backend.py applies the window in its unified-attention path, which it forces on "
+    "when the hybrid SWA KV pool is in use; its paged-decode path raises for sliding layers, so "
+    "SGLANG_USE_AITER_UNIFIED_ATTN=1 is required whenever hybrid SWA memory is disabled",
+    "intel_amx": "intel_amx_backend.py passes sliding_window_size + 1 to its CPU kernels",
+    "intel_xpu": "xpu_backend.py passes window_size=(sliding_window_size, 0)",
+    "ascend": "npu ascend_backend.py handles is_hybrid_swa layers",
+}
+# Backends that cannot serve sliding-window MHA layers (ignore the window or reject it):
+NO_WINDOW: dict[str, str] = {
+    "flex_attention": "torch_flex_backend.py has no sliding-window handling (would attend to everything)",
+    "wave": "wave_backend.py has no sliding-window handling",
+    "hpc_ops": "hpc_ops_backend.py raises 'does not support sliding window'",
+    "minicpm_flashattn": "MiniCPM backend raises on sliding-window attention",
+    "minicpm_flashinfer": "MiniCPM backend raises on sliding-window attention",
+    # MLA / sparse-attention / model-specific backends: Step-3.5 is GQA, and none of these applies
+    # an MHA sliding window.
+    "dsa": "DeepSeek sparse-attention (MLA) backend",
+    "nsa": "alias of dsa",
+    "qsa": "Qwen sparse-attention backend",
+    "dsv4": "DeepSeek-V4 backend",
+    "compressed": "alias of dsv4",
+    "flashmla": "MLA-only backend",
+    "trtllm_mla": "MLA-only backend",
+    "cutedsl_mla": "MLA-only backend",
+    "tokenspeed_mla": "alias of cutedsl_mla (MLA-only)",
+    "llada2_cfg_flashinfer": "LLaDA2 diffusion-model backend",
+}
+
+_AITER_UNIFIED_ENV = {"SGLANG_USE_AITER_UNIFIED_ATTN": "1"}
+
+
+@dataclass(frozen=True)
+class PlatformInfo:
+    """What the selection needs to know about the accelerator.
+
+    ``compute_capability`` is (major, minor) on NVIDIA: (9, 0) Hopper, (10, 0)/(10, 3) datacenter
+    Blackwell (B200/GB200/B300), (12, 0) consumer/workstation Blackwell, (8, x) Ampere/Ada.
+    ``gcn_arch`` is the AMD target: gfx942 (MI300X/MI325X), gfx950 (MI350X/MI355X).
+    """
+
+    kind: PlatformKind
+    compute_capability: tuple[int, int] | None = None
+    gcn_arch: str | None = None
+    aiter_available: bool = False
+    flashinfer_available: bool = False
+    device_name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("cpu", "nvidia", "amd"):
+            raise ValueError(f"unknown platform kind {self.kind!r}")
+        if self.kind == "nvidia" and self.compute_capability is None:
+            raise ValueError("nvidia PlatformInfo needs compute_capability=(major, minor)")
+
+    @property
+    def sm(self) -> int:
+        """Compute capability as SGLang writes it (90, 100, 120...); 0 off NVIDIA."""
+        if self.kind != "nvidia" or self.compute_capability is None:
+            return 0
+        major, minor = self.compute_capability
+        return major * 10 + minor
+
+    @property
+    def is_hopper(self) -> bool:
+        return self.kind == "nvidia" and self.sm // 10 == 9
+
+    @property
+    def is_blackwell(self) -> bool:
+        # Same major set as sglang.srt.utils.common.is_blackwell: sm100/103, sm110, sm120/121.
+        return self.kind == "nvidia" and self.sm // 10 in (10, 11, 12)
+
+
+@dataclass(frozen=True)
+class Choice:
+    backend: str
+    reason: str
+    # Environment variables the backend needs to honour sliding windows (set before SGLang starts).
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+def window_capable_backends(platform: PlatformInfo) -> list[str]:
+    """Sliding-window-honouring backends that run on ``platform``, best first."""
+    if platform.kind == "cpu":
+        return ["torch_native", "intel_amx"]
+    if platform.kind == "amd":
+        return ["aiter", "triton"] if platform.aiter_available else ["triton", "aiter"]
+    if platform.is_blackwell:
+        return ["fa4", "trtllm_mha", "flashinfer", "triton"]
+    if platform.is_hopper:
+        return ["fa3", "flashinfer", "trtllm_mha", "triton"]
+    if platform.sm // 10 == 8:
+        # fa3's factory in 0.5.23 accepts sm8x for non-MLA models, but flashinfer/triton are the
+        # upstream defaults there and the better-tested paths.
+        return ["flashinfer", "triton", "fa3"]
+    return ["flashinfer", "triton"] if platform.sm >= 75 else ["triton"]
+
+
+def choose_attention_backend(platform: PlatformInfo, user_choice: str | None, has_sliding_layers: bool) -> Choice:
+    """Pick the attention backend for a Step-3.5 model.
+
+    An explicit ``user_choice`` wins, except when the model has sliding-window layers and the
+    backend cannot apply the window: then a ValueError names the flag, the backend and the
+    alternatives (serving would otherwise produce silently wrong text past the window).
+    """
+    if user_choice:
+        return _check_user_choice(platform, user_choice, has_sliding_layers)
+
+    if platform.kind == "cpu":
+        return Choice("torch_native", "CPU: torch_native (SDPA with an explicit sliding-window mask)")
+    if platform.kind == "amd":
+        if platform.aiter_available:
+            arch = platform.gcn_arch or "unknown gfx"
+            if has_sliding_layers:
+                return Choice(
+                    "aiter",
+                    f"AMD {arch} with AITER importable: aiter; its sliding-window support lives in the "
+                    "unified-attention path, so SGLANG_USE_AITER_UNIFIED_ATTN=1 is set (it is forced on "
+                    "with the hybrid SWA pool anyway, and required when hybrid SWA memory is disabled)",
+                    dict(_AITER_UNIFIED_ENV),
+                )
+            return Choice("aiter", f"AMD {arch} with AITER importable: aiter")
+        return Choice("triton", "AMD without an importable AITER: triton (portable, honours sliding windows)")
+
+    # NVIDIA
+    if platform.is_hopper:
+        return Choice("fa3", f"Hopper sm{platform.sm}: fa3 (SGLang's MHA default on Hopper; honours windows)")
+    if platform.is_blackwell:
+        # SGLang 0.5.23's own Step3p5 override (_step3p_overrides) picks fa4 on every Blackwell,
+        # and fa4 applies the window on both sm100 and sm120 (dedicated sm120 module). trtllm_mha,
+        # SGLang's generic sm100 default, is window-correct again in 0.5.23 (sglang #18970 fixed)
+        # and is accepted when asked for, but is not our default: it is the backend that shipped
+        # the window bug, and upstream does not route Step through it.
+        return Choice(
+            "fa4",
+            f"Blackwell sm{platform.sm}: fa4 (honours sliding windows on sm100 and sm120; upstream's "
+            "Step-3.5 default; trtllm_mha is window-correct in 0.5.23 but not preferred, sglang #18970)",
+        )
+    if platform.flashinfer_available and platform.sm >= 75:
+        return Choice("flashinfer", f"NVIDIA sm{platform.sm}: flashinfer (installed; honours windows)")
+    return Choice("triton", f"NVIDIA sm{platform.sm}: triton (flashinfer not installed or unsupported)")
+
+
+def _check_user_choice(platform: PlatformInfo, backend: str, has_sliding_layers: bool) -> Choice:
+    if not has_sliding_layers:
+        return Choice(backend, "explicit --attention-backend (model has no sliding-window layers)")
+    if backend in WINDOW_CAPABLE:
+        env = dict(_AITER_UNIFIED_ENV) if backend == "aiter" else {}
+        return Choice(backend, f"explicit --attention-backend; honours sliding windows: {WINDOW_CAPABLE[backend]}", env)
+    why = NO_WINDOW.get(backend, "not known to apply sliding windows in SGLang 0.5.23")
+    alternatives = ", ".join(window_capable_backends(platform))
+    raise ValueError(
+        f"--attention-backend {backend} cannot serve Step-3.5's sliding-window layers ({why}); "
+        f"it would attend past the window and silently corrupt output. "
+        f"Use one of: {alternatives} (or drop the flag to auto-select)."
+    )
+
+
+# --- platform detection ------------------------------------------------------------------------------
+_KFD_NODES = "/sys/class/kfd/kfd/topology/nodes"
+
+
+def detect_platform(torch_module: Any = None, kfd_nodes: str = _KFD_NODES) -> PlatformInfo:
+    """Describe the local accelerator without initialising a CUDA/HIP context.
+
+    NVIDIA: compute capability from NVML (what SGLang's get_device_sm does before torch.cuda is
+    initialised), falling back to torch only if torch already owns a context. AMD: the gfx target
+    from the KFD topology in sysfs. AITER / FlashInfer availability is checked with
+    ``importlib.util.find_spec`` rather than importing them (AITER's import can start JIT builds).
+    ``torch_module`` is injectable for tests.
+    """
+    if torch_module is None:
+        import torch as torch_module  # noqa: PLC0415 - keep module import cheap
+
+    aiter = _module_present("aiter")
+    flashinfer = _module_present("flashinfer")
+    if getattr(torch_module.version, "hip", None):
+        if not torch_module.cuda.is_available():
+            return PlatformInfo("cpu")
+        arch = _gfx_arch_from_sysfs(kfd_nodes)
+        if arch is None and torch_module.cuda.is_initialized():
+            arch = torch_module.cuda.get_device_properties(0).gcnArchName.split(":")[0]
+        return PlatformInfo("amd", gcn_arch=arch, aiter_available=aiter, device_name=arch or "")
+    if getattr(torch_module.version, "cuda", None) and torch_module.cuda.is_available():
+        cc, name = _nvml_capability_and_name()
+        if cc is None or torch_module.cuda.is_initialized():
+            cc = tuple(torch_module.cuda.get_device_capability(0))
+            name = torch_module.cuda.get_device_name(0)
+        return PlatformInfo("nvidia", compute_capability=cc, flashinfer_available=flashinfer, device_name=name or "")
+    return PlatformInfo("cpu")
+
+
+def _module_present(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _nvml_capability_and_name() -> tuple[tuple[int, int] | None, str]:
+    try:
+        import pynvml  # noqa: PLC0415 - optional (nvidia-ml-py)
+
+        pynvml.nvmlInit()
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(_first_visible_index())
+            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+            name = pynvml.nvmlDeviceGetName(handle)
+            return (int(major), int(minor)), name.decode() if isinstance(name, bytes) else str(name)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - NVML missing or unusable: caller falls back to torch
+        return None, ""
+
+
+def _first_visible_index() -> int:
+    # NVML ignores CUDA_VISIBLE_DEVICES; honour a leading integer entry (UUIDs: fall back to 0).
+    first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+    return int(first) if first.isdigit() else 0
+
+
+def gfx_name(target_version: int) -> str:
+    """KFD ``gfx_target_version`` (major*10000 + minor*100 + stepping) -> 'gfx942' style name."""
+    major, rest = divmod(int(target_version), 10000)
+    minor, stepping = divmod(rest, 100)
+    return f"gfx{major}{minor:x}{stepping:x}"
+
+
+def _gfx_arch_from_sysfs(kfd_nodes: str) -> str | None:
+    try:
+        nodes = sorted(os.listdir(kfd_nodes))
+    except OSError:
+        return None
+    for node in nodes:
+        try:
+            with open(os.path.join(kfd_nodes, node, "properties")) as f:
+                for line in f:
+                    key, _, value = line.partition(" ")
+                    # CPU nodes report gfx_target_version 0.
+                    if key == "gfx_target_version" and int(value) > 0:
+                        return gfx_name(int(value))
+        except (OSError, ValueError):
+            continue
+    return None

@@ -1,0 +1,191 @@
+"""Step-3.5 configuration: the HF config class, validation with named errors, per-layer views.
+
+transformers 5.19 maps ``model_type: step3p5`` to its own Step3p7 text config, which turns the
+sliding-layer head counts into "per-layer attributes" and makes every global read of
+``num_attention_heads`` raise ``AmbiguousGlobalPerLayerAttributeError`` (a RuntimeError, so even
+``getattr(cfg, k, default)`` blows up inside SGLang's loader). :class:`Step3p5Config` is a plain
+``PretrainedConfig`` that keeps the checkpoint's keys as they are; ``plugin.register()`` installs it
+for ``step3p5`` so unedited real checkpoints load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence
+
+from transformers import PretrainedConfig
+
+FULL = "full_attention"
+SLIDING = "sliding_attention"
+
+# Keys without which no Step-3.5 forward can be built; each is read by the model.
+REQUIRED_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_attention_groups",
+    "head_dim",
+    "vocab_size",
+    "layer_types",
+    "moe_num_experts",
+    "moe_top_k",
+    "moe_intermediate_size",
+    "share_expert_dim",
+)
+
+
+class Step35ConfigError(ValueError):
+    """A Step-3.5 config.json that cannot be served; the message names the key and the fix."""
+
+
+class Step3p5Config(PretrainedConfig):
+    """Step-3.5 config that stores every checkpoint key verbatim (lists are never cropped)."""
+
+    model_type = "step3p5"
+
+    def __init__(self, num_hidden_layers: int = 45, layer_types: Optional[list] = None, **kwargs):
+        # transformers validates len(layer_types) == num_hidden_layers inside super().__init__, but
+        # real checkpoints ship 48 entries (45 + 3 MTP) for 45 layers: align during the check only.
+        self.layer_types = layer_types
+        self.num_hidden_layers = len(layer_types) if layer_types else num_hidden_layers
+        kwargs.setdefault("architectures", ["Step3p5ForCausalLM"])
+        kwargs.setdefault("pad_token_id", None)  # absent in Step configs (sglang #22076)
+        # transformers would "standardize" these into one global rope_parameters dict, losing the
+        # per-layer theta list and the full-layers-only scaling; keep them verbatim instead.
+        rope_theta = kwargs.pop("rope_theta", 10000.0)
+        rope_scaling = kwargs.pop("rope_scaling", None)
+        super().__init__(**kwargs)
+        self.layer_types = layer_types
+        self.num_hidden_layers = num_hidden_layers
+        self.rope_theta = rope_theta
+        self.rope_scaling = rope_scaling
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Everything one decoder layer (main or MTP) needs, resolved from the per-layer lists."""
+
+    index: int
+    sliding: bool
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    window: Optional[int]  # None on full-attention layers
+    rope_theta: float
+    rotary_dim: int
+    use_rope_scaling: bool  # yarn/llama3 scaling applies only to `yarn_only_types`
+    is_moe: bool
+    swiglu_limit: float  # routed experts; 0 = off
+    swiglu_limit_shared: float  # shared expert / dense MLP; 0 = off
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    if isinstance(cfg, Mapping):
+        return cfg.get(key, default)
+    return cfg.__dict__.get(key, default)
+
+
+def moe_layer_ids(cfg: Any) -> set[int]:
+    """`moe_layers_enum` is a comma-separated string in real configs; tuples/lists are accepted."""
+    raw = _get(cfg, "moe_layers_enum")
+    if raw is None:
+        return set(range(_get(cfg, "num_hidden_layers")))
+    if isinstance(raw, str):
+        items = [s for s in raw.replace(" ", "").split(",") if s]
+    else:
+        items = list(raw)
+    try:
+        return {int(x) for x in items}
+    except ValueError as e:
+        raise Step35ConfigError(f"config key 'moe_layers_enum' must list layer indices, got {raw!r}") from e
+
+
+def _per_layer(cfg: Any, key: str, index: int, default: Any) -> Any:
+    value = _get(cfg, key, default)
+    if isinstance(value, (list, tuple)):
+        v = value[index]
+        return default if v is None else v
+    return default if value is None else value
+
+
+def layer_spec(cfg: Any, index: int) -> LayerSpec:
+    """Resolve layer `index` (0..num_hidden_layers-1 main, then the MTP layers)."""
+    types = _get(cfg, "layer_types")
+    sliding = types[index] == SLIDING
+    other = _get(cfg, "attention_other_setting") or {}
+    if sliding and other:
+        heads = other.get("num_attention_heads", _get(cfg, "num_attention_heads"))
+        kv = other.get("num_attention_groups", _get(cfg, "num_attention_groups"))
+        head_dim = other.get("head_dim", _get(cfg, "head_dim"))
+    else:
+        heads, kv, head_dim = (_get(cfg, k) for k in ("num_attention_heads", "num_attention_groups", "head_dim"))
+    partial = float(_per_layer(cfg, "partial_rotary_factors", index, 1.0))
+    yarn_types = _get(cfg, "yarn_only_types") or []
+    return LayerSpec(
+        index=index,
+        sliding=sliding,
+        num_heads=int(heads),
+        num_kv_heads=int(kv),
+        head_dim=int(head_dim),
+        window=int(_get(cfg, "sliding_window")) if sliding else None,
+        rope_theta=float(_per_layer(cfg, "rope_theta", index, 10000.0)),
+        rotary_dim=int(head_dim * partial),
+        use_rope_scaling=_get(cfg, "rope_scaling") is not None and types[index] in yarn_types,
+        is_moe=index < _get(cfg, "num_hidden_layers") and index in moe_layer_ids(cfg),
+        swiglu_limit=float(_per_layer(cfg, "swiglu_limits", index, 0.0)),
+        swiglu_limit_shared=float(_per_layer(cfg, "swiglu_limits_shared", index, 0.0)),
+    )
+
+
+def validate(cfg: Any, tp_size: int = 1) -> None:
+    """Raise :class:`Step35ConfigError` naming the first problem that would break serving."""
+    missing = [k for k in REQUIRED_KEYS if _get(cfg, k) is None]
+    if missing:
+        raise Step35ConfigError(f"config.json is missing required Step-3.5 key(s): {', '.join(missing)}")
+    n = int(_get(cfg, "num_hidden_layers"))
+    n_mtp = int(_get(cfg, "num_nextn_predict_layers", 0) or 0)
+    types: Sequence[str] = _get(cfg, "layer_types")
+    if len(types) < n:
+        raise Step35ConfigError(
+            f"config key 'layer_types' has {len(types)} entries but num_hidden_layers is {n} "
+            f"(expected {n} or {n + n_mtp} with the MTP layers)"
+        )
+    bad = sorted({t for t in types if t not in (FULL, SLIDING)})
+    if bad:
+        raise Step35ConfigError(f"config key 'layer_types' has unknown type(s) {bad}; use {FULL!r} or {SLIDING!r}")
+    for key in ("rope_theta", "partial_rotary_factors", "swiglu_limits", "swiglu_limits_shared"):
+        v = _get(cfg, key)
+        if isinstance(v, (list, tuple)) and len(v) < len(types):
+            raise Step35ConfigError(
+                f"config key '{key}' has {len(v)} entries but 'layer_types' has {len(types)}: "
+                "per-layer lists must cover every layer, MTP layers included (do not crop them)"
+            )
+    if SLIDING in types and not _get(cfg, "sliding_window"):
+        raise Step35ConfigError("config has sliding_attention layers but no positive 'sliding_window'")
+    moe = moe_layer_ids(cfg)
+    out_of_range = sorted(i for i in moe if not 0 <= i < n)
+    if out_of_range:
+        raise Step35ConfigError(
+            f"config key 'moe_layers_enum' lists layer(s) {out_of_range} outside 0..{n - 1} (num_hidden_layers={n})"
+        )
+    top_k, experts = int(_get(cfg, "moe_top_k")), int(_get(cfg, "moe_num_experts"))
+    if not 0 < top_k <= experts:
+        raise Step35ConfigError(f"config key 'moe_top_k'={top_k} must be in 1..moe_num_experts ({experts})")
+    for i in range(len(types)):
+        spec = layer_spec(cfg, i)
+        if spec.num_heads % spec.num_kv_heads:
+            raise Step35ConfigError(
+                f"layer {i}: {spec.num_heads} query heads are not a multiple of {spec.num_kv_heads} KV heads"
+            )
+        if spec.num_heads % tp_size:
+            where = "attention_other_setting.num_attention_heads" if spec.sliding else "num_attention_heads"
+            raise Step35ConfigError(
+                f"config key '{where}'={spec.num_heads} is not divisible by --tp-size {tp_size}; "
+                f"choose a TP size that divides it"
+            )
+        if spec.rotary_dim % 2 or spec.rotary_dim > spec.head_dim:
+            raise Step35ConfigError(
+                f"layer {i}: partial_rotary_factors gives rotary dim {spec.rotary_dim} for head_dim "
+                f"{spec.head_dim}; it must be even and <= head_dim"
+            )

@@ -1,0 +1,21 @@
+"""Mixture-of-experts placement and layout rules for Step-3.5 under expert/tensor parallelism.
+
+- :mod:`.placement` — which EP rank holds which routed expert (SGLang's contiguous-block layout).
+- :mod:`.layout` — whether TP may split the experts for a given backend/quantization, and the
+  runtime guard :func:`guard_moe_layout` that the plugin calls before SGLang builds the model.
+- :mod:`.ep_reference` — a plain-torch reference of EP dispatch/combine semantics (tests only need
+  torch; it documents that the shared expert is added once, not once per rank).
+"""
+
+from .layout import Decision, LayoutVerdict, check_moe_layout, guard_moe_layout
+from .placement import ExpertPlacement, place_experts, valid_ep_sizes
+
+__all__ = [
+    "Decision",
+    "ExpertPlacement",
+    "LayoutVerdict",
+    "check_moe_layout",
+    "guard_moe_layout",
+    "place_experts",
+    "valid_ep_sizes",
+]

@@ -1,0 +1,499 @@
+"""Tool-call detector for Step-3.5's XML call blocks.
+
+One block per call, several blocks possible::
+
+    <tool_call>
+    <function=get_weather>
+    <parameter=location>
+    Beijing
+    </parameter>
+    </function>
+    </tool_call>
+
+A single incremental scanner drives both streaming and non-streaming parsing, so the
+two agree for every chunking by construction. Malformed-input rules: docs/parsers.md.
+"""
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+from sglang.srt.entrypoints.openai.protocol import Tool
+from sglang.srt.environ import envs
+from sglang.srt.function_call.base_format_detector import BaseFormatDetector
+from sglang.srt.function_call.core_types import (
+    StreamingParseResult,
+    StructureInfo,
+    ToolCallItem,
+    _GetInfoFunc,
+)
+
+from sglang_step35.parsers._text import find_first, partial_tag_len
+from sglang_step35.parsers.param_types import (
+    convert_value,
+    is_plain_string,
+    schema_types,
+    tool_properties,
+)
+
+logger = logging.getLogger(__name__)
+
+TOOL_OPEN = "<tool_call>"
+TOOL_CLOSE = "</tool_call>"
+FUNC_CLOSE = "</function>"
+PARAM_CLOSE = "</parameter>"
+# "<function bash>" is accepted as well as "<function=bash>" (sglang #38893).
+FUNC_OPENERS = ("<function=", "<function ")
+PARAM_OPENERS = ("<parameter=", "<parameter ")
+# A name longer than this is prose that happens to follow "<function ", not a tag.
+MAX_NAME_LEN = 256
+
+# Scanner states.
+_NORMAL = "normal"
+_BLOCK = "block"  # after <tool_call>, before <function=
+_FUNC_NAME = "func_name"
+_IN_FUNC = "in_func"  # between parameters
+_PARAM_NAME = "param_name"
+_PARAM_VALUE = "param_value"
+_JSON_BODY = "json_body"  # a JSON object written instead of <parameter> tags
+_AFTER_FUNC = "after_func"  # after </function>, expecting </tool_call>
+
+_NORMAL_TRIGGERS = (TOOL_OPEN,) + FUNC_OPENERS
+_VALUE_ENDS = (PARAM_CLOSE,) + PARAM_OPENERS + (FUNC_CLOSE, TOOL_CLOSE)
+_VALUE_HOLDBACK = _VALUE_ENDS + tuple("\n" + tag for tag in _VALUE_ENDS)
+_IN_FUNC_TAGS = PARAM_OPENERS + (FUNC_CLOSE, TOOL_CLOSE, TOOL_OPEN)
+_BODY_ENDS = (FUNC_CLOSE, TOOL_CLOSE)
+
+
+def _dumps(value: Any) -> str:
+    # Same settings as the built-in detectors, so clients see the same JSON style.
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _is_partial(text: str, tags) -> bool:
+    return any(tag.startswith(text) and tag != text for tag in tags)
+
+
+def _opener_at(text: str, openers) -> Optional[str]:
+    return next((tag for tag in openers if text.startswith(tag)), None)
+
+
+@dataclass
+class _Call:
+    name: str
+    types_by_param: Dict[str, Any]
+    args: Dict[str, Any] = field(default_factory=dict)
+    streamed: str = ""
+    object_open: bool = False  # "{" sent and "}" not yet
+    closed: bool = False
+
+
+@dataclass
+class _Param:
+    key: str
+    types: List[str]
+    skip: bool  # a repeated name: the first value wins, JSON objects have unique keys
+    raw: str = ""
+    started: bool = False  # the one leading newline has been dealt with
+
+
+class CallScanner:
+    """Turns model text into events: ("text", str), ("name", i, str), ("args", i, str).
+
+    ``feed(text, final=False)`` returns only what is certain; text that may still
+    become a tag is held until the next feed or ``final=True``.
+    """
+
+    def __init__(self, tools: List[Tool], forward_unknown: bool = False):
+        self.tools = {t.function.name: t for t in tools or [] if t.function.name}
+        self.forward_unknown = forward_unknown
+        self.state = _NORMAL
+        self.pending = ""
+        self.block_raw = ""  # consumed markup, returned as text if no call materialises
+        self.after_block = False  # whitespace right after a block is format, not content
+        self.calls: List[_Call] = []
+        self.param: Optional[_Param] = None
+        self.events: List[tuple] = []
+
+    # -- emission -------------------------------------------------------------------
+
+    def _text(self, text: str) -> None:
+        if text:
+            self.events.append(("text", text))
+
+    def _args(self, text: str) -> None:
+        call = self.calls[-1]
+        call.streamed += text
+        self.events.append(("args", len(self.calls) - 1, text))
+
+    def _open_call(self, name: str) -> None:
+        tool = self.tools.get(name)
+        root = tool.function.parameters if tool and isinstance(tool.function.parameters, dict) else {}
+        types = {key: schema_types(sub, root) for key, sub in tool_properties(tool).items()}
+        self.calls.append(_Call(name=name, types_by_param=types))
+        self.events.append(("name", len(self.calls) - 1, name))
+        self.block_raw = ""
+
+    def _close_call(self) -> None:
+        call = self.calls[-1]
+        if call.closed:
+            return
+        if not call.streamed:
+            self._args("{}")
+        elif call.object_open:
+            self._args("}")
+        call.object_open = False
+        call.closed = True
+
+    def _open_param(self, key: str) -> None:
+        call = self.calls[-1]
+        types = call.types_by_param.get(key, [])
+        # A JSON body already completed the arguments; a repeated key cannot be a
+        # second JSON member. Either way the first value wins.
+        skip = key in call.args or (bool(call.streamed) and not call.object_open)
+        self.param = _Param(key=key, types=types, skip=skip)
+        if skip:
+            logger.warning("step3p5 tool call repeats parameter %r; keeping the first value", key)
+            return
+        self._args(("{" if not call.object_open else ", ") + _dumps(key) + ": ")
+        call.object_open = True
+        if is_plain_string(types):
+            self._args('"')
+            call.args[key] = ""
+        else:
+            call.args[key] = None  # placeholder keeps key order; the value comes at close
+
+    def _value_piece(self, piece: str) -> None:
+        param = self.param
+        param.raw += piece
+        if not param.skip and is_plain_string(param.types):
+            self.calls[-1].args[param.key] = param.raw
+            if piece:
+                self._args(_dumps(piece)[1:-1])
+
+    def _close_param(self) -> None:
+        param, self.param = self.param, None
+        if param.skip:
+            return
+        if is_plain_string(param.types):
+            self._args('"')
+        else:
+            value = convert_value(param.raw, param.types)
+            self.calls[-1].args[param.key] = value
+            self._args(_dumps(value))
+
+    # -- scanning -------------------------------------------------------------------
+
+    def feed(self, text: str, final: bool = False) -> List[tuple]:
+        self.pending += text
+        self.events = []
+        step = {
+            _NORMAL: self._normal,
+            _BLOCK: self._block,
+            _FUNC_NAME: self._func_name,
+            _IN_FUNC: self._in_func,
+            _PARAM_NAME: self._param_name,
+            _PARAM_VALUE: self._param_value,
+            _JSON_BODY: self._json_body,
+            _AFTER_FUNC: self._after_func,
+        }
+        # Each step either consumes input, changes state, or returns False to wait.
+        while step[self.state](final):
+            pass
+        return self.events
+
+    def _normal(self, final: bool) -> bool:
+        buf = self.pending
+        if self.after_block:
+            rest = buf.lstrip()
+            if not rest and not final:
+                return False
+            if not rest or _opener_at(rest, _NORMAL_TRIGGERS):
+                buf = self.pending = rest  # whitespace between or after blocks is format
+            elif not final and _is_partial(rest, _NORMAL_TRIGGERS):
+                return False
+            self.after_block = False
+        pos, tag = find_first(buf, _NORMAL_TRIGGERS)
+        if tag is None:
+            keep = 0 if final else partial_tag_len(buf, _NORMAL_TRIGGERS)
+            self._text(buf[: len(buf) - keep])
+            self.pending = buf[len(buf) - keep :]
+            return False
+        self._text(buf[:pos])
+        self.pending = buf[pos + len(tag) :]
+        self.block_raw = tag
+        self.state = _BLOCK if tag == TOOL_OPEN else _FUNC_NAME
+        return True
+
+    def _abandon_markup(self) -> bool:
+        """The consumed markup is not a call after all: it goes back out as text."""
+        self._text(self.block_raw)
+        self.block_raw = ""
+        self.state = _NORMAL
+        return True
+
+    def _block(self, final: bool) -> bool:
+        rest = self.pending.lstrip()
+        skipped = self.pending[: len(self.pending) - len(rest)]
+        opener = _opener_at(rest, FUNC_OPENERS)
+        if opener:
+            self.block_raw += skipped + opener
+            self.pending = rest[len(opener) :]
+            self.state = _FUNC_NAME
+            return True
+        if not final and (not rest or _is_partial(rest, FUNC_OPENERS + (TOOL_CLOSE,))):
+            return False
+        if rest.startswith(TOOL_CLOSE):
+            # An empty block calls nothing; keep it visible rather than drop it.
+            self.block_raw += skipped + TOOL_CLOSE
+            self.pending = rest[len(TOOL_CLOSE) :]
+        return self._abandon_markup()
+
+    def _read_name(self, final: bool) -> Tuple[str, str]:
+        """("ok", name) having consumed "name>"; else "wait", "bad" or "truncated"."""
+        buf = self.pending
+        end = buf.find(">")
+        head = buf if end == -1 else buf[:end]
+        if "\n" in head or "<" in head or len(head) > MAX_NAME_LEN:
+            return "bad", ""
+        if end == -1:
+            return ("truncated" if final else "wait"), ""
+        name = head.strip().strip("\"'").strip()
+        if not name:
+            return "bad", ""
+        self.block_raw += buf[: end + 1]
+        self.pending = buf[end + 1 :]
+        return "ok", name
+
+    def _func_name(self, final: bool) -> bool:
+        status, name = self._read_name(final)
+        if status == "wait":
+            return False
+        if status == "ok" and (name in self.tools or self.forward_unknown):
+            self._open_call(name)
+            self.state = _IN_FUNC
+            return True
+        if status == "ok":
+            logger.warning("step3p5 model called undeclared tool %r; kept as text", name)
+        return self._abandon_markup()
+
+    def _in_func(self, final: bool) -> bool:
+        rest = self.pending.lstrip()
+        call = self.calls[-1]
+        opener = _opener_at(rest, PARAM_OPENERS)
+        if opener:
+            self.pending = rest[len(opener) :]
+            self.block_raw = opener
+            self.state = _PARAM_NAME
+            return True
+        if rest.startswith(FUNC_CLOSE):
+            self.pending = rest[len(FUNC_CLOSE) :]
+            self._close_call()
+            self.state = _AFTER_FUNC
+            return True
+        if rest.startswith(TOOL_CLOSE) or rest.startswith(TOOL_OPEN):
+            if rest.startswith(TOOL_CLOSE):
+                rest = rest[len(TOOL_CLOSE) :]
+                self.after_block = True
+            self.pending = rest
+            self._close_call()
+            self.state = _NORMAL
+            return True
+        if not rest or _is_partial(rest, _IN_FUNC_TAGS):
+            if not final:
+                return False
+            # Output ended inside the call (max_tokens): close it with what it has.
+            self.pending = ""
+            self._close_call()
+            self.state = _NORMAL
+            return False
+        if rest.startswith("{") and not call.streamed:
+            self.pending = rest
+            self.state = _JSON_BODY
+            return True
+        # Stray prose inside a function: not part of any argument, so it is content.
+        cut = rest.find("<", 1)
+        cut = len(rest) if cut == -1 else cut
+        self._text(rest[:cut])
+        self.pending = rest[cut:]
+        return True
+
+    def _param_name(self, final: bool) -> bool:
+        status, name = self._read_name(final)
+        if status == "wait":
+            return False
+        self.state = _IN_FUNC
+        if status != "ok":
+            # Not a parameter tag (or one cut off by the end of output): it is kept
+            # as content so that no character of the output disappears.
+            self._text(self.block_raw)
+            return True
+        self._open_param(name)
+        self.state = _PARAM_VALUE
+        return True
+
+    def _param_value(self, final: bool) -> bool:
+        param = self.param
+        buf = self.pending
+        if not param.started:
+            if not buf and not final:
+                return False
+            buf = self.pending = buf[1:] if buf.startswith("\n") else buf
+            param.started = True
+        pos, tag = find_first(buf, _VALUE_ENDS)
+        if tag is None:
+            keep = 0 if final else partial_tag_len(buf, _VALUE_HOLDBACK)
+            piece = buf[: len(buf) - keep]
+            self.pending = buf[len(buf) - keep :]
+            if not final:
+                self._value_piece(piece)
+                return False
+        else:
+            piece = buf[:pos]
+            self.pending = buf[pos + len(tag) :] if tag == PARAM_CLOSE else buf[pos:]
+        self._value_piece(piece[:-1] if piece.endswith("\n") else piece)
+        self._close_param()
+        self.state = _IN_FUNC
+        return True
+
+    def _json_body(self, final: bool) -> bool:
+        buf = self.pending
+        pos, _tag = find_first(buf, _BODY_ENDS)
+        if pos == -1 and not final:
+            return False
+        body = buf if pos == -1 else buf[:pos]
+        self.pending = "" if pos == -1 else buf[pos:]
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict):
+            self.calls[-1].args = parsed
+            self._args(_dumps(parsed))
+        else:
+            self._text(body)
+        self.state = _IN_FUNC
+        return True
+
+    def _after_func(self, final: bool) -> bool:
+        rest = self.pending.lstrip()
+        if rest.startswith(TOOL_CLOSE):
+            self.pending = rest[len(TOOL_CLOSE) :]
+            self.after_block = True
+            self.state = _NORMAL
+            return True
+        opener = _opener_at(rest, FUNC_OPENERS)
+        if opener:
+            # Several functions in one block: each is its own call.
+            self.pending = rest[len(opener) :]
+            self.block_raw = opener
+            self.state = _FUNC_NAME
+            return True
+        if not final and (not rest or _is_partial(rest, FUNC_OPENERS + (TOOL_CLOSE,))):
+            return False
+        # </tool_call> is missing; what follows is ordinary output again.
+        self.after_block = True
+        self.state = _NORMAL
+        return True
+
+
+def _forward_unknown_tools() -> bool:
+    try:
+        return bool(envs.SGLANG_FORWARD_UNKNOWN_TOOLS.get())
+    except Exception:  # an SGLang without the switch: default behaviour
+        return False
+
+
+def events_to_result(events: List[tuple]) -> StreamingParseResult:
+    """Scanner events -> SGLang's streaming result (name first, then argument deltas)."""
+    text, calls = [], []
+    for event in events:
+        if event[0] == "text":
+            text.append(event[1])
+        elif event[0] == "name":
+            calls.append(ToolCallItem(tool_index=event[1], name=event[2], parameters=""))
+        elif calls and calls[-1].tool_index == event[1] and calls[-1].name is None:
+            calls[-1].parameters += event[2]  # one delta per call per chunk is enough
+        else:
+            calls.append(ToolCallItem(tool_index=event[1], name=None, parameters=event[2]))
+    return StreamingParseResult(normal_text="".join(text), calls=calls)
+
+
+class Step35ToolCallDetector(BaseFormatDetector):
+    """``--tool-call-parser step3p5``; ``tool_index`` is the call's ordinal in the output."""
+
+    def __init__(self):
+        super().__init__()
+        self.bot_token = TOOL_OPEN
+        self.eot_token = TOOL_CLOSE
+        self.tool_call_separator = "\n"
+        self._scanner: Optional[CallScanner] = None
+        self._passthrough = False
+
+    def has_tool_call(self, text: str) -> bool:
+        return any(tag in text for tag in _NORMAL_TRIGGERS)
+
+    def detect_and_parse(self, text: str, tools: List[Tool]) -> StreamingParseResult:
+        try:
+            scanner = CallScanner(tools, _forward_unknown_tools())
+            events = scanner.feed(text, final=True)
+        except Exception:  # the server must get an answer, never a 500
+            logger.exception("step3p5 tool parser failed; returning text unparsed")
+            return StreamingParseResult(normal_text=text)
+        merged: Dict[int, ToolCallItem] = {}
+        text_parts = []
+        for event in events:
+            if event[0] == "text":
+                text_parts.append(event[1])
+            elif event[0] == "name":
+                merged[event[1]] = ToolCallItem(tool_index=event[1], name=event[2], parameters="")
+            else:
+                merged[event[1]].parameters += event[2]
+        return StreamingParseResult(normal_text="".join(text_parts), calls=list(merged.values()))
+
+    def _stream(self, text: str, tools: List[Tool], final: bool) -> StreamingParseResult:
+        if self._passthrough:
+            return StreamingParseResult(normal_text=text)
+        if self._scanner is None:
+            self._scanner = CallScanner(tools, _forward_unknown_tools())
+        try:
+            result = events_to_result(self._scanner.feed(text, final))
+        except Exception:
+            logger.exception("step3p5 tool parser failed; passing the rest through as text")
+            self._passthrough = True
+            return StreamingParseResult(normal_text=self._scanner.pending)
+        self._sync_serving_state()
+        return result
+
+    def _sync_serving_state(self) -> None:
+        # serving_chat compares these at the end of a stream and sends whatever part of
+        # json.dumps(arguments) it thinks is missing; keeping them equal sends nothing.
+        calls = self._scanner.calls
+        self.prev_tool_call_arr = [{"name": c.name, "arguments": c.args} for c in calls]
+        self.streamed_args_for_tool = [c.streamed for c in calls]
+        self.current_tool_id = len(calls) - 1 if calls else -1
+        self.current_tool_name_sent = bool(calls) and not calls[-1].closed
+
+    def parse_streaming_increment(self, new_text: str, tools: List[Tool]) -> StreamingParseResult:
+        return self._stream(new_text, tools, final=False)
+
+    def finish(self, tools: List[Tool]) -> StreamingParseResult:
+        return self._stream("", tools, final=True)
+
+    def supports_structural_tag(self) -> bool:
+        return True
+
+    def get_structural_tag_name(self) -> str:
+        # xgrammar's "qwen_3_coder" tag emits exactly this XML (style="qwen_xml"), so
+        # tool_choice=required/named constrains the model to the format parsed here.
+        return "qwen_3_coder"
+
+    def structure_info(self) -> _GetInfoFunc:
+        # Legacy structural tags put a JSON object between begin and end; the scanner
+        # accepts a JSON body inside <function=...> for exactly this case.
+        return lambda name: StructureInfo(
+            begin=f"{TOOL_OPEN}\n<function={name}>\n",
+            end=f"\n{FUNC_CLOSE}\n{TOOL_CLOSE}",
+            trigger=f"{TOOL_OPEN}\n<function=",
+        )

@@ -1,0 +1,140 @@
+"""`register()`: the one place sglang-step35 touches SGLang's global state.
+
+SGLang 0.5.23 calls it (entry point group `sglang.srt.plugins`) in every process it starts — launcher,
+scheduler, detokenizer, engine — before parsing CLI arguments. It is idempotent. It:
+- points `SGLANG_EXTERNAL_MODEL_PACKAGE` at `sglang_step35.models`, so our `Step3p5ForCausalLM` and
+  `Step3p5MTP` replace SGLang's same-named classes (the names must stay: SGLang switches the hybrid
+  SWA pool and multi-layer EAGLE on them). `SGLANG_STEP35_USE_BUILTIN_MODEL=1` keeps SGLang's classes;
+- installs our `step3p5` config class (transformers 5.19 maps `step3p5` to a Step3p7 config that makes
+  SGLang's loader raise AmbiguousGlobalPerLayerAttributeError on every real checkpoint);
+- registers our `step3p5` reasoning and tool-call parsers;
+- on a machine with no CUDA/ROCm device: makes the pure-torch `sgl_kernel` stand-in importable in this
+  and every spawned process, turns on SGLang's CPU engine, and fills CPU-safe server defaults
+  (device cpu, torch_native attention, a KV budget that fits RAM) the user did not set.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from sglang_step35 import __version__
+
+logger = logging.getLogger("sglang_step35")
+
+MODEL_PACKAGE = "sglang_step35.models"
+USE_BUILTIN_ENV = "SGLANG_STEP35_USE_BUILTIN_MODEL"
+# KV budget (tokens) when the user gives none on CPU: SGLang would otherwise size the pool from RAM
+# (15 GB on a 24 GB machine). Override with --max-total-tokens or this variable.
+CPU_KV_TOKENS_ENV = "SGLANG_STEP35_CPU_MAX_TOTAL_TOKENS"
+DEFAULT_CPU_KV_TOKENS = 16384
+
+_OVERLAY_DIR = str(Path(__file__).parent / "cpu" / "overlay")
+_registered = False
+
+
+def _setup_logger() -> None:
+    # SGLang configures logging after plugins run (and differently per process); our one-per-process
+    # line must appear regardless, so the logger carries its own handler.
+    if not logger.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("[%(asctime)s] sglang-step35: %(message)s", "%Y-%m-%d %H:%M:%S"))
+        logger.addHandler(h)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def use_builtin_model() -> bool:
+    return os.environ.get(USE_BUILTIN_ENV, "0").lower() in ("1", "true", "yes")
+
+
+def has_accelerator() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())  # true on ROCm builds with a visible AMD GPU as well
+
+
+def _install_model_package() -> str:
+    if use_builtin_model():
+        return "sglang.srt.models.step3p5 (built-in; SGLANG_STEP35_USE_BUILTIN_MODEL=1)"
+    current = os.environ.get("SGLANG_EXTERNAL_MODEL_PACKAGE")
+    if current and current != MODEL_PACKAGE:
+        logger.warning(
+            "SGLANG_EXTERNAL_MODEL_PACKAGE=%s is set by the user; sglang-step35's model classes are NOT active",
+            current,
+        )
+        return f"{current} (user's SGLANG_EXTERNAL_MODEL_PACKAGE)"
+    os.environ["SGLANG_EXTERNAL_MODEL_PACKAGE"] = MODEL_PACKAGE
+    # The registry reads the variable once, at import; if it was imported already, update it directly.
+    registry = sys.modules.get("sglang.srt.models.registry")
+    if registry is not None:
+        registry.ModelRegistry.models.update(registry.import_model_classes(MODEL_PACKAGE))
+    return f"{MODEL_PACKAGE}.step3p5"
+
+
+def _install_config() -> None:
+    from transformers import AutoConfig
+
+    from sglang_step35.config import Step3p5Config
+
+    AutoConfig.register("step3p5", Step3p5Config, exist_ok=True)
+    # SGLang re-reads configs whose model_type is in its own registry with that class; use ours.
+    from sglang.srt.utils.hf_transformers import common
+
+    common._CONFIG_REGISTRY["step3p5"] = Step3p5Config
+
+
+def _install_parsers() -> None:
+    from sglang_step35.parsers import register_parsers
+
+    register_parsers()
+
+
+def _install_cpu_support() -> None:
+    from sglang_step35.cpu.standin import install_torch_ops_namespace, make_module
+
+    # Spawned SGLang processes inherit sys.path: the overlay makes `import sgl_kernel` find the
+    # stand-in there before the CUDA-only package.
+    if _OVERLAY_DIR not in sys.path:
+        sys.path.insert(0, _OVERLAY_DIR)
+    existing = sys.modules.get("sgl_kernel")
+    if existing is None or not getattr(existing, "IS_SGLANG_STEP35_STANDIN", False):
+        sys.modules["sgl_kernel"] = make_module()
+    install_torch_ops_namespace()
+    os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
+
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register(
+        "sglang.srt.server_args.ServerArgs.resolve_once", _cpu_server_defaults, HookType.BEFORE
+    )
+
+
+def _cpu_server_defaults(server_args, *args, **kwargs):
+    """Fill what the user left unset with values that work on a GPU-less machine."""
+    if getattr(server_args, "_resolution_finished", False):
+        return None
+    if getattr(server_args, "device", None) in (None, "auto"):
+        server_args.device = "cpu"
+    if getattr(server_args, "attention_backend", None) is None:
+        server_args.attention_backend = "torch_native"
+    if getattr(server_args, "max_total_tokens", None) is None:
+        server_args.max_total_tokens = int(os.environ.get(CPU_KV_TOKENS_ENV, DEFAULT_CPU_KV_TOKENS))
+    return None
+
+
+def register() -> None:
+    """Entry point called by SGLang's plugin loader in every process."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    _setup_logger()
+    if not has_accelerator():
+        _install_cpu_support()
+    _install_config()
+    _install_parsers()
+    active = _install_model_package()
+    logger.info("sglang-step35 %s active (pid %d): Step-3.5 model classes from %s", __version__, os.getpid(), active)

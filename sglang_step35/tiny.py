@@ -1,0 +1,298 @@
+"""Tiny Step-3.5 checkpoints: config + safetensors in the real layout + a locally built tokenizer.
+
+Every architectural feature of Step-3.5-Flash is present at toy size, so each code path of the real
+model runs on a laptop: full and sliding layers in the 3:1 pattern with their own head counts,
+head-wise attention gate, q/k norms, per-layer rope theta / partial rotary, llama3 rope scaling on full
+layers only, leading dense layers then MoE layers (sigmoid router, fp32 router bias, scaling factor,
+shared expert), per-layer SwiGLU limits that actually trigger, and 3 MTP layers after the main ones.
+Tensor names and layouts (stacked expert tensors) are those of the real checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from sglang_step35.config import FULL, SLIDING, layer_spec
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<think>",
+    "</think>",
+    "<tool_call>",
+    "</tool_call>",
+    "<tool_response>",
+    "</tool_response>",
+]
+
+# ChatML turns with Step-3.5's think block and XML tool calls. The generation prompt opens the think
+# block, as Step-3.5's template does, so the model's output starts inside its reasoning.
+CHAT_TEMPLATE = r"""{%- set sys = messages[0].content if messages and messages[0].role == 'system' else none -%}
+{%- if tools or sys -%}
+<|im_start|>system
+{% if sys %}{{ sys }}{% if tools %}
+
+{% endif %}{% endif %}{% if tools %}# Tools
+You may call one or more functions. Available tools:
+<tools>
+{% for tool in tools %}{{ tool | tojson }}
+{% endfor %}</tools>
+Call a tool with:
+<tool_call>
+<function=NAME>
+<parameter=KEY>
+VALUE
+</parameter>
+</function>
+</tool_call>{% endif %}<|im_end|>
+{% endif -%}
+{%- for m in messages -%}
+{%- if m.role == 'system' and loop.first -%}
+{%- elif m.role == 'assistant' -%}
+<|im_start|>assistant
+{% if m.reasoning_content %}<think>
+{{ m.reasoning_content }}
+</think>
+{% endif %}{{ m.content or '' }}
+{%- for tc in (m.tool_calls or []) -%}
+{%- set args = tc.function.arguments -%}
+<tool_call>
+<function={{ tc.function.name }}>
+{% if args is mapping %}{% for k, v in args.items() %}<parameter={{ k }}>
+{{ v if v is string else (v | tojson) }}
+</parameter>
+{% endfor %}{% else %}{{ args }}
+{% endif %}</function>
+</tool_call>
+{%- endfor %}<|im_end|>
+{% elif m.role == 'tool' -%}
+<|im_start|>tool
+<tool_response>
+{{ m.content }}
+</tool_response><|im_end|>
+{% else -%}
+<|im_start|>{{ m.role }}
+{{ m.content }}<|im_end|>
+{% endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+<|im_start|>assistant
+<think>
+{% endif -%}"""
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Sizes of a tiny checkpoint; the defaults are the embedded default model."""
+
+    num_hidden_layers: int = 5  # full, sliding x3, full -> 3:1; layers 0-1 dense, 2-4 MoE
+    num_mtp_layers: int = 3
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    full_heads: int = 4
+    sliding_heads: int = 6  # sliding layers have their own head count, as in the real model
+    kv_heads: int = 2
+    head_dim: int = 16
+    sliding_window: int = 16
+    num_dense_layers: int = 2
+    num_experts: int = 8
+    top_k: int = 2
+    moe_intermediate_size: int = 32
+    share_expert_dim: int = 32
+    vocab_size: int = 1024
+    # Routed/shared SwiGLU limits on the last main layer, as in Step-3.5-Flash (layers 43-44),
+    # small enough that they clip with these weights. 0 disables.
+    routed_limit: float = 0.5
+    shared_limit: float = 1.0
+    init_std: float = 0.1
+
+
+def tiny_config(spec: TinySpec, vocab_size: int, special_ids: dict[str, int]) -> dict:
+    n, m = spec.num_hidden_layers, spec.num_mtp_layers
+    types = [FULL if i % 4 == 0 else SLIDING for i in range(n)] + [SLIDING] * m
+    last = n - 1
+    return {
+        "architectures": ["Step3p5ForCausalLM"],
+        "model_type": "step3p5",
+        "torch_dtype": "bfloat16",
+        "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.intermediate_size,
+        "num_hidden_layers": n,
+        "max_seq_len": 4096,
+        "max_position_embeddings": 4096,
+        "vocab_size": vocab_size,
+        "rms_norm_eps": 1e-5,
+        "num_attention_heads": spec.full_heads,
+        "num_attention_groups": spec.kv_heads,
+        "head_dim": spec.head_dim,
+        "att_impl_type": "GQA",
+        "use_qk_norm": True,
+        "use_head_wise_attn_gate": True,
+        "attention_other_setting": {
+            "attention_type": SLIDING,
+            "num_attention_heads": spec.sliding_heads,
+            "num_attention_groups": spec.kv_heads,
+            "head_dim": spec.head_dim,
+            "true_head_dim": spec.head_dim,
+        },
+        "layer_types": types,
+        "sliding_window": spec.sliding_window,
+        "rope_theta": [5_000_000.0 if t == FULL else 10_000.0 for t in types],
+        "partial_rotary_factors": [0.5 if t == FULL else 1.0 for t in types],
+        "yarn_only_types": [FULL],
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 2.0,
+            "original_max_position_embeddings": 2048,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+        },
+        "use_moe": True,
+        "moe_layers_enum": ",".join(str(i) for i in range(spec.num_dense_layers, n)),
+        "moe_num_experts": spec.num_experts,
+        "moe_top_k": spec.top_k,
+        "moe_intermediate_size": spec.moe_intermediate_size,
+        "share_expert_dim": spec.share_expert_dim,
+        "norm_expert_weight": True,
+        "moe_router_activation": "sigmoid",
+        "moe_router_scaling_factor": 2.5,
+        "use_moe_router_bias": True,
+        "need_fp32_gate": True,
+        "swiglu_limits": [spec.routed_limit if i == last else 0.0 for i in range(n + m)],
+        "swiglu_limits_shared": [spec.shared_limit if i == last else 0.0 for i in range(n + m)],
+        "num_nextn_predict_layers": m,
+        "tie_word_embeddings": False,
+        "bos_token_id": special_ids["<|endoftext|>"],
+        "eos_token_id": [special_ids["<|im_end|>"], special_ids["<|endoftext|>"]],
+    }
+
+
+def tiny_weights(cfg: dict, seed: int, std: float) -> dict[str, torch.Tensor]:
+    """Random weights under the real Step-3.5 tensor names, deterministic in `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    H, V = cfg["hidden_size"], cfg["vocab_size"]
+    E, I, S = cfg["moe_num_experts"], cfg["moe_intermediate_size"], cfg["share_expert_dim"]
+    n, m = cfg["num_hidden_layers"], cfg["num_nextn_predict_layers"]
+
+    def rnd(*shape, scale=std):
+        return torch.randn(*shape, generator=g) * scale
+
+    def norm(dim):  # Gemma-form norm weights are offsets from 1
+        return rnd(dim, scale=0.1)
+
+    w: dict[str, torch.Tensor] = {
+        "model.embed_tokens.weight": rnd(V, H, scale=1.0),
+        "model.norm.weight": norm(H),
+        "lm_head.weight": rnd(V, H),
+    }
+    for i in range(n + m):
+        s = layer_spec(cfg, i)
+        p = f"model.layers.{i}."
+        q, kv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        w[p + "input_layernorm.weight"] = norm(H)
+        w[p + "post_attention_layernorm.weight"] = norm(H)
+        w[p + "self_attn.q_proj.weight"] = rnd(q, H)
+        w[p + "self_attn.k_proj.weight"] = rnd(kv, H)
+        w[p + "self_attn.v_proj.weight"] = rnd(kv, H)
+        w[p + "self_attn.o_proj.weight"] = rnd(H, q)
+        w[p + "self_attn.q_norm.weight"] = norm(s.head_dim)
+        w[p + "self_attn.k_norm.weight"] = norm(s.head_dim)
+        w[p + "self_attn.g_proj.weight"] = rnd(s.num_heads, H)
+        if s.is_moe:
+            w[p + "moe.gate.weight"] = rnd(E, H)
+            w[p + "moe.router_bias"] = rnd(E, scale=0.5)
+            w[p + "moe.gate_proj.weight"] = rnd(E, I, H)
+            w[p + "moe.up_proj.weight"] = rnd(E, I, H)
+            w[p + "moe.down_proj.weight"] = rnd(E, H, I)
+            for proj, shape in (("gate_proj", (S, H)), ("up_proj", (S, H)), ("down_proj", (H, S))):
+                w[p + f"share_expert.{proj}.weight"] = rnd(*shape)
+        else:
+            F = cfg["intermediate_size"]
+            for proj, shape in (("gate_proj", (F, H)), ("up_proj", (F, H)), ("down_proj", (H, F))):
+                w[p + f"mlp.{proj}.weight"] = rnd(*shape)
+        if i >= n:  # MTP layer extras
+            w[p + "enorm.weight"] = norm(H)
+            w[p + "hnorm.weight"] = norm(H)
+            w[p + "eh_proj.weight"] = rnd(H, 2 * H)
+            w[p + "shared_head.norm.weight"] = norm(H)
+            w[p + "shared_head.output.weight"] = rnd(V, H)
+    # Real checkpoints keep the router bias in fp32; everything else is bf16.
+    return {k: (v if k.endswith("router_bias") else v.to(torch.bfloat16)).contiguous() for k, v in w.items()}
+
+
+def build_tokenizer(vocab_size: int, corpus: list[str]):
+    """Byte-level BPE trained on `corpus` (deterministic), with Step-3.5's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return tok
+
+
+def default_corpus() -> list[str]:
+    """Text the tokenizer is trained on: the GSM8K copy shipped with the package plus chat markup."""
+    here = Path(__file__).parent / "data" / "gsm8k" / "train.jsonl"
+    lines: list[str] = []
+    if here.exists():
+        with open(here) as f:
+            for k, line in enumerate(f):
+                if k >= 2000:
+                    break
+                row = json.loads(line)
+                lines += [row["question"], row["answer"]]
+    lines += [
+        "<tool_call>\n<function=get_weather>\n<parameter=location>\nBeijing\n</parameter>\n</function>\n</tool_call>",
+        "The answer is 42. Let me think step by step.",
+    ] * 20
+    return lines
+
+
+def write_tiny_checkpoint(
+    out: os.PathLike | str, seed: int = 0, spec: Optional[TinySpec] = None, corpus: Optional[list[str]] = None
+) -> Path:
+    """Write config.json, model.safetensors, tokenizer files and generation_config.json to `out`."""
+    from safetensors.torch import save_file
+
+    spec = spec or TinySpec()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(spec.vocab_size, corpus if corpus is not None else default_corpus())
+    special_ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+    cfg = tiny_config(spec, tok.get_vocab_size(), special_ids)
+    weights = tiny_weights(cfg, seed, spec.init_std)
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    (out / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"]}, indent=2) + "\n"
+    )
+    tok.save(str(out / "tokenizer.json"))
+    tok_cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|endoftext|>",
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": None,
+        "add_bos_token": False,
+        "model_max_length": cfg["max_position_embeddings"],
+        "chat_template": CHAT_TEMPLATE,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
+    (out / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}) + "\n"
+    )
+    return out
