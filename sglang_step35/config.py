@@ -80,17 +80,23 @@ class LayerSpec:
     swiglu_limit_shared: float  # shared expert / dense MLP; 0 = off
 
 
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
+def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
+    """Read `key` from a config dict or config object without tripping transformers' attribute hooks."""
     if isinstance(cfg, Mapping):
         return cfg.get(key, default)
-    return cfg.__dict__.get(key, default)
+    if key in cfg.__dict__:
+        return cfg.__dict__[key]
+    try:  # properties such as PretrainedConfig.rope_scaling
+        return getattr(cfg, key, default)
+    except RuntimeError:  # transformers' AmbiguousGlobalPerLayerAttributeError
+        return default
 
 
 def moe_layer_ids(cfg: Any) -> set[int]:
     """`moe_layers_enum` is a comma-separated string in real configs; tuples/lists are accepted."""
-    raw = _get(cfg, "moe_layers_enum")
+    raw = cfg_get(cfg, "moe_layers_enum")
     if raw is None:
-        return set(range(_get(cfg, "num_hidden_layers")))
+        return set(range(cfg_get(cfg, "num_hidden_layers")))
     if isinstance(raw, str):
         items = [s for s in raw.replace(" ", "").split(",") if s]
     else:
@@ -102,7 +108,7 @@ def moe_layer_ids(cfg: Any) -> set[int]:
 
 
 def _per_layer(cfg: Any, key: str, index: int, default: Any) -> Any:
-    value = _get(cfg, key, default)
+    value = cfg_get(cfg, key, default)
     if isinstance(value, (list, tuple)):
         v = value[index]
         return default if v is None else v
@@ -111,28 +117,28 @@ def _per_layer(cfg: Any, key: str, index: int, default: Any) -> Any:
 
 def layer_spec(cfg: Any, index: int) -> LayerSpec:
     """Resolve layer `index` (0..num_hidden_layers-1 main, then the MTP layers)."""
-    types = _get(cfg, "layer_types")
+    types = cfg_get(cfg, "layer_types")
     sliding = types[index] == SLIDING
-    other = _get(cfg, "attention_other_setting") or {}
+    other = cfg_get(cfg, "attention_other_setting") or {}
     if sliding and other:
-        heads = other.get("num_attention_heads", _get(cfg, "num_attention_heads"))
-        kv = other.get("num_attention_groups", _get(cfg, "num_attention_groups"))
-        head_dim = other.get("head_dim", _get(cfg, "head_dim"))
+        heads = other.get("num_attention_heads", cfg_get(cfg, "num_attention_heads"))
+        kv = other.get("num_attention_groups", cfg_get(cfg, "num_attention_groups"))
+        head_dim = other.get("head_dim", cfg_get(cfg, "head_dim"))
     else:
-        heads, kv, head_dim = (_get(cfg, k) for k in ("num_attention_heads", "num_attention_groups", "head_dim"))
+        heads, kv, head_dim = (cfg_get(cfg, k) for k in ("num_attention_heads", "num_attention_groups", "head_dim"))
     partial = float(_per_layer(cfg, "partial_rotary_factors", index, 1.0))
-    yarn_types = _get(cfg, "yarn_only_types") or []
+    yarn_types = cfg_get(cfg, "yarn_only_types") or []
     return LayerSpec(
         index=index,
         sliding=sliding,
         num_heads=int(heads),
         num_kv_heads=int(kv),
         head_dim=int(head_dim),
-        window=int(_get(cfg, "sliding_window")) if sliding else None,
+        window=int(cfg_get(cfg, "sliding_window")) if sliding else None,
         rope_theta=float(_per_layer(cfg, "rope_theta", index, 10000.0)),
         rotary_dim=int(head_dim * partial),
-        use_rope_scaling=_get(cfg, "rope_scaling") is not None and types[index] in yarn_types,
-        is_moe=index < _get(cfg, "num_hidden_layers") and index in moe_layer_ids(cfg),
+        use_rope_scaling=cfg_get(cfg, "rope_scaling") is not None and types[index] in yarn_types,
+        is_moe=index < cfg_get(cfg, "num_hidden_layers") and index in moe_layer_ids(cfg),
         swiglu_limit=float(_per_layer(cfg, "swiglu_limits", index, 0.0)),
         swiglu_limit_shared=float(_per_layer(cfg, "swiglu_limits_shared", index, 0.0)),
     )
@@ -140,12 +146,12 @@ def layer_spec(cfg: Any, index: int) -> LayerSpec:
 
 def validate(cfg: Any, tp_size: int = 1) -> None:
     """Raise :class:`Step35ConfigError` naming the first problem that would break serving."""
-    missing = [k for k in REQUIRED_KEYS if _get(cfg, k) is None]
+    missing = [k for k in REQUIRED_KEYS if cfg_get(cfg, k) is None]
     if missing:
         raise Step35ConfigError(f"config.json is missing required Step-3.5 key(s): {', '.join(missing)}")
-    n = int(_get(cfg, "num_hidden_layers"))
-    n_mtp = int(_get(cfg, "num_nextn_predict_layers", 0) or 0)
-    types: Sequence[str] = _get(cfg, "layer_types")
+    n = int(cfg_get(cfg, "num_hidden_layers"))
+    n_mtp = int(cfg_get(cfg, "num_nextn_predict_layers", 0) or 0)
+    types: Sequence[str] = cfg_get(cfg, "layer_types")
     if len(types) < n:
         raise Step35ConfigError(
             f"config key 'layer_types' has {len(types)} entries but num_hidden_layers is {n} "
@@ -155,13 +161,13 @@ def validate(cfg: Any, tp_size: int = 1) -> None:
     if bad:
         raise Step35ConfigError(f"config key 'layer_types' has unknown type(s) {bad}; use {FULL!r} or {SLIDING!r}")
     for key in ("rope_theta", "partial_rotary_factors", "swiglu_limits", "swiglu_limits_shared"):
-        v = _get(cfg, key)
+        v = cfg_get(cfg, key)
         if isinstance(v, (list, tuple)) and len(v) < len(types):
             raise Step35ConfigError(
                 f"config key '{key}' has {len(v)} entries but 'layer_types' has {len(types)}: "
                 "per-layer lists must cover every layer, MTP layers included (do not crop them)"
             )
-    if SLIDING in types and not _get(cfg, "sliding_window"):
+    if SLIDING in types and not cfg_get(cfg, "sliding_window"):
         raise Step35ConfigError("config has sliding_attention layers but no positive 'sliding_window'")
     moe = moe_layer_ids(cfg)
     out_of_range = sorted(i for i in moe if not 0 <= i < n)
@@ -169,7 +175,7 @@ def validate(cfg: Any, tp_size: int = 1) -> None:
         raise Step35ConfigError(
             f"config key 'moe_layers_enum' lists layer(s) {out_of_range} outside 0..{n - 1} (num_hidden_layers={n})"
         )
-    top_k, experts = int(_get(cfg, "moe_top_k")), int(_get(cfg, "moe_num_experts"))
+    top_k, experts = int(cfg_get(cfg, "moe_top_k")), int(cfg_get(cfg, "moe_num_experts"))
     if not 0 < top_k <= experts:
         raise Step35ConfigError(f"config key 'moe_top_k'={top_k} must be in 1..moe_num_experts ({experts})")
     for i in range(len(types)):

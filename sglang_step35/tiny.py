@@ -18,7 +18,8 @@ from typing import Optional
 
 import torch
 
-from sglang_step35.config import FULL, SLIDING, layer_spec
+from sglang_step35.checkpoint import checkpoint_shapes
+from sglang_step35.config import FULL, SLIDING
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -175,56 +176,22 @@ def tiny_config(spec: TinySpec, vocab_size: int, special_ids: dict[str, int]) ->
 
 
 def tiny_weights(cfg: dict, seed: int, std: float) -> dict[str, torch.Tensor]:
-    """Random weights under the real Step-3.5 tensor names, deterministic in `seed`."""
+    """Random weights under the real Step-3.5 tensor names and shapes, deterministic in `seed`."""
     g = torch.Generator().manual_seed(seed)
-    H, V = cfg["hidden_size"], cfg["vocab_size"]
-    E, I, S = cfg["moe_num_experts"], cfg["moe_intermediate_size"], cfg["share_expert_dim"]
-    n, m = cfg["num_hidden_layers"], cfg["num_nextn_predict_layers"]
-
-    def rnd(*shape, scale=std):
-        return torch.randn(*shape, generator=g) * scale
-
-    def norm(dim):  # Gemma-form norm weights are offsets from 1
-        return rnd(dim, scale=0.1)
-
-    w: dict[str, torch.Tensor] = {
-        "model.embed_tokens.weight": rnd(V, H, scale=1.0),
-        "model.norm.weight": norm(H),
-        "lm_head.weight": rnd(V, H),
-    }
-    for i in range(n + m):
-        s = layer_spec(cfg, i)
-        p = f"model.layers.{i}."
-        q, kv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
-        w[p + "input_layernorm.weight"] = norm(H)
-        w[p + "post_attention_layernorm.weight"] = norm(H)
-        w[p + "self_attn.q_proj.weight"] = rnd(q, H)
-        w[p + "self_attn.k_proj.weight"] = rnd(kv, H)
-        w[p + "self_attn.v_proj.weight"] = rnd(kv, H)
-        w[p + "self_attn.o_proj.weight"] = rnd(H, q)
-        w[p + "self_attn.q_norm.weight"] = norm(s.head_dim)
-        w[p + "self_attn.k_norm.weight"] = norm(s.head_dim)
-        w[p + "self_attn.g_proj.weight"] = rnd(s.num_heads, H)
-        if s.is_moe:
-            w[p + "moe.gate.weight"] = rnd(E, H)
-            w[p + "moe.router_bias"] = rnd(E, scale=0.5)
-            w[p + "moe.gate_proj.weight"] = rnd(E, I, H)
-            w[p + "moe.up_proj.weight"] = rnd(E, I, H)
-            w[p + "moe.down_proj.weight"] = rnd(E, H, I)
-            for proj, shape in (("gate_proj", (S, H)), ("up_proj", (S, H)), ("down_proj", (H, S))):
-                w[p + f"share_expert.{proj}.weight"] = rnd(*shape)
+    out: dict[str, torch.Tensor] = {}
+    for name, shape in checkpoint_shapes(cfg).items():
+        if name == "model.embed_tokens.weight":
+            scale = 1.0
+        elif name.endswith("router_bias"):
+            scale = 0.5
+        elif len(shape) == 1:  # Gemma-form norm weights are offsets from 1
+            scale = 0.1
         else:
-            F = cfg["intermediate_size"]
-            for proj, shape in (("gate_proj", (F, H)), ("up_proj", (F, H)), ("down_proj", (H, F))):
-                w[p + f"mlp.{proj}.weight"] = rnd(*shape)
-        if i >= n:  # MTP layer extras
-            w[p + "enorm.weight"] = norm(H)
-            w[p + "hnorm.weight"] = norm(H)
-            w[p + "eh_proj.weight"] = rnd(H, 2 * H)
-            w[p + "shared_head.norm.weight"] = norm(H)
-            w[p + "shared_head.output.weight"] = rnd(V, H)
-    # Real checkpoints keep the router bias in fp32; everything else is bf16.
-    return {k: (v if k.endswith("router_bias") else v.to(torch.bfloat16)).contiguous() for k, v in w.items()}
+            scale = std
+        t = torch.randn(*shape, generator=g) * scale
+        # Real checkpoints keep the router bias in fp32; everything else is bf16.
+        out[name] = (t if name.endswith("router_bias") else t.to(torch.bfloat16)).contiguous()
+    return out
 
 
 def build_tokenizer(vocab_size: int, corpus: list[str]):

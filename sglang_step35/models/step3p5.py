@@ -1,0 +1,309 @@
+"""Step3p5ForCausalLM for SGLang 0.5.23, built from SGLang's layers (registered via
+SGLANG_EXTERNAL_MODEL_PACKAGE; the class name must stay, SGLang keys hybrid-SWA and EAGLE on it).
+
+One decoder layer: h = x + Attn(norm(x)); y = h + FFN(norm(h)) with Gemma-form RMSNorms.
+Attention: q/k/v -> per-head Gemma RMSNorm on q, k -> NeoX rope on the first `rotary_dim` dims
+(per-layer theta, llama3 scaling on full layers only) -> causal attention (sliding layers: the last
+`sliding_window` keys) -> per-head sigmoid gate -> o_proj. FFN: dense SwiGLU (layers before the MoE
+range) or sigmoid-routed MoE + shared expert, each with its per-layer SwiGLU clamp.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable, Optional, Tuple
+
+import torch
+from torch import nn
+
+from sglang.srt.distributed import get_tensor_model_parallel_world_size, tensor_model_parallel_all_reduce
+from sglang.srt.layers.activation import SiluAndMul
+from sglang.srt.layers.layernorm import GemmaRMSNorm
+from sglang.srt.layers.linear import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+)
+from sglang.srt.layers.logits_processor import LogitsProcessor
+from sglang.srt.layers.moe.ep_moe.layer import get_moe_impl_class
+from sglang.srt.layers.moe.topk import TopK
+from sglang.srt.layers.quantization.base_config import QuantizationConfig
+from sglang.srt.layers.radix_attention import RadixAttention
+from sglang.srt.layers.rotary_embedding import get_rope
+from sglang.srt.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+from sglang.srt.utils import add_prefix
+
+from sglang_step35 import ops
+from sglang_step35.config import LayerSpec, layer_spec, validate
+from sglang_step35.models.expert_compute import clamped_experts_forward
+from sglang_step35.models.weights import load_step3p5_weights
+
+logger = logging.getLogger(__name__)  # propagates to the handlers SGLang configures per process
+
+
+class Step3p5MLP(nn.Module):
+    """SwiGLU `down(act(gate(x)) * up(x))`; with limit L: act = min(silu(gate), L), up = clamp(up, ±L)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        swiglu_limit: float,
+        quant_config: Optional[QuantizationConfig],
+        reduce_results: bool = True,
+        prefix: str = "",
+    ):
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(
+            hidden_size, [intermediate_size] * 2, bias=False, quant_config=quant_config,
+            prefix=add_prefix("gate_up_proj", prefix),
+        )
+        self.down_proj = RowParallelLinear(
+            intermediate_size, hidden_size, bias=False, quant_config=quant_config,
+            reduce_results=reduce_results, prefix=add_prefix("down_proj", prefix),
+        )
+        self.swiglu_limit = swiglu_limit
+        # SGLang's SiluAndMul has no clamp; the clamped layers use our op (a Triton kernel on GPU).
+        self.act = SiluAndMul() if swiglu_limit <= 0 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up, _ = self.gate_up_proj(x)
+        h = self.act(gate_up) if self.act is not None else ops.swiglu_clamp(gate_up, self.swiglu_limit)
+        out, _ = self.down_proj(h)
+        return out
+
+
+class Step3p5MoE(nn.Module):
+    """Routed experts (sigmoid router, bias for selection only) + the always-on shared expert."""
+
+    def __init__(self, config, spec: LayerSpec, quant_config: Optional[QuantizationConfig], prefix: str = ""):
+        super().__init__()
+        self.tp_size = get_tensor_model_parallel_world_size()
+        self.num_experts = int(config.moe_num_experts)
+        self.top_k = int(config.moe_top_k)
+        self.scaling = float(getattr(config, "moe_router_scaling_factor", 1.0) or 1.0)
+        self.renormalize = bool(getattr(config, "norm_expert_weight", True))
+        self.swiglu_limit = spec.swiglu_limit
+        self.fp32_gate = bool(getattr(config, "need_fp32_gate", True))
+        H = config.hidden_size
+
+        self.gate = ReplicatedLinear(
+            H, self.num_experts, bias=False, quant_config=None,
+            params_dtype=torch.float32 if self.fp32_gate else None, prefix=add_prefix("gate", prefix),
+        )
+        self.router_bias = (
+            nn.Parameter(torch.zeros(self.num_experts, dtype=torch.float32), requires_grad=False)
+            if getattr(config, "use_moe_router_bias", True)
+            else None
+        )
+        self.topk = TopK(
+            top_k=self.top_k,
+            layer_id=spec.index,
+            renormalize=self.renormalize,
+            custom_routing_function=self._route,
+        )
+        self.experts = get_moe_impl_class(quant_config)(
+            num_experts=self.num_experts,
+            top_k=self.top_k,
+            layer_id=spec.index,
+            hidden_size=H,
+            intermediate_size=config.moe_intermediate_size,
+            quant_config=quant_config,
+            reduce_results=False,
+            prefix=add_prefix("experts", prefix),
+        )
+        self.share_expert = Step3p5MLP(
+            H, config.share_expert_dim, spec.swiglu_limit_shared, quant_config, reduce_results=False,
+            prefix=add_prefix("share_expert", prefix),
+        )
+
+    def _route(self, hidden_states, gating_output, topk, renormalize):
+        # Step's rule (not DeepSeek's grouped top-k): sigmoid scores; select by score + bias; weight
+        # by the unbiased scores, renormalised, times the scaling factor.
+        return ops.sigmoid_topk_route(
+            gating_output.float(), self.router_bias, topk, self.scaling, renormalize
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits, _ = self.gate(x.float() if self.fp32_gate else x)
+        topk_output = self.topk(x, logits)
+        if self.swiglu_limit > 0:
+            # SGLang's MoE runners disagree on (or, on CPU and AITER, drop) the clamp; clamped layers
+            # (43-44 in Step-3.5-Flash) run our own expert loop on the same weights instead.
+            routed = clamped_experts_forward(self.experts, x, topk_output, self.swiglu_limit)
+        else:
+            routed = self.experts(x, topk_output)
+        out = routed + self.share_expert(x)
+        if self.tp_size > 1:
+            out = tensor_model_parallel_all_reduce(out)
+        return out
+
+
+class Step3p5Attention(nn.Module):
+    def __init__(self, config, spec: LayerSpec, quant_config: Optional[QuantizationConfig], prefix: str = ""):
+        super().__init__()
+        tp = get_tensor_model_parallel_world_size()
+        H = config.hidden_size
+        self.head_dim = spec.head_dim
+        self.num_heads = spec.num_heads // tp
+        self.num_kv_heads = max(1, spec.num_kv_heads // tp)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = QKVParallelLinear(
+            H, self.head_dim, spec.num_heads, spec.num_kv_heads, bias=False, quant_config=quant_config,
+            prefix=add_prefix("qkv_proj", prefix),
+        )
+        self.o_proj = RowParallelLinear(
+            spec.num_heads * self.head_dim, H, bias=False, quant_config=quant_config,
+            prefix=add_prefix("o_proj", prefix),
+        )
+        # One gate logit per query head, split with the heads under TP.
+        self.g_proj = ColumnParallelLinear(
+            H, spec.num_heads, bias=False, quant_config=None, prefix=add_prefix("g_proj", prefix)
+        )
+        self.use_gate = bool(getattr(config, "use_head_wise_attn_gate", True))
+        self.q_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
+        self.k_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
+        self.rotary_emb = get_rope(
+            self.head_dim,
+            rotary_dim=spec.rotary_dim,
+            max_position=config.max_position_embeddings,
+            base=spec.rope_theta,
+            is_neox_style=True,
+            rope_scaling=dict(config.rope_scaling) if spec.use_rope_scaling else None,
+        )
+        self.attn = RadixAttention(
+            self.num_heads,
+            self.head_dim,
+            self.head_dim**-0.5,
+            num_kv_heads=self.num_kv_heads,
+            layer_id=spec.index,
+            # The config counts the query's own key in the window (HF convention); SGLang's
+            # sliding_window_size counts the keys before it.
+            sliding_window_size=spec.window - 1 if spec.window else -1,
+            quant_config=quant_config,
+            prefix=add_prefix("attn", prefix),
+        )
+
+    def _head_norm(self, x: torch.Tensor, norm: GemmaRMSNorm) -> torch.Tensor:
+        t = x.shape[0]
+        return norm(x.reshape(-1, self.head_dim)).reshape(t, -1)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
+        qkv, _ = self.qkv_proj(x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = self._head_norm(q, self.q_norm)
+        k = self._head_norm(k, self.k_norm)
+        q, k = self.rotary_emb(positions, q, k)
+        out = self.attn(q, k, v, forward_batch)
+        if self.use_gate:
+            gate, _ = self.g_proj(x)
+            out = ops.head_gate(out, gate, self.num_heads)
+        out, _ = self.o_proj(out)
+        return out
+
+
+class Step3p5DecoderLayer(nn.Module):
+    def __init__(self, config, layer_id: int, quant_config: Optional[QuantizationConfig], prefix: str = ""):
+        super().__init__()
+        spec = layer_spec(config, layer_id)
+        H = config.hidden_size
+        self.input_layernorm = GemmaRMSNorm(H, config.rms_norm_eps)
+        self.post_attention_layernorm = GemmaRMSNorm(H, config.rms_norm_eps)
+        self.self_attn = Step3p5Attention(config, spec, quant_config, prefix=add_prefix("self_attn", prefix))
+        self.is_moe = spec.is_moe
+        if spec.is_moe:
+            self.moe = Step3p5MoE(config, spec, quant_config, prefix=add_prefix("moe", prefix))
+        else:
+            self.mlp = Step3p5MLP(
+                H, config.intermediate_size, spec.swiglu_limit_shared, quant_config, prefix=add_prefix("mlp", prefix)
+            )
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
+        h = x + self.self_attn(positions, self.input_layernorm(x), forward_batch)
+        normed = self.post_attention_layernorm(h)
+        return h + (self.moe(normed) if self.is_moe else self.mlp(normed))
+
+
+class Step3p5Model(nn.Module):
+    def __init__(self, config, quant_config: Optional[QuantizationConfig] = None, prefix: str = ""):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = VocabParallelEmbedding(
+            config.vocab_size, config.hidden_size, prefix=add_prefix("embed_tokens", prefix)
+        )
+        # Main layers only: the MTP layers stored after them belong to Step3p5MTP.
+        self.layers = nn.ModuleList(
+            Step3p5DecoderLayer(config, i, quant_config, prefix=add_prefix(f"layers.{i}", prefix))
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        forward_batch: ForwardBatch,
+        input_embeds: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (normed hidden states, pre-norm hidden states); MTP drafts from the latter."""
+        h = self.embed_tokens(input_ids) if input_embeds is None else input_embeds
+        for layer in self.layers:
+            h = layer(positions, h, forward_batch)
+        return self.norm(h), h
+
+
+class Step3p5ForCausalLM(nn.Module):
+    def __init__(self, config, quant_config: Optional[QuantizationConfig] = None, prefix: str = ""):
+        super().__init__()
+        validate(config, tp_size=get_tensor_model_parallel_world_size())
+        self.config = config
+        self.quant_config = quant_config
+        self.model = Step3p5Model(config, quant_config, prefix=add_prefix("model", prefix))
+        self.lm_head = ParallelLMHead(
+            config.vocab_size, config.hidden_size, quant_config=quant_config, prefix=add_prefix("lm_head", prefix)
+        )
+        self.logits_processor = LogitsProcessor(config)
+        logger.info("sglang-step35: serving with model class %s.%s", __name__, type(self).__name__)
+
+    @property
+    def start_layer(self) -> int:
+        return 0
+
+    @property
+    def end_layer(self) -> int:
+        return self.config.num_hidden_layers
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
+
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        forward_batch: ForwardBatch,
+        input_embeds: Optional[torch.Tensor] = None,
+        **kwargs,
+    ):
+        hidden, pre_norm = self.model(input_ids, positions, forward_batch, input_embeds)
+        # EAGLE/MTP reads `hidden_states` from the logits output; Step's MTP wants the pre-norm state.
+        return self.logits_processor(input_ids, hidden, self.lm_head, forward_batch, aux_hidden_states=None)
+
+    def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]) -> None:
+        load_step3p5_weights(self, weights)
+
+    def get_embed_and_head(self):
+        return self.model.embed_tokens.weight, self.lm_head.weight
+
+    def set_embed_and_head(self, embed, head):
+        del self.model.embed_tokens.weight
+        del self.lm_head.weight
+        self.model.embed_tokens.weight = embed
+        self.lm_head.weight = head
+
+
+EntryClass = Step3p5ForCausalLM
