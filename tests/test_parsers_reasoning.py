@@ -1,5 +1,6 @@
 """Step-3.5 reasoning detector: exact splits, chunking invariance, no lost characters."""
 
+import os
 import re
 
 import pytest
@@ -10,7 +11,13 @@ from parser_corpus import build_corpus, reasoning_stream, split_at
 from sglang_step35.parsers.reasoning import Step35ReasoningDetector
 
 CORPUS = build_corpus(seed=1)
-HYP = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# tests/fuzz_parsers.py raises the example count through this variable.
+HYP = settings(
+    max_examples=int(os.environ.get("STEP35_PARSER_CASES", "150")),
+    deadline=None,
+    database=None if "STEP35_PARSER_CASES" in os.environ else settings.default.database,
+    suppress_health_check=list(HealthCheck),
+)
 
 # Declarative statement of the split, independent of the scanner: leading <think> tags
 # are dropped; reasoning runs to the first </think> (minus one newline on each side of

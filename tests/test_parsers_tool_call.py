@@ -1,6 +1,7 @@
 """Step-3.5 tool-call detector: formats, typing, malformed input, streaming, registration."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -22,7 +23,13 @@ from sglang.srt.parser.reasoning_parser import ReasoningParser
 from sglang_step35.parsers import Step35ReasoningDetector, Step35ToolCallDetector, register_parsers
 
 CORPUS = build_corpus(seed=2)
-HYP = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# tests/fuzz_parsers.py raises the example count through this variable.
+HYP = settings(
+    max_examples=int(os.environ.get("STEP35_PARSER_CASES", "150")),
+    deadline=None,
+    database=None if "STEP35_PARSER_CASES" in os.environ else settings.default.database,
+    suppress_health_check=list(HealthCheck),
+)
 
 WEATHER = (
     "<tool_call>\n<function=get_weather>\n<parameter=location>\nBeijing\n</parameter>\n"
@@ -203,6 +210,15 @@ def test_tag_soup_never_raises_loses_nothing_and_is_chunking_invariant(text, cut
         assert name == "f" and isinstance(json.loads(args), dict)
     for marker in MARKERS:
         assert out.count(marker) == text.count(marker), marker
+
+
+def test_stray_text_in_function_keeps_its_spaces_at_every_cut():
+    # Found by the fuzz run: a chunk ending at "<function" lost the following space.
+    text = "<tool_call><function=f><parameter=p0></parameter><function f>"
+    expected = ("<function f>", [("f", '{"p0": ""}')])
+    assert tool_non_stream(Step35ToolCallDetector(), text, FREE_TOOL) == expected
+    for i in range(len(text) + 1):
+        assert tool_stream(Step35ToolCallDetector(), [text[:i], text[i:]], FREE_TOOL) == expected, i
 
 
 # -- SGLang integration ----------------------------------------------------------------

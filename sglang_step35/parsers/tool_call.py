@@ -312,10 +312,12 @@ class CallScanner:
             self.pending = rest
             self.state = _JSON_BODY
             return True
-        # Stray prose inside a function: not part of any argument, so it is content.
+        # Stray prose inside a function: not part of any argument, so it is content,
+        # with its leading whitespace (a chunk may have ended right before that space).
+        lead = len(self.pending) - len(rest)
         cut = rest.find("<", 1)
         cut = len(rest) if cut == -1 else cut
-        self._text(rest[:cut])
+        self._text(self.pending[: lead + cut])
         self.pending = rest[cut:]
         return True
 
