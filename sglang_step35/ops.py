@@ -14,8 +14,9 @@ dispatching entry point:
 Dispatch is by the tensor's device: CUDA tensors on a CUDA build -> ``kernels_cuda``, on a ROCm
 build -> ``kernels_rocm`` (same Triton bodies, AMD launch configs), anything else -> the torch
 reference. ``impl=`` forces one ("torch", "cuda", "rocm"): benchmarks use it for A/B runs and tests
-use it to run the Triton path on CPU tensors under ``TRITON_INTERPRET=1``. Triton is imported only
-when a Triton path is taken.
+use it to run the Triton path on CPU tensors under ``TRITON_INTERPRET=1``. The argument checks are
+shared with the kernels (``kernels_cuda._common``), so importing this module imports triton, which
+is harmless without a GPU; nothing is compiled until a Triton path runs.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def _kernels(impl: Impl | None, t: torch.Tensor):
     if impl == "torch":
         return None
     if impl == "cuda":
-        import kernels_cuda  # noqa: PLC0415 - triton only when needed
+        import kernels_cuda  # noqa: PLC0415 - kernel modules load on first GPU use
 
         return kernels_cuda
     if impl == "rocm":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 
 import pytest
 import torch
@@ -336,3 +337,97 @@ def test_probe_aiter_reports_capabilities():
     assert not missing.available and "ModuleNotFoundError" in missing.import_error
     assert "all Step-3.5 MoE layers use Triton" in missing.summary()
 
+
+
+# --- compiled mode: AOT-compile every kernel with the shipped configs for real GPU targets ---------
+# The interpreter does not exercise Triton's compiler at all, so without these a kernel or launch
+# option (waves_per_eu, a reduction form) that only breaks in compiled mode would pass CI on CPU.
+# Triton ships ptxas/cuobjdump and the AMDGPU linker, so this needs no GPU. Register spills are
+# checked too: the router keeps a 512-wide expert row in registers and would spill with bad tiles.
+_TARGETS = [("cuda", 90, 32), ("cuda", 100, 32), ("cuda", 120, 32), ("hip", "gfx942", 64), ("hip", "gfx950", 64)]
+
+_SIGNATURES = {
+    "swiglu": {
+        "gu_ptr": "*bf16", "out_ptr": "*bf16", "T": "i32", "I": "i32", "stride_gu_t": "i32",
+        "stride_out_t": "i32", "limit": "fp32", "HAS_LIMIT": "constexpr", "BLOCK_T": "constexpr",
+        "BLOCK_I": "constexpr",
+    },
+    "head_gate": {
+        "x_ptr": "*bf16", "g_ptr": "*bf16", "out_ptr": "*bf16", "T": "i32", "N": "i32", "stride_x_t": "i32",
+        "stride_g_t": "i32", "stride_out_t": "i32", "HEAD_DIM": "constexpr", "BLOCK_T": "constexpr",
+        "BLOCK_N": "constexpr",
+    },
+    "router": {
+        "logits_ptr": "*fp32", "bias_ptr": "*fp32", "w_ptr": "*fp32", "ids_ptr": "*i32", "T": "i32", "E": "i32",
+        "stride_l_t": "i32", "stride_w_t": "i32", "stride_i_t": "i32", "scaling_factor": "fp32",
+        "TOP_K": "constexpr", "BLOCK_K": "constexpr", "RENORMALIZE": "constexpr", "BLOCK_T": "constexpr",
+        "BLOCK_E": "constexpr",
+    },
+}
+
+
+def _kernel_and_configs(name, backend, tokens):
+    from kernels_rocm import configs as amd
+
+    if name == "swiglu":
+        mod = importlib.import_module("kernels_cuda.swiglu_clamp")
+        cfg = mod.nvidia_config(tokens, 1280) if backend == "cuda" else amd.swiglu_clamp_config(tokens, 1280)
+        return mod._swiglu_clamp_kernel, cfg, {"HAS_LIMIT": True, "BLOCK_T": cfg.block_t, "BLOCK_I": cfg.block_n}
+    if name == "head_gate":
+        mod = importlib.import_module("kernels_cuda.head_gate")
+        cfg = mod.nvidia_config(tokens, 96 * 128) if backend == "cuda" else amd.head_gate_config(tokens, 96 * 128)
+        return mod._head_gate_kernel, cfg, {"HEAD_DIM": 128, "BLOCK_T": cfg.block_t, "BLOCK_N": cfg.block_n}
+    mod = importlib.import_module("kernels_cuda.router")
+    cfg = mod.nvidia_config(tokens, 288) if backend == "cuda" else amd.router_config(tokens, 288)
+    consts = {"TOP_K": 8, "BLOCK_K": 8, "RENORMALIZE": True, "BLOCK_T": cfg.block_t, "BLOCK_E": cfg.block_n}
+    return mod._sigmoid_topk_kernel, cfg, consts
+
+
+def _nvidia_spill_bytes(cubin: bytes) -> int | None:
+    import re
+    import shutil
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(triton.__path__[0], "backends", "nvidia", "bin", "cuobjdump")
+    tool = tool if os.path.exists(tool) else shutil.which("cuobjdump")
+    if tool is None:
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    # ptxas accounts register spills as per-thread STACK (LOCAL is for explicit local arrays).
+    return int(re.search(r"STACK:(\d+)", usage).group(1)) + int(re.search(r"LOCAL:(\d+)", usage).group(1))
+
+
+@pytest.mark.parametrize("target", _TARGETS, ids=lambda t: f"{t[0]}-{t[1]}")
+@pytest.mark.parametrize("name", ["swiglu", "head_gate", "router"])
+def test_kernels_compile_for_gpu_targets_without_spills(target, name):
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    backend, arch, warp = target
+    if {"cuda": "nvidia", "hip": "amd"}[backend] not in triton.backends.backends:
+        pytest.skip(f"this triton build has no {backend} backend")
+    for tokens in (1, 8192):
+        kernel, cfg, consts = _kernel_and_configs(name, backend, tokens)
+        # Under the interpreter the module attribute is an InterpretedFunction; compile the raw fn.
+        fn = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
+        src = ASTSource(fn, _SIGNATURES[name], constexprs=consts)
+        opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, **cfg.extra}
+        compiled = triton.compile(src, target=GPUTarget(backend, arch, warp), options=opts)
+        assert compiled.metadata.num_warps == cfg.num_warps
+        if backend == "cuda":
+            local = _nvidia_spill_bytes(compiled.asm["cubin"])
+            assert local in (None, 0), f"{name} T={tokens} sm{arch}: {local} bytes of stack/local memory (spills)"
+        else:
+            spills = re.search(r"\.vgpr_spill_count:\s+(\d+)", compiled.asm["amdgcn"])
+            assert spills is not None and int(spills.group(1)) == 0, f"{name} T={tokens} {arch}: VGPR spills"
+            assert compiled.metadata.waves_per_eu == cfg.extra["waves_per_eu"]

@@ -128,11 +128,15 @@ def window_capable_backends(platform: PlatformInfo) -> list[str]:
         return ["fa4", "trtllm_mha", "flashinfer", "triton"]
     if platform.is_hopper:
         return ["fa3", "flashinfer", "trtllm_mha", "triton"]
+    # Pre-Hopper: flashinfer (sm75+) when installed, else triton - the same order as the default.
+    names = ["flashinfer", "triton"] if platform.flashinfer_available else ["triton", "flashinfer"]
+    if platform.sm < 75:
+        names.remove("flashinfer")
     if platform.sm // 10 == 8:
         # fa3's factory in 0.5.23 accepts sm8x for non-MLA models, but flashinfer/triton are the
         # upstream defaults there and the better-tested paths.
-        return ["flashinfer", "triton", "fa3"]
-    return ["flashinfer", "triton"] if platform.sm >= 75 else ["triton"]
+        names.append("fa3")
+    return names
 
 
 def choose_attention_backend(platform: PlatformInfo, user_choice: str | None, has_sliding_layers: bool) -> Choice:
