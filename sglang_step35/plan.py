@@ -1,0 +1,522 @@
+"""Deployment planner for Step-3.5: an ``sglang serve`` command plus a per-GPU memory plan.
+
+Every model number comes from the config (the shipped Step-3.5-Flash ``config.json`` by default,
+or ``--config``); the only constants here are hardware facts (GPU memory, vendor, architecture)
+and serving conventions, each stated where it is defined. A plan that would not run is reported
+as infeasible with the reason and the nearest feasible plans; it never prints a broken command.
+
+Layout policy:
+* EP = TP whenever the experts divide evenly: each GPU holds whole experts (N = full expert
+  intermediate), the layout of every seed deployment, and mandatory on AMD (AITER's CK MoE cannot
+  run Step's TP4 split, N = 320). Pure TP only as a fallback when the experts do not divide.
+* The shared expert is a dense layer split by TP. Where that split breaks the quantization blocks
+  (FP8 on 4 or 8 GPUs: 1280/4 = 320, 1280/8 = 160, not multiples of 128) the command adds an
+  all-to-all MoE backend (deepep on NVIDIA, mori on AMD): SGLang 0.5.23 then replicates the shared
+  expert (``models/step3p5.py``), and the plan counts it whole on every GPU.
+* The rule for what TP may split is :func:`sglang_step35.moe.layout.check_moe_layout`; the same
+  rule guards the server at launch, so a planned command always passes the guard.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from .config import Step35ConfigError, layer_spec, moe_layer_ids, validate
+from .moe.layout import (
+    BF16,
+    QUANTS,
+    QuantSpec,
+    check_moe_layout,
+    effective_moe_backend,
+    recommended_layout,
+)
+
+GB = 10**9  # GPU memory is sold in decimal gigabytes
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """Hardware facts only."""
+
+    key: str
+    name: str
+    vendor: str  # "nvidia" | "amd"
+    arch: str
+    memory_gb: int  # vendor spec, decimal GB
+
+
+GPUS: dict[str, GpuSpec] = {
+    g.key: g
+    for g in (
+        GpuSpec("h100", "H100 SXM", "nvidia", "hopper", 80),
+        GpuSpec("h200", "H200", "nvidia", "hopper", 141),
+        GpuSpec("b200", "B200", "nvidia", "blackwell", 180),  # DGX/HGX B200: 1,440 GB over 8 GPUs
+        GpuSpec("mi300x", "MI300X", "amd", "cdna3", 192),
+        GpuSpec("mi325x", "MI325X", "amd", "cdna3", 256),
+        GpuSpec("mi350x", "MI350X", "amd", "cdna4", 288),
+        GpuSpec("mi355x", "MI355X", "amd", "cdna4", 288),
+    )
+}
+
+# Attention backend per architecture. Each must honour per-layer sliding windows (SWA layers with
+# a 512-token window): fa3/fa4 pass the layer's window to FlashAttention (SGLang's own choice for
+# Step on Hopper/Blackwell, overrides.py), AITER's backend reads sliding_window_size. trtllm_mha is
+# avoided on Blackwell: it once ignored the window (sglang #18970).
+ATTENTION_BACKEND = {"hopper": "fa3", "blackwell": "fa4", "cdna3": "aiter", "cdna4": "aiter"}
+WINDOW_CAPABLE_BACKENDS = frozenset({"fa3", "fa4", "flashinfer", "triton", "aiter"})
+
+MODEL_PATHS = {
+    "bf16": "stepfun-ai/Step-3.5-Flash",
+    "fp8": "stepfun-ai/Step-3.5-Flash-FP8",
+    "int4": "stepfun-ai/Step-3.5-Flash-Int4",
+}
+# (draft steps, draft tokens) per MTP depth, top-k 1: a chain of `steps` MTP layers proposes
+# `steps` tokens and the target verifies steps + 1 positions.
+MTP_SPEC = {1: (1, 2), 3: (3, 4)}
+MAX_GPUS_PER_NODE = 8  # the planner writes single-node commands
+CHUNKED_PREFILL = 8192  # emitted explicitly so the activation margin and SWA pool match the server
+KV_DTYPE_BYTES = 2  # bf16 KV cache (--kv-cache-dtype auto on a bf16 model)
+VOCAB_PADDING = 64  # SGLang pads the vocabulary to a multiple of 64 before splitting it by TP
+
+
+def load_config(path: Optional[str | Path] = None) -> dict:
+    """The Step config (a dict); the shipped Step-3.5-Flash config.json when ``path`` is None."""
+    if path is None:
+        text = resources.files("sglang_step35").joinpath("data/step3p5_flash_config.json").read_text()
+    else:
+        text = Path(path).read_text()
+    return json.loads(text)
+
+
+def _pad(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights
+# ----------------------------------------------------------------------------------------------
+
+# What stays bf16 whatever the checkpoint's quantization (what Step's FP8 checkpoint and the
+# community quantizations keep in higher precision): embeddings, LM heads, router (+ fp32 bias),
+# norms, the head-wise attention gate g_proj, and the MTP layers (counted bf16 as an upper bound:
+# re-quantized checkpoints differ). Quantized: attention q/k/v/o, dense MLPs, routed and shared
+# experts.
+
+
+def _attention_bytes(cfg: Mapping, index: int, tp: int, q: QuantSpec) -> int:
+    s = layer_spec(cfg, index)
+    h = int(cfg["hidden_size"])
+    q_out = s.num_heads // tp * s.head_dim
+    kv_out = max(1, s.num_kv_heads // tp) * s.head_dim  # KV heads replicated when kv_heads < tp
+    qkv = q.linear_bytes(q_out + 2 * kv_out, h)
+    o = q.linear_bytes(h, q_out)
+    g_proj = BF16.linear_bytes(s.num_heads // tp, h)
+    qk_norm = 2 * s.head_dim * 2
+    return qkv + o + g_proj + qk_norm
+
+
+def _mlp_bytes(hidden: int, inter_local: int, q: QuantSpec) -> int:
+    return q.linear_bytes(2 * inter_local, hidden) + q.linear_bytes(hidden, inter_local)
+
+
+def weight_breakdown(
+    cfg: Mapping, quant: QuantSpec | str, tp: int, ep: int, mtp: int = 0, *, shared_expert_replicated: bool = False
+) -> dict[str, int]:
+    """Bytes of weights per GPU by component (see the module notes for what stays bf16)."""
+    q = QUANTS[quant] if isinstance(quant, str) else quant
+    h, v = int(cfg["hidden_size"]), int(cfg["vocab_size"])
+    n_layers = int(cfg["num_hidden_layers"])
+    moe = moe_layer_ids(cfg)
+    E, I = int(cfg["moe_num_experts"]), int(cfg["moe_intermediate_size"])
+    S, D = int(cfg["share_expert_dim"]), int(cfg["intermediate_size"])
+    vocab_local = _pad(v, VOCAB_PADDING) // tp
+    out = dict.fromkeys(
+        ("embedding", "lm_head", "attention", "dense_mlp", "routed_experts", "shared_experts", "router", "norms", "mtp"), 0
+    )
+    out["embedding"] = vocab_local * h * 2
+    out["lm_head"] = 0 if cfg.get("tie_word_embeddings") else vocab_local * h * 2
+    out["norms"] = h * 2  # final norm
+    moe_tp = tp // ep
+    for i in range(n_layers):
+        out["attention"] += _attention_bytes(cfg, i, tp, q)
+        out["norms"] += 2 * h * 2  # input + post-attention RMSNorm
+        if i in moe:
+            per_expert = _mlp_bytes(h, I // moe_tp, q)
+            out["routed_experts"] += (E // ep) * per_expert
+            out["shared_experts"] += _mlp_bytes(h, S if shared_expert_replicated else S // tp, q)
+            out["router"] += E * h * 2 + E * 4  # bf16 gate weight + fp32 selection bias
+        else:
+            out["dense_mlp"] += _mlp_bytes(h, D // tp, q)
+    for k in range(mtp):
+        # SGLang 0.5.23 builds each MTP layer as its own draft model with its own embedding and
+        # head (step3p5_mtp.py; set_embed_and_head does not share them), plus enorm/hnorm,
+        # eh_proj (an unsplit nn.Linear 2H -> H), one decoder layer with a dense MLP, head norm.
+        idx = n_layers + k
+        out["mtp"] += (
+            2 * vocab_local * h * 2
+            + BF16.linear_bytes(h, 2 * h)
+            + _attention_bytes(cfg, idx, tp, BF16)
+            + _mlp_bytes(h, D // tp, BF16)
+            + 5 * h * 2  # enorm, hnorm, two layer norms, shared_head.norm
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# KV cache
+# ----------------------------------------------------------------------------------------------
+
+
+def kv_bytes_per_token(cfg: Mapping, tp: int = 1, which: str = "full", dtype_bytes: int = KV_DTYPE_BYTES) -> int:
+    """K+V bytes one token occupies per GPU summed over main layers of one kind ("full",
+    "sliding" or "all"); KV heads are split by TP and replicated when kv_heads < tp."""
+    total = 0
+    for i in range(int(cfg["num_hidden_layers"])):
+        s = layer_spec(cfg, i)
+        if which == "all" or (which == "sliding") == s.sliding:
+            total += 2 * max(1, s.num_kv_heads // tp) * s.head_dim * dtype_bytes
+    return total
+
+
+def kv_cache_bytes(cfg: Mapping, tp: int, context: int, concurrency: int, *, hybrid_swa: bool = True) -> int:
+    """KV for ``concurrency`` sequences of ``context`` tokens: full layers keep every token, sliding
+    layers only the window (``hybrid_swa``); without the hybrid pool every layer keeps every token."""
+    if not hybrid_swa:
+        return kv_bytes_per_token(cfg, tp, "all") * context * concurrency
+    window = int(cfg.get("sliding_window") or context)
+    return (
+        kv_bytes_per_token(cfg, tp, "full") * context * concurrency
+        + kv_bytes_per_token(cfg, tp, "sliding") * min(context, window) * concurrency
+    )
+
+
+def mtp_kv_bytes_per_token(cfg: Mapping, tp: int, mtp: int) -> int:
+    n = int(cfg["num_hidden_layers"])
+    total = 0
+    for k in range(mtp):
+        s = layer_spec(cfg, n + k)
+        total += 2 * max(1, s.num_kv_heads // tp) * s.head_dim * KV_DTYPE_BYTES
+    return total
+
+
+def _kv_memory(cfg: Mapping, tp: int, mtp: int, context: int, concurrency: int) -> dict[str, Any]:
+    """The KV pool SGLang allocates for the plan: the full pool holds every token of every request;
+    the sliding pool is sized as swa_full_tokens_ratio x the full pool (SGLang's rule), with the
+    ratio chosen to cover each request's window + draft tokens plus one prefill chunk; the MTP draft
+    pool matches the full pool (a smaller draft pool overflowed in sglang #17630)."""
+    full_tokens = context * concurrency
+    window = int(cfg.get("sliding_window") or context)
+    draft_tokens = MTP_SPEC[mtp][1] if mtp else 0
+    swa_needed = concurrency * min(context, window + draft_tokens) + min(context, CHUNKED_PREFILL)
+    ratio = min(1.0, max(0.01, math.ceil(swa_needed / full_tokens * 100) / 100))
+    kv_full = kv_bytes_per_token(cfg, tp, "full") * full_tokens
+    kv_swa = kv_bytes_per_token(cfg, tp, "sliding") * math.ceil(ratio * full_tokens)
+    kv_mtp = mtp_kv_bytes_per_token(cfg, tp, mtp) * full_tokens
+    return {
+        "swa_full_tokens_ratio": ratio,
+        "kv_full_layers": kv_full,
+        "kv_sliding_layers": kv_swa,
+        "kv_mtp_draft": kv_mtp,
+        "kv_total": kv_full + kv_swa + kv_mtp,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Plan
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    gpu: str
+    num_gpus: int
+    quant: str
+    mtp: int
+    context: int
+    concurrency: int
+    feasible: bool
+    auto_concurrency: bool = False  # concurrency was chosen as the most that fits
+    problems: list[str] = field(default_factory=list)
+    tp: Optional[int] = None
+    ep: Optional[int] = None
+    attention_backend: Optional[str] = None
+    moe_a2a_backend: Optional[str] = None
+    experts_per_gpu: Optional[int] = None
+    routed_intermediate_per_gpu: Optional[int] = None
+    shared_expert_replicated: bool = False
+    mem_fraction_static: Optional[float] = None
+    swa_full_tokens_ratio: Optional[float] = None
+    env: dict[str, str] = field(default_factory=dict)
+    command: list[str] = field(default_factory=list)
+    memory: dict[str, Any] = field(default_factory=dict)  # bytes per GPU
+    suggestions: list[dict[str, Any]] = field(default_factory=list)
+    assumptions: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["command_line"] = command_line(self)
+        return d
+
+
+ASSUMPTIONS = [
+    "bf16 kept for embeddings, LM heads, router (+ fp32 bias), norms, attention g_proj and MTP layers; "
+    "fp8 = 1 B/weight + one fp32 scale per 128x128 block; int4 = 0.5 B/weight + one bf16 scale per 128 inputs",
+    "SGLang 0.5.23 gives each MTP layer its own embedding and LM head (counted per GPU, split by TP)",
+    "KV cache bf16; full layers keep every token, sliding layers window + draft tokens per request plus one "
+    "prefill chunk; the MTP draft pool is sized like the target's full pool (sglang #17630)",
+    "margin outside --mem-fraction-static = max(10% of GPU memory, 8 GiB) for CUDA/HIP graphs, NCCL/RCCL "
+    "buffers and fragmentation, plus one prefill chunk's activations (fp32 logits over the local vocabulary, "
+    "top-k gate/up rows, 8 hidden-size bf16 temporaries per token)",
+]
+
+
+def _margin_bytes(cfg: Mapping, gpu: GpuSpec, tp: int, routed_n: int) -> tuple[int, int]:
+    mem = gpu.memory_gb * GB
+    reserve = max(int(0.10 * mem), 8 * GiB)
+    h, v, k = int(cfg["hidden_size"]), int(cfg["vocab_size"]), int(cfg["moe_top_k"])
+    per_token = _pad(v, VOCAB_PADDING) // tp * 4 + k * 2 * routed_n * 2 + 8 * h * 2
+    return reserve, CHUNKED_PREFILL * per_token
+
+
+def make_plan(
+    gpu: str,
+    num_gpus: int,
+    quant: str,
+    *,
+    mtp: int = 0,
+    context: Optional[int] = None,
+    concurrency: Optional[int] = None,
+    cfg: Optional[Mapping] = None,
+    suggest: bool = True,
+) -> Plan:
+    """Plan ``num_gpus`` x ``gpu`` for ``quant``; infeasible plans carry problems and suggestions.
+
+    ``context`` defaults to the config's max_position_embeddings; ``concurrency`` (requests at full
+    context) defaults to as many as fit in memory.
+    """
+    cfg = load_config() if cfg is None else cfg
+    g = GPUS[gpu]
+    max_ctx = int(cfg.get("max_position_embeddings") or cfg.get("max_seq_len"))
+    context = max_ctx if context is None else int(context)
+    plan = Plan(gpu, num_gpus, quant, mtp, context, concurrency or 0, feasible=False, assumptions=list(ASSUMPTIONS))
+    plan.auto_concurrency = concurrency is None
+    q = QUANTS[quant]
+    tp = num_gpus
+    problems = plan.problems
+    if not 1 <= num_gpus <= MAX_GPUS_PER_NODE:
+        problems.append(f"--num-gpus {num_gpus}: the planner writes single-node commands (1..{MAX_GPUS_PER_NODE} GPUs)")
+    if context > max_ctx or context < 1:
+        problems.append(f"--context {context} is outside 1..{max_ctx} (max_position_embeddings)")
+    if concurrency is not None and concurrency < 1:
+        problems.append("--concurrency must be >= 1")
+    n_mtp = int(cfg.get("num_nextn_predict_layers") or 0)
+    if mtp and (mtp not in MTP_SPEC or mtp > n_mtp):
+        problems.append(f"--mtp {mtp}: the config has {n_mtp} MTP layer(s); use one of {[m for m in MTP_SPEC if m <= n_mtp] or [0]}")
+    if not problems:
+        try:
+            validate(cfg, tp)
+        except Step35ConfigError as e:
+            problems.append(f"--tp {tp}: {e}")
+    backend = effective_moe_backend("auto", g.vendor)
+    rec = None if problems else recommended_layout(cfg, tp, q, g.vendor, backend)
+    if not problems and rec is None:
+        verdict = check_moe_layout(
+            backend, q, int(cfg["moe_intermediate_size"]), tp, tp, num_experts=int(cfg["moe_num_experts"]),
+            share_expert_dim=cfg.get("share_expert_dim"), dense_intermediate_size=cfg.get("intermediate_size"),
+        )
+        problems.append(f"no MoE layout runs {quant} on {tp} GPUs: " + "; ".join(verdict.reasons))
+    if problems:
+        if suggest:
+            plan.suggestions = _suggestions(plan, cfg)
+        return plan
+
+    ep, flags = rec
+    a2a = next((f.split()[1] for f in flags if f.startswith("--moe-a2a-backend")), None)
+    plan.tp, plan.ep, plan.moe_a2a_backend = tp, ep, a2a
+    plan.shared_expert_replicated = a2a is not None
+    plan.attention_backend = ATTENTION_BACKEND[g.arch]
+    assert plan.attention_backend in WINDOW_CAPABLE_BACKENDS
+    E, I = int(cfg["moe_num_experts"]), int(cfg["moe_intermediate_size"])
+    plan.experts_per_gpu = E // ep
+    plan.routed_intermediate_per_gpu = I // (tp // ep)
+
+    weights = weight_breakdown(cfg, q, tp, ep, mtp, shared_expert_replicated=plan.shared_expert_replicated)
+    reserve, activations = _margin_bytes(cfg, g, tp, plan.routed_intermediate_per_gpu)
+    capacity = g.memory_gb * GB
+    fraction = math.floor((capacity - reserve - activations) / capacity * 100) / 100
+    static_pool = int(fraction * capacity)
+    if concurrency is None:
+        # As many full-context requests as the static pool holds (need() grows with concurrency).
+        def fits(c: int) -> bool:
+            return _kv_memory(cfg, tp, mtp, context, c)["kv_total"] + sum(weights.values()) <= static_pool
+
+        lo, hi = 0, 1
+        while fits(hi) and hi < 1 << 16:
+            lo, hi = hi, hi * 2
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        concurrency = plan.concurrency = max(lo, 1)
+    kv = _kv_memory(cfg, tp, mtp, context, concurrency)
+    weights_total = sum(weights.values())
+    need = weights_total + kv["kv_total"]
+    plan.mem_fraction_static, plan.swa_full_tokens_ratio = fraction, kv.pop("swa_full_tokens_ratio")
+    plan.memory = {
+        "weights": weights,
+        "weights_total": weights_total,
+        **kv,
+        "runtime_reserve": reserve,
+        "prefill_activations": activations,
+        "static_pool": static_pool,
+        "total": need + reserve + activations,
+        "capacity": capacity,
+        "headroom": static_pool - need,
+    }
+    if need > static_pool:
+        problems.append(
+            f"needs {need / GiB:.1f} GiB per GPU for weights + KV ({concurrency} x {context:,} tokens) but "
+            f"{g.name}'s static pool is {static_pool / GiB:.1f} GiB ({fraction:.2f} x {g.memory_gb} GB)"
+        )
+        if suggest:
+            plan.suggestions = _suggestions(plan, cfg)
+        return plan
+
+    plan.feasible = True
+    if g.vendor == "amd":
+        plan.env["SGLANG_USE_AITER"] = "1"  # AITER attention + MoE kernels (what the AMD seeds run)
+    cmd = ["sglang", "serve", "--model-path", MODEL_PATHS[quant], "--tp", str(tp), "--ep", str(ep)]
+    if a2a:
+        cmd += ["--moe-a2a-backend", a2a]
+    cmd += [
+        "--attention-backend", plan.attention_backend,
+        "--reasoning-parser", "step3p5",
+        "--tool-call-parser", "step3p5",
+        "--context-length", str(context),
+        "--max-running-requests", str(concurrency),
+        "--chunked-prefill-size", str(CHUNKED_PREFILL),
+        "--mem-fraction-static", f"{plan.mem_fraction_static:.2f}",
+        "--swa-full-tokens-ratio", f"{plan.swa_full_tokens_ratio:.2f}",
+    ]  # fmt: skip
+    if mtp:
+        steps, drafts = MTP_SPEC[mtp]
+        cmd += [
+            "--speculative-algorithm", "EAGLE",
+            "--speculative-num-steps", str(steps),
+            "--speculative-eagle-topk", "1",
+            "--speculative-num-draft-tokens", str(drafts),
+            "--enable-multi-layer-eagle",
+        ]  # fmt: skip
+    plan.command = cmd
+    return plan
+
+
+def _suggestions(plan: Plan, cfg: Mapping) -> list[dict[str, Any]]:
+    """Nearest feasible plans, one per kind of change: more GPUs, cheaper weights, shorter
+    context, fewer concurrent requests (each keeps every other setting)."""
+    base = dict(gpu=plan.gpu, num_gpus=plan.num_gpus, quant=plan.quant, mtp=plan.mtp, context=plan.context,
+                concurrency=None if plan.auto_concurrency else plan.concurrency)  # fmt: skip
+    tries: list[tuple[str, dict]] = []
+    tries += [(f"use {n} GPUs", {"num_gpus": n}) for n in (1, 2, 4, 8) if n > plan.num_gpus]
+    if plan.num_gpus > MAX_GPUS_PER_NODE:
+        tries += [(f"use {MAX_GPUS_PER_NODE} GPUs", {"num_gpus": MAX_GPUS_PER_NODE})]
+    tries += [(f"quantize to {qn}", {"quant": qn}) for qn in ("fp8", "int4") if qn != plan.quant and
+              list(QUANTS).index(qn) > list(QUANTS).index(plan.quant)]  # fmt: skip
+    ctx = plan.context
+    while ctx > 4096:
+        ctx //= 2
+        tries.append((f"shorten context to {ctx}", {"context": ctx}))
+    conc = 1 if plan.auto_concurrency else plan.concurrency  # auto already tried every concurrency
+    while conc > 1:
+        conc //= 2
+        tries.append((f"serve {conc} concurrent requests", {"concurrency": conc}))
+    out, kinds = [], set()
+    for label, change in tries:
+        kind = next(iter(change))
+        if kind in kinds:
+            continue
+        args = {**base, **change}
+        p = make_plan(args.pop("gpu"), args.pop("num_gpus"), args.pop("quant"), cfg=cfg, suggest=False, **args)
+        if p.feasible:
+            kinds.add(kind)
+            out.append({"change": label, "plan_args": plan_argv(p), "command_line": command_line(p)})
+    return out
+
+
+def plan_argv(p: Plan) -> str:
+    args = f"step35 plan --gpu {p.gpu} --num-gpus {p.num_gpus} --quant {p.quant} --mtp {p.mtp}"
+    return args + f" --context {p.context} --concurrency {p.concurrency}"
+
+
+def command_line(p: Plan, multiline: bool = False) -> str:
+    if not p.command:
+        return ""
+    env = [f"{k}={v}" for k, v in p.env.items()]
+    if not multiline:
+        return " ".join(env + p.command)
+    head = " ".join(env + p.command[:2])
+    rest, lines, i = p.command[2:], [], 0
+    while i < len(rest):
+        # keep "--flag value" on one line; bare flags stand alone
+        if i + 1 < len(rest) and not rest[i + 1].startswith("--"):
+            lines.append(f"{rest[i]} {rest[i + 1]}")
+            i += 2
+        else:
+            lines.append(rest[i])
+            i += 1
+    return " \\\n  ".join([head] + lines)
+
+
+def _gib(b: int) -> str:
+    return f"{b / GiB:8.2f}"
+
+
+def format_plan(p: Plan) -> str:
+    """Human-readable plan (what ``step35 plan`` prints)."""
+    g = GPUS[p.gpu]
+    title = (
+        f"Step-3.5 on {p.num_gpus}x {g.name} ({g.memory_gb} GB), {p.quant}, context {p.context:,} x "
+        f"{p.concurrency} requests, MTP {p.mtp}"
+    )
+    lines = [title, ""]
+    if not p.feasible:
+        lines.append("INFEASIBLE:")
+        lines += [f"  - {x}" for x in p.problems]
+        if p.suggestions:
+            lines += ["", "Nearest feasible plans:"]
+            for s in p.suggestions:
+                lines += [f"  - {s['change']}: {s['plan_args']}", f"      {s['command_line']}"]
+        else:
+            lines += ["", "No nearby feasible plan found."]
+        return "\n".join(lines) + "\n"
+    m, w = p.memory, p.memory["weights"]
+    lines += [command_line(p, multiline=True), ""]
+    whole = "whole experts" if p.tp == p.ep else f"each split {p.tp // p.ep} ways"
+    lines.append(
+        f"Layout: TP {p.tp}, EP {p.ep}: {p.experts_per_gpu} routed experts per GPU ({whole}, "
+        f"N={p.routed_intermediate_per_gpu}); shared expert "
+        f"{'replicated (' + p.moe_a2a_backend + ' all-to-all)' if p.shared_expert_replicated else 'split by TP'}; "
+        f"attention {p.attention_backend}"
+    )
+    lines += ["", "Memory per GPU (GiB):"]
+    for k, v in w.items():
+        lines.append(f"  {('weights: ' + k):30s}{_gib(v)}")
+    lines.append(f"  {'weights total':30s}{_gib(m['weights_total'])}")
+    lines.append(f"  {'KV full-attention layers':30s}{_gib(m['kv_full_layers'])}")
+    lines.append(f"  {'KV sliding-window layers':30s}{_gib(m['kv_sliding_layers'])}")
+    if p.mtp:
+        lines.append(f"  {'KV MTP draft layers':30s}{_gib(m['kv_mtp_draft'])}")
+    lines.append(f"  {'runtime reserve':30s}{_gib(m['runtime_reserve'])}")
+    lines.append(f"  {'prefill activations':30s}{_gib(m['prefill_activations'])}")
+    lines.append(f"  {'total':30s}{_gib(m['total'])}   of {m['capacity'] / GiB:.2f} GiB")
+    lines.append(
+        f"  {'headroom in static pool':30s}{_gib(m['headroom'])}   "
+        f"(--mem-fraction-static {p.mem_fraction_static:.2f}, --swa-full-tokens-ratio {p.swa_full_tokens_ratio:.2f})"
+    )
+    lines += ["", "Assumptions:"] + [f"  - {a}" for a in p.assumptions]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,72 @@
+"""``step35 plan``: print the ``sglang serve`` command and per-GPU memory plan for a deployment.
+
+Exit status: 0 for a feasible plan, 2 for an infeasible one (the reason and the nearest feasible
+plans are printed instead of a command). ``--json`` prints :meth:`Plan.to_dict` instead of text.
+The lead wires :func:`add_plan_parser` / :func:`run_plan` into the ``step35`` CLI;
+``python -m sglang_step35.plan_cli`` runs it standalone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence
+
+from .config import Step35ConfigError
+from .plan import GPUS, MTP_SPEC, QUANTS, format_plan, load_config, make_plan
+
+EXIT_INFEASIBLE = 2
+
+
+def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--gpu", required=True, choices=sorted(GPUS), help="GPU model")
+    p.add_argument("--num-gpus", type=int, required=True, help="GPUs in the node (TP size)")
+    p.add_argument("--quant", required=True, choices=list(QUANTS), help="checkpoint weights")
+    p.add_argument("--mtp", type=int, default=0, choices=[0, *MTP_SPEC], help="MTP draft layers (0 = off)")
+    p.add_argument("--context", type=int, default=None, help="tokens per request (default: the config's max)")
+    p.add_argument(
+        "--concurrency", type=int, default=None, help="concurrent requests at full context (default: as many as fit)"
+    )
+    p.add_argument("--config", default=None, help="config.json to plan for (default: Step-3.5-Flash)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    return p
+
+
+def add_plan_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``plan`` on an ``argparse`` subparsers object; returns the new parser."""
+    p = subparsers.add_parser("plan", help="plan a Step-3.5 deployment: serve command + memory per GPU")
+    _configure(p)
+    p.set_defaults(func=run_plan)
+    return p
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """Print the plan for parsed ``args``; 0 when feasible, 2 when not."""
+    try:
+        cfg = load_config(args.config)
+    except (OSError, ValueError) as e:
+        print(f"step35 plan: cannot read config {args.config!r}: {e}", file=sys.stderr)
+        return EXIT_INFEASIBLE
+    try:
+        plan = make_plan(
+            args.gpu, args.num_gpus, args.quant, mtp=args.mtp, context=args.context,
+            concurrency=args.concurrency, cfg=cfg,
+        )  # fmt: skip
+    except (KeyError, Step35ConfigError) as e:  # a config missing keys the plan needs
+        print(f"step35 plan: config {args.config or '(built-in)'} cannot be planned: {e}", file=sys.stderr)
+        return EXIT_INFEASIBLE
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+    else:
+        sys.stdout.write(format_plan(plan))
+    return 0 if plan.feasible else EXIT_INFEASIBLE
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = _configure(argparse.ArgumentParser(prog="step35 plan", description=__doc__.splitlines()[0]))
+    return run_plan(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""EP placement, the TP/EP layout rule, the runtime guard, and EP dispatch/combine semantics.
+
+The simulated-ranks tests run the plain-torch reference in sglang_step35/moe/ep_reference.py:
+each rank computes only its own experts, the partials are summed (all-reduce) and the shared
+expert is added once; that must equal EP=1, and the sglang #26845 bug (shared expert added on
+every rank) must be detected.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from sglang_step35.config import Step35ConfigError
+from sglang_step35.moe import check_moe_layout, guard_moe_layout, place_experts, valid_ep_sizes
+from sglang_step35.moe.ep_reference import (
+    MoEWeights,
+    diagnose_ep_output,
+    ep_moe_forward,
+    ep_rank_partials,
+    moe_forward,
+    route,
+    shared_expert,
+    swiglu,
+)
+from sglang_step35.moe.layout import FP8_BLOCK128, parse_quant
+
+CFG = json.loads((Path(__file__).parent / "fixtures" / "step3p5_flash_config.json").read_text())
+
+
+# ---------------------------------------------------------------- placement
+
+
+def test_contiguous_blocks_of_E_over_k():
+    p = place_experts(288, 4)
+    assert p.experts_per_rank == 72
+    assert p.rank_table() == [range(0, 72), range(72, 144), range(144, 216), range(216, 288)]
+    assert [p.rank_of(e) for e in (0, 71, 72, 287)] == [0, 0, 1, 3]
+    assert p.global_to_local(73, 1) == 1 and p.global_to_local(73, 0) == -1
+
+
+def test_every_expert_on_exactly_one_rank():
+    for k in valid_ep_sizes(288, 16):
+        p = place_experts(288, k)
+        held = sorted(e for r in range(k) for e in p.local_experts(r))
+        assert held == list(range(288))
+
+
+def test_placement_matches_sglang_fused_moe_mapping():
+    # SGLang's own global->local mapping, called on a stand-in carrying the attributes it reads.
+    from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
+
+    for ep in (1, 2, 4, 8):
+        ours = place_experts(288, ep)
+        for rank in range(ep):
+            layer = SimpleNamespace(
+                _expert_storage_rank=rank, _num_local_routed=288 // ep, _has_fused_shared=False, _num_global_routed=288
+            )
+            theirs = [FusedMoE._map_global_expert_id_to_local_expert_id(layer, e) for e in range(288)]
+            assert theirs == [ours.global_to_local(e, rank) for e in range(288)], (ep, rank)
+
+
+def test_uneven_experts_error_names_numbers_and_nearest_sizes():
+    with pytest.raises(Step35ConfigError) as e:
+        place_experts(288, 5)
+    msg = str(e.value)
+    assert "--ep-size 5" in msg and "288" in msg and "57.60" in msg
+    assert "Nearest valid EP sizes: 4 or 6" in msg
+    with pytest.raises(Step35ConfigError, match="Nearest valid EP sizes: 1 or 7"):
+        place_experts(7, 3)
+
+
+# ---------------------------------------------------------------- layout rule
+
+
+def test_aiter_tp4_without_ep_is_the_known_n320_failure():
+    v = check_moe_layout("aiter", "bf16", 1280, tp=4, ep=1, num_experts=288, share_expert_dim=1280)
+    assert not v and v.routed_n == 320 and v.routed_failed and not v.shared_failed
+    assert "320" in v.reasons[0] and "128" in v.reasons[0]
+    assert check_moe_layout("aiter", "bf16", 1280, tp=4, ep=4, num_experts=288, share_expert_dim=1280).ok
+
+
+def test_aiter_tile_threshold():
+    # 64-wide tiles up to N=192, 128 above (vllm #55368): 192 and 128 run, 160 and 320 do not.
+    assert check_moe_layout("aiter", "bf16", 768, tp=4, ep=1).routed_n == 192
+    assert check_moe_layout("aiter", "bf16", 768, tp=4, ep=1).ok
+    assert check_moe_layout("aiter", "bf16", 1280, tp=2, ep=1).ok  # N = 640
+    assert not check_moe_layout("aiter", "bf16", 1280, tp=8, ep=1).ok  # N = 160
+    assert not check_moe_layout("aiter", "int4", 1280, tp=8, ep=2).ok  # N = 320, CK 4-bit wants 256
+    assert check_moe_layout("aiter", "int4", 1280, tp=8, ep=8).ok
+
+
+def test_triton_bf16_may_split_but_fp8_blocks_may_not():
+    assert check_moe_layout("triton", "bf16", 1280, tp=4, ep=1, share_expert_dim=1280).ok
+    v = check_moe_layout("triton", "fp8", 1280, tp=4, ep=1, share_expert_dim=1280)
+    assert v.routed_failed and v.shared_failed
+    # EP fixes the routed experts but not the shared expert (sglang #26107 happened with --ep 4).
+    v = check_moe_layout("triton", "fp8", 1280, tp=4, ep=4, share_expert_dim=1280)
+    assert not v.routed_failed and v.shared_failed and "#26107" in " ".join(v.reasons)
+    assert check_moe_layout("triton", "fp8", 1280, 4, 4, share_expert_dim=1280, shared_expert_replicated=True).ok
+    assert check_moe_layout("triton", "fp8", 1280, tp=2, ep=1, share_expert_dim=1280).ok  # 640 = 5 x 128
+
+
+def test_dense_mlp_split_is_checked_for_fp8():
+    assert check_moe_layout("triton", "fp8", 1280, 8, 8, dense_intermediate_size=11264).ok  # 1408 = 11 x 128
+    assert not check_moe_layout("triton", "fp8", 1280, 8, 8, dense_intermediate_size=11200).ok
+
+
+def test_parse_quant_from_checkpoint_config():
+    assert parse_quant({"quant_method": "fp8", "weight_block_size": [128, 128]}) == FP8_BLOCK128
+    assert parse_quant({"quant_method": "awq", "bits": 4, "group_size": 128}).group_size == 128
+    with pytest.raises(Step35ConfigError):
+        parse_quant("nvfp4-made-up")
+
+
+# ---------------------------------------------------------------- runtime guard
+
+
+def test_guard_amd_tp4_without_ep_switches_to_ep4_with_one_log_line():
+    d = guard_moe_layout(SimpleNamespace(tp_size=4, ep_size=1, moe_runner_backend="auto"), CFG, "rocm")
+    assert d.action == "switch_to_ep" and d.ep_size == 4
+    assert "\n" not in d.message and "N=320" in d.message and "--ep 4" in d.message
+    # The corrected args pass.
+    assert guard_moe_layout(SimpleNamespace(tp_size=4, ep_size=d.ep_size), CFG, "rocm").action == "ok"
+
+
+def test_guard_accepts_platform_objects():
+    class Hip:
+        def is_hip(self):
+            return True
+
+    assert guard_moe_layout({"tp_size": 4}, CFG, Hip()).action == "switch_to_ep"
+    assert guard_moe_layout({"tp_size": 4}, CFG, "cuda").action == "ok"  # triton bf16 runs N=320
+
+
+def test_guard_fp8_tp4_is_refused_with_exact_flags_that_then_pass():
+    d = guard_moe_layout({"tp_size": 4, "quantization": "fp8"}, CFG, "cuda")
+    assert d.action == "refuse"
+    assert d.flags == ("--tp 4", "--ep 4", "--moe-a2a-backend deepep")
+    assert "--tp 4 --ep 4 --moe-a2a-backend deepep" in d.message and "320" in d.message
+    fixed = {"tp_size": 4, "ep_size": 4, "moe_a2a_backend": "deepep", "quantization": "fp8"}
+    assert guard_moe_layout(fixed, CFG, "cuda").action == "ok"
+
+
+def test_guard_reads_fp8_from_the_checkpoint_config():
+    cfg = dict(CFG, quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]})
+    assert guard_moe_layout({"tp_size": 8, "ep_size": 8}, cfg, "cuda").action == "refuse"
+    assert guard_moe_layout({"tp_size": 8, "ep_size": 8, "moe_a2a_backend": "deepep"}, cfg, "cuda").action == "ok"
+    assert guard_moe_layout({"tp_size": 2}, cfg, "cuda").action == "ok"
+    d = guard_moe_layout({"tp_size": 4, "ep_size": 4}, cfg, "rocm")
+    assert d.action == "refuse" and "--moe-a2a-backend mori" in d.message
+
+
+def test_guard_uneven_experts_refused_with_nearest_sizes():
+    cfg = dict(CFG, moe_num_experts=290)
+    d = guard_moe_layout({"tp_size": 4, "ep_size": 4}, cfg, "rocm")
+    assert d.action == "refuse" and "290" in d.message and "nearest valid EP sizes: 2 or 5" in d.message
+    d = guard_moe_layout({"tp_size": 4, "ep_size": 3}, CFG, "cuda")
+    assert d.action == "refuse" and d.flags == ("--tp 4", "--ep 4")
+
+
+def test_guard_ok_for_seed_layouts():
+    assert guard_moe_layout({"tp_size": 4, "ep_size": 4}, CFG, "cuda").action == "ok"
+    assert guard_moe_layout({"tp_size": 4, "ep_size": 4}, CFG, "rocm").action == "ok"
+
+
+# ---------------------------------------------------------------- simulated EP dispatch / combine
+
+
+@pytest.fixture(scope="module")
+def moe():
+    return MoEWeights.random(num_experts=8, top_k=2, hidden=16, intermediate=12, shared=12, seed=0)
+
+
+@pytest.fixture(scope="module")
+def x():
+    return torch.randn(64, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2
+
+
+def test_clamp_is_active_on_this_data(moe, x):
+    # Otherwise the EP tests would not cover the clamped SwiGLU of layers 43/44.
+    e = 0
+    clamped = swiglu(x, moe.gate[e], moe.up[e], moe.down[e], moe.limit)
+    plain = swiglu(x, moe.gate[e], moe.up[e], moe.down[e], 0.0)
+    assert not torch.allclose(clamped, plain)
+
+
+def test_routing_uses_bias_for_selection_only(moe, x):
+    ids, w = route(x, moe)
+    scores = torch.sigmoid(x @ moe.router.T)
+    assert torch.allclose(w, scores.gather(-1, ids) / scores.gather(-1, ids).sum(-1, keepdim=True) * moe.scaling)
+    assert torch.allclose(w.sum(-1), torch.full((x.shape[0],), moe.scaling, dtype=x.dtype))
+    no_bias_ids = torch.topk(scores, moe.top_k, dim=-1).indices
+    assert not torch.equal(ids.sort(-1).values, no_bias_ids.sort(-1).values)  # the bias changes choices here
+
+
+@pytest.mark.parametrize("ep", [1, 2, 4, 8])
+def test_ep_combine_equals_ep1(moe, x, ep):
+    ref = moe_forward(x, moe)
+    out = ep_moe_forward(x, moe, ep)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    assert diagnose_ep_output(out, ref, shared_expert(x, moe)) == "ok"
+
+
+def test_rank_partials_are_zero_for_tokens_routed_elsewhere(moe, x):
+    placement = place_experts(8, 4)
+    ids, _ = route(x, moe)
+    partials = ep_rank_partials(x, moe, placement)
+    for r, part in enumerate(partials):
+        local = torch.isin(ids, torch.tensor(list(placement.local_experts(r)))).any(-1)
+        assert torch.all(part[~local] == 0)
+        assert torch.all(part[local].abs().sum(-1) > 0)
+        assert 0 < local.sum() < x.shape[0]  # the test data exercises both cases on every rank
+
+
+@pytest.mark.parametrize("ep", [2, 4, 8])
+def test_shared_expert_on_every_rank_is_detected(moe, x, ep):
+    ref = moe_forward(x, moe)
+    bad = ep_moe_forward(x, moe, ep, shared_on_every_rank=True)
+    assert not torch.allclose(bad, ref, atol=1e-6)
+    assert diagnose_ep_output(bad, ref, shared_expert(x, moe)) == f"shared expert added {ep} times"
+
+
+def test_diagnose_reports_unrelated_errors_as_mismatch(moe, x):
+    ref = moe_forward(x, moe)
+    noisy = ref + 1e-3 * torch.randn(ref.shape, generator=torch.Generator().manual_seed(2), dtype=ref.dtype)
+    assert diagnose_ep_output(noisy, ref, shared_expert(x, moe)) == "mismatch"
+
+
+def test_uneven_simulated_ep_refused(moe, x):
+    with pytest.raises(Step35ConfigError):
+        ep_moe_forward(x, moe, 3)
