@@ -15,10 +15,12 @@ scheduler, detokenizer, engine — before parsing CLI arguments. It is idempoten
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 from sglang_step35 import __version__
 
@@ -67,11 +69,28 @@ def _install_model_package() -> str:
         )
         return f"{current} (user's SGLANG_EXTERNAL_MODEL_PACKAGE)"
     os.environ["SGLANG_EXTERNAL_MODEL_PACKAGE"] = MODEL_PACKAGE
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register(
+        "sglang.srt.models.registry._ModelRegistry.resolve_model_cls", _check_resolved_model, HookType.AFTER
+    )
     # The registry reads the variable once, at import; if it was imported already, update it directly.
     registry = sys.modules.get("sglang.srt.models.registry")
     if registry is not None:
         registry.ModelRegistry.models.update(registry.import_model_classes(MODEL_PACKAGE))
     return f"{MODEL_PACKAGE}.step3p5"
+
+
+def _check_resolved_model(result, *args, **kwargs):
+    """SGLang skips external model modules that fail to import and silently serves its built-in
+    class instead; make that a loud error naming the real cause."""
+    cls, arch = result
+    if arch == "Step3p5ForCausalLM" and not cls.__module__.startswith("sglang_step35."):
+        import importlib
+
+        importlib.import_module(f"{MODEL_PACKAGE}.step3p5")  # re-raises the import error, if any
+        raise RuntimeError(f"sglang-step35 is active but SGLang resolved {arch} to {cls.__module__}")
+    return None
 
 
 def _install_config() -> None:
@@ -105,24 +124,83 @@ def _install_cpu_support() -> None:
     install_torch_ops_namespace()
     os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
 
+
+def _install_server_policy() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    HookRegistry.register(
-        "sglang.srt.server_args.ServerArgs.resolve_once", _cpu_server_defaults, HookType.BEFORE
-    )
+    HookRegistry.register("sglang.srt.server_args.ServerArgs.resolve_once", apply_server_policy, HookType.BEFORE)
 
 
-def _cpu_server_defaults(server_args, *args, **kwargs):
-    """Fill what the user left unset with values that work on a GPU-less machine."""
+def _read_model_config(model_path) -> Optional[dict]:
+    """config.json of a local checkpoint directory or of a model already in the HF cache."""
+    if not model_path:
+        return None
+    path = Path(str(model_path)) / "config.json"
+    if not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(str(model_path), "config.json")
+        except Exception:  # not a repo id: nothing to read
+            cached = None
+        if not isinstance(cached, str):
+            return None
+        path = Path(cached)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def apply_server_policy(server_args, *args, **kwargs):
+    """Before SGLang resolves the server arguments of a Step-3.5 model: CPU defaults, attention
+    backend choice (windows must be honoured), and the MoE layout guard (no expert split a backend
+    cannot run). Explicit user flags win unless they would silently give wrong results."""
     if getattr(server_args, "_resolution_finished", False):
         return None
+    cfg = _read_model_config(getattr(server_args, "model_path", None))
+    is_step = cfg is not None and cfg.get("model_type") == "step3p5"
+    if not has_accelerator():
+        _cpu_server_defaults(server_args)
+    if not is_step:
+        return None
+    from sglang_step35.attention import choose_attention_backend, detect_platform
+    from sglang_step35.config import SLIDING
+    from sglang_step35.moe.layout import guard_moe_layout
+
+    platform = detect_platform() if has_accelerator() else None
+    if platform is not None:
+        choice = choose_attention_backend(
+            platform, getattr(server_args, "attention_backend", None), SLIDING in (cfg.get("layer_types") or [])
+        )
+        for k, v in choice.env.items():
+            os.environ.setdefault(k, v)
+        if getattr(server_args, "attention_backend", None) is None:
+            server_args.attention_backend = choice.backend
+        logger.info("attention backend %s: %s", choice.backend, choice.reason)
+    decision = guard_moe_layout(server_args, cfg, "rocm" if _is_rocm() else ("cuda" if platform else "cpu"))
+    if decision.action == "switch_to_ep":
+        server_args.ep_size = decision.ep_size
+        logger.warning("%s", decision.message)
+    elif decision.action == "refuse":
+        raise ValueError(decision.message)
+    return None
+
+
+def _is_rocm() -> bool:
+    import torch
+
+    return bool(torch.version.hip) and has_accelerator()
+
+
+def _cpu_server_defaults(server_args) -> None:
+    """Fill what the user left unset with values that work on a GPU-less machine."""
     if getattr(server_args, "device", None) in (None, "auto"):
         server_args.device = "cpu"
     if getattr(server_args, "attention_backend", None) is None:
         server_args.attention_backend = "torch_native"
     if getattr(server_args, "max_total_tokens", None) is None:
         server_args.max_total_tokens = int(os.environ.get(CPU_KV_TOKENS_ENV, DEFAULT_CPU_KV_TOKENS))
-    return None
 
 
 def register() -> None:
@@ -134,6 +212,7 @@ def register() -> None:
     _setup_logger()
     if not has_accelerator():
         _install_cpu_support()
+    _install_server_policy()
     _install_config()
     _install_parsers()
     active = _install_model_package()

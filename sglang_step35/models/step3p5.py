@@ -16,7 +16,7 @@ from typing import Iterable, Optional, Tuple
 import torch
 from torch import nn
 
-from sglang.srt.distributed import get_tensor_model_parallel_world_size, tensor_model_parallel_all_reduce
+from sglang.srt.distributed.communication_op import tensor_model_parallel_all_reduce
 from sglang.srt.layers.activation import SiluAndMul
 from sglang.srt.layers.layernorm import GemmaRMSNorm
 from sglang.srt.layers.linear import (
@@ -34,6 +34,7 @@ from sglang.srt.layers.radix_attention import RadixAttention
 from sglang.srt.layers.rotary_embedding import get_rope
 from sglang.srt.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+from sglang.srt.runtime_context import get_parallel
 from sglang.srt.utils import add_prefix
 
 from sglang_step35 import ops
@@ -81,7 +82,7 @@ class Step3p5MoE(nn.Module):
 
     def __init__(self, config, spec: LayerSpec, quant_config: Optional[QuantizationConfig], prefix: str = ""):
         super().__init__()
-        self.tp_size = get_tensor_model_parallel_world_size()
+        self.tp_size = get_parallel().tp_size
         self.num_experts = int(config.moe_num_experts)
         self.top_k = int(config.moe_top_k)
         self.scaling = float(getattr(config, "moe_router_scaling_factor", 1.0) or 1.0)
@@ -145,7 +146,7 @@ class Step3p5MoE(nn.Module):
 class Step3p5Attention(nn.Module):
     def __init__(self, config, spec: LayerSpec, quant_config: Optional[QuantizationConfig], prefix: str = ""):
         super().__init__()
-        tp = get_tensor_model_parallel_world_size()
+        tp = get_parallel().attn_tp_size
         H = config.hidden_size
         self.head_dim = spec.head_dim
         self.num_heads = spec.num_heads // tp
@@ -259,7 +260,7 @@ class Step3p5Model(nn.Module):
 class Step3p5ForCausalLM(nn.Module):
     def __init__(self, config, quant_config: Optional[QuantizationConfig] = None, prefix: str = ""):
         super().__init__()
-        validate(config, tp_size=get_tensor_model_parallel_world_size())
+        validate(config, tp_size=get_parallel().attn_tp_size)
         self.config = config
         self.quant_config = quant_config
         self.model = Step3p5Model(config, quant_config, prefix=add_prefix("model", prefix))

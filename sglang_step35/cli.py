@@ -1,0 +1,105 @@
+"""`step35` command line: tiny checkpoints, the end-to-end demo, deployment planning."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from sglang_step35.plan_cli import add_plan_parser
+
+DEFAULT_TINY_DIR = Path.home() / ".cache" / "sglang-step35" / "tiny-seed0"
+
+
+def cmd_tiny(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from sglang_step35.tiny import write_tiny_checkpoint
+
+    with tqdm(total=1, desc=f"building tiny Step-3.5 checkpoint (seed {args.seed})", unit="ckpt") as bar:
+        out = write_tiny_checkpoint(args.out, seed=args.seed)
+        bar.update(1)
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(f"wrote {out} ({size / 1e6:.1f} MB): {', '.join(sorted(p.name for p in out.iterdir()))}")
+    return 0
+
+
+def ensure_tiny(path: Path = DEFAULT_TINY_DIR, seed: int = 0) -> Path:
+    from sglang_step35.tiny import write_tiny_checkpoint
+
+    if not (path / "model.safetensors").exists():
+        write_tiny_checkpoint(path, seed=seed)
+    return path
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from openai import OpenAI
+
+    from sglang_step35.server import SGLangServer
+
+    model = Path(args.model) if args.model else ensure_tiny()
+    server_args = ["--reasoning-parser", "step3p5", "--tool-call-parser", "step3p5"]
+    server_args += ["--device", "cpu"] if not _has_gpu() else []
+    print(f"[demo] starting: sglang serve --model-path {model} {' '.join(server_args)}", flush=True)
+    with SGLangServer(str(model), server_args) as server:
+        client = OpenAI(base_url=server.base_url + "/v1", api_key="none")
+        print(f"[demo] server up at {server.base_url}; streaming one chat request\n", flush=True)
+        stream = client.chat.completions.create(
+            model=str(model),
+            messages=[{"role": "user", "content": args.prompt}],
+            max_tokens=args.max_tokens,
+            temperature=0,
+            stream=True,
+        )
+        reasoning, answer = [], []
+        for chunk in stream:
+            if not chunk.choices:
+                continue
+            delta = chunk.choices[0].delta
+            r = getattr(delta, "reasoning_content", None) or (delta.model_extra or {}).get("reasoning_content")
+            if r:
+                reasoning.append(r)
+            if delta.content:
+                answer.append(delta.content)
+        print("=== reasoning_content ===")
+        print("".join(reasoning) or "(none)")
+        print("=== content (answer) ===")
+        print("".join(answer) or f"(none: the model did not close its reasoning within {args.max_tokens} tokens)")
+        served_by = "sglang_step35.models.step3p5" if "sglang_step35.models.step3p5" in server.log_text() else "?"
+        print(f"\n[demo] model class: {served_by}.Step3p5ForCausalLM; stopping server")
+    return 0
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="step35", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("tiny", help="write a tiny deterministic Step-3.5 checkpoint (real layout, < 10 MB)")
+    t.add_argument("out", help="output directory")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_tiny)
+
+    d = sub.add_parser("demo", help="serve the tiny checkpoint with sglang and stream one chat request")
+    d.add_argument("--model", help="checkpoint directory (default: the embedded tiny checkpoint)")
+    d.add_argument("--prompt", default="Natalia sold clips to 48 of her friends in April, and then she sold half "
+                   "as many clips in May. How many clips did Natalia sell altogether in April and May?")
+    d.add_argument("--max-tokens", type=int, default=96)
+    d.set_defaults(func=cmd_demo)
+
+    add_plan_parser(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Start and stop a plain `sglang serve` process (used by `step35 demo`, tests and benchmarks).
+
+Nothing here configures SGLang: the server is the user's exact command line; our plugin is picked
+up through its entry point like in any deployment.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import requests
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sglang_executable() -> str:
+    """The `sglang` console script of this interpreter's environment."""
+    exe = Path(sys.executable).parent / "sglang"
+    return str(exe) if exe.exists() else "sglang"
+
+
+class SGLangServer:
+    """`sglang serve --model-path ... <extra args>` on 127.0.0.1, as a context manager."""
+
+    def __init__(
+        self,
+        model_path: str,
+        extra_args: Sequence[str] = (),
+        env: Optional[dict] = None,
+        port: Optional[int] = None,
+        startup_timeout: float = 300.0,
+    ):
+        self.model_path = str(model_path)
+        self.port = port or free_port()
+        self.extra_args = list(extra_args)
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+        self.startup_timeout = startup_timeout
+        self.log_path = Path(tempfile.mkstemp(prefix="sglang-step35-server-", suffix=".log")[1])
+        self.proc: Optional[subprocess.Popen] = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        return [
+            sglang_executable(), "serve", "--model-path", self.model_path,
+            "--host", "127.0.0.1", "--port", str(self.port), *self.extra_args,
+        ]
+
+    def start(self) -> "SGLangServer":
+        log = open(self.log_path, "w")
+        # Own process group: stopping the server must also stop its scheduler/detokenizer children.
+        self.proc = subprocess.Popen(
+            self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
+        deadline = time.time() + self.startup_timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"sglang serve exited with code {self.proc.returncode} during start-up; log tail:\n{self.log_tail()}"
+                )
+            try:
+                if requests.get(self.base_url + "/health", timeout=2).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(1.0)
+        self.stop()
+        raise TimeoutError(f"sglang serve not healthy after {self.startup_timeout:.0f}s; log tail:\n{self.log_tail()}")
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-n:])
+
+    def stop(self, timeout: float = 30.0) -> Optional[int]:
+        """SIGTERM the process group, then SIGKILL what is left; returns the server's exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # stragglers in the group
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        return self.proc.returncode
+
+    def __enter__(self) -> "SGLangServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny checkpoints and `sglang serve` processes (one per configuration per session)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from sglang_step35.tiny import write_tiny_checkpoint
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """The default tiny checkpoint (seed 0)."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-seed0"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def served_tiny(tiny_dir):
+    """Our model behind plain `sglang serve --device cpu` with the step3p5 parsers."""
+    from sglang_step35.server import SGLangServer
+
+    server = SGLangServer(
+        str(tiny_dir),
+        ["--device", "cpu", "--reasoning-parser", "step3p5", "--tool-call-parser", "step3p5"],
+    )
+    server.start()
+    yield server
+    server.stop()

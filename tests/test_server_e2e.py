@@ -1,0 +1,72 @@
+"""Plain `sglang serve --device cpu` on the tiny checkpoint through our plugin, end to end."""
+
+import os
+
+import pytest
+import requests
+from openai import OpenAI
+
+pytestmark = pytest.mark.server
+
+PROMPT = [{"role": "user", "content": "What is 12 + 30?"}]
+
+
+def test_health_and_log_names_our_model_class(served_tiny):
+    assert requests.get(served_tiny.base_url + "/health", timeout=10).status_code == 200
+    log = served_tiny.log_text()
+    assert "serving with model class sglang_step35.models.step3p5.Step3p5ForCausalLM" in log
+    assert "Use sliding window memory pool" in log  # SGLang's hybrid SWA pool is on for our class
+
+
+def test_generate_is_deterministic_at_temperature_zero(served_tiny):
+    body = {"text": "Natalia sold 48 clips", "sampling_params": {"max_new_tokens": 12, "temperature": 0}}
+    a = requests.post(served_tiny.base_url + "/generate", json=body, timeout=120).json()
+    b = requests.post(served_tiny.base_url + "/generate", json=body, timeout=120).json()
+    assert a["meta_info"]["completion_tokens"] == 12
+    assert a["output_ids"] == b["output_ids"] and a["text"] == b["text"]
+
+
+def test_chat_non_stream_and_stream_agree_and_split_reasoning(served_tiny):
+    client = OpenAI(base_url=served_tiny.base_url + "/v1", api_key="none")
+    full = client.chat.completions.create(model="tiny", messages=PROMPT, max_tokens=24, temperature=0)
+    msg = full.choices[0].message
+    reasoning = (msg.model_extra or {}).get("reasoning_content") or ""
+    assert full.usage.completion_tokens == 24
+    # The generation prompt opens <think>, so without a </think> all text is reasoning, none is lost.
+    raw = requests.post(served_tiny.base_url + "/v1/chat/completions", timeout=120, json={
+        "model": "tiny", "messages": PROMPT, "max_tokens": 24, "temperature": 0,
+        "separate_reasoning": False}).json()["choices"][0]["message"]["content"]
+    if "</think>" not in raw:
+        assert reasoning == raw and not msg.content
+    stream = client.chat.completions.create(model="tiny", messages=PROMPT, max_tokens=24, temperature=0, stream=True)
+    s_reasoning, s_content = "", ""
+    for chunk in stream:
+        if chunk.choices:
+            d = chunk.choices[0].delta
+            s_reasoning += (d.model_extra or {}).get("reasoning_content") or ""
+            s_content += d.content or ""
+    assert s_reasoning == reasoning and s_content == (msg.content or "")
+
+
+def test_clean_shutdown_stops_every_server_process(tiny_dir):
+    from sglang_step35.server import SGLangServer
+
+    server = SGLangServer(str(tiny_dir), ["--device", "cpu", "--max-total-tokens", "2048"]).start()
+    pgid = server.proc.pid
+    assert requests.get(server.base_url + "/health", timeout=10).status_code == 200
+    code = server.stop()
+    assert code is not None
+    assert _live_processes_in_group(pgid) == []  # no scheduler/detokenizer left behind
+
+
+def _live_processes_in_group(pgid):
+    live = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[2]) == pgid and stat[0] != "Z":  # zombies are dead, awaiting their reaper
+                live.append(int(d))
+    return live
