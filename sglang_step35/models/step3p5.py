@@ -292,7 +292,11 @@ class Step3p5ForCausalLM(nn.Module):
     ):
         hidden, pre_norm = self.model(input_ids, positions, forward_batch, input_embeds)
         # EAGLE/MTP reads `hidden_states` from the logits output; Step's MTP wants the pre-norm state.
-        return self.logits_processor(input_ids, hidden, self.lm_head, forward_batch, aux_hidden_states=None)
+        # The logits processor stores `hidden_states_before_norm` instead of the normed state whenever
+        # the batch captures hidden states (capture_hidden_mode != NULL); logits use `hidden`.
+        return self.logits_processor(
+            input_ids, hidden, self.lm_head, forward_batch, hidden_states_before_norm=pre_norm
+        )
 
     def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]) -> None:
         load_step3p5_weights(self, weights)
