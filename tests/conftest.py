@@ -24,7 +24,9 @@ def served_tiny(tiny_dir):
 
     server = SGLangServer(
         str(tiny_dir),
-        ["--device", "cpu", "--reasoning-parser", "step3p5", "--tool-call-parser", "step3p5"],
+        ["--device", "cpu", "--reasoning-parser", "step3p5", "--tool-call-parser", "step3p5",
+         # lets tests force the model's output text (sglang_step35.forced_output) to drive the parsers
+         "--enable-custom-logit-processor"],
     )
     server.start()
     yield server

@@ -1,0 +1,79 @@
+"""step3p5 parsers end to end through `sglang serve` and the official `openai` client.
+
+The random-weight tiny model cannot write tool calls, so these tests FORCE its output tokens with
+SGLang's custom-logit-processor hook (sglang_step35.forced_output): the text is chosen by the test,
+everything after sampling — detokenization, reasoning split, tool-call parsing, streaming — is real.
+"""
+
+import json
+
+import pytest
+from openai import OpenAI
+from transformers import AutoTokenizer
+
+from sglang_step35.forced_output import ForcedTokens
+
+pytestmark = pytest.mark.server
+
+TOOLS = [{
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather forecast",
+        "parameters": {"type": "object", "properties": {"location": {"type": "string"}, "days": {"type": "integer"}},
+                       "required": ["location"]},
+    },
+}]
+OUTPUT = ("The user wants Beijing's weather; call the tool.\n</think>\n\nLet me look that up.\n"
+          "<tool_call>\n<function=get_weather>\n<parameter=location>\nBeijing\n</parameter>\n"
+          "<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>")
+
+
+def _request(served_tiny, tiny_dir, text, **kw):
+    tok = AutoTokenizer.from_pretrained(str(tiny_dir))
+    forced = tok.encode(text, add_special_tokens=False) + [tok.convert_tokens_to_ids("<|im_end|>")]
+    client = OpenAI(base_url=served_tiny.base_url + "/v1", api_key="none")
+    return client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Weather in Beijing for 3 days?"}],
+        max_tokens=len(forced) + 4, temperature=0,
+        extra_body={"custom_logit_processor": ForcedTokens.to_str(), "custom_params": {"forced_ids": forced}},
+        **kw)
+
+
+def test_tool_call_and_reasoning_non_stream(served_tiny, tiny_dir):
+    r = _request(served_tiny, tiny_dir, OUTPUT, tools=TOOLS)
+    msg = r.choices[0].message
+    assert msg.model_extra["reasoning_content"] == "The user wants Beijing's weather; call the tool."
+    assert "Let me look that up." in (msg.content or "")
+    assert "<tool_call>" not in (msg.content or "")
+    assert [c.function.name for c in msg.tool_calls] == ["get_weather"]
+    assert json.loads(msg.tool_calls[0].function.arguments) == {"location": "Beijing", "days": 3}
+    assert r.choices[0].finish_reason == "tool_calls"
+
+
+def test_tool_call_and_reasoning_stream_equals_non_stream(served_tiny, tiny_dir):
+    stream = _request(served_tiny, tiny_dir, OUTPUT, tools=TOOLS, stream=True)
+    reasoning, content, names, args = "", "", [], ""
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        d = chunk.choices[0].delta
+        reasoning += (d.model_extra or {}).get("reasoning_content") or ""
+        content += d.content or ""
+        for tc in d.tool_calls or []:
+            if tc.function and tc.function.name:
+                names.append(tc.function.name)
+            if tc.function and tc.function.arguments:
+                args += tc.function.arguments
+    assert reasoning == "The user wants Beijing's weather; call the tool."
+    assert "Let me look that up." in content and "<tool_call>" not in content
+    assert names == ["get_weather"]
+    assert json.loads(args) == {"location": "Beijing", "days": 3}
+
+
+def test_forgotten_think_close_still_yields_the_tool_call(served_tiny, tiny_dir):
+    # sglang #38892: a tool call after reasoning with no </think> must not vanish into reasoning.
+    text = OUTPUT.replace("\n</think>\n\nLet me look that up.", "")
+    msg = _request(served_tiny, tiny_dir, text, tools=TOOLS).choices[0].message
+    assert [c.function.name for c in msg.tool_calls] == ["get_weather"]
+    assert msg.model_extra["reasoning_content"].startswith("The user wants")
