@@ -129,6 +129,23 @@ def _install_server_policy() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     HookRegistry.register("sglang.srt.server_args.ServerArgs.resolve_once", apply_server_policy, HookType.BEFORE)
+    HookRegistry.register(
+        "sglang.srt.arg_groups.overrides.run_post_process_pass", _keep_cpu_spec_attention, HookType.AROUND
+    )
+
+
+def _keep_cpu_spec_attention(original, server_args, fn, *args, **kwargs):
+    """EAGLE/MTP on CPU needs SGLang's `intel_amx` attention backend (its draft factory refuses
+    torch_native, which also cannot verify); SGLang swaps intel_amx for torch_native on CPUs without
+    AMX. Our stand-in implements that backend's ops in pure torch, so keep it for speculative runs."""
+    if (
+        getattr(fn, "__name__", "") == "_attention_backend_platform_fallbacks"
+        and not has_accelerator()
+        and getattr(server_args, "speculative_algorithm", None)
+        and getattr(server_args, "attention_backend", None) == "intel_amx"
+    ):
+        return None
+    return original(server_args, fn, *args, **kwargs)
 
 
 def _read_model_config(model_path) -> Optional[dict]:
@@ -160,6 +177,13 @@ def apply_server_policy(server_args, *args, **kwargs):
         return None
     cfg = _read_model_config(getattr(server_args, "model_path", None))
     is_step = cfg is not None and cfg.get("model_type") == "step3p5"
+    if is_step and getattr(server_args, "speculative_algorithm", None):
+        from sglang_step35.mtp_check import check_mtp_request
+
+        # Fail in the launcher with a clear message, not in a scheduler subprocess.
+        check_mtp_request(cfg, getattr(server_args, "speculative_num_steps", None), server_args.model_path)
+        if not has_accelerator() and getattr(server_args, "attention_backend", None) is None:
+            server_args.attention_backend = "intel_amx"  # see _keep_cpu_spec_attention
     if not has_accelerator():
         _cpu_server_defaults(server_args)
     if not is_step:
