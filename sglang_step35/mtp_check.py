@@ -1,0 +1,81 @@
+"""MTP request checks that need no SGLang import (run by the plugin in the launcher, and by
+Step3p5MTP): does the checkpoint have the MTP layers `--speculative-num-steps` asks for?"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Iterable, Optional
+
+from sglang_step35.config import cfg_get
+
+
+class Step35MTPError(ValueError):
+    """MTP speculative decoding was requested but the checkpoint/config cannot provide it."""
+
+
+def num_mtp_layers(cfg) -> int:
+    return int(cfg_get(cfg, "num_nextn_predict_layers", 0) or 0)
+
+
+def mtp_layer_ids_in_names(names: Iterable[str], num_hidden_layers: int) -> set[int]:
+    """Indices >= num_hidden_layers that have at least one tensor (any nesting) among `names`."""
+    found = set()
+    pat = re.compile(r"^model\.layers\.(\d+)\.")
+    for name in names:
+        m = pat.match(name)
+        if m and int(m.group(1)) >= num_hidden_layers:
+            found.add(int(m.group(1)))
+    return found
+
+
+def checkpoint_tensor_names(model_dir) -> Optional[list[str]]:
+    """Tensor names of a local safetensors checkpoint, from its index or file headers (no tensor
+    data is read); None when `model_dir` is not a local safetensors checkpoint."""
+    d = Path(str(model_dir))
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        return list(json.loads(index.read_text()).get("weight_map", {}))
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        return None
+    names: list[str] = []
+    for f in files:
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        names += [k for k in header if k != "__metadata__"]
+    return names
+
+
+def check_mtp_request(cfg, num_steps: Optional[int], model_dir=None) -> None:
+    """Raise Step35MTPError when `--speculative-num-steps` MTP layers cannot be served from this
+    config/checkpoint. Called by the plugin before SGLang starts (fast, clear error) and by
+    Step3p5MTP itself (covers launches that bypass the plugin's policy hook)."""
+    n = int(cfg_get(cfg, "num_hidden_layers"))
+    m = num_mtp_layers(cfg)
+    if m <= 0:
+        raise Step35MTPError(
+            f"checkpoint has no MTP layers (model.layers.{n}...): config num_nextn_predict_layers is "
+            f"{cfg_get(cfg, 'num_nextn_predict_layers', None)!r}; serve without --speculative-algorithm"
+        )
+    if num_steps is not None and num_steps > m:
+        raise Step35MTPError(
+            f"--speculative-num-steps {num_steps} needs {num_steps} MTP layers, but the checkpoint has "
+            f"{m} (num_nextn_predict_layers={m}); use --speculative-num-steps <= {m} and "
+            f"--speculative-num-draft-tokens = steps + 1"
+        )
+    if model_dir is not None:
+        names = checkpoint_tensor_names(model_dir)
+        if names is not None:
+            present = mtp_layer_ids_in_names(names, n)
+            wanted = range(n, n + (num_steps if num_steps is not None else m))
+            missing = [i for i in wanted if i not in present]
+            if missing:
+                raise Step35MTPError(
+                    f"checkpoint has no MTP layers (model.layers.{missing[0]}...): config declares "
+                    f"{m} MTP layer(s) after {n} main layers but the tensors of "
+                    f"{', '.join(f'model.layers.{i}' for i in missing)} are missing (re-quantized "
+                    f"checkpoints sometimes drop them); serve without --speculative-algorithm"
+                )
