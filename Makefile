@@ -33,3 +33,23 @@ fuzz: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
+
+# bench and gsm8k are also directory names: without .PHONY make would call them up to date.
+.PHONY: bench gsm8k
+SCALE ?=
+BENCH_ARGS ?=
+NUM_QUESTIONS ?= 50
+HOST ?=
+PORT ?= 30000
+GSM8K_ARGS ?=
+
+## Serving benchmark: the seed's low/medium/high bench_serving scenarios, our model vs SGLang's built-in
+## on the same checkpoint (tiny on CPU, scaled to a few minutes). SCALE=1 for the full sizes; BENCH_ARGS
+## for more (e.g. BENCH_ARGS="--base-url http://host:30000 --tokenizer stepfun-ai/Step-3.5-Flash").
+bench: setup
+	$(BIN)/python bench/serving.py $(if $(SCALE),--scale $(SCALE)) $(BENCH_ARGS)
+
+## GSM8K few-shot (SGLang's few_shot_gsm8k on the shipped test set). Default: the tiny checkpoint on CPU;
+## HOST=... [PORT=30000] evaluates a running deployment. NUM_QUESTIONS=50 by default.
+gsm8k: setup
+	$(BIN)/python bench/gsm8k.py --num-questions $(NUM_QUESTIONS) $(if $(HOST),--host $(HOST) --port $(PORT)) $(GSM8K_ARGS)
