@@ -290,7 +290,11 @@ def main(argv=None) -> int:
             for sc in scenarios:
                 bar.set_postfix_str(f"{label}/{sc.name}")
                 log_path = args.out / f"{args.name}-{label}-{sc.name}.log"
-                results[label][sc.name] = run_scenario(url, sc, tokenizer, args.seed, log_path, args.timeout)
+                load_before = os.getloadavg()[0]
+                rec = run_scenario(url, sc, tokenizer, args.seed, log_path, args.timeout)
+                # Host load next to each figure: on a shared CPU box other processes skew timings.
+                rec["load_avg_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+                results[label][sc.name] = rec
                 bar.update(1)
         finally:
             if server is not None:
