@@ -177,6 +177,11 @@ def apply_server_policy(server_args, *args, **kwargs):
         return None
     cfg = _read_model_config(getattr(server_args, "model_path", None))
     is_step = cfg is not None and cfg.get("model_type") == "step3p5"
+    if is_step:
+        from sglang_step35.config import validate
+
+        # A malformed config.json fails here, in the launcher, with one named error.
+        validate(cfg, tp_size=int(getattr(server_args, "tp_size", 1) or 1))
     if is_step and getattr(server_args, "speculative_algorithm", None):
         from sglang_step35.mtp_check import check_mtp_request
 

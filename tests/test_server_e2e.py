@@ -70,3 +70,22 @@ def _live_processes_in_group(pgid):
             if int(stat[2]) == pgid and stat[0] != "Z":  # zombies are dead, awaiting their reaper
                 live.append(int(d))
     return live
+
+
+def test_malformed_config_fails_at_launch_with_one_named_error(tiny_dir, tmp_path):
+    import json
+    import shutil
+
+    from sglang_step35.server import SGLangServer
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_dir, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["moe_layers_enum"] = "2,3,4,9"  # layer 9 does not exist
+    (bad / "config.json").write_text(json.dumps(cfg))
+    server = SGLangServer(str(bad), ["--device", "cpu"], startup_timeout=180)
+    with pytest.raises(RuntimeError, match="exited with code"):
+        server.start()
+    log = server.log_text()
+    assert "Step35ConfigError: config key 'moe_layers_enum' lists layer(s) [9] outside 0..4" in log
+    assert "scheduler" not in log.lower()  # refused in the launcher, before any worker started
