@@ -47,8 +47,10 @@ def test_standin_resolves_ours_refuses_unknown_cpu_ops_and_hides_gpu_ops():
     assert mod.assign_req_to_token_pool_cpu is ops.assign_req_to_token_pool_cpu
     with pytest.raises(NotImplementedError, match="fused_experts_cpu"):
         mod.fused_experts_cpu(torch.zeros(1))
-    with pytest.raises(NotImplementedError, match="convert_weight_packed"):
-        standin.resolve("convert_weight_packed")()
+    with pytest.raises(NotImplementedError, match="weight_packed_linear"):
+        standin.resolve("weight_packed_linear")()
+    # Absent on purpose: it is SGLang's switch for AMX weight packing (no pure-torch version here).
+    assert not hasattr(standin._StandInOpNamespace(), "convert_weight_packed")
     # GPU-only ops must look absent: SGLang probes hasattr() before registering fakes for them.
     assert not hasattr(mod, "gptq_marlin_repack")
     ns = standin._StandInOpNamespace()

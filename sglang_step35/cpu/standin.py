@@ -2,11 +2,14 @@
 
 Name resolution mirrors what SGLang 0.5.23 expects of the real package:
 - ops we implement resolve to our pure-torch functions;
-- other CPU-engine ops (`*_cpu`, `weight_packed_linear`, `convert_weight_packed*`, `shm_*`, ...)
-  resolve to a function that raises NotImplementedError naming the op, so a code path we have not
-  covered fails loudly at the call, not at import;
+- other CPU-engine ops (`*_cpu`, `weight_packed_linear`, `shm_*`, ...) resolve to a function that
+  raises NotImplementedError naming the op, so a code path we have not covered fails loudly at the
+  call, not at import;
 - every other name raises AttributeError, because SGLang probes `hasattr(torch.ops.sgl_kernel, op)`
-  (`register_fake_if_exists`) and must see GPU-only ops as absent.
+  (`register_fake_if_exists`) and must see GPU-only ops as absent. That includes
+  `convert_weight_packed`: SGLang enables its AMX weight-packing paths (packed linears, fused CPU
+  MoE, AMX norms) only when that op exists, and those have no pure-torch version here, so on an AMX
+  CPU SGLang takes its native torch paths instead of failing mid-forward.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 
 from sglang_step35.cpu.ops import OPS
 
-_CPU_ENGINE_PREFIXES = ("convert_weight_packed", "shm_", "weight_packed_linear")
+_CPU_ENGINE_PREFIXES = ("shm_", "weight_packed_linear")
 _CPU_ENGINE_NAMES = {"initialize", "init_cpu_threads_env"}
 
 
