@@ -17,7 +17,7 @@ def cmd_tiny(args: argparse.Namespace) -> int:
     from sglang_step35.tiny import write_tiny_checkpoint
 
     with tqdm(total=1, desc=f"building tiny Step-3.5 checkpoint (seed {args.seed})", unit="ckpt") as bar:
-        out = write_tiny_checkpoint(args.out, seed=args.seed)
+        out = write_tiny_checkpoint(args.out, seed=args.seed, fp8=args.fp8)
         bar.update(1)
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"wrote {out} ({size / 1e6:.1f} MB): {', '.join(sorted(p.name for p in out.iterdir()))}")
@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tiny", help="write a tiny deterministic Step-3.5 checkpoint (real layout, < 10 MB)")
     t.add_argument("out", help="output directory")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--fp8", action="store_true",
+                   help="write the Step-3.5-Flash-FP8 layout (128x128 block FP8 e4m3 + weight_scale_inv)")
     t.set_defaults(func=cmd_tiny)
 
     d = sub.add_parser("demo", help="serve the tiny checkpoint with sglang and stream one chat request")

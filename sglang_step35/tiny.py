@@ -230,9 +230,17 @@ def default_corpus() -> list[str]:
 
 
 def write_tiny_checkpoint(
-    out: os.PathLike | str, seed: int = 0, spec: Optional[TinySpec] = None, corpus: Optional[list[str]] = None
+    out: os.PathLike | str,
+    seed: int = 0,
+    spec: Optional[TinySpec] = None,
+    corpus: Optional[list[str]] = None,
+    fp8: bool = False,
 ) -> Path:
-    """Write config.json, model.safetensors, tokenizer files and generation_config.json to `out`."""
+    """Write config.json, model.safetensors, tokenizer files and generation_config.json to `out`.
+
+    `fp8=True` writes the Step-3.5-Flash-FP8 layout instead (same seed -> same bf16 weights, then
+    128x128 block FP8 e4m3 with `weight_scale_inv`, see `sglang_step35.fp8`); tiny dims are smaller
+    than a block, so every block is ragged, as the edge blocks of real checkpoints can be."""
     from safetensors.torch import save_file
 
     spec = spec or TinySpec()
@@ -242,6 +250,11 @@ def write_tiny_checkpoint(
     special_ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     cfg = tiny_config(spec, tok.get_vocab_size(), special_ids)
     weights = tiny_weights(cfg, seed, spec.init_std)
+    if fp8:
+        from sglang_step35.fp8 import QUANTIZATION_CONFIG, quantize_checkpoint
+
+        weights = quantize_checkpoint(weights)
+        cfg["quantization_config"] = dict(QUANTIZATION_CONFIG)
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (out / "generation_config.json").write_text(

@@ -1,0 +1,114 @@
+"""Block-wise FP8 (e4m3) as in Step-3.5-Flash-FP8: 128x128 weight blocks, one fp32 inverse scale each.
+
+Layout (the DeepSeek-V3 / Step-3.5-Flash-FP8 convention SGLang's `Fp8Config` reads):
+- `X.weight`: float8_e4m3fn, same shape as the bf16 weight ([N, K], or [E, N, K] for stacked experts);
+- `X.weight_scale_inv`: float32 [ceil(N/128), ceil(K/128)] (or [E, ...]); the weight is
+  `fp8 * scale_inv` blockwise. Edge blocks are ragged (smaller than 128) when N or K is not a multiple
+  of 128: their scale covers only the existing elements, as real loaders assume (SGLang's block
+  dequantization crops the repeated scale to the weight's shape).
+- config.json `quantization_config`: {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme":
+  "dynamic", "weight_block_size": [128, 128]}.
+Quantized: every projection of attention, dense MLP, shared and routed experts. Kept in bf16: router
+(`moe.gate`, fp32 `router_bias`), norms, embeddings, `lm_head`, `g_proj`, MTP `eh_proj` and head.
+No SGLang import: used by the tiny builder, the loader and the tests.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+BLOCK = (128, 128)
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
+SCALE_SUFFIX = "_scale_inv"
+
+QUANTIZATION_CONFIG = {
+    "quant_method": "fp8",
+    "fmt": "e4m3",
+    "activation_scheme": "dynamic",
+    "weight_block_size": list(BLOCK),
+}
+
+# Checkpoint name suffixes that are quantized; everything else stays in its checkpoint dtype.
+_QUANTIZED_SUFFIXES = (
+    "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
+    "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+    "share_expert.gate_proj.weight", "share_expert.up_proj.weight", "share_expert.down_proj.weight",
+    "moe.gate_proj.weight", "moe.up_proj.weight", "moe.down_proj.weight",
+)
+
+
+def is_quantized_name(name: str) -> bool:
+    """Whether `name` (a bf16 checkpoint tensor) is stored as FP8 in a Step-3.5 FP8 checkpoint."""
+    return name.endswith(_QUANTIZED_SUFFIXES)
+
+
+def scale_shape(shape: Sequence[int], block: Sequence[int] = BLOCK) -> tuple[int, ...]:
+    """Shape of `weight_scale_inv` for a weight of `shape` (leading dims, e.g. experts, kept)."""
+    *lead, n, k = shape
+    return (*lead, math.ceil(n / block[0]), math.ceil(k / block[1]))
+
+
+def _pad_to_blocks(w: torch.Tensor, block: Sequence[int]) -> torch.Tensor:
+    n, k = w.shape[-2:]
+    pn, pk = (-n) % block[0], (-k) % block[1]
+    return torch.nn.functional.pad(w, (0, pk, 0, pn)) if pn or pk else w
+
+
+def quantize_block(w: torch.Tensor, block: Sequence[int] = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., N, K] -> (fp8 weight [..., N, K], fp32 scale_inv [..., ceil(N/bn), ceil(K/bk)]) with
+    scale_inv = amax(|block|) / 448 so each block uses e4m3's full range (zero blocks: scale 1)."""
+    bn, bk = block
+    *lead, n, k = w.shape
+    wf = _pad_to_blocks(w.float(), block)  # zero padding never raises a block's amax
+    N, K = wf.shape[-2:]
+    blocks = wf.reshape(*lead, N // bn, bn, K // bk, bk)
+    amax = blocks.abs().amax(dim=(-3, -1))  # [..., N/bn, K/bk]
+    scale_inv = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    q = (blocks / scale_inv[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    q = q.reshape(*lead, N, K)[..., :n, :k].contiguous()
+    return q, scale_inv.float().contiguous()
+
+
+def dequantize_block(
+    q: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.bfloat16, block: Sequence[int] = BLOCK
+) -> torch.Tensor:
+    """Inverse of :func:`quantize_block`: fp8 [..., N, K] * scale_inv repeated per block (cropped to
+    N, K for ragged edge blocks) -> `dtype`. Raises ValueError if the scale grid does not fit."""
+    if tuple(scale_inv.shape) != scale_shape(q.shape, block):
+        raise ValueError(
+            f"weight_scale_inv shape {list(scale_inv.shape)} does not match weight {list(q.shape)} "
+            f"with {list(block)} blocks (expected {list(scale_shape(q.shape, block))})"
+        )
+    n, k = q.shape[-2:]
+    s = scale_inv.float().repeat_interleave(block[0], dim=-2).repeat_interleave(block[1], dim=-1)
+    return (q.float() * s[..., :n, :k]).to(dtype)
+
+
+def quantize_checkpoint(weights: dict[str, torch.Tensor], block: Sequence[int] = BLOCK) -> dict[str, torch.Tensor]:
+    """A bf16 Step-3.5 state dict -> its FP8 form (quantized weights + `weight_scale_inv`)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in weights.items():
+        if is_quantized_name(name):
+            q, s = quantize_block(t, block)
+            out[name] = q
+            out[name + SCALE_SUFFIX] = s
+        else:
+            out[name] = t
+    return out
+
+
+def dequantize_checkpoint(weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """An FP8 state dict -> plain weights in `dtype` (scales consumed); non-FP8 tensors unchanged."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in weights.items():
+        if name.endswith(SCALE_SUFFIX):
+            continue
+        if t.dtype == FP8_DTYPE:
+            out[name] = dequantize_block(t, weights[name + SCALE_SUFFIX], dtype)
+        else:
+            out[name] = t
+    return out

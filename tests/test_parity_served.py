@@ -1,0 +1,250 @@
+"""Served-model parity: `sglang serve --device cpu` (our Step3p5ForCausalLM, and SGLang's built-in on
+the same weights) against the plain-PyTorch reference in tests/reference, compared on the FULL
+next-token distribution (top_logprobs_num = vocab size) at every prompt position and decode step.
+
+Tolerances (max |Δ logprob| over all positions and all V tokens):
+- fp32 server vs fp32 reference: FP32_TOL = 1e-4 (measured ~2e-6; op order only);
+- bf16 server vs fp32 reference: BF16_TOL = 0.25 (measured ~0.08: bf16 activations through 5 layers).
+Every tolerance is checked to be meaningful: the reference with the sliding window off, or without
+the routed clamp, must differ from the server by far more than the tolerance.
+
+Checkpoints (tiny, real layout, built per session):
+- A: TinySpec() seed 0: 5 layers, window 16, GQA 4q/2kv (full) and 6q/2kv (sliding), clamps that
+  trigger on the last layer (routed 0.5, shared 1.0).
+- B: seed 3, 6 layers, window 128, MQA (8q/1kv full, 4q/1kv sliding), top-3 of 8 experts, one dense
+  layer, no clamps -> SGLang's built-in computes the same function inside the window.
+Servers are started one at a time, in test order (each configuration once): ~6 starts.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import requests
+import torch
+
+from reference import Step35Reference
+from reference.serving import (
+    OUR_CLASS_LINE,
+    OneServerAtATime,
+    full_sequence,
+    generate,
+    generate_concurrently,
+    max_abs_diff,
+    prefill_batch_sizes,
+    running_during_prefill,
+    served_logprobs,
+)
+from sglang_step35.tiny import TinySpec, write_tiny_checkpoint
+
+pytestmark = pytest.mark.server
+
+FP32_TOL = 1e-4
+BF16_TOL = 0.25
+# A difference counts as "the implementations compute different functions" above this (>= 100x the
+# fp32 tolerance), so the negative checks cannot pass by noise.
+DIFFERENT = 1e-2
+
+SPEC_A = TinySpec()
+SPEC_B = TinySpec(num_hidden_layers=6, sliding_window=128, full_heads=8, sliding_heads=4, kv_heads=1,
+                  num_dense_layers=1, top_k=3, routed_limit=0.0, shared_limit=0.0)
+BUILTIN_ENV = {"SGLANG_STEP35_USE_BUILTIN_MODEL": "1"}
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    a = write_tiny_checkpoint(tmp_path_factory.mktemp("parity-A"), seed=0, spec=SPEC_A)
+    b = write_tiny_checkpoint(tmp_path_factory.mktemp("parity-B"), seed=3, spec=SPEC_B)
+    return {"A": a, "B": b}
+
+
+@pytest.fixture(scope="module")
+def servers(ckpts):
+    fp32 = ["--dtype", "float32"]
+    pool = OneServerAtATime({
+        "A-ours-fp32": (lambda: ckpts["A"], fp32, None),
+        "A-ours-bf16": (lambda: ckpts["A"], ["--dtype", "bfloat16"], None),
+        "A-builtin-fp32": (lambda: ckpts["A"], fp32, BUILTIN_ENV),
+        "B-ours-fp32": (lambda: ckpts["B"], fp32, None),
+        "B-builtin-fp32": (lambda: ckpts["B"], fp32, BUILTIN_ENV),
+    })
+    yield pool
+    pool.close()
+
+
+@pytest.fixture(scope="module")
+def refs(ckpts):
+    """Reference variants, built lazily: (ckpt, window, routed_clamp) -> Step35Reference."""
+    cache = {}
+
+    def get(ck: str, window="config", routed_clamp=True):
+        key = (ck, window, routed_clamp)
+        if key not in cache:
+            kw = {} if window == "config" else {"window": window}
+            cache[key] = Step35Reference(ckpts[ck], routed_clamp=routed_clamp, **kw)
+        return cache[key]
+
+    return get
+
+
+def _prompt(seed: int, n: int, vocab: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(20, vocab) for _ in range(n)]  # skip the special tokens at the start
+
+
+def _vocab(ref: Step35Reference) -> int:
+    return int(ref.cfg["vocab_size"])
+
+
+# --- A: our model, fp32 ------------------------------------------------------------------------------
+def test_ours_fp32_prefill_and_decode_past_window(servers, refs):
+    """Prompt 40 + 24 decode steps = 4x the window of 16: every sliding layer masks old keys."""
+    server, ref = servers.get("A-ours-fp32"), refs("A")
+    assert OUR_CLASS_LINE in server.log_text()
+    V = _vocab(ref)
+    prompt = _prompt(1, 40, V)
+    resp = generate(server, prompt, 24, V)
+    seq = full_sequence(prompt, resp)
+    assert len(seq) >= 3 * SPEC_A.sliding_window
+    got = served_logprobs(resp, V)
+    want = ref.logprobs(seq[:-1])
+    assert got.shape == want.shape
+    diff = max_abs_diff(got, want)
+    assert diff <= FP32_TOL, f"fp32 max |Δlogprob| {diff:.2e} > {FP32_TOL}"
+    # Greedy decode picked the reference's argmax at every step.
+    assert resp["output_ids"] == want[len(prompt) - 1:].argmax(-1).tolist()
+    # The comparison is sharp: the window and the routed clamp both change the result far beyond tol.
+    assert max_abs_diff(got, refs("A", window=None).logprobs(seq[:-1])) > DIFFERENT
+    assert max_abs_diff(got, refs("A", routed_clamp=False).logprobs(seq[:-1])) > DIFFERENT
+
+
+def test_ours_fp32_concurrent_batch_of_different_lengths(servers, refs):
+    server, ref = servers.get("A-ours-fp32"), refs("A")
+    V = _vocab(ref)
+    jobs = [(_prompt(10 + i, n, V), m) for i, (n, m) in enumerate([(5, 30), (17, 12), (33, 20), (50, 8), (9, 40)])]
+    log_before = len(server.log_text())
+    resps = generate_concurrently(server, jobs, V)
+    for (prompt, m), resp in zip(jobs, resps):
+        seq = full_sequence(prompt, resp)
+        assert len(resp["output_ids"]) == m
+        diff = max_abs_diff(served_logprobs(resp, V), ref.logprobs(seq[:-1]))
+        assert diff <= FP32_TOL, f"prompt len {len(prompt)}: max |Δlogprob| {diff:.2e}"
+    # Evidence the requests shared batches (otherwise this would test nothing new).
+    log = server.log_text()[log_before:]
+    assert max(prefill_batch_sizes(log)) > 1 or max(running_during_prefill(log)) > 0, log[-2000:]
+
+
+def test_ours_fp32_radix_prefix_hit_gives_same_logprobs(servers, refs):
+    """A 40-token shared prefix (> window) served from the radix cache, then recomputed after a flush."""
+    server, ref = servers.get("A-ours-fp32"), refs("A")
+    V = _vocab(ref)
+    prefix = _prompt(20, 40, V)
+    generate(server, prefix, 4, V, logprob_start_len=-1, top_logprobs=False)  # populate the cache
+    prompt = prefix + _prompt(21, 10, V)
+    # Logprobs only from the last prompt position on, so SGLang may reuse the cached prefix.
+    hit = generate(server, prompt, 16, V, logprob_start_len=len(prompt) - 1)
+    assert hit["meta_info"]["cached_tokens"] >= len(prefix) - 1, hit["meta_info"]
+    requests.post(server.base_url + "/flush_cache", timeout=60).raise_for_status()
+    miss = generate(server, prompt, 16, V, logprob_start_len=len(prompt) - 1)
+    assert miss["meta_info"]["cached_tokens"] == 0
+    assert hit["output_ids"] == miss["output_ids"]
+    want = ref.logprobs(full_sequence(prompt, hit)[:-1])[len(prompt) - 1:]
+    for resp in (hit, miss):
+        got = served_logprobs(resp, V, from_prompt=False)
+        assert max_abs_diff(got, want) <= FP32_TOL
+    assert max_abs_diff(served_logprobs(hit, V, False), served_logprobs(miss, V, False)) <= FP32_TOL
+
+
+# --- A: our model, bf16 ------------------------------------------------------------------------------
+def test_ours_bf16_matches_reference_loosely(servers, refs):
+    server, ref = servers.get("A-ours-bf16"), refs("A")
+    V = _vocab(ref)
+    prompt = _prompt(1, 40, V)
+    resp = generate(server, prompt, 24, V)
+    seq = full_sequence(prompt, resp)
+    got, want = served_logprobs(resp, V), ref.logprobs(seq[:-1])
+    diff = max_abs_diff(got, want)
+    assert diff <= BF16_TOL, f"bf16 max |Δlogprob| {diff:.3f} > {BF16_TOL}"
+    # bf16 noise is well below what a missing window would cause.
+    assert max_abs_diff(got, refs("A", window=None).logprobs(seq[:-1])) > 2 * BF16_TOL
+
+
+# --- A: SGLang's built-in model drops the routed clamp on CPU ----------------------------------------
+def test_builtin_cpu_drops_routed_clamp(servers, refs):
+    """Records SGLang 0.5.23's CPU bug: moe_forward_native ignores gemm1_clamp_limit. The built-in
+    equals the reference WITHOUT the routed clamp (and with its window+1 keys), not the true model."""
+    server, ref = servers.get("A-builtin-fp32"), refs("A")
+    assert OUR_CLASS_LINE not in server.log_text()  # really the built-in class
+    V, W = _vocab(ref), SPEC_A.sliding_window
+    prompt = _prompt(1, W - 2, V)  # inside the window: only the clamp differs
+    resp = generate(server, prompt, 2, V)
+    seq = full_sequence(prompt, resp)
+    got = served_logprobs(resp, V)
+    assert max_abs_diff(got, ref.logprobs(seq[:-1])) > DIFFERENT
+    assert max_abs_diff(got, refs("A", routed_clamp=False).logprobs(seq[:-1])) <= FP32_TOL
+
+
+# --- B: several shapes; ours vs the built-in ---------------------------------------------------------
+GREEDY_PROMPTS = [(_p_seed, n) for _p_seed, n in zip(range(100, 108), (4, 9, 13, 20, 27, 33, 38, 40))]
+GREEDY_STEPS = 64
+
+
+@pytest.fixture(scope="module")
+def ours_b_greedy(servers, refs):
+    server, ref = servers.get("B-ours-fp32"), refs("B")
+    V = _vocab(ref)
+    jobs = [(_prompt(s, n, V), GREEDY_STEPS) for s, n in GREEDY_PROMPTS]
+    return jobs, generate_concurrently(server, jobs, V)
+
+
+def test_ours_fp32_checkpoint_b_greedy_matches_reference(ours_b_greedy, refs):
+    ref = refs("B")
+    V = _vocab(ref)
+    jobs, resps = ours_b_greedy
+    for (prompt, _), resp in zip(jobs, resps):
+        seq = full_sequence(prompt, resp)
+        assert len(seq) <= SPEC_B.sliding_window  # inside the window (see the built-in test)
+        want = ref.logprobs(seq[:-1])
+        assert max_abs_diff(served_logprobs(resp, V), want) <= FP32_TOL
+        assert resp["output_ids"] == want[len(prompt) - 1:].argmax(-1).tolist()
+
+
+def test_ours_fp32_checkpoint_b_long_prompt_past_window(servers, refs):
+    server, ref = servers.get("B-ours-fp32"), refs("B")
+    V, W = _vocab(ref), SPEC_B.sliding_window
+    prompt = _prompt(7, 3 * W, V)
+    resp = generate(server, prompt, 4, V)
+    seq = full_sequence(prompt, resp)
+    got = served_logprobs(resp, V)
+    assert max_abs_diff(got, ref.logprobs(seq[:-1])) <= FP32_TOL
+    assert max_abs_diff(got, refs("B", window=W + 1).logprobs(seq[:-1])) > FP32_TOL * 10
+
+
+def test_builtin_greedy_equals_ours_inside_window(ours_b_greedy, servers, refs):
+    """No clamp configured and sequences shorter than the window: same tokens over 64 steps x 8."""
+    server = servers.get("B-builtin-fp32")
+    assert OUR_CLASS_LINE not in server.log_text()
+    V = _vocab(refs("B"))
+    jobs, ours = ours_b_greedy
+    builtin = generate_concurrently(server, jobs, V)
+    for o, b in zip(ours, builtin):
+        assert b["output_ids"] == o["output_ids"]
+        assert max_abs_diff(served_logprobs(b, V), served_logprobs(o, V)) <= FP32_TOL
+
+
+def test_builtin_sees_one_extra_key_past_window(servers, refs):
+    """SGLang's torch_native mask keeps k >= q - sliding_window_size, i.e. sliding_window_size keys
+    BEFORE the query; the built-in passes config.sliding_window there (W+1 keys in all), we pass W-1
+    (W keys including the current one, the spec). Past the window the built-in therefore equals the
+    reference with window W+1 and differs from the spec'd window W."""
+    server, ref = servers.get("B-builtin-fp32"), refs("B")
+    V, W = _vocab(ref), SPEC_B.sliding_window
+    prompt = _prompt(7, 3 * W, V)
+    resp = generate(server, prompt, 4, V)
+    seq = full_sequence(prompt, resp)
+    got = served_logprobs(resp, V)
+    assert max_abs_diff(got, refs("B", window=W + 1).logprobs(seq[:-1])) <= FP32_TOL
+    spec_ref = ref.logprobs(seq[:-1])
+    assert max_abs_diff(got[: W - 1], spec_ref[: W - 1]) <= FP32_TOL  # positions < W: windows agree
+    assert max_abs_diff(got[W:], spec_ref[W:]) > FP32_TOL * 10
