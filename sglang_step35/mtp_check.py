@@ -79,3 +79,28 @@ def check_mtp_request(cfg, num_steps: Optional[int], model_dir=None) -> None:
                     f"{', '.join(f'model.layers.{i}' for i in missing)} are missing (re-quantized "
                     f"checkpoints sometimes drop them); serve without --speculative-algorithm"
                 )
+
+
+def mtp_acceptance(meta_info: dict) -> dict:
+    """MTP metrics of one response from SGLang's meta_info (which reports `spec_verify_ct`,
+    `spec_accept_length` and `spec_correct_drafts_histogram`: histogram[k] = verify steps in which
+    exactly k drafts were accepted; the scheduler also logs a per-batch "accept len").
+
+    Returns the mean accepted length per verify step (accepted drafts + the bonus token) and the
+    acceptance of each MTP layer: P(draft i accepted | drafts < i accepted), i.e. the share of
+    verify steps that reached layer i's draft in which it was accepted (greedy chain verification
+    stops at the first rejection, so later layers are only judged when earlier ones were right)."""
+    hist = list(meta_info.get("spec_correct_drafts_histogram") or [])
+    verify = int(meta_info.get("spec_verify_ct") or sum(hist))
+    per_layer = []
+    for i in range(max(len(hist) - 1, 0)):
+        reached = sum(hist[i:])
+        per_layer.append(sum(hist[i + 1:]) / reached if reached else None)
+    accepted = sum(k * c for k, c in enumerate(hist))
+    return {
+        "verify_steps": verify,
+        "accept_length": (accepted + verify) / verify if verify else None,
+        "sglang_accept_length": meta_info.get("spec_accept_length"),
+        "acceptance_per_layer": per_layer,
+        "histogram": hist,
+    }
