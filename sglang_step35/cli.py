@@ -15,12 +15,29 @@ def cmd_tiny(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from sglang_step35.tiny import write_tiny_checkpoint
+    from sglang_step35.training.embedded import write_trained_checkpoint
 
-    with tqdm(total=1, desc=f"building tiny Step-3.5 checkpoint (seed {args.seed})", unit="ckpt") as bar:
-        out = write_tiny_checkpoint(args.out, seed=args.seed, fp8=args.fp8)
+    if args.trained and args.fp8:
+        print("step35 tiny: --trained and --fp8 cannot be combined (the trained checkpoint is bf16)", file=sys.stderr)
+        return 2
+    what = "trained tiny Step-3.5 checkpoint" if args.trained else f"tiny Step-3.5 checkpoint (seed {args.seed})"
+    with tqdm(total=1, desc=f"writing {what}", unit="ckpt") as bar:
+        if args.trained:
+            out = write_trained_checkpoint(args.out)
+        else:
+            out = write_tiny_checkpoint(args.out, seed=args.seed, fp8=args.fp8)
         bar.update(1)
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"wrote {out} ({size / 1e6:.1f} MB): {', '.join(sorted(p.name for p in out.iterdir()))}")
+    return 0
+
+
+def cmd_train_tiny(args: argparse.Namespace) -> int:
+    from sglang_step35.training.train import train_tiny
+
+    summary = train_tiny(args.out, seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr)
+    print(f"trained {args.out} in {summary['train_seconds']} s; final losses {summary['final_loss']}")
+    print(f"loss curves: {args.out}/loss_curves.png, log: {args.out}/train_log.json")
     return 0
 
 
@@ -85,7 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--fp8", action="store_true",
                    help="write the Step-3.5-Flash-FP8 layout (128x128 block FP8 e4m3 + weight_scale_inv)")
+    t.add_argument("--trained", action="store_true",
+                   help="write the embedded checkpoint trained by `step35 train-tiny` instead of random weights")
     t.set_defaults(func=cmd_tiny)
+
+    tr = sub.add_parser("train-tiny", help="train the tiny architecture on GSM8K + tool calls (CPU, ~30 min)")
+    tr.add_argument("out", help="output directory")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--steps", type=int, default=900)
+    tr.add_argument("--batch-size", type=int, default=16)
+    tr.add_argument("--lr", type=float, default=3e-3)
+    tr.set_defaults(func=cmd_train_tiny)
 
     d = sub.add_parser("demo", help="serve the tiny checkpoint with sglang and stream one chat request")
     d.add_argument("--model", help="checkpoint directory (default: the embedded tiny checkpoint)")
