@@ -40,7 +40,7 @@ from sglang.srt.utils import add_prefix
 from sglang_step35 import ops
 from sglang_step35.config import LayerSpec, layer_spec, validate
 from sglang_step35.models.expert_compute import clamped_experts_forward
-from sglang_step35.models.weights import load_step3p5_weights
+from sglang_step35.models.weights import cpu_fp8_fallback, load_step3p5_weights
 
 logger = logging.getLogger(__name__)  # propagates to the handlers SGLang configures per process
 
@@ -262,6 +262,11 @@ class Step3p5ForCausalLM(nn.Module):
         super().__init__()
         validate(config, tp_size=get_parallel().attn_tp_size)
         self.config = config
+        # Block-FP8 on a CPU without AMX: SGLang's FP8 methods cannot run; build unquantized and let
+        # the loader dequantize (see models/weights.py).
+        self.fp8_dequant_block = cpu_fp8_fallback(quant_config)
+        if self.fp8_dequant_block is not None:
+            quant_config = None
         self.quant_config = quant_config
         self.model = Step3p5Model(config, quant_config, prefix=add_prefix("model", prefix))
         self.lm_head = ParallelLMHead(
