@@ -4,7 +4,8 @@ next-token distribution (top_logprobs_num = vocab size) at every prompt position
 
 Tolerances (max |Δ logprob| over all positions and all V tokens):
 - fp32 server vs fp32 reference: FP32_TOL = 1e-4 (measured ~2e-6; op order only);
-- bf16 server vs fp32 reference: BF16_TOL = 0.25 (measured ~0.08: bf16 activations through 5 layers).
+- bf16 server vs fp32 reference: BF16_TOL = 0.25 (bf16 weights are exact; the error is bf16
+  activations through 5 layers, over the whole vocabulary).
 Every tolerance is checked to be meaningful: the reference with the sliding window off, or without
 the routed clamp, must differ from the server by far more than the tolerance.
 
@@ -19,10 +20,11 @@ Servers are started one at a time, in test order (each configuration once): ~6 s
 from __future__ import annotations
 
 import random
+import shutil
 
 import pytest
 import requests
-import torch
+from safetensors.torch import load_file, save_file
 
 from reference import Step35Reference
 from reference.serving import (
@@ -30,11 +32,13 @@ from reference.serving import (
     OneServerAtATime,
     full_sequence,
     generate,
+    reference_token_logprobs,
     generate_concurrently,
     max_abs_diff,
     prefill_batch_sizes,
     running_during_prefill,
     served_logprobs,
+    served_token_logprobs,
 )
 from sglang_step35.tiny import TinySpec, write_tiny_checkpoint
 
@@ -48,7 +52,7 @@ DIFFERENT = 1e-2
 
 SPEC_A = TinySpec()
 SPEC_B = TinySpec(num_hidden_layers=6, sliding_window=128, full_heads=8, sliding_heads=4, kv_heads=1,
-                  num_dense_layers=1, top_k=3, routed_limit=0.0, shared_limit=0.0)
+                  num_dense_layers=1, top_k=3, moe_intermediate_size=48, routed_limit=0.0, shared_limit=0.0)
 BUILTIN_ENV = {"SGLANG_STEP35_USE_BUILTIN_MODEL": "1"}
 
 
@@ -56,7 +60,18 @@ BUILTIN_ENV = {"SGLANG_STEP35_USE_BUILTIN_MODEL": "1"}
 def ckpts(tmp_path_factory):
     a = write_tiny_checkpoint(tmp_path_factory.mktemp("parity-A"), seed=0, spec=SPEC_A)
     b = write_tiny_checkpoint(tmp_path_factory.mktemp("parity-B"), seed=3, spec=SPEC_B)
-    return {"A": a, "B": b}
+    # A without its MTP layers (re-quantized checkpoints sometimes drop them): the target model must
+    # neither need nor mind them. Served in bf16 below.
+    a_nomtp = tmp_path_factory.mktemp("parity-A-no-mtp")
+    for f in a.iterdir():
+        if f.name != "model.safetensors":
+            shutil.copy(f, a_nomtp / f.name)
+    w = load_file(str(a / "model.safetensors"))
+    n = SPEC_A.num_hidden_layers
+    kept = {k: v for k, v in w.items() if not any(k.startswith(f"model.layers.{n + i}.") for i in range(SPEC_A.num_mtp_layers))}
+    assert len(kept) < len(w)
+    save_file(kept, str(a_nomtp / "model.safetensors"), metadata={"format": "pt"})
+    return {"A": a, "B": b, "A-no-mtp": a_nomtp}
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +79,7 @@ def servers(ckpts):
     fp32 = ["--dtype", "float32"]
     pool = OneServerAtATime({
         "A-ours-fp32": (lambda: ckpts["A"], fp32, None),
-        "A-ours-bf16": (lambda: ckpts["A"], ["--dtype", "bfloat16"], None),
+        "A-ours-bf16": (lambda: ckpts["A-no-mtp"], ["--dtype", "bfloat16"], None),
         "A-builtin-fp32": (lambda: ckpts["A"], fp32, BUILTIN_ENV),
         "B-ours-fp32": (lambda: ckpts["B"], fp32, None),
         "B-builtin-fp32": (lambda: ckpts["B"], fp32, BUILTIN_ENV),
@@ -111,6 +126,7 @@ def test_ours_fp32_prefill_and_decode_past_window(servers, refs):
     want = ref.logprobs(seq[:-1])
     assert got.shape == want.shape
     diff = max_abs_diff(got, want)
+    print(f"A fp32: max |Δlogprob| {diff:.2e} over {got.shape[0]} positions x {V}")
     assert diff <= FP32_TOL, f"fp32 max |Δlogprob| {diff:.2e} > {FP32_TOL}"
     # Greedy decode picked the reference's argmax at every step.
     assert resp["output_ids"] == want[len(prompt) - 1:].argmax(-1).tolist()
@@ -157,14 +173,15 @@ def test_ours_fp32_radix_prefix_hit_gives_same_logprobs(servers, refs):
 
 
 # --- A: our model, bf16 ------------------------------------------------------------------------------
-def test_ours_bf16_matches_reference_loosely(servers, refs):
-    server, ref = servers.get("A-ours-bf16"), refs("A")
+def test_ours_bf16_without_mtp_layers_matches_reference_loosely(servers, refs):
+    server, ref = servers.get("A-ours-bf16"), refs("A")  # same main-layer weights as A
     V = _vocab(ref)
     prompt = _prompt(1, 40, V)
     resp = generate(server, prompt, 24, V)
     seq = full_sequence(prompt, resp)
     got, want = served_logprobs(resp, V), ref.logprobs(seq[:-1])
     diff = max_abs_diff(got, want)
+    print(f"A bf16: max |Δlogprob| {diff:.3f}")
     assert diff <= BF16_TOL, f"bf16 max |Δlogprob| {diff:.3f} > {BF16_TOL}"
     # bf16 noise is well below what a missing window would cause.
     assert max_abs_diff(got, refs("A", window=None).logprobs(seq[:-1])) > 2 * BF16_TOL
@@ -181,8 +198,11 @@ def test_builtin_cpu_drops_routed_clamp(servers, refs):
     resp = generate(server, prompt, 2, V)
     seq = full_sequence(prompt, resp)
     got = served_logprobs(resp, V)
-    assert max_abs_diff(got, ref.logprobs(seq[:-1])) > DIFFERENT
-    assert max_abs_diff(got, refs("A", routed_clamp=False).logprobs(seq[:-1])) <= FP32_TOL
+    true_diff = max_abs_diff(got, ref.logprobs(seq[:-1]))
+    unclamped_diff = max_abs_diff(got, refs("A", routed_clamp=False).logprobs(seq[:-1]))
+    print(f"A built-in: vs reference {true_diff:.3f}, vs reference without routed clamp {unclamped_diff:.2e}")
+    assert true_diff > DIFFERENT
+    assert unclamped_diff <= FP32_TOL
 
 
 # --- B: several shapes; ours vs the built-in ---------------------------------------------------------
@@ -195,7 +215,7 @@ def ours_b_greedy(servers, refs):
     server, ref = servers.get("B-ours-fp32"), refs("B")
     V = _vocab(ref)
     jobs = [(_prompt(s, n, V), GREEDY_STEPS) for s, n in GREEDY_PROMPTS]
-    return jobs, generate_concurrently(server, jobs, V)
+    return jobs, generate_concurrently(server, jobs, V, top_logprobs=False)
 
 
 def test_ours_fp32_checkpoint_b_greedy_matches_reference(ours_b_greedy, refs):
@@ -206,14 +226,16 @@ def test_ours_fp32_checkpoint_b_greedy_matches_reference(ours_b_greedy, refs):
         seq = full_sequence(prompt, resp)
         assert len(seq) <= SPEC_B.sliding_window  # inside the window (see the built-in test)
         want = ref.logprobs(seq[:-1])
-        assert max_abs_diff(served_logprobs(resp, V), want) <= FP32_TOL
+        # 8 x 64 steps with full distributions would cost minutes of JSON on 2 cores: compare the
+        # chosen token's logprob at every position, and the argmax.
+        assert max_abs_diff(served_token_logprobs(resp), reference_token_logprobs(want, seq)) <= FP32_TOL
         assert resp["output_ids"] == want[len(prompt) - 1:].argmax(-1).tolist()
 
 
 def test_ours_fp32_checkpoint_b_long_prompt_past_window(servers, refs):
     server, ref = servers.get("B-ours-fp32"), refs("B")
     V, W = _vocab(ref), SPEC_B.sliding_window
-    prompt = _prompt(7, 3 * W, V)
+    prompt = _prompt(7, W + 40, V)  # checkpoint A covers 3x its window; here: a second window size
     resp = generate(server, prompt, 4, V)
     seq = full_sequence(prompt, resp)
     got = served_logprobs(resp, V)
@@ -227,10 +249,10 @@ def test_builtin_greedy_equals_ours_inside_window(ours_b_greedy, servers, refs):
     assert OUR_CLASS_LINE not in server.log_text()
     V = _vocab(refs("B"))
     jobs, ours = ours_b_greedy
-    builtin = generate_concurrently(server, jobs, V)
+    builtin = generate_concurrently(server, jobs, V, top_logprobs=False)
     for o, b in zip(ours, builtin):
         assert b["output_ids"] == o["output_ids"]
-        assert max_abs_diff(served_logprobs(b, V), served_logprobs(o, V)) <= FP32_TOL
+        assert max_abs_diff(served_token_logprobs(b), served_token_logprobs(o)) <= FP32_TOL
 
 
 def test_builtin_sees_one_extra_key_past_window(servers, refs):
@@ -240,11 +262,13 @@ def test_builtin_sees_one_extra_key_past_window(servers, refs):
     reference with window W+1 and differs from the spec'd window W."""
     server, ref = servers.get("B-builtin-fp32"), refs("B")
     V, W = _vocab(ref), SPEC_B.sliding_window
-    prompt = _prompt(7, 3 * W, V)
+    prompt = _prompt(7, W + 40, V)
     resp = generate(server, prompt, 4, V)
     seq = full_sequence(prompt, resp)
     got = served_logprobs(resp, V)
     assert max_abs_diff(got, refs("B", window=W + 1).logprobs(seq[:-1])) <= FP32_TOL
     spec_ref = ref.logprobs(seq[:-1])
+    past = max_abs_diff(got[W:], spec_ref[W:])
+    print(f"B built-in past the window: vs spec window {past:.3f}")
     assert max_abs_diff(got[: W - 1], spec_ref[: W - 1]) <= FP32_TOL  # positions < W: windows agree
-    assert max_abs_diff(got[W:], spec_ref[W:]) > FP32_TOL * 10
+    assert past > FP32_TOL * 10

@@ -64,10 +64,11 @@ def generate(server: SGLangServer, input_ids: Sequence[int], max_new_tokens: int
     return r.json()
 
 
-def generate_concurrently(server: SGLangServer, jobs: Sequence[tuple[Sequence[int], int]], vocab_size: int) -> list[dict]:
+def generate_concurrently(server: SGLangServer, jobs: Sequence[tuple[Sequence[int], int]], vocab_size: int,
+                          top_logprobs: bool = True) -> list[dict]:
     """All (input_ids, max_new_tokens) jobs in flight at once, so the scheduler batches them."""
     with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-        futures = [pool.submit(generate, server, ids, n, vocab_size) for ids, n in jobs]
+        futures = [pool.submit(generate, server, ids, n, vocab_size, 0, top_logprobs) for ids, n in jobs]
         return [f.result() for f in futures]
 
 
@@ -91,6 +92,19 @@ def served_logprobs(resp: dict, vocab_size: int, from_prompt: bool = True) -> to
     out = torch.cat(parts)
     assert not torch.isnan(out).any(), "server returned fewer than V logprobs at some position"
     return out
+
+
+def served_token_logprobs(resp: dict) -> torch.Tensor:
+    """Log-probability of each actual next token (prompt tokens 1.. then outputs): cheap to return,
+    so long greedy runs use it instead of the full distribution."""
+    mi = resp["meta_info"]
+    rows = mi["input_token_logprobs"][1:] + mi["output_token_logprobs"]
+    return torch.tensor([lp for lp, _, _ in rows], dtype=torch.float64)
+
+
+def reference_token_logprobs(ref_logprobs: torch.Tensor, seq) -> torch.Tensor:
+    """The reference's log-probability of seq[t+1] at each position t."""
+    return ref_logprobs.double().gather(1, torch.as_tensor(seq[1:])[:, None])[:, 0]
 
 
 def full_sequence(prompt: Sequence[int], resp: dict) -> list[int]:

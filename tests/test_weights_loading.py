@@ -1,0 +1,104 @@
+"""Weight loading through a real `sglang serve --device cpu`: a checkpoint that does not match its
+config fails start-up with ONE Step35WeightError naming every bad tensor with expected/actual shapes,
+and a block-FP8 checkpoint (Step-3.5-Flash-FP8 layout, `step35 tiny --fp8`) serves on CPU.
+
+SGLang 0.5.23's FP8 methods assert AMX on CPU (sglang/srt/layers/quantization/fp8.py: "Fp8LinearMethod
+on CPU requires that CPU has AMX support"); our model then builds unquantized and the loader
+dequantizes each FP8 weight with its weight_scale_inv (sglang_step35/models/weights.py). The served
+FP8 model (bf16: SGLang allows no fp32 with fp8) must match the reference on the dequantized weights
+(bf16 tolerance), and stay close to the bf16 checkpoint it was quantized from (FP8 tolerance).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from reference import Step35Reference
+from reference.serving import CPU_ARGS, OUR_CLASS_LINE, full_sequence, generate, max_abs_diff, served_logprobs
+from sglang_step35 import fp8
+from sglang_step35.server import SGLangServer
+from sglang_step35.tiny import write_tiny_checkpoint
+
+pytestmark = pytest.mark.server
+
+BF16_TOL = 0.25  # bf16 server vs fp32 reference on the same weights (see test_parity_served.py)
+# max over positions of KL(bf16 checkpoint || served FP8 in bf16): FP8 rounding (KL ~0.06 in the
+# reference alone) plus bf16 activations.
+FP8_KL_TOL = 0.15
+MISSING = "model.layers.1.self_attn.k_proj.weight"  # one shard of the fused qkv parameter
+UNEXPECTED = "model.layers.0.self_attn.bogus_proj.weight"
+MISSHAPED = "model.layers.2.moe.up_proj.weight"
+
+
+def _copy_with(src, dst, edit):
+    shutil.copytree(src, dst)
+    w = load_file(str(dst / "model.safetensors"))
+    edit(w)
+    save_file(w, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def test_mismatched_checkpoint_fails_with_one_error_listing_every_tensor(tiny_dir, tmp_path):
+    def edit(w):
+        del w[MISSING]
+        w[UNEXPECTED] = torch.zeros(4, 4, dtype=torch.bfloat16)
+        e, i, h = w[MISSHAPED].shape
+        w[MISSHAPED] = w[MISSHAPED][:, : i - 1].contiguous()
+
+    ckpt = _copy_with(tiny_dir, tmp_path / "broken", edit)
+    e, i, h = load_file(str(tiny_dir / "model.safetensors"))[MISSHAPED].shape
+    kv_shape = list(load_file(str(tiny_dir / "model.safetensors"))[MISSING].shape)
+    server = SGLangServer(str(ckpt), CPU_ARGS, startup_timeout=240)
+    with pytest.raises(RuntimeError, match="exited with code"):
+        server.start()
+    server.stop()
+    log = server.log_text()
+    assert log.count("Step35WeightError") >= 1
+    # One error, all three problems, each with its shapes.
+    err = log[log.index("Step35WeightError"):]
+    assert f"{MISSHAPED}: expected [{e}, {i}, {h}], got [{e}, {i - 1}, {h}]" in err
+    assert UNEXPECTED in err
+    assert f"{MISSING}: expected {kv_shape}" in err  # a missing shard of a fused parameter is named
+
+
+@pytest.fixture(scope="module")
+def fp8_pair(tmp_path_factory):
+    """(bf16 checkpoint, the same weights in FP8 layout), seed 5."""
+    root = tmp_path_factory.mktemp("fp8")
+    return write_tiny_checkpoint(root / "bf16", seed=5), write_tiny_checkpoint(root / "fp8", seed=5, fp8=True)
+
+
+def test_fp8_checkpoint_serves_on_cpu_dequantized_at_load(fp8_pair):
+    bf16_dir, fp8_dir = fp8_pair
+    assert json.loads((fp8_dir / "config.json").read_text())["quantization_config"]["quant_method"] == "fp8"
+    w = load_file(str(fp8_dir / "model.safetensors"))
+    ref_fp8 = Step35Reference(fp8_dir, weights=fp8.dequantize_checkpoint(w))
+    ref_bf16 = Step35Reference(bf16_dir)
+    V = int(ref_fp8.cfg["vocab_size"])
+    prompt = [(53 * i + 7) % 900 + 20 for i in range(30)]
+    # bf16: SGLang refuses fp32 for quant method fp8 ("torch.float32 is not supported for
+    # quantization method fp8"), before our model is built.
+    with SGLangServer(str(fp8_dir), [*CPU_ARGS, "--dtype", "bfloat16"], startup_timeout=240) as server:
+        log = server.log_text()
+        resp = generate(server, prompt, 12, V)
+    assert OUR_CLASS_LINE in log and "dequantizing FP8 weights at load" in log
+    seq = full_sequence(prompt, resp)
+    got = served_logprobs(resp, V)
+    diff = max_abs_diff(got, ref_fp8.logprobs(seq[:-1]))
+    kl = _kl(ref_bf16.logprobs(seq[:-1]), got)
+    print(f"fp8 served: max |Δ| vs dequantized reference {diff:.4f}; max KL vs bf16 checkpoint {kl:.4f}")
+    assert diff <= BF16_TOL
+    assert kl <= FP8_KL_TOL
+    # Teeth: a loader that skipped the scales would be far off.
+    no_scale = {k: (v.to(torch.bfloat16) if v.dtype == fp8.FP8_DTYPE else v) for k, v in w.items()}
+    assert max_abs_diff(got, Step35Reference(fp8_dir, weights=no_scale).logprobs(seq[:-1])) > 4 * BF16_TOL
+
+
+def _kl(p_log: torch.Tensor, q_log: torch.Tensor) -> float:
+    p_log, q_log = p_log.double(), q_log.double()
+    return float((p_log.exp() * (p_log - q_log)).sum(-1).max())
