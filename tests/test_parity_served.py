@@ -4,8 +4,8 @@ next-token distribution (top_logprobs_num = vocab size) at every prompt position
 
 Tolerances (max |Δ logprob| over all positions and all V tokens):
 - fp32 server vs fp32 reference: FP32_TOL = 1e-4 (measured ~2e-6; op order only);
-- bf16 server vs fp32 reference: BF16_TOL = 0.25 (bf16 weights are exact; the error is bf16
-  activations through 5 layers, over the whole vocabulary).
+- bf16 server vs fp32 reference: BF16_TOL = 0.1 (measured 0.028; the checkpoint is bf16, so the
+  error is bf16 activations through 5 layers, over the whole vocabulary).
 Every tolerance is checked to be meaningful: the reference with the sliding window off, or without
 the routed clamp, must differ from the server by far more than the tolerance.
 
@@ -45,7 +45,7 @@ from sglang_step35.tiny import TinySpec, write_tiny_checkpoint
 pytestmark = pytest.mark.server
 
 FP32_TOL = 1e-4
-BF16_TOL = 0.25
+BF16_TOL = 0.1
 # A difference counts as "the implementations compute different functions" above this (>= 100x the
 # fp32 tolerance), so the negative checks cannot pass by noise.
 DIFFERENT = 1e-2

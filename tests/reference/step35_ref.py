@@ -190,12 +190,11 @@ class Step35Reference:
         weights = weights * float(c.get("moe_router_scaling_factor") or 1.0)
         limit = float(self._per_layer("swiglu_limits", i, 0.0)) if self.routed_clamp else 0.0
         out = torch.zeros(x.shape[0], x.shape[1], dtype=self.acc)
-        for t in range(x.shape[0]):
-            for slot in range(ids.shape[1]):
-                e = int(ids[t, slot])
-                y = self.swiglu(x[t:t + 1], w[p + "moe.gate_proj.weight"][e], w[p + "moe.up_proj.weight"][e],
-                                w[p + "moe.down_proj.weight"][e], limit)
-                out[t] += weights[t, slot].to(self.acc) * y[0].to(self.acc)
+        for e in ids.unique().tolist():  # each chosen expert once, on the tokens that picked it
+            tok, slot = (ids == e).nonzero(as_tuple=True)
+            y = self.swiglu(x[tok], w[p + "moe.gate_proj.weight"][e], w[p + "moe.up_proj.weight"][e],
+                            w[p + "moe.down_proj.weight"][e], limit)
+            out.index_add_(0, tok, weights[tok, slot, None].to(self.acc) * y.to(self.acc))
         shared_limit = float(self._per_layer("swiglu_limits_shared", i, 0.0)) if self.shared_clamp else 0.0
         shared = self.swiglu(x, w[p + "share_expert.gate_proj.weight"], w[p + "share_expert.up_proj.weight"],
                              w[p + "share_expert.down_proj.weight"], shared_limit)
