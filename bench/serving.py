@@ -24,7 +24,7 @@ machine without a GPU the default is CPU_DEFAULT_SCALE (the whole run then takes
 2 cores). Results go to bench/out/serving.json and bench/out/serving.png (gitignored).
 
     python bench/serving.py                         # CPU: tiny checkpoint, scaled, both models
-    python bench/serving.py --scale 1 --model /models/Step-3.5-Flash --server-args "--tp 4 --ep 4"
+    python bench/serving.py --scale 1 --model /models/Step-3.5-Flash --server-args="--tp 4 --ep 4"
     python bench/serving.py --base-url http://gpu-host:30000 --tokenizer stepfun-ai/Step-3.5-Flash
 """
 
@@ -46,6 +46,7 @@ from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout as `python bench/serving.py`
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/gsm8k.py beside it
 
 OUT_DIR = ROOT / "bench" / "out"
 SEED_INPUT_LEN = 1000
@@ -225,7 +226,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="checkpoint directory to serve (default: the tiny checkpoint)")
     p.add_argument("--models", default="ours,builtin", help="which model classes to serve: ours, builtin or both")
-    p.add_argument("--server-args", default="", help="extra `sglang serve` flags, e.g. \"--tp 4 --ep 4\"")
+    p.add_argument("--server-args", default="", help='extra `sglang serve` flags as one string: --server-args="--tp 4 --ep 4"')
     p.add_argument("--base-url", help="benchmark a running server instead of starting one (labelled 'ours')")
     p.add_argument("--builtin-base-url", help="with --base-url: a second server running the built-in model")
     p.add_argument("--tokenizer", help="tokenizer for bench_serving (default: the served model's path)")
@@ -276,8 +277,10 @@ def main(argv=None) -> int:
             from sglang_step35.server import SGLangServer
 
             server_args = shlex.split(args.server_args)
-            if not on_gpu and "--device" not in server_args:
-                server_args += ["--device", "cpu"]
+            if not on_gpu:
+                from gsm8k import cpu_server_args  # same CPU flags (and the same reason) as GSM8K
+
+                server_args = cpu_server_args(server_args)
             bar.set_postfix_str(f"starting {label} server")
             server = SGLangServer(model_path, server_args, env=MODELS[label]["env"]).start()
             url = server.base_url
