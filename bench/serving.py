@@ -53,7 +53,7 @@ SEED_INPUT_LEN = 1000
 SEED_OUTPUT_LEN = 1000
 # name -> (prompts, max concurrency), from the seed's benchmark table.
 SEED_SCENARIOS: dict[str, tuple[int, int]] = {"low": (10, 1), "medium": (80, 16), "high": (500, 100)}
-# On 2 CPU cores the tiny checkpoint runs the three scaled scenarios for both models in ~5 minutes.
+# Measured: the three scaled scenarios for both models took 8 min on a shared 2-core VM (bench/RESULTS.md).
 CPU_DEFAULT_SCALE = 0.1
 # bench_serving metrics we keep (all are in its --output-file record).
 METRICS = [
