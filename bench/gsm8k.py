@@ -44,24 +44,6 @@ RESULT_PATTERNS = {
 }
 
 
-def cpu_server_args(server_args: list[str]) -> list[str]:
-    """CPU additions to the user's `sglang serve` flags.
-
-    --disable-hybrid-swa-memory: SGLang 0.5.23's torch_native decode reads a sliding layer's KV
-    buffer through `req_to_token`, i.e. with full-pool slot indices, although the hybrid SWA pool
-    stores those layers at separately allocated SWA slots. Once the two allocators diverge, sliding
-    layers read other tokens' KV, and a full-pool index past the SWA pool's size (0.8 x the KV
-    budget) kills the scheduler with an IndexError: 50 parallel GSM8K prompts reach that with our
-    model and with the built-in one alike. With one pool, slot indices are the same for every layer.
-    """
-    out = list(server_args)
-    if "--device" not in out:
-        out += ["--device", "cpu"]
-    if "--disable-hybrid-swa-memory" not in out and not any(a.startswith("--swa-full-tokens-ratio") for a in out):
-        out.append("--disable-hybrid-swa-memory")
-    return out
-
-
 def parse_harness_output(text: str) -> dict:
     """The four figures few_shot_gsm8k prints; raises if any is missing (the run then failed)."""
     out = {}
@@ -138,9 +120,7 @@ def main(argv=None) -> int:
         from sglang_step35.server import SGLangServer
 
         model = str(Path(args.model).resolve()) if args.model else str(ensure_tiny())
-        server_args = shlex.split(args.server_args)
-        if not torch.cuda.is_available():
-            server_args = cpu_server_args(server_args)
+        server_args = shlex.split(args.server_args)  # CPU defaults come from the plugin
         env = {"SGLANG_STEP35_USE_BUILTIN_MODEL": "1"} if args.builtin else {}
         print(f"[gsm8k] starting sglang serve --model-path {model} {shlex.join(server_args)}", flush=True)
         with SGLangServer(model, server_args, env=env) as server:

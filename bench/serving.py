@@ -276,11 +276,8 @@ def main(argv=None) -> int:
         if url is None:
             from sglang_step35.server import SGLangServer
 
+            # CPU defaults (device, one KV pool, KV budget) come from the plugin, as for any user.
             server_args = shlex.split(args.server_args)
-            if not on_gpu:
-                from gsm8k import cpu_server_args  # same CPU flags (and the same reason) as GSM8K
-
-                server_args = cpu_server_args(server_args)
             bar.set_postfix_str(f"starting {label} server")
             server = SGLangServer(model_path, server_args, env=MODELS[label]["env"]).start()
             url = server.base_url

@@ -123,6 +123,28 @@ def _install_cpu_support() -> None:
         sys.modules["sgl_kernel"] = make_module()
     install_torch_ops_namespace()
     os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register(
+        "sglang.srt.distributed.parallel_state.init_model_parallel_group", _gloo_only_groups, HookType.AROUND
+    )
+
+
+def _gloo_only_groups(original, *args, **kwargs):
+    # SGLang 0.5.23 turns pynccl on for CPU groups too, and PyNcclCommunicator raises "Expected a
+    # cuda device, but got: cpu": `--tp 2` could not start on CPU. Gloo alone serves CPU ranks.
+    kwargs["use_pynccl"] = False
+    return original(*args, **kwargs)
+
+
+def _cpu_thread_binding(tp_size: int) -> Optional[str]:
+    """SGLANG_CPU_OMP_THREADS_BIND value giving each TP rank an equal share of this process's cores
+    (SGLang otherwise asserts one NUMA node per rank, which a laptop does not have)."""
+    cores = sorted(os.sched_getaffinity(0))
+    if tp_size <= 1 or len(cores) < tp_size:
+        return None
+    per = len(cores) // tp_size
+    return "|".join(",".join(str(c) for c in cores[r * per:(r + 1) * per]) for r in range(tp_size))
 
 
 def _install_server_policy() -> None:
@@ -230,6 +252,18 @@ def _cpu_server_defaults(server_args) -> None:
         server_args.attention_backend = "torch_native"
     if getattr(server_args, "max_total_tokens", None) is None:
         server_args.max_total_tokens = int(os.environ.get(CPU_KV_TOKENS_ENV, DEFAULT_CPU_KV_TOKENS))
+    binding = _cpu_thread_binding(int(getattr(server_args, "tp_size", 1) or 1))
+    if binding and "SGLANG_CPU_OMP_THREADS_BIND" not in os.environ:
+        os.environ["SGLANG_CPU_OMP_THREADS_BIND"] = binding  # inherited by the spawned TP ranks
+    if getattr(server_args, "attention_backend", None) == "torch_native" and not getattr(
+        server_args, "disable_hybrid_swa_memory", False
+    ):
+        # SGLang 0.5.23's torch_native backend writes sliding layers' KV at SWA-pool slots but reads
+        # it through req_to_token (full-pool slots). Both agree only until the SWA pool frees
+        # out-of-window tokens; then sliding layers read other tokens' KV or crash the scheduler
+        # (tests/test_swa_pool_cpu.py). One pool keeps slot indices identical for every layer.
+        server_args.disable_hybrid_swa_memory = True
+        logger.info("CPU torch_native attention: hybrid SWA KV pool disabled (SGLang reads it with full-pool slots)")
 
 
 def register() -> None:

@@ -74,15 +74,6 @@ def test_gsm8k_harness_output_parsing():
         gsm8k.parse_harness_output("Accuracy: 0.5\n")  # a crashed run must not produce a report
 
 
-def test_cpu_server_args_use_one_kv_pool_unless_the_user_chose():
-    # torch_native + hybrid SWA pool on CPU crashes / reads wrong slots (see gsm8k.cpu_server_args).
-    assert gsm8k.cpu_server_args([]) == ["--device", "cpu", "--disable-hybrid-swa-memory"]
-    assert gsm8k.cpu_server_args(["--swa-full-tokens-ratio", "0.5"]) == [
-        "--swa-full-tokens-ratio", "0.5", "--device", "cpu"]
-    assert gsm8k.cpu_server_args(["--device", "cpu", "--disable-hybrid-swa-memory"]).count(
-        "--disable-hybrid-swa-memory") == 1
-
-
 def _numbers(d: dict) -> bool:
     return all(isinstance(v, (int, float)) and v == v and v >= 0 for v in d.values())
 
