@@ -1,4 +1,5 @@
-"""Tensor parallel on CPU: `--tp 2` logprobs equal `--tp 1` and the reference (fp32, 1e-4).
+"""Tensor and expert parallel on CPU: `--tp 2` and `--tp 2 --ep 2` logprobs equal `--tp 1` and the
+reference (fp32, 1e-4).
 
 SGLang 0.5.23 alone cannot start `--tp 2` on CPU: `init_model_parallel_group`
 (sglang/srt/distributed/parallel_state.py) turns pynccl on for CPU groups and `PyNcclCommunicator`
@@ -21,23 +22,28 @@ from sglang_step35.tiny import write_tiny_checkpoint
 pytestmark = pytest.mark.server
 
 FP32_TOL = 1e-4
+LAYOUTS = {"tp1": ["--tp", "1"], "tp2": ["--tp", "2"], "tp2-ep2": ["--tp", "2", "--ep", "2"]}
 
-def test_tp2_logprobs_equal_tp1(tmp_path):
-    ckpt = write_tiny_checkpoint(tmp_path / "ckpt", seed=0)  # heads 4 / 6, 2 KV heads: all split by 2
+
+def test_tp2_and_ep2_logprobs_equal_tp1_and_the_reference(tmp_path):
+    # heads 4 / 6 and 2 KV heads split by 2; 8 experts -> 4 whole experts per EP rank. The routed
+    # clamp of the last layer triggers, so EP also covers the clamped expert path.
+    ckpt = write_tiny_checkpoint(tmp_path / "ckpt", seed=0)
     ref = Step35Reference(ckpt)
     V = int(ref.cfg["vocab_size"])
     rng = random.Random(4)
     prompt = [rng.randrange(20, V) for _ in range(40)]
     runs = {}
-    for tp in (1, 2):
-        # Plain `sglang serve --tp 2`: the plugin disables pynccl for CPU groups and splits the
-        # cores between the ranks (SGLANG_CPU_OMP_THREADS_BIND).
-        with SGLangServer(str(ckpt), [*CPU_ARGS, "--dtype", "float32", "--tp", str(tp)],
-                          startup_timeout=400) as server:
-            runs[tp] = generate(server, prompt, 12, V)
-    assert runs[2]["output_ids"] == runs[1]["output_ids"]
-    lp1, lp2 = served_logprobs(runs[1], V), served_logprobs(runs[2], V)
-    diff = max_abs_diff(lp1, lp2)
-    print(f"tp2 vs tp1 max |Δlogprob| {diff:.2e}")
-    assert diff <= FP32_TOL
-    assert max_abs_diff(lp2, ref.logprobs(full_sequence(prompt, runs[2])[:-1])) <= FP32_TOL
+    for name, layout in LAYOUTS.items():
+        # Plain `sglang serve --tp 2 [--ep 2]`: the plugin disables pynccl for CPU groups, splits the
+        # cores between the ranks, and our MoE serves EP on CPU with its own expert loop.
+        with SGLangServer(str(ckpt), [*CPU_ARGS, "--dtype", "float32", *layout], startup_timeout=400) as server:
+            runs[name] = generate(server, prompt, 12, V)
+    base = served_logprobs(runs["tp1"], V)
+    for name in ("tp2", "tp2-ep2"):
+        assert runs[name]["output_ids"] == runs["tp1"]["output_ids"], name
+        lp = served_logprobs(runs[name], V)
+        diff = max_abs_diff(lp, base)
+        print(f"{name} vs tp1 max |Δlogprob| {diff:.2e}")
+        assert diff <= FP32_TOL, name
+        assert max_abs_diff(lp, ref.logprobs(full_sequence(prompt, runs[name])[:-1])) <= FP32_TOL, name

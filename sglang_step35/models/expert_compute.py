@@ -5,7 +5,8 @@ path (`moe_forward_native`) ignores `gemm1_clamp_limit`, AITER's fused MoE has n
 (GSM8K 0.85 -> 0.55 on AMD, vllm #36193). Step-3.5-Flash clamps only layers 43-44, so those layers run
 this loop (the same trade the AMD fix made: fallback only where the clamp is active) and every
 other layer stays on FusedMoE's fast runner. Works under EP (only local experts) and TP (partial
-intermediate; the caller all-reduces).
+intermediate; the caller all-reduces); on CPU it also serves EP, which SGLang's native CPU MoE
+cannot (it indexes with the -1 ids of non-local experts).
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import torch
 from sglang_step35 import ops
 
 
-def clamped_experts_forward(experts, x: torch.Tensor, topk_output, limit: float) -> torch.Tensor:
-    """sum_k w_k * down_e(swiglu_clamp(gate_up_e(x))) over this rank's experts; [T, H] in x's dtype."""
+def experts_forward_loop(experts, x: torch.Tensor, topk_output, limit: float) -> torch.Tensor:
+    """limit 0 = no clamp. sum_k w_k * down_e(swiglu_clamp(gate_up_e(x))) over this rank's experts; [T, H] in x's dtype."""
     w13, w2 = experts.w13_weight, experts.w2_weight
     n_local = w13.shape[0]
     if w13.dim() != 3 or w2.dim() != 3 or w13.shape[2] != x.shape[-1]:

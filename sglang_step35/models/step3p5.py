@@ -39,7 +39,7 @@ from sglang.srt.utils import add_prefix
 
 from sglang_step35 import ops
 from sglang_step35.config import LayerSpec, layer_spec, validate
-from sglang_step35.models.expert_compute import clamped_experts_forward
+from sglang_step35.models.expert_compute import experts_forward_loop
 from sglang_step35.models.weights import cpu_fp8_fallback, load_step3p5_weights
 
 logger = logging.getLogger(__name__)  # propagates to the handlers SGLang configures per process
@@ -131,10 +131,11 @@ class Step3p5MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits, _ = self.gate(x.float() if self.fp32_gate else x)
         topk_output = self.topk(x, logits)
-        if self.swiglu_limit > 0:
-            # SGLang's MoE runners disagree on (or, on CPU and AITER, drop) the clamp; clamped layers
-            # (43-44 in Step-3.5-Flash) run our own expert loop on the same weights instead.
-            routed = clamped_experts_forward(self.experts, x, topk_output, self.swiglu_limit)
+        if self.swiglu_limit > 0 or (self.experts.moe_ep_size > 1 and x.device.type == "cpu"):
+            # SGLang's MoE runners disagree on (or, on CPU and AITER, drop) the clamp, and its CPU MoE
+            # cannot take EP's non-local experts: those layers (43-44 in Step-3.5-Flash; all under EP
+            # on CPU) run our own expert loop on the same weights instead.
+            routed = experts_forward_loop(self.experts, x, topk_output, self.swiglu_limit)
         else:
             routed = self.experts(x, topk_output)
         out = routed + self.share_expert(x)
