@@ -7,7 +7,7 @@
   share whose call names the expected tool with the expected arguments.
 Writes JSON to bench/out/tiny_eval.json and prints a summary.
 
-    python bench/tiny_eval.py [--model DIR] [--gsm8k 100] [--tools 60]
+    python bench/tiny_eval.py --model DIR [--gsm8k 100] [--tools 60]
 """
 
 from __future__ import annotations
@@ -66,16 +66,12 @@ def eval_tools(client, n: int, max_tokens: int, parallel: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="checkpoint dir (default: the embedded trained tiny checkpoint)")
+    ap.add_argument("--model", required=True, help="checkpoint dir, e.g. the output of `step35 train-tiny`")
     ap.add_argument("--gsm8k", type=int, default=100)
     ap.add_argument("--tools", type=int, default=60)
     ap.add_argument("--max-tokens", type=int, default=384)
     ap.add_argument("--parallel", type=int, default=8)
     args = ap.parse_args(argv)
-    if args.model is None:
-        from sglang_step35.training.embedded import trained_checkpoint_dir
-
-        args.model = str(trained_checkpoint_dir())
     t0 = time.time()
     with SGLangServer(args.model, ["--reasoning-parser", "step3p5", "--tool-call-parser", "step3p5"]) as server:
         client = OpenAI(base_url=server.base_url + "/v1", api_key="none")

@@ -15,17 +15,8 @@ def cmd_tiny(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from sglang_step35.tiny import write_tiny_checkpoint
-    from sglang_step35.training.embedded import write_trained_checkpoint
-
-    if args.trained and args.fp8:
-        print("step35 tiny: --trained and --fp8 cannot be combined (the trained checkpoint is bf16)", file=sys.stderr)
-        return 2
-    what = "trained tiny Step-3.5 checkpoint" if args.trained else f"tiny Step-3.5 checkpoint (seed {args.seed})"
-    with tqdm(total=1, desc=f"writing {what}", unit="ckpt") as bar:
-        if args.trained:
-            out = write_trained_checkpoint(args.out)
-        else:
-            out = write_tiny_checkpoint(args.out, seed=args.seed, fp8=args.fp8)
+    with tqdm(total=1, desc=f"writing tiny Step-3.5 checkpoint (seed {args.seed})", unit="ckpt") as bar:
+        out = write_tiny_checkpoint(args.out, seed=args.seed, fp8=args.fp8)
         bar.update(1)
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"wrote {out} ({size / 1e6:.1f} MB): {', '.join(sorted(p.name for p in out.iterdir()))}")
@@ -102,8 +93,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--fp8", action="store_true",
                    help="write the Step-3.5-Flash-FP8 layout (128x128 block FP8 e4m3 + weight_scale_inv)")
-    t.add_argument("--trained", action="store_true",
-                   help="write the embedded checkpoint trained by `step35 train-tiny` instead of random weights")
     t.set_defaults(func=cmd_tiny)
 
     tr = sub.add_parser("train-tiny", help="train the tiny architecture on GSM8K + tool calls (CPU, ~30 min)")
