@@ -252,6 +252,10 @@ def _cpu_server_defaults(server_args) -> None:
         server_args.attention_backend = "torch_native"
     if getattr(server_args, "max_total_tokens", None) is None:
         server_args.max_total_tokens = int(os.environ.get(CPU_KV_TOKENS_ENV, DEFAULT_CPU_KV_TOKENS))
+    if not getattr(server_args, "sleep_on_idle", False):
+        # SGLang's scheduler otherwise busy-polls a whole core while idle: on a laptop (or a
+        # 2-core CI machine) that halves the machine for everything else.
+        server_args.sleep_on_idle = True
     binding = _cpu_thread_binding(int(getattr(server_args, "tp_size", 1) or 1))
     if binding and "SGLANG_CPU_OMP_THREADS_BIND" not in os.environ:
         os.environ["SGLANG_CPU_OMP_THREADS_BIND"] = binding  # inherited by the spawned TP ranks

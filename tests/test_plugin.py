@@ -64,9 +64,10 @@ def test_builtin_switch_keeps_sglang_model_classes_but_everything_else():
 
 
 def test_cpu_defaults_fill_only_what_the_user_left_unset():
-    args = SimpleNamespace(device=None, attention_backend=None, max_total_tokens=None)
+    args = SimpleNamespace(device=None, attention_backend=None, max_total_tokens=None, sleep_on_idle=False)
     plugin._cpu_server_defaults(args)
     assert (args.device, args.attention_backend, args.max_total_tokens) == ("cpu", "torch_native", 16384)
+    assert args.sleep_on_idle and args.disable_hybrid_swa_memory
     user = SimpleNamespace(device="cpu", attention_backend="triton", max_total_tokens=4096)
     plugin._cpu_server_defaults(user)
     assert (user.attention_backend, user.max_total_tokens) == ("triton", 4096)
