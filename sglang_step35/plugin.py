@@ -60,6 +60,10 @@ def has_accelerator() -> bool:
 
 def _install_model_package() -> str:
     if use_builtin_model():
+        # A parent process that ran register() (a launcher script, a test runner) leaves our package
+        # in the environment its children inherit; the built-in switch must win over it.
+        if os.environ.get("SGLANG_EXTERNAL_MODEL_PACKAGE") == MODEL_PACKAGE:
+            del os.environ["SGLANG_EXTERNAL_MODEL_PACKAGE"]
         return "sglang.srt.models.step3p5 (built-in; SGLANG_STEP35_USE_BUILTIN_MODEL=1)"
     current = os.environ.get("SGLANG_EXTERNAL_MODEL_PACKAGE")
     if current and current != MODEL_PACKAGE:

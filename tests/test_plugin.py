@@ -57,7 +57,8 @@ def test_register_installs_everything_once_per_process():
 
 
 def test_builtin_switch_keeps_sglang_model_classes_but_everything_else():
-    info, log = _probe({"SGLANG_STEP35_USE_BUILTIN_MODEL": "1"})
+    # Also when a parent process that ran register() passed its environment down.
+    info, log = _probe({"SGLANG_STEP35_USE_BUILTIN_MODEL": "1", "SGLANG_EXTERNAL_MODEL_PACKAGE": "sglang_step35.models"})
     assert info["model_pkg"] is None
     assert info["standin"] and info["reasoning"].startswith("sglang_step35.parsers")
     assert "sglang.srt.models.step3p5 (built-in" in log
