@@ -220,7 +220,6 @@ def ours_b_greedy(servers, refs):
 
 def test_ours_fp32_checkpoint_b_greedy_matches_reference(ours_b_greedy, refs):
     ref = refs("B")
-    V = _vocab(ref)
     jobs, resps = ours_b_greedy
     for (prompt, _), resp in zip(jobs, resps):
         seq = full_sequence(prompt, resp)
