@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-## Serve the embedded tiny checkpoint with plain `sglang serve` and stream one chat request.
+## Serve the embedded trained tiny checkpoint with plain `sglang serve` and stream one GSM8K chat request.
 demo: setup
 	$(BIN)/step35 demo
 
@@ -35,7 +35,9 @@ clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
 
 # bench and gsm8k are also directory names: without .PHONY make would call them up to date.
-.PHONY: bench gsm8k
+.PHONY: bench gsm8k train-tiny tiny-eval mtp-bench
+TRAINED_OUT ?= build/tiny-trained
+MTP_ARGS ?=
 SCALE ?=
 BENCH_ARGS ?=
 NUM_QUESTIONS ?= 50
@@ -49,7 +51,21 @@ GSM8K_ARGS ?=
 bench: setup
 	$(BIN)/python bench/serving.py $(if $(SCALE),--scale $(SCALE)) $(BENCH_ARGS)
 
-## GSM8K few-shot (SGLang's few_shot_gsm8k on the shipped test set). Default: the tiny checkpoint on CPU;
+## GSM8K few-shot (SGLang's few_shot_gsm8k on the shipped test set). Default: the trained tiny checkpoint on CPU;
 ## HOST=... [PORT=30000] evaluates a running deployment. NUM_QUESTIONS=50 by default.
 gsm8k: setup
 	$(BIN)/python bench/gsm8k.py --num-questions $(NUM_QUESTIONS) $(if $(HOST),--host $(HOST) --port $(PORT)) $(GSM8K_ARGS)
+
+## Re-run the recipe of the embedded trained checkpoint (`step35 train-tiny`, ~25 min on 2 cores) into
+## TRAINED_OUT, then measure it through `sglang serve` (bench/tiny_eval.py: think closed, `#### N`, tool calls).
+train-tiny: setup
+	$(BIN)/step35 train-tiny $(TRAINED_OUT)
+	$(BIN)/python bench/tiny_eval.py --model $(TRAINED_OUT)
+
+## The same measurement on the embedded trained checkpoint.
+tiny-eval: setup
+	$(BIN)/python bench/tiny_eval.py --model sglang_step35/data/tiny-trained
+
+## MTP accept length and tok/s, no spec vs MTP-1 vs MTP-3 (default: the trained tiny checkpoint on CPU).
+mtp-bench: setup
+	$(BIN)/python bench/mtp.py $(MTP_ARGS)

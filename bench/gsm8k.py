@@ -5,15 +5,16 @@ package (`sglang_step35/data/gsm8k/test.jsonl`, MIT licence beside it), so nothi
 It prints accuracy, invalid rate, latency and output throughput; we capture them into
 bench/out/gsm8k.json together with the exact command.
 
-* default: start `sglang serve` on the tiny checkpoint (CPU when there is no GPU; our model class
+* default: start `sglang serve` on the embedded trained tiny checkpoint (CPU when there is no GPU; our model class
   unless `--builtin`), run the harness, stop the server;
 * `--host H --port P`: evaluate a deployment that is already running (e.g. 4xH200 TP4 EP4).
 
-The tiny checkpoint has random weights: its accuracy is ~0 and says nothing about Step-3.5-Flash;
-on CPU the run proves the whole path (server, plugin, completion API, harness, parsing) works. The
-seed's reference for the real model (200 questions, 4xH200): accuracy 0.885, invalid 0.005.
+The trained tiny checkpoint (4M parameters, 30 CPU minutes of training, `step35 train-tiny`) writes
+GSM8K-style answers, so invalid rate and format are meaningful; its accuracy says nothing about
+Step-3.5-Flash. The seed's reference for the real model (200 questions, 4xH200): accuracy 0.885,
+invalid 0.005.
 
-    python bench/gsm8k.py                               # tiny checkpoint on CPU, 50 questions
+    python bench/gsm8k.py                               # trained tiny checkpoint on CPU, 50 questions
     python bench/gsm8k.py --host 10.0.0.5 --port 30000 --num-questions 200 --parallel 128
 """
 
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", help="evaluate a running server at this host instead of starting one")
     p.add_argument("--port", type=int, default=30000)
-    p.add_argument("--model", help="checkpoint to serve when starting a server (default: the tiny checkpoint)")
+    p.add_argument("--model", help="checkpoint to serve when starting a server (default: the embedded trained tiny checkpoint)")
     p.add_argument("--builtin", action="store_true", help="serve SGLang's built-in Step3p5ForCausalLM instead of ours")
     p.add_argument("--server-args", default="", help="extra `sglang serve` flags")
     p.add_argument("--data-path", type=Path, default=DATA)
@@ -116,10 +117,10 @@ def main(argv=None) -> int:
         result, cmd = run_harness(args.host, args.port, args, log_path)
         target = f"http://{args.host}:{args.port}"
     else:
-        from sglang_step35.cli import ensure_tiny
         from sglang_step35.server import SGLangServer
+        from sglang_step35.tiny import TRAINED_TINY_DIR
 
-        model = str(Path(args.model).resolve()) if args.model else str(ensure_tiny())
+        model = str(Path(args.model).resolve()) if args.model else str(TRAINED_TINY_DIR)
         server_args = shlex.split(args.server_args)  # CPU defaults come from the plugin
         env = {"SGLANG_STEP35_USE_BUILTIN_MODEL": "1"} if args.builtin else {}
         print(f"[gsm8k] starting sglang serve --model-path {model} {shlex.join(server_args)}", flush=True)

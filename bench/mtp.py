@@ -1,13 +1,15 @@
-"""MTP benchmark on the tiny checkpoint on CPU: output tok/s and accept length, no spec vs MTP-1 vs
-MTP-3, written to bench/out/mtp.json and bench/out/mtp.png. Not part of CI (a few minutes).
+"""MTP benchmark on CPU: output tok/s and accept length, no spec vs MTP-1 vs MTP-3, written to
+bench/out/mtp.json and bench/out/mtp.png. Not part of CI (a few minutes).
 
-    python bench/mtp.py [--model DIR] [--requests 8] [--concurrency 1] [--max-new 48]
+    python bench/mtp.py [--model DIR | --rewired] [--requests 8] [--concurrency 1] [--max-new 256]
 
-Without --model it uses the tiny checkpoint rewired so that MTP drafts are often accepted
-(tests/mtp_checkpoint.py); random weights accept ~nothing. Accept length = (accepted drafts +
-bonus token) per verify step; per-layer acceptance = P(draft i accepted | reached), from SGLang's
-meta_info `spec_correct_drafts_histogram` (sglang_step35.mtp_check.mtp_acceptance). On this tiny
-model the draft costs about as much as the target, so tok/s shows the mechanics, not real speed-ups.
+Default model: the embedded trained tiny checkpoint (its MTP layers were trained to predict 2, 3, 4
+tokens ahead), prompted with GSM8K test questions in its chat template; generation stops at the
+end of the turn. `--rewired` uses the random tiny checkpoint rewired so that drafts are often
+accepted (tests/mtp_checkpoint.py) with `ignore_eos`. Accept length = (accepted drafts + bonus
+token) per verify step; per-layer acceptance = P(draft i accepted | reached), from SGLang's meta_info
+`spec_correct_drafts_histogram` (sglang_step35.mtp_check.mtp_acceptance). On a tiny model the draft
+costs about as much as the target, so tok/s shows the mechanics, not real speed-ups.
 """
 
 from __future__ import annotations
@@ -37,18 +39,26 @@ CONFIGS = {
 }
 
 
-def prompts(n: int) -> list[str]:
+def prompts(n: int, model: str, chat: bool) -> list[str]:
     data = ROOT / "sglang_step35" / "data" / "gsm8k" / "test.jsonl"
-    return [json.loads(line)["question"] for line in data.read_text().splitlines()[100:100 + n]]
+    questions = [json.loads(line)["question"] for line in data.read_text().splitlines()[100:100 + n]]
+    if not chat:
+        return questions
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    return [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+            for q in questions]
 
 
-def run_config(model: str, name: str, args: list[str], ps: list[str], conc: int, max_new: int, dtype: str) -> dict:
+def run_config(model: str, name: str, args: list[str], ps: list[str], conc: int, max_new: int, dtype: str,
+               ignore_eos: bool) -> dict:
     server = SGLangServer(model, ["--device", "cpu", "--max-total-tokens", "4096", "--dtype", dtype, *args])
     server.start()
     try:
         url = server.base_url + "/generate"
         body = lambda p: {"text": p, "sampling_params": {"max_new_tokens": max_new, "temperature": 0,  # noqa: E731
-                                                         "ignore_eos": True}}
+                                                         "ignore_eos": ignore_eos}}
         requests.post(url, json=body("warm up"), timeout=600).raise_for_status()
         t0 = time.perf_counter()
         with ThreadPoolExecutor(conc) as pool:
@@ -94,24 +104,33 @@ def plot(results: list[dict], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", help="checkpoint dir (default: tiny checkpoint with predictable MTP layers)")
+    ap.add_argument("--model", help="checkpoint dir (default: the embedded trained tiny checkpoint)")
+    ap.add_argument("--rewired", action="store_true",
+                    help="random tiny checkpoint with MTP layers rewired to be predictable, ignore_eos")
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--concurrency", type=int, default=1)
-    ap.add_argument("--max-new", type=int, default=48)
+    ap.add_argument("--max-new", type=int, default=256)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--configs", default="no_spec,mtp1,mtp3")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out"))
     a = ap.parse_args()
+    if a.model and a.rewired:
+        ap.error("--model and --rewired exclude each other")
     model = a.model
-    if model is None:
+    if a.rewired:
         from mtp_checkpoint import write_predictable_mtp_checkpoint
 
         from sglang_step35.tiny import write_tiny_checkpoint
 
         tmp = Path(tempfile.mkdtemp(prefix="step35-mtp-bench-"))
         model = str(write_predictable_mtp_checkpoint(write_tiny_checkpoint(tmp / "tiny"), tmp / "mtp"))
-    ps = prompts(a.requests)
-    results = [run_config(model, c, CONFIGS[c], ps, a.concurrency, a.max_new, a.dtype) for c in a.configs.split(",")]
+    elif model is None:
+        from sglang_step35.tiny import TRAINED_TINY_DIR
+
+        model = str(TRAINED_TINY_DIR)
+    ps = prompts(a.requests, model, chat=not a.rewired)
+    results = [run_config(model, c, CONFIGS[c], ps, a.concurrency, a.max_new, a.dtype, ignore_eos=a.rewired)
+               for c in a.configs.split(",")]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "mtp.json").write_text(json.dumps({"model": model, "dtype": a.dtype, "results": results}, indent=2))

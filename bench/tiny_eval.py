@@ -7,7 +7,7 @@
   share whose call names the expected tool with the expected arguments.
 Writes JSON to bench/out/tiny_eval.json and prints a summary.
 
-    python bench/tiny_eval.py --model DIR [--gsm8k 100] [--tools 60]
+    python bench/tiny_eval.py [--model DIR] [--gsm8k 100] [--tools 60]   # default: the embedded checkpoint
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from openai import OpenAI
 from tqdm import tqdm
 
 from sglang_step35.server import SGLangServer
+from sglang_step35.tiny import TRAINED_TINY_DIR
 from sglang_step35.training.data import TOOLS, final_answer, read_gsm8k, tool_prompts
 
 OUT = Path(__file__).parent / "out"
@@ -66,7 +67,8 @@ def eval_tools(client, n: int, max_tokens: int, parallel: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="checkpoint dir, e.g. the output of `step35 train-tiny`")
+    ap.add_argument("--model", default=str(TRAINED_TINY_DIR),
+                    help="checkpoint dir, e.g. the output of `step35 train-tiny` (default: the embedded one)")
     ap.add_argument("--gsm8k", type=int, default=100)
     ap.add_argument("--tools", type=int, default=60)
     ap.add_argument("--max-tokens", type=int, default=384)

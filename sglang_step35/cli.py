@@ -14,9 +14,18 @@ DEFAULT_TINY_DIR = Path.home() / ".cache" / "sglang-step35" / "tiny-seed0"
 def cmd_tiny(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from sglang_step35.tiny import write_tiny_checkpoint
-    with tqdm(total=1, desc=f"writing tiny Step-3.5 checkpoint (seed {args.seed})", unit="ckpt") as bar:
-        out = write_tiny_checkpoint(args.out, seed=args.seed, fp8=args.fp8)
+    from sglang_step35.tiny import write_tiny_checkpoint, write_trained_checkpoint
+
+    if args.trained and (args.fp8 or args.seed is not None):
+        print("step35 tiny: --trained copies the one embedded trained checkpoint; it takes no --seed or --fp8",
+              file=sys.stderr)
+        return 2
+    what = "trained" if args.trained else f"seed {args.seed or 0}"
+    with tqdm(total=1, desc=f"writing tiny Step-3.5 checkpoint ({what})", unit="ckpt") as bar:
+        if args.trained:
+            out = write_trained_checkpoint(args.out)
+        else:
+            out = write_tiny_checkpoint(args.out, seed=args.seed or 0, fp8=args.fp8)
         bar.update(1)
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"wrote {out} ({size / 1e6:.1f} MB): {', '.join(sorted(p.name for p in out.iterdir()))}")
@@ -26,7 +35,8 @@ def cmd_tiny(args: argparse.Namespace) -> int:
 def cmd_train_tiny(args: argparse.Namespace) -> int:
     from sglang_step35.training.train import train_tiny
 
-    summary = train_tiny(args.out, seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr)
+    summary = train_tiny(args.out, seed=args.seed, steps=args.steps, mtp_steps=args.mtp_steps,
+                         batch_size=args.batch_size, lr=args.lr)
     print(f"trained {args.out} in {summary['train_seconds']} s; final losses {summary['final_loss']}")
     print(f"loss curves: {args.out}/loss_curves.png, log: {args.out}/train_log.json")
     return 0
@@ -45,7 +55,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from sglang_step35.server import SGLangServer
 
-    model = Path(args.model) if args.model else ensure_tiny()
+    from sglang_step35.tiny import TRAINED_TINY_DIR
+
+    model = Path(args.model) if args.model else TRAINED_TINY_DIR
     server_args = ["--reasoning-parser", "step3p5", "--tool-call-parser", "step3p5"]
     server_args += ["--device", "cpu"] if not _has_gpu() else []
     print(f"[demo] starting: sglang serve --model-path {model} {' '.join(server_args)}", flush=True)
@@ -90,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("tiny", help="write a tiny deterministic Step-3.5 checkpoint (real layout, < 10 MB)")
     t.add_argument("out", help="output directory")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--trained", action="store_true",
+                   help="write the embedded trained checkpoint (GSM8K + tool calls, `step35 train-tiny`)")
+    t.add_argument("--seed", type=int, default=None, help="seed of the random weights (default 0)")
     t.add_argument("--fp8", action="store_true",
                    help="write the Step-3.5-Flash-FP8 layout (128x128 block FP8 e4m3 + weight_scale_inv)")
     t.set_defaults(func=cmd_tiny)
@@ -98,16 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train-tiny", help="train the tiny architecture on GSM8K + tool calls (CPU, ~30 min)")
     tr.add_argument("out", help="output directory")
     tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--steps", type=int, default=900)
+    tr.add_argument("--steps", type=int, default=2500, help="main-model steps (phase 1)")
+    tr.add_argument("--mtp-steps", type=int, default=500, help="MTP-layer steps on the frozen main model (phase 2)")
     tr.add_argument("--batch-size", type=int, default=16)
     tr.add_argument("--lr", type=float, default=3e-3)
     tr.set_defaults(func=cmd_train_tiny)
 
     d = sub.add_parser("demo", help="serve the tiny checkpoint with sglang and stream one chat request")
-    d.add_argument("--model", help="checkpoint directory (default: the embedded tiny checkpoint)")
-    d.add_argument("--prompt", default="Natalia sold clips to 48 of her friends in April, and then she sold half "
-                   "as many clips in May. How many clips did Natalia sell altogether in April and May?")
-    d.add_argument("--max-tokens", type=int, default=96)
+    d.add_argument("--model", help="checkpoint directory (default: the embedded trained tiny checkpoint)")
+    d.add_argument("--prompt", default="Janet's ducks lay 16 eggs per day. She eats three for breakfast every "
+                   "morning and bakes muffins for her friends every day with four. She sells the remainder at the "
+                   "farmers' market daily for $2 per fresh duck egg. How much in dollars does she make every day "
+                   "at the farmers' market?", help="user message (default: the first GSM8K test question)")
+    d.add_argument("--max-tokens", type=int, default=384)
     d.set_defaults(func=cmd_demo)
 
     add_plan_parser(sub)

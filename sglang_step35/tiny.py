@@ -32,6 +32,10 @@ SPECIAL_TOKENS = [
     "<tool_response>",
     "</tool_response>",
 ]
+# Markup the parsers read from the decoded text. As in Step-3.5's own tokenizer (and Qwen's), these are
+# added tokens that are NOT special: SGLang decodes chat output with skip_special_tokens=True, which
+# would otherwise delete `</think>` and leave the reasoning parser nothing to split on.
+TEXT_MARKUP_TOKENS = SPECIAL_TOKENS[3:]
 
 # ChatML turns with Step-3.5's think block and XML tool calls. The generation prompt opens the think
 # block, as Step-3.5's template does, so the model's output starts inside its reasoning.
@@ -208,7 +212,10 @@ def build_tokenizer(vocab_size: int, corpus: list[str]):
         show_progress=False,
     )
     tok.train_from_iterator(corpus, trainer=trainer)
-    return tok
+    data = json.loads(tok.to_str())  # ids stay those the trainer gave; only the `special` flag changes
+    for added in data["added_tokens"]:
+        added["special"] = added["content"] not in TEXT_MARKUP_TOKENS
+    return Tokenizer.from_str(json.dumps(data))
 
 
 def default_corpus() -> list[str]:
@@ -275,4 +282,27 @@ def write_tiny_checkpoint(
     (out / "special_tokens_map.json").write_text(
         json.dumps({"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}) + "\n"
     )
+    return out
+
+
+# The trained tiny checkpoint shipped with the package (`step35 train-tiny`, sglang_step35/training):
+# same architecture at TRAINED_SPEC sizes, weights that write GSM8K solutions and tool calls.
+TRAINED_TINY_DIR = Path(__file__).parent / "data" / "tiny-trained"
+TRAINED_FILES = ("config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json",
+                 "tokenizer.json", "tokenizer_config.json")
+
+
+def write_trained_checkpoint(out: os.PathLike | str) -> Path:
+    """Copy the embedded trained checkpoint (and its training log and loss curves) to `out`."""
+    import shutil
+
+    missing = [f for f in TRAINED_FILES if not (TRAINED_TINY_DIR / f).exists()]
+    if missing:
+        raise FileNotFoundError(f"the embedded trained checkpoint at {TRAINED_TINY_DIR} lacks {missing}; "
+                                "reinstall sglang-step35 or rebuild it with `step35 train-tiny DIR`")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in sorted(TRAINED_TINY_DIR.iterdir()):
+        if f.is_file():
+            shutil.copy2(f, out / f.name)
     return out

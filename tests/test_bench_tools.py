@@ -79,13 +79,13 @@ def _numbers(d: dict) -> bool:
 
 
 @pytest.mark.server
-def test_serving_tiny_run_writes_json_and_png(served_tiny, tmp_path):
+def test_serving_tiny_run_writes_json_and_png(served_trained, tmp_path):
     # Both labels point at the one shared server: exercises the two-model JSON, ratio and plot paths
     # without a second `sglang serve` (CI time); the ratio of a server to itself is ~1.
     proc = subprocess.run([
         sys.executable, str(ROOT / "bench" / "serving.py"),
-        "--base-url", served_tiny.base_url, "--builtin-base-url", served_tiny.base_url,
-        "--tokenizer", served_tiny.model_path, "--scenarios", "low",
+        "--base-url", served_trained.base_url, "--builtin-base-url", served_trained.base_url,
+        "--tokenizer", served_trained.model_path, "--scenarios", "low",
         "--num-prompts", "2", "--input-len", "16", "--output-len", "16",
         "--out", str(tmp_path), "--name", "t",
     ], capture_output=True, text=True, timeout=300)
@@ -106,8 +106,8 @@ def test_serving_tiny_run_writes_json_and_png(served_tiny, tmp_path):
 
 
 @pytest.mark.server
-def test_gsm8k_tiny_run_against_running_server(served_tiny, tmp_path):
-    host, port = served_tiny.base_url.removeprefix("http://").split(":")
+def test_gsm8k_tiny_run_against_running_server(served_trained, tmp_path):
+    host, port = served_trained.base_url.removeprefix("http://").split(":")
     proc = subprocess.run([
         sys.executable, str(ROOT / "bench" / "gsm8k.py"), "--host", host, "--port", port,
         "--num-questions", "2", "--max-new-tokens", "8", "--parallel", "2", "--out", str(tmp_path),

@@ -1,8 +1,10 @@
 """step3p5 parsers end to end through `sglang serve` and the official `openai` client.
 
-The random-weight tiny model cannot write tool calls, so these tests FORCE its output tokens with
-SGLang's custom-logit-processor hook (sglang_step35.forced_output): the text is chosen by the test,
-everything after sampling — detokenization, reasoning split, tool-call parsing, streaming — is real.
+These tests FORCE the served model's output tokens with SGLang's custom-logit-processor hook
+(sglang_step35.forced_output), to pin exact edge cases (text before a call, a forgotten `</think>`):
+the text is chosen by the test, everything after sampling — detokenization, reasoning split,
+tool-call parsing, streaming — is real. tests/test_trained_model.py covers what the trained model
+writes by itself.
 """
 
 import json
@@ -29,10 +31,10 @@ OUTPUT = ("The user wants Beijing's weather; call the tool.\n</think>\n\nLet me 
           "<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>")
 
 
-def _request(served_tiny, tiny_dir, text, **kw):
-    tok = AutoTokenizer.from_pretrained(str(tiny_dir))
+def _request(served_trained, trained_dir, text, **kw):
+    tok = AutoTokenizer.from_pretrained(str(trained_dir))
     forced = tok.encode(text, add_special_tokens=False) + [tok.convert_tokens_to_ids("<|im_end|>")]
-    client = OpenAI(base_url=served_tiny.base_url + "/v1", api_key="none")
+    client = OpenAI(base_url=served_trained.base_url + "/v1", api_key="none")
     return client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "Weather in Beijing for 3 days?"}],
         max_tokens=len(forced) + 4, temperature=0,
@@ -40,8 +42,8 @@ def _request(served_tiny, tiny_dir, text, **kw):
         **kw)
 
 
-def test_tool_call_and_reasoning_non_stream(served_tiny, tiny_dir):
-    r = _request(served_tiny, tiny_dir, OUTPUT, tools=TOOLS)
+def test_tool_call_and_reasoning_non_stream(served_trained, trained_dir):
+    r = _request(served_trained, trained_dir, OUTPUT, tools=TOOLS)
     msg = r.choices[0].message
     assert msg.model_extra["reasoning_content"] == "The user wants Beijing's weather; call the tool."
     assert "Let me look that up." in (msg.content or "")
@@ -51,8 +53,8 @@ def test_tool_call_and_reasoning_non_stream(served_tiny, tiny_dir):
     assert r.choices[0].finish_reason == "tool_calls"
 
 
-def test_tool_call_and_reasoning_stream_equals_non_stream(served_tiny, tiny_dir):
-    stream = _request(served_tiny, tiny_dir, OUTPUT, tools=TOOLS, stream=True)
+def test_tool_call_and_reasoning_stream_equals_non_stream(served_trained, trained_dir):
+    stream = _request(served_trained, trained_dir, OUTPUT, tools=TOOLS, stream=True)
     reasoning, content, names, args = "", "", [], ""
     for chunk in stream:
         if not chunk.choices:
@@ -71,9 +73,9 @@ def test_tool_call_and_reasoning_stream_equals_non_stream(served_tiny, tiny_dir)
     assert json.loads(args) == {"location": "Beijing", "days": 3}
 
 
-def test_forgotten_think_close_still_yields_the_tool_call(served_tiny, tiny_dir):
+def test_forgotten_think_close_still_yields_the_tool_call(served_trained, trained_dir):
     # sglang #38892: a tool call after reasoning with no </think> must not vanish into reasoning.
     text = OUTPUT.replace("\n</think>\n\nLet me look that up.", "")
-    msg = _request(served_tiny, tiny_dir, text, tools=TOOLS).choices[0].message
+    msg = _request(served_trained, trained_dir, text, tools=TOOLS).choices[0].message
     assert [c.function.name for c in msg.tool_calls] == ["get_weather"]
     assert msg.model_extra["reasoning_content"].startswith("The user wants")

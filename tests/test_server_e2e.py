@@ -11,30 +11,30 @@ pytestmark = pytest.mark.server
 PROMPT = [{"role": "user", "content": "What is 12 + 30?"}]
 
 
-def test_health_and_log_names_our_model_class(served_tiny):
-    assert requests.get(served_tiny.base_url + "/health", timeout=10).status_code == 200
-    log = served_tiny.log_text()
+def test_health_and_log_names_our_model_class(served_trained):
+    assert requests.get(served_trained.base_url + "/health", timeout=10).status_code == 200
+    log = served_trained.log_text()
     assert "serving with model class sglang_step35.models.step3p5.Step3p5ForCausalLM" in log
     # On CPU the plugin serves sliding layers from the one KV pool (see tests/test_swa_pool_cpu.py).
     assert "hybrid SWA KV pool disabled" in log
 
 
-def test_generate_is_deterministic_at_temperature_zero(served_tiny):
+def test_generate_is_deterministic_at_temperature_zero(served_trained):
     body = {"text": "Natalia sold 48 clips", "sampling_params": {"max_new_tokens": 12, "temperature": 0}}
-    a = requests.post(served_tiny.base_url + "/generate", json=body, timeout=120).json()
-    b = requests.post(served_tiny.base_url + "/generate", json=body, timeout=120).json()
+    a = requests.post(served_trained.base_url + "/generate", json=body, timeout=120).json()
+    b = requests.post(served_trained.base_url + "/generate", json=body, timeout=120).json()
     assert a["meta_info"]["completion_tokens"] == 12
     assert a["output_ids"] == b["output_ids"] and a["text"] == b["text"]
 
 
-def test_chat_non_stream_and_stream_agree_and_split_reasoning(served_tiny):
-    client = OpenAI(base_url=served_tiny.base_url + "/v1", api_key="none")
+def test_chat_non_stream_and_stream_agree_and_split_reasoning(served_trained):
+    client = OpenAI(base_url=served_trained.base_url + "/v1", api_key="none")
     full = client.chat.completions.create(model="tiny", messages=PROMPT, max_tokens=24, temperature=0)
     msg = full.choices[0].message
     reasoning = (msg.model_extra or {}).get("reasoning_content") or ""
     assert full.usage.completion_tokens == 24
     # The generation prompt opens <think>, so without a </think> all text is reasoning, none is lost.
-    raw = requests.post(served_tiny.base_url + "/v1/chat/completions", timeout=120, json={
+    raw = requests.post(served_trained.base_url + "/v1/chat/completions", timeout=120, json={
         "model": "tiny", "messages": PROMPT, "max_tokens": 24, "temperature": 0,
         "separate_reasoning": False}).json()["choices"][0]["message"]["content"]
     if "</think>" not in raw:

@@ -71,3 +71,20 @@ def test_tokenizer_has_step_special_tokens_and_chat_template(tmp_path):
     assert "<tool_response>\nsunny\n</tool_response>" in text
     assert text.endswith("<|im_start|>assistant\n<think>\n")  # generation opens the think block
     assert tok.decode(tok.encode("12 + 30 = 42 ünïcode", add_special_tokens=False)) == "12 + 30 = 42 ünïcode"
+
+
+def test_cli_trained_writes_the_embedded_checkpoint(tmp_path):
+    from sglang_step35.tiny import TRAINED_TINY_DIR
+
+    out = tmp_path / "trained"
+    r = subprocess.run([sys.executable, "-m", "sglang_step35.cli", "tiny", str(out), "--trained"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert _digest(out) == _digest(TRAINED_TINY_DIR)
+    cfg = json.loads((out / "config.json").read_text())
+    validate(cfg)
+    w = load_file(str(out / "model.safetensors"))
+    assert {k: tuple(v.shape) for k, v in w.items()} == checkpoint_shapes(cfg)
+    bad = subprocess.run([sys.executable, "-m", "sglang_step35.cli", "tiny", str(tmp_path / "x"), "--trained",
+                          "--fp8"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--trained" in bad.stderr and "--fp8" in bad.stderr

@@ -5,8 +5,10 @@ import json
 import torch
 from safetensors.torch import load_file
 
+from sglang_step35.tiny import TRAINED_TINY_DIR
 from sglang_step35.training.data import TOOLS, gsm8k_chat_turn, read_gsm8k, tool_prompts
 from sglang_step35.training.model import TrainableStep35
+from sglang_step35.training.train import train_tiny
 from reference.step35_ref import Step35Reference
 
 
@@ -50,3 +52,23 @@ def test_training_data_formats():
     train_args = {json.dumps(t.arguments, sort_keys=True) for t in train}
     assert not any(json.dumps(t.arguments, sort_keys=True) in train_args for t in held)
     assert {t.tool for t in held} == {t["function"]["name"] for t in TOOLS}
+
+
+def test_recipe_is_deterministic_and_reproduces_the_embedded_checkpoints_start(tmp_path):
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for out in runs:
+        train_tiny(out, steps=3, mtp_steps=2, progress=False)
+    a, b = (load_file(str(r / "model.safetensors")) for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # same seed -> bit-identical weights
+    embedded = load_file(str(TRAINED_TINY_DIR / "model.safetensors"))
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in embedded.items()}
+    assert {k: v.dtype for k, v in a.items()} == {k: v.dtype for k, v in embedded.items()}
+    # Same tokenizer, same data, same initial weights and first batch as the embedded checkpoint's run:
+    # its logged first loss (before any update) is reproduced.
+    assert (runs[0] / "tokenizer.json").read_bytes() == (TRAINED_TINY_DIR / "tokenizer.json").read_bytes()
+    log = json.loads((runs[0] / "train_log.json").read_text())
+    committed = json.loads((TRAINED_TINY_DIR / "train_log.json").read_text())
+    assert log["examples"] == committed["examples"]
+    assert abs(log["loss"]["main"][0] - committed["loss"]["main"][0]) < 1e-3
+    assert len(log["loss"]["main"]) == 3 and all(len(log["loss"][f"mtp{k}"]) == 2 for k in range(3))
+    assert (runs[0] / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -128,12 +128,15 @@ def training_examples(tokenizer, max_len: int, seed: int = 0) -> list[tuple[list
     for row in rows:
         msgs, out = gsm8k_chat_turn(row)
         examples.append(encode_chat(tokenizer, msgs, out))
-    for k in range(0, len(rows) - 3, 3):  # few-shot completion form, 3 problems per sequence
-        ids = tokenizer.encode(gsm8k_completion(rows[k:k + 3]), add_special_tokens=False)
+    # Few-shot completion form (what `few_shot_gsm8k` prompts with), two problems per sequence so the
+    # model learns to start the next "Question:" (a stop string) after an answer; a third of the rows.
+    for k in range(0, len(rows) // 3 - 1, 2):
+        ids = tokenizer.encode(gsm8k_completion(rows[k:k + 2]), add_special_tokens=False)[:max_len]
         examples.append((ids, [1] * len(ids)))
     for tp in tool_prompts(held_out=False, seed=seed):
         examples.append(encode_chat(tokenizer, tp.messages, tp.output, tools=TOOLS))
-    examples = [(i[:max_len], m[:max_len]) for i, m in examples if sum(m[:max_len]) > 0]
+    # Chat turns are dropped rather than cut: a cut turn would teach a think block that never closes.
+    examples = [(i, m) for i, m in examples if len(i) <= max_len]
     rng.shuffle(examples)
     return examples
 
@@ -142,6 +145,10 @@ def tokenizer_corpus() -> list[str]:
     """Text the trained checkpoint's tokenizer is fit on: GSM8K train + the tool vocabulary."""
     rows = read_gsm8k("train")
     lines = [r["question"] for r in rows] + [r["answer"] for r in rows]
-    lines += [tp.output for tp in tool_prompts(held_out=False)] + [json.dumps(t) for t in TOOLS]
+    lines += [tp.output for tp in tool_prompts(held_out=False)]
+    # The tools system prompt is in every tool-calling sequence: frequent enough here, its JSON merges
+    # into few tokens, which keeps those sequences short.
+    lines += [json.dumps(t) for t in TOOLS] * 100
+    lines += ["You may call one or more functions. Available tools:", "Call a tool with:"] * 100
     lines += ["Question:", "Answer:", "The answer is", "#### "] * 50
     return lines

@@ -112,7 +112,7 @@ class TrainableStep35(nn.Module):
             tok, slot = torch.nonzero(ids == e, as_tuple=True)
             if tok.numel():
                 y = swiglu(flat[tok], gw[e], uw[e], dw[e], s.swiglu_limit)
-                out = out.index_add(0, tok, y * weights[tok, slot, None])
+                out = out.index_add(0, tok, (y * weights[tok, slot, None]).to(out.dtype))
         shared = swiglu(flat, *(self.w(p + f"share_expert.{n}_proj.weight") for n in ("gate", "up", "down")),
                         s.swiglu_limit_shared)
         return (out + shared).view(B, T, H)
@@ -126,27 +126,41 @@ class TrainableStep35(nn.Module):
         mw = (self.w(p + f"mlp.{n}_proj.weight") for n in ("gate", "up", "down"))
         return h + swiglu(normed, *mw, s.swiglu_limit_shared)
 
-    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """ids [B, T] -> (main logits [B, T, V], per MTP layer k logits [B, T-1-k, V] for token t+2+k)."""
-        emb = self.w("model.embed_tokens.weight")
-        x = emb[ids]
+    def trunk(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, T] -> the main model's last hidden state before the final norm [B, T, H]."""
+        x = self.w("model.embed_tokens.weight")[ids]
         for i in range(self.n):
             x = self.layer(i, x)
-        logits = gemma_norm(x, self.w("model.norm.weight"), self.eps) @ self.w("lm_head.weight").t()
-        mtp, h = [], x
+        return x
+
+    def main_head(self, x: torch.Tensor) -> torch.Tensor:
+        return gemma_norm(x, self.w("model.norm.weight"), self.eps) @ self.w("lm_head.weight").t()
+
+    def mtp_states(self, ids: torch.Tensor, x: torch.Tensor) -> list[torch.Tensor]:
+        """Chained MTP hidden states: layer k reads token t+1+k and layer k-1's state (the trunk's for k=0)."""
+        emb, out, h = self.w("model.embed_tokens.weight"), [], x
         for k in range(self.m):
             i, T = self.n + k, ids.shape[1] - 1 - k
             p = f"model.layers.{i}."
             e = gemma_norm(emb[ids[:, 1 + k: 1 + k + T]], self.w(p + "enorm.weight"), self.eps)
             z = torch.cat([e, gemma_norm(h[:, :T], self.w(p + "hnorm.weight"), self.eps)], dim=-1)
             h = self.layer(i, z @ self.w(p + "eh_proj.weight").t())
-            head_in = gemma_norm(h, self.w(p + "shared_head.norm.weight"), self.eps)
-            mtp.append(head_in @ self.w(p + "shared_head.output.weight").t())
-        return logits, mtp
+            out.append(h)
+        return out
+
+    def mtp_head(self, k: int, h: torch.Tensor) -> torch.Tensor:
+        p = f"model.layers.{self.n + k}.shared_head."
+        return gemma_norm(h, self.w(p + "norm.weight"), self.eps) @ self.w(p + "output.weight").t()
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """ids [B, T] -> (main logits [B, T, V], per MTP layer k logits [B, T-1-k, V] for token t+2+k)."""
+        x = self.trunk(ids)
+        return self.main_head(x), [self.mtp_head(k, h) for k, h in enumerate(self.mtp_states(ids, x))]
 
     @torch.no_grad()
-    def update_router_bias(self, rate: float) -> None:
+    def update_router_bias(self, rate: float, layers=None) -> None:
         """Aux-loss-free balancing: raise the bias of under-loaded experts, lower over-loaded ones."""
         for i, load in self.last_load.items():
-            bias = self.w(f"model.layers.{i}.moe.router_bias")
-            bias += rate * torch.sign(load.mean() - load)
+            if layers is None or i in layers:
+                bias = self.w(f"model.layers.{i}.moe.router_bias")
+                bias += rate * torch.sign(load.mean() - load)

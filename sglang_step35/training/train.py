@@ -1,10 +1,13 @@
 """`step35 train-tiny OUT`: train the tiny Step-3.5 architecture on GSM8K + synthetic tool calls (CPU).
 
-Deterministic for a seed and a step count (fixed data order, fixed thread count). The main head
-learns next-token prediction on assistant tokens; MTP layer k learns the token 2+k ahead through
-the chain (layer 0 reads the main model's pre-norm hidden state, layer k reads layer k-1's), each
-with its own loss. Writes the checkpoint in the real layout plus `train_log.json` and
-`loss_curves.png`.
+Two phases, deterministic for a seed and step counts (fixed data order, fixed thread count):
+1. the main model learns next-token prediction on assistant tokens (`steps`);
+2. the MTP layers learn, on the frozen main model, the token 2+k ahead through the chain (layer 0
+   reads the main model's pre-norm hidden state, layer k reads layer k-1's), each with its own
+   loss (`mtp_steps`). A frozen trunk needs no backward pass, so an MTP step costs about one main step
+   instead of the ~2.4 a joint step costs; the default recipe fits in 30 minutes on 2 cores.
+Matmuls run under CPU bf16 autocast (fp32 master weights). Writes the checkpoint in the real layout
+plus `train_log.json` and `loss_curves.png`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from sglang_step35.tiny import TinySpec, write_tiny_checkpoint
 from sglang_step35.training.data import tokenizer_corpus, training_examples
@@ -41,7 +45,6 @@ TRAINED_SPEC = TinySpec(
     shared_limit=16.0,
     init_std=0.02,
 )
-MTP_LOSS_WEIGHT = 0.3
 
 
 def _batches(examples, batch_size: int, rng: random.Random):
@@ -61,69 +64,159 @@ def _batches(examples, batch_size: int, rng: random.Random):
             yield ids, mask
 
 
-def _masked_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-    return (loss * mask.reshape(-1)).sum() / mask.sum().clamp(min=1)
+def _selected_ce(head, h: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the positions the mask selects; the vocabulary head runs on those rows only
+    (prompt and padding rows are most of a batch and the heads are most of the compute)."""
+    sel = mask > 0
+    return F.cross_entropy(head(h[sel]).float(), targets[sel])
 
 
-def train_tiny(out, seed: int = 0, steps: int = 1500, batch_size: int = 16, lr: float = 3e-3,
-               max_len: int = 320, threads: int = 2, progress: bool = True) -> dict:
-    from safetensors.torch import load_file, save_file
-    from tqdm import tqdm
-    from transformers import AutoTokenizer
+def _cosine(opt, steps: int):
+    warmup = max(1, steps // 20)
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
 
+
+def _run_phase(desc, steps, params, lr, batches, loss_fn, after_step, progress):
+    if steps <= 0:
+        return
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+    sched = _cosine(opt, steps)
+    for _ in tqdm(range(steps), desc=desc, disable=not progress):
+        ids, mask = next(batches)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = loss_fn(ids, mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        after_step()
+
+
+def mtp_loss(model: TrainableStep35, ids: torch.Tensor, mask: torch.Tensor, log: dict) -> torch.Tensor:
+    """Layer k at position t learns token t+2+k as the frozen main model predicts it (greedy, given the
+    data up to t+1+k): at serving time a draft is accepted exactly when it equals the main model's
+    greedy token, so that is the target that raises the accept length (self-distillation, as EAGLE
+    and Medusa-2 train their heads)."""
+    with torch.no_grad():
+        x = model.trunk(ids)
+        greedy = model.main_head(x).argmax(-1)  # [B, T]: the main model's next token after position t
+    total = 0.0
+    for k, h in enumerate(model.mtp_states(ids, x)):
+        n = h.shape[1] - 1
+        if n <= 0 or mask[:, 2 + k: 2 + k + n].sum() == 0:
+            continue
+        lk = _selected_ce(lambda z, k=k: model.mtp_head(k, z), h[:, :n], greedy[:, 1 + k: 1 + k + n],
+                          mask[:, 2 + k: 2 + k + n])
+        log[f"mtp{k}"].append(lk.item())
+        total = total + lk
+    return total
+
+
+@torch.no_grad()
+def warm_start_mtp(model: TrainableStep35) -> None:
+    """Start each MTP layer from trained main-model parts of the same shape: attention and norms from the
+    last sliding main layer, the MLP from the last dense main layer, the head from lm_head / final norm.
+    Only `eh_proj` (and the enorm/hnorm scales) start from scratch, so 500 steps go much further."""
+    specs = model.specs[: model.n]
+    sliding = max(i for i, s in enumerate(specs) if s.window)
+    dense = max(i for i, s in enumerate(specs) if not s.is_moe)
+    for k in range(model.m):
+        p = f"model.layers.{model.n + k}."
+        for name in model.names:
+            if not name.startswith(p):
+                continue
+            part = name[len(p):]
+            if part.startswith(("self_attn.", "input_layernorm.", "post_attention_layernorm.")):
+                src = f"model.layers.{sliding}.{part}"
+            elif part.startswith("mlp."):
+                src = f"model.layers.{dense}.{part}"
+            elif part == "shared_head.output.weight":
+                src = "lm_head.weight"
+            elif part == "shared_head.norm.weight":
+                src = "model.norm.weight"
+            else:
+                continue
+            model.w(name).copy_(model.w(src))
+
+
+def train_mtp(model: TrainableStep35, batches, steps: int, lr: float, log: dict, progress: bool) -> None:
+    """Phase 2: only the MTP layers learn; the main model is frozen (no backward through it)."""
+    warm_start_mtp(model)
+    mtp_prefixes = tuple(f"model.layers.{model.n + k}." for k in range(model.m))
+    params = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.replace("__", ".").startswith(mtp_prefixes))
+        if p.requires_grad:
+            params.append(p)
+    mtp_layers = set(range(model.n, model.n + model.m))
+    _run_phase("train-tiny MTP", steps, params, lr, batches, lambda ids, mask: mtp_loss(model, ids, mask, log),
+               lambda: model.update_router_bias(1e-3, mtp_layers), progress)
+
+
+def train_tiny(out, seed: int = 0, steps: int = 2500, mtp_steps: int = 500, batch_size: int = 16,
+               lr: float = 3e-3, mtp_lr: float = 2e-3, max_len: int = 384, threads: int = 2,
+               progress: bool = True) -> dict:
+    """Phase 1 trains the main model (`steps`); phase 2 trains the MTP layers on the frozen main model
+    (`mtp_steps`). Deterministic: the same arguments give bit-identical weights on one machine."""
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
+    # Without this, CPU autograd's parallel accumulation differs from run to run in the last bits and
+    # two runs drift apart after ~50 steps; with it the recipe is bit-reproducible (cost: ~2 %).
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        return _train(out, seed, steps, mtp_steps, batch_size, lr, mtp_lr, max_len, threads, progress)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+def _train(out, seed, steps, mtp_steps, batch_size, lr, mtp_lr, max_len, threads, progress) -> dict:
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
     out = Path(out)
     write_tiny_checkpoint(out, seed=seed, spec=TRAINED_SPEC, corpus=tokenizer_corpus())
     cfg = json.loads((out / "config.json").read_text())
     tok = AutoTokenizer.from_pretrained(str(out))
     model = TrainableStep35(cfg, load_file(str(out / "model.safetensors")))
     examples = training_examples(tok, max_len=max_len, seed=seed)
-    params = [p for p in model.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
-    )
     batches = _batches(examples, batch_size, random.Random(seed))
+    mtp_prefixes = tuple(f"model.layers.{model.n + k}." for k in range(model.m))
+    named = dict(model.named_parameters())
+    is_mtp = {n: n.replace("__", ".").startswith(mtp_prefixes) for n in named}
+    main_params = [p for n, p in named.items() if not is_mtp[n]]
     log = {"main": [], **{f"mtp{k}": [] for k in range(model.m)}}
     t0 = time.time()
-    for step in tqdm(range(steps), desc="train-tiny", disable=not progress):
-        ids, mask = next(batches)
-        logits, mtp = model(ids)
-        loss_main = _masked_ce(logits[:, :-1], ids[:, 1:], mask[:, 1:])
-        loss = loss_main
-        log["main"].append(loss_main.item())
-        for k, lk in enumerate(mtp):  # layer k at position t predicts token t + 2 + k
-            n = lk.shape[1] - 1
-            if n <= 0:
-                continue
-            lk_loss = _masked_ce(lk[:, :n], ids[:, 2 + k: 2 + k + n], mask[:, 2 + k: 2 + k + n])
-            loss = loss + MTP_LOSS_WEIGHT * lk_loss
-            log[f"mtp{k}"].append(lk_loss.item())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        model.update_router_bias(1e-3)
+
+    def main_loss(ids, mask):
+        loss = _selected_ce(model.main_head, model.trunk(ids)[:, :-1], ids[:, 1:], mask[:, 1:])
+        log["main"].append(loss.item())
+        return loss
+
+    main_layers = set(range(model.n))
+    _run_phase("train-tiny main", steps, main_params, lr, batches, main_loss,
+               lambda: model.update_router_bias(1e-3, main_layers), progress)
+    train_mtp(model, batches, mtp_steps, mtp_lr, log, progress)
     weights = {
         k: (v if k.endswith("router_bias") else v.to(torch.bfloat16)).contiguous()
         for k, v in model.state_in_checkpoint_layout().items()
     }
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     summary = {
-        "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "max_len": max_len,
-        "threads": threads, "examples": len(examples), "train_seconds": round(time.time() - t0, 1),
-        "spec": asdict(TRAINED_SPEC), "final_loss": {k: (sum(v[-50:]) / max(1, len(v[-50:]))) for k, v in log.items()},
+        "seed": seed, "steps": steps, "mtp_steps": mtp_steps, "batch_size": batch_size, "lr": lr,
+        "mtp_lr": mtp_lr, "max_len": max_len, "threads": threads, "examples": len(examples),
+        "train_seconds": round(time.time() - t0, 1), "spec": asdict(TRAINED_SPEC),
+        "final_loss": {k: (sum(v[-50:]) / max(1, len(v[-50:]))) for k, v in log.items()},
     }
     (out / "train_log.json").write_text(json.dumps({**summary, "loss": log}) + "\n")
-    _plot(log, out / "loss_curves.png")
+    _plot(log, steps, out / "loss_curves.png")
     return summary
 
 
-def _plot(log: dict, path: Path) -> None:
+def _plot(log: dict, mtp_start: int, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,7 +227,8 @@ def _plot(log: dict, path: Path) -> None:
         if values:
             k = 20  # moving average: per-batch losses are noisy
             smooth = [sum(values[max(0, i - k + 1): i + 1]) / len(values[max(0, i - k + 1): i + 1]) for i in range(len(values))]
-            ax.plot(smooth, label=name)
+            x0 = 0 if name == "main" else mtp_start  # MTP layers train after the main model
+            ax.plot(range(x0, x0 + len(smooth)), smooth, label=name)
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats, 20-step mean)")
     ax.set_title("tiny Step-3.5: main head and MTP layers")

@@ -1,0 +1,109 @@
+"""The embedded trained tiny checkpoint really reasons and calls tools through plain `sglang serve`.
+
+No forced output here: the text is what the model writes (greedy), split by our step3p5 reasoning
+parser and parsed by our tool-call parser. Prompts are ones the model never trained on: GSM8K test
+questions and the held-out tool requests (cities, people and numbers absent from the training calls).
+"""
+
+import json
+import re
+
+import pytest
+from openai import OpenAI
+
+from sglang_step35.tiny import TRAINED_FILES, TRAINED_TINY_DIR
+from sglang_step35.training.data import TOOLS, read_gsm8k, tool_prompts
+from sglang_step35.training.train import TRAINED_SPEC
+
+HASH_LINE = re.compile(r"^#### *-?[\d,.]+\s*$", re.M)
+
+
+def _client(server):
+    return OpenAI(base_url=server.base_url + "/v1", api_key="none")
+
+
+def test_embedded_checkpoint_is_the_recipe_output_and_small():
+    cfg = json.loads((TRAINED_TINY_DIR / "config.json").read_text())
+    assert (cfg["hidden_size"], cfg["num_nextn_predict_layers"]) == (TRAINED_SPEC.hidden_size, 3)
+    log = json.loads((TRAINED_TINY_DIR / "train_log.json").read_text())
+    assert log["spec"]["hidden_size"] == TRAINED_SPEC.hidden_size and log["train_seconds"] <= 30 * 60
+    assert log["final_loss"]["main"] < log["loss"]["main"][0] - 3  # it learned: ~7.6 nats at step 0
+    assert sum((TRAINED_TINY_DIR / f).stat().st_size for f in TRAINED_FILES) < 20e6
+
+
+@pytest.mark.server
+def test_gsm8k_answers_close_reasoning_and_end_in_hash_line(served_trained):
+    rows = read_gsm8k("test")[:10]
+    good = 0
+    for row in rows:
+        msg = _client(served_trained).chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": row["question"]}], max_tokens=384,
+            temperature=0).choices[0].message
+        reasoning = (msg.model_extra or {}).get("reasoning_content") or ""
+        good += bool(reasoning.strip()) and "</think>" not in (msg.content or "") \
+            and bool(HASH_LINE.search(msg.content or ""))
+    assert good >= 9, f"{good}/10 answers closed the think block and gave a #### line"
+
+
+@pytest.mark.server
+def test_held_out_tool_prompts_give_parsed_calls(served_trained):
+    prompts = tool_prompts(held_out=True)[:12]
+    names = []
+    for p in prompts:
+        r = _client(served_trained).chat.completions.create(
+            model="tiny", messages=p.messages, tools=TOOLS, max_tokens=96, temperature=0)
+        msg = r.choices[0].message
+        assert msg.tool_calls, f"no parsed call for {p.messages[0]['content']!r}: {msg.content!r}"
+        assert r.choices[0].finish_reason == "tool_calls"
+        json.loads(msg.tool_calls[0].function.arguments)  # arguments are valid JSON
+        assert "<tool_call>" not in (msg.content or "")
+        names.append(msg.tool_calls[0].function.name)
+    assert sum(n == p.tool for n, p in zip(names, prompts)) >= 11, names
+
+
+@pytest.mark.server
+def test_tool_call_stream_equals_non_stream(served_trained):
+    p = tool_prompts(held_out=True)[0]
+    kw = dict(model="tiny", messages=p.messages, tools=TOOLS, max_tokens=96, temperature=0)
+    msg = _client(served_trained).chat.completions.create(**kw).choices[0].message
+    reasoning, name, args = "", "", ""
+    for chunk in _client(served_trained).chat.completions.create(**kw, stream=True):
+        if chunk.choices:
+            d = chunk.choices[0].delta
+            reasoning += (d.model_extra or {}).get("reasoning_content") or ""
+            for tc in d.tool_calls or []:
+                name += (tc.function and tc.function.name) or ""
+                args += (tc.function and tc.function.arguments) or ""
+    assert reasoning == msg.model_extra["reasoning_content"]
+    assert name == msg.tool_calls[0].function.name
+    assert json.loads(args) == json.loads(msg.tool_calls[0].function.arguments)
+
+
+@pytest.mark.server
+def test_trained_mtp_layers_get_drafts_accepted_without_changing_output(trained_dir):
+    """MTP-3 vs plain decoding on the trained checkpoint (fp32, so the two paths round alike): same
+    greedy text, and the trained MTP layers' drafts are accepted (random MTP layers: length ~1.0)."""
+    import requests
+
+    from sglang_step35.mtp_check import mtp_acceptance
+    from sglang_step35.server import SGLangServer
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(trained_dir))
+    prompts = [tok.apply_chat_template([{"role": "user", "content": r["question"]}], tokenize=False,
+                                       add_generation_prompt=True) for r in read_gsm8k("test")[20:23]]
+    mtp3 = ["--speculative-algorithm", "EAGLE", "--speculative-num-steps", "3", "--speculative-eagle-topk", "1",
+            "--speculative-num-draft-tokens", "4", "--enable-multi-layer-eagle"]
+    outs = {}
+    for name, extra in (("plain", []), ("mtp3", mtp3)):
+        with SGLangServer(str(trained_dir), ["--device", "cpu", "--max-total-tokens", "4096", "--dtype", "float32",
+                                              *extra]) as server:
+            outs[name] = [requests.post(server.base_url + "/generate", timeout=600, json={
+                "text": p, "sampling_params": {"max_new_tokens": 160, "temperature": 0}}).json() for p in prompts]
+    assert [o["text"] for o in outs["mtp3"]] == [o["text"] for o in outs["plain"]]
+    hist: list[int] = []
+    for o in outs["mtp3"]:
+        for k, c in enumerate(o["meta_info"]["spec_correct_drafts_histogram"]):
+            hist += [0] * (k + 1 - len(hist))
+            hist[k] += c
+    assert mtp_acceptance({"spec_correct_drafts_histogram": hist})["accept_length"] >= 1.6, hist
