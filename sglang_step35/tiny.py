@@ -32,9 +32,9 @@ SPECIAL_TOKENS = [
     "<tool_response>",
     "</tool_response>",
 ]
-# Markup the parsers read from the decoded text. As in Step-3.5's own tokenizer (and Qwen's), these are
-# added tokens that are NOT special: SGLang decodes chat output with skip_special_tokens=True, which
-# would otherwise delete `</think>` and leave the reasoning parser nothing to split on.
+# Markup the parsers read from the decoded text: added tokens that are NOT special (as in Qwen3's
+# tokenizer). SGLang decodes chat output with skip_special_tokens=True (kept only for a few named
+# parsers, not step3p5), which would otherwise delete `</think>` and leave the parser nothing to split on.
 TEXT_MARKUP_TOKENS = SPECIAL_TOKENS[3:]
 
 # ChatML turns with Step-3.5's think block and XML tool calls. The generation prompt opens the think

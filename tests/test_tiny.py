@@ -88,3 +88,11 @@ def test_cli_trained_writes_the_embedded_checkpoint(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "sglang_step35.cli", "tiny", str(tmp_path / "x"), "--trained",
                           "--fp8"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--trained" in bad.stderr and "--fp8" in bad.stderr
+
+
+def test_think_and_tool_tags_survive_skip_special_tokens(tmp_path, trained_dir):
+    # SGLang decodes chat output with skip_special_tokens=True; the parsers need these tags in the text.
+    for ckpt in (write_tiny_checkpoint(tmp_path / "t", seed=0), trained_dir):
+        tok = AutoTokenizer.from_pretrained(str(ckpt))
+        ids = tok.encode("a</think>\n\nb<tool_call>x</tool_call><|im_end|>", add_special_tokens=False)
+        assert tok.decode(ids, skip_special_tokens=True) == "a</think>\n\nb<tool_call>x</tool_call>"
