@@ -115,6 +115,11 @@ def mtp_loss(model: TrainableStep35, ids: torch.Tensor, mask: torch.Tensor, log:
     return total
 
 
+def _is_mtp(model: TrainableStep35, param_name: str) -> bool:
+    layer = param_name.split("__")[2] if param_name.startswith("model__layers__") else None
+    return layer is not None and int(layer) >= model.n
+
+
 @torch.no_grad()
 def warm_start_mtp(model: TrainableStep35) -> None:
     """Start each MTP layer from trained main-model parts of the same shape: attention and norms from the
@@ -145,10 +150,9 @@ def warm_start_mtp(model: TrainableStep35) -> None:
 def train_mtp(model: TrainableStep35, batches, steps: int, lr: float, log: dict, progress: bool) -> None:
     """Phase 2: only the MTP layers learn; the main model is frozen (no backward through it)."""
     warm_start_mtp(model)
-    mtp_prefixes = tuple(f"model.layers.{model.n + k}." for k in range(model.m))
     params = []
     for name, p in model.named_parameters():
-        p.requires_grad_(name.replace("__", ".").startswith(mtp_prefixes))
+        p.requires_grad_(_is_mtp(model, name))
         if p.requires_grad:
             params.append(p)
     mtp_layers = set(range(model.n, model.n + model.m))
@@ -184,10 +188,7 @@ def _train(out, seed, steps, mtp_steps, batch_size, lr, mtp_lr, max_len, threads
     model = TrainableStep35(cfg, load_file(str(out / "model.safetensors")))
     examples = training_examples(tok, max_len=max_len, seed=seed)
     batches = _batches(examples, batch_size, random.Random(seed))
-    mtp_prefixes = tuple(f"model.layers.{model.n + k}." for k in range(model.m))
-    named = dict(model.named_parameters())
-    is_mtp = {n: n.replace("__", ".").startswith(mtp_prefixes) for n in named}
-    main_params = [p for n, p in named.items() if not is_mtp[n]]
+    main_params = [p for name, p in model.named_parameters() if not _is_mtp(model, name)]
     log = {"main": [], **{f"mtp{k}": [] for k in range(model.m)}}
     t0 = time.time()
 
