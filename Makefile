@@ -56,7 +56,7 @@ bench: setup
 gsm8k: setup
 	$(BIN)/python bench/gsm8k.py --num-questions $(NUM_QUESTIONS) $(if $(HOST),--host $(HOST) --port $(PORT)) $(GSM8K_ARGS)
 
-## Re-run the recipe of the embedded trained checkpoint (`step35 train-tiny`, ~25 min on 2 cores) into
+## Re-run the recipe of the embedded trained checkpoint (`step35 train-tiny`, ~30 min on 2 cores) into
 ## TRAINED_OUT, then measure it through `sglang serve` (bench/tiny_eval.py: think closed, `#### N`, tool calls).
 train-tiny: setup
 	$(BIN)/step35 train-tiny $(TRAINED_OUT)
@@ -64,7 +64,7 @@ train-tiny: setup
 
 ## The same measurement on the embedded trained checkpoint.
 tiny-eval: setup
-	$(BIN)/python bench/tiny_eval.py --model sglang_step35/data/tiny-trained
+	$(BIN)/python bench/tiny_eval.py
 
 ## MTP accept length and tok/s, no spec vs MTP-1 vs MTP-3 (default: the trained tiny checkpoint on CPU).
 mtp-bench: setup

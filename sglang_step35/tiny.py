@@ -35,7 +35,7 @@ SPECIAL_TOKENS = [
 # Markup the parsers read from the decoded text: added tokens that are NOT special (as in Qwen3's
 # tokenizer). SGLang decodes chat output with skip_special_tokens=True (kept only for a few named
 # parsers, not step3p5), which would otherwise delete `</think>` and leave the parser nothing to split on.
-TEXT_MARKUP_TOKENS = SPECIAL_TOKENS[3:]
+TEXT_MARKUP_TOKENS = ("<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
 
 # ChatML turns with Step-3.5's think block and XML tool calls. The generation prompt opens the think
 # block, as Step-3.5's template does, so the model's output starts inside its reasoning.

@@ -39,6 +39,9 @@ def test_chat_non_stream_and_stream_agree_and_split_reasoning(served_trained):
         "separate_reasoning": False}).json()["choices"][0]["message"]["content"]
     if "</think>" not in raw:
         assert reasoning == raw and not msg.content
+    else:  # the split loses nothing either: reasoning before the tag, content after it
+        before, after = raw.split("</think>", 1)
+        assert reasoning.strip() == before.strip() and (msg.content or "").strip() == after.strip()
     stream = client.chat.completions.create(model="tiny", messages=PROMPT, max_tokens=24, temperature=0, stream=True)
     s_reasoning, s_content = "", ""
     for chunk in stream:

@@ -4,7 +4,7 @@ SGLang 0.5.23's torch_native backend writes a sliding layer's KV at the SWA pool
 it back through `req_to_token`, i.e. at *full-pool* slots. The two allocators hand out the same
 slots only until the SWA pool starts freeing out-of-window tokens; after that, sliding layers read
 other tokens' KV (or index past the SWA pool and crash the scheduler). The plugin therefore turns
-the hybrid pool off on CPU unless the user sets SWA pool options. This test loads a small KV budget
+the hybrid pool off for torch_native on CPU. This test loads a small KV budget
 with concurrent long requests and checks every output token against the plain-PyTorch reference.
 """
 

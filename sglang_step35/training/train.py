@@ -2,10 +2,11 @@
 
 Two phases, deterministic for a seed and step counts (fixed data order, fixed thread count):
 1. the main model learns next-token prediction on assistant tokens (`steps`);
-2. the MTP layers learn, on the frozen main model, the token 2+k ahead through the chain (layer 0
-   reads the main model's pre-norm hidden state, layer k reads layer k-1's), each with its own
-   loss (`mtp_steps`). A frozen trunk needs no backward pass, so an MTP step costs about one main step
-   instead of the ~2.4 a joint step costs; the default recipe fits in 30 minutes on 2 cores.
+2. the MTP layers learn, on the frozen main model, the token 2+k ahead as the main model would
+   write it (its greedy token), through the chain (layer 0 reads the main model's pre-norm hidden
+   state, layer k reads layer k-1's), each with its own loss (`mtp_steps`). A frozen trunk needs no
+   backward pass, so an MTP step costs about one main step; the default recipe measured 29.6 minutes
+   on 2 cores (bench/RESULTS.md).
 Matmuls run under CPU bf16 autocast (fp32 master weights). Writes the checkpoint in the real layout
 plus `train_log.json` and `loss_curves.png`.
 """
