@@ -314,9 +314,12 @@ class CallScanner:
             return True
         # Stray prose inside a function: not part of any argument, so it is content,
         # with its leading whitespace (a chunk may have ended right before that space).
+        # Its trailing whitespace stays pending: whether that is format (before a tag
+        # or the end of output) or part of more prose is only known from what follows,
+        # and a chunk boundary must not decide it (fuzz: '<function=f>\n}' + '\n').
         lead = len(self.pending) - len(rest)
         cut = rest.find("<", 1)
-        cut = len(rest) if cut == -1 else cut
+        cut = len(rest.rstrip()) if cut == -1 else len(rest[:cut].rstrip())
         self._text(self.pending[: lead + cut])
         self.pending = rest[cut:]
         return True
