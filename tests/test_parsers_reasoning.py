@@ -19,11 +19,11 @@ HYP = settings(
     suppress_health_check=list(HealthCheck),
 )
 
-# Declarative statement of the split, independent of the scanner: leading <think> tags
-# are dropped; reasoning runs to the first </think> (minus one newline on each side of
+# Declarative statement of the split, independent of the scanner: leading <think> tags,
+# each with any whitespace before it, are dropped; reasoning runs to the first </think> (minus one newline on each side of
 # it) or to the first <tool_call> (which starts the content); without either it all is
 # reasoning.
-SPEC = re.compile(r"((?:<think>)*)(.*?)(?:\n?</think>\n?(.*)|(<tool_call>.*)|)", re.S)
+SPEC = re.compile(r"((?:\s*<think>)*)(.*?)(?:\n?</think>\n?(.*)|(<tool_call>.*)|)", re.S)
 
 
 def spec_split(text):
@@ -43,6 +43,12 @@ def non_stream(text, **kw):
         ("Plan.\n</think>\nAnswer.", "Plan.", "Answer."),  # template opened <think>
         ("<think>\nPlan.\n\n</think>\n\nAnswer.", "\nPlan.\n", "\nAnswer."),  # one newline each side
         ("<think><think>Plan.</think>A", "Plan.", "A"),
+        # The prompt did not open the block: the model's own <think> after whitespace.
+        ("\n<think>Plan.</think>A", "Plan.", "A"),
+        (" \n\t<think>\nPlan.\n</think>\nA", "\nPlan.", "A"),
+        ("\n\n<think> \n<think>Plan.</think>A", "Plan.", "A"),
+        ("  Plan.</think>A", "  Plan.", "A"),  # whitespace without a <think> is reasoning text
+        ("\n", "\n", ""),
         ("Plan. <think> inside</think>A", "Plan. <think> inside", "A"),
         ("Plan.</think>A</think>B", "Plan.", "A</think>B"),  # only the first </think> ends it
         ("Still thinking", "Still thinking", ""),  # truncated: all reasoning

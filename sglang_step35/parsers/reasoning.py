@@ -22,7 +22,7 @@ THINK_CLOSE = "</think>"
 TOOL_OPEN = "<tool_call>"
 
 # Scanner states.
-_PRE = "pre"  # reasoning has not produced a character yet: leading <think> tags are dropped
+_PRE = "pre"  # reasoning has not produced a character yet: leading <think> tags (and whitespace before them) are dropped
 _REASONING = "reasoning"
 _AFTER_END = "after_end"  # just consumed </think>: one newline may still be dropped
 _CONTENT = "content"
@@ -64,11 +64,14 @@ class ThinkScanner:
         while True:
             buf = self.pending
             if self.state == _PRE:
-                if buf.startswith(THINK_OPEN):
-                    self.pending = buf[len(THINK_OPEN) :]
+                # A prompt that did not open the block lets the model write the tag
+                # itself, possibly after a newline or two: that whitespace is format.
+                rest = buf.lstrip()
+                if rest.startswith(THINK_OPEN):
+                    self.pending = rest[len(THINK_OPEN) :]
                     continue
-                if not final and THINK_OPEN.startswith(buf):
-                    break  # empty or a partial <think>: wait for more
+                if not final and THINK_OPEN.startswith(rest):
+                    break  # only whitespace, or a partial <think>: wait for more
                 self.state = _REASONING
             elif self.state == _REASONING:
                 pos, tag = find_first(buf, (THINK_CLOSE, TOOL_OPEN))
