@@ -47,6 +47,28 @@ TOOLS = [
 ]
 TOOL_NAMES = [t.function.name for t in TOOLS]
 
+# Type names outside JSON Schema, as hand-written tools declare them: the names SGLang's
+# and vLLM's Qwen3-Coder parsers convert, in any case; values that do not convert stay
+# text (bool included: the peers turn "yes" into false, we keep "yes").
+TYPE_ALIASES = [
+    ("float", "3.14", 3.14), ("FLOAT", "2", 2), ("float64", "0.5", 0.5), ("double", "3.14", 3.14),
+    ("Double", "-1e3", -1000.0), ("number", "3.14", 3.14), ("Numeric", "7", 7), ("num", "1.5", 1.5),
+    ("int", "42", 42), ("Integer", " 42 ", 42), ("INT64", "-7", -7), ("uint8", "255", 255), ("long", "9", 9),
+    ("short", "1", 1), ("unsigned", "3", 3),
+    ("bool", "true", True), ("BOOL", "False", False), ("binary", "true", True), ("Boolean", "TRUE", True),
+    ("dict", '{"a": 1}', {"a": 1}), ("Dict", "{'a': 1}", {"a": 1}), ("dict[str, int]", '{"a": 1}', {"a": 1}),
+    ("Object", '{"a": [1]}', {"a": [1]}),
+    ("list", "[1, 2]", [1, 2]), ("List", "['x']", ["x"]), ("list[str]", '["x"]', ["x"]), ("ARRAY", "[1]", [1]),
+    ("arr", "[1]", [1]),
+    ("str", "42", "42"), ("String", "42", "42"), ("text", "true", "true"), ("varchar", "1", "1"),
+    ("char", "x", "x"), ("enum", "1", "1"),
+    # Fallbacks: the text, as for JSON Schema's own names.
+    ("float", "abc", "abc"), ("double", "nan", "nan"), ("int", "4.5", "4.5"), ("int", "ten", "ten"),
+    ("dict", "[1]", "[1]"), ("list", "not json", "not json"), ("bool", "yes", "yes"),
+    # Names neither peer converts by name stay text.
+    ("date", "2024", "2024"), ("any", "12", "12"),
+]
+
 SENTENCES = [
     "The user wants the weather in Beijing.",
     "Let me think about which tool fits best.",

@@ -12,7 +12,8 @@ from collections import defaultdict
 
 import pytest
 
-from parser_corpus import build_corpus, tool_non_stream, tool_stream
+from parser_corpus import TYPE_ALIASES, build_corpus, tool_non_stream, tool_stream
+from sglang.srt.entrypoints.openai.protocol import Function, Tool
 from sglang.srt.function_call.qwen3_coder_detector import Qwen3CoderDetector
 from sglang.srt.parser.reasoning_parser import DeepSeekR1Detector
 from sglang_step35.parsers import Step35ReasoningDetector, Step35ToolCallDetector
@@ -40,6 +41,12 @@ DIFFERENCES = {
     "keeps it as content",
     "whitespace_between_calls": "the built-in streams the newlines between blocks as content "
     "(non-stream does not); ours drops them in both",
+    "alias_bool_fallback": "a value that is neither true nor false under 'bool' becomes false "
+    "in the built-in, the opposite of a 'yes'; ours keeps the text for the client to reject",
+    "alias_container_kind": "the built-in accepts any JSON under 'dict'/'list' ('[1]' for a "
+    "dict); ours keeps text that is not the declared kind, as for 'object'/'array'",
+    "alias_unknown_name": "the built-in runs literal_eval on any type name it does not know "
+    "('date': '2024' -> 2024, '1.10' -> 1.1); ours keeps such values as text",
     "missing_closers": "missing </parameter>, </function> or </tool_call>: the built-in's "
     "streaming result differs from its own non-stream result on some of these (invalid "
     "JSON, lost calls); ours gives the ground truth in both",
@@ -145,3 +152,21 @@ def test_every_category_is_exercised():
             "truncated_call", "duplicate_param", "empty_block"} <= diffs
     assert any("\nNaN\n" in case.text for case in CORPUS)
     assert len(CORPUS) >= 200
+
+
+ALIAS_DIFFERENCES = {("bool", "yes"): "alias_bool_fallback", ("dict", "[1]"): "alias_container_kind",
+                     ("date", "2024"): "alias_unknown_name", ("any", "12"): "alias_unknown_name"}
+
+
+@pytest.mark.parametrize("declared, raw, value", TYPE_ALIASES)
+def test_type_aliases_against_builtin(declared, raw, value):
+    tool = Tool(function=Function(name="f", parameters={"type": "object", "properties": {"v": {"type": declared}}}))
+    text = f"<tool_call>\n<function=f>\n<parameter=v>\n{raw}\n</parameter>\n</function>\n</tool_call>"
+    ours = json.loads(tool_non_stream(Step35ToolCallDetector(), text, [tool])[1][0][1])["v"]
+    builtin = json.loads(tool_non_stream(Qwen3CoderDetector(), text, [tool])[1][0][1])["v"]
+    assert ours == value
+    if (declared, raw) in ALIAS_DIFFERENCES:
+        assert ALIAS_DIFFERENCES[(declared, raw)] in DIFFERENCES
+        assert builtin != ours and isinstance(ours, str)
+    else:
+        assert (builtin, type(builtin)) == (ours, type(ours))

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from parser_corpus import (
     TOOLS,
+    TYPE_ALIASES,
     as_objects,
     build_corpus,
     split_at,
@@ -114,6 +115,25 @@ def test_schema_typing(key, raw, value):
 def test_schema_typing_search(key, raw, value):
     text = f"<tool_call>\n<function=search>\n<parameter={key}>\n{raw}\n</parameter>\n</function>\n</tool_call>"
     assert parse(text)[1] == [("search", {key: value})]
+
+
+@pytest.mark.parametrize("declared, raw, value", TYPE_ALIASES)
+def test_type_aliases_outside_json_schema(declared, raw, value):
+    tool = Tool(function=Function(name="f", parameters={"type": "object", "properties": {"v": {"type": declared}}}))
+    text = f"<tool_call>\n<function=f>\n<parameter=v>\n{raw}\n</parameter>\n</function>\n</tool_call>"
+    (_, calls) = parse(text, [tool])
+    assert calls == [("f", {"v": value})]
+    assert type(calls[0][1]["v"]) is type(value)
+
+
+@pytest.mark.parametrize("raw, value", [("null", None), ("1.5", 1.5), ("x", "x")])
+def test_type_alias_in_a_type_list_and_any_of(raw, value):
+    props = {"a": {"type": ["Float", "NULL"]}, "b": {"anyOf": [{"type": "double"}, {"type": "null"}]}}
+    tool = Tool(function=Function(name="f", parameters={"type": "object", "properties": props}))
+    body = "".join(f"<parameter={k}>\n{raw}\n</parameter>\n" for k in "ab")
+    assert parse(f"<tool_call>\n<function=f>\n{body}</function>\n</tool_call>", [tool])[1] == [
+        ("f", {"a": value, "b": value})
+    ]
 
 
 def test_ref_and_enum_schemas():

@@ -2,7 +2,9 @@
 
 Step-3.5 writes every parameter value as raw text; the OpenAI ``arguments`` string
 needs JSON values. A value that fits none of the schema's types stays a string, so a
-sloppy model output still reaches the client instead of being dropped.
+sloppy model output still reaches the client instead of being dropped. Type names
+outside JSON Schema (``float``, ``int``, ``bool``, ``dict``...) are read as the JSON
+type they stand for, case-insensitively.
 """
 
 import ast
@@ -21,6 +23,38 @@ _NUMBER_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 _TRY_ORDER = ("null", "boolean", "integer", "number", "object", "array", "string")
 
 _MAX_REF_DEPTH = 8
+
+# Hand-written tool definitions use programming-language type names. These are the
+# names SGLang's and vLLM's Qwen3-Coder parsers convert (exact names, then prefixes,
+# compared lower-cased), so a tool that works there gets the same JSON types here.
+# "double" is not in their lists (they reach it through a generic literal_eval); it
+# is named here because it is the one float spelling those prefixes miss.
+_STRING_ALIASES = ("str", "text", "varchar", "char", "enum")
+_BOOLEAN_ALIASES = ("bool", "binary")
+_INTEGER_PREFIXES = ("int", "uint", "long", "short", "unsigned")
+_NUMBER_PREFIXES = ("num", "float")
+_NUMBER_ALIASES = ("double",)
+_ARRAY_ALIASES = ("arr",)
+
+
+def canonical_type(name: str) -> Optional[str]:
+    """The JSON Schema type a declared type name stands for; None when it is unknown."""
+    t = name.strip().lower()
+    if t in _TRY_ORDER:
+        return t
+    if t in _STRING_ALIASES:
+        return "string"
+    if t in _BOOLEAN_ALIASES:
+        return "boolean"
+    if t.startswith(_INTEGER_PREFIXES):
+        return "integer"
+    if t.startswith(_NUMBER_PREFIXES) or t in _NUMBER_ALIASES:
+        return "number"
+    if t in _ARRAY_ALIASES or t.startswith("list"):
+        return "array"
+    if t.startswith("dict"):
+        return "object"
+    return None
 
 
 def tool_properties(tool: Optional[Tool]) -> Dict[str, Any]:
@@ -54,9 +88,10 @@ def schema_types(schema: Any, root: Optional[Dict[str, Any]] = None, depth: int 
     found = set()
     declared = schema.get("type")
     if isinstance(declared, str):
-        found.add(declared)
-    elif isinstance(declared, list):
-        found.update(t for t in declared if isinstance(t, str))
+        declared = [declared]
+    if isinstance(declared, list):
+        found.update(canonical_type(t) for t in declared if isinstance(t, str))
+        found.discard(None)
     for key in ("anyOf", "oneOf", "allOf"):
         for sub in schema.get(key) or []:
             found.update(schema_types(sub, root, depth + 1))
