@@ -97,7 +97,8 @@ class Case:
     text: str
     reasoning: str
     content: str
-    calls: List[Tuple[str, Dict[str, Any]]] = field(default_factory=list)
+    # Arguments as an object; as the exact string for a call cut off by the end of output.
+    calls: List[Tuple[str, Any]] = field(default_factory=list)
     # The differential test groups its expectations by this tag.
     diff: Optional[str] = None
 
@@ -253,8 +254,10 @@ def build_corpus(seed: int = 0, per_category: int = 20) -> List[Case]:
         cut = rng.randint(1, len(value))
         truncated = render_call(call).split("<parameter=content>")[0] + "<parameter=content>\n" + value[:cut]
         partial = value[:cut][:-1] if value[:cut].endswith("\n") else value[:cut]
+        # Cut off by max_tokens: the arguments as generated, unterminated string, no "}".
+        args = json.dumps({"path": "/tmp/x", "content": partial}, ensure_ascii=False)[:-2]
         cases.append(Case("truncated_call", head + truncated, reasoning, "",
-                          [("write_file", {"path": "/tmp/x", "content": partial})], diff="truncated_call"))
+                          [("write_file", args)], diff="truncated_call"))
     for _ in range(per_category // 2):
         head, reasoning = _think(rng, _sentence(rng))
         dup = Call("get_weather", [("location", "Paris", "Paris"), ("location", "Rome", "Rome")])
@@ -316,5 +319,12 @@ def tool_non_stream(detector, text: str, tools=TOOLS) -> Tuple[str, List[Tuple[s
     return r.normal_text, [(c.name, c.parameters) for c in r.calls]
 
 
-def as_objects(calls: List[Tuple[str, str]]) -> List[Tuple[str, Dict[str, Any]]]:
-    return [(name, json.loads(args)) for name, args in calls]
+def as_objects(calls: List[Tuple[str, str]]) -> List[Tuple[str, Any]]:
+    """Arguments as objects; a call cut off by the end of output keeps its string."""
+    out = []
+    for name, args in calls:
+        try:
+            out.append((name, json.loads(args)))
+        except ValueError:
+            out.append((name, args))
+    return out

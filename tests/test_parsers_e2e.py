@@ -31,15 +31,34 @@ OUTPUT = ("The user wants Beijing's weather; call the tool.\n</think>\n\nLet me 
           "<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>")
 
 
-def _request(served_trained, trained_dir, text, **kw):
+def _request(served_trained, trained_dir, text, max_tokens=None, **kw):
     tok = AutoTokenizer.from_pretrained(str(trained_dir))
     forced = tok.encode(text, add_special_tokens=False) + [tok.convert_tokens_to_ids("<|im_end|>")]
     client = OpenAI(base_url=served_trained.base_url + "/v1", api_key="none")
     return client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "Weather in Beijing for 3 days?"}],
-        max_tokens=len(forced) + 4, temperature=0,
+        max_tokens=max_tokens or len(forced) + 4, temperature=0,
         extra_body={"custom_logit_processor": ForcedTokens.to_str(), "custom_params": {"forced_ids": forced}},
         **kw)
+
+
+def _collect(stream):
+    """A streamed chat completion as the client assembles it."""
+    out = {"reasoning": "", "content": "", "names": [], "args": {}, "finish_reason": None}
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        choice = chunk.choices[0]
+        d = choice.delta
+        out["reasoning"] += (d.model_extra or {}).get("reasoning_content") or ""
+        out["content"] += d.content or ""
+        for tc in d.tool_calls or []:
+            if tc.function and tc.function.name:
+                out["names"].append(tc.function.name)
+            if tc.function and tc.function.arguments:
+                out["args"][tc.index] = out["args"].get(tc.index, "") + tc.function.arguments
+        out["finish_reason"] = choice.finish_reason or out["finish_reason"]
+    return out
 
 
 def test_tool_call_and_reasoning_non_stream(served_trained, trained_dir):
@@ -79,3 +98,27 @@ def test_forgotten_think_close_still_yields_the_tool_call(served_trained, traine
     msg = _request(served_trained, trained_dir, text, tools=TOOLS).choices[0].message
     assert [c.function.name for c in msg.tool_calls] == ["get_weather"]
     assert msg.model_extra["reasoning_content"].startswith("The user wants")
+
+
+def test_call_cut_off_by_max_tokens_is_returned_as_generated(served_trained, trained_dir):
+    # OpenAI's behaviour: finish_reason stays "length" and the arguments are what the model
+    # wrote so far, not closed into a call that a client would execute.
+    tok = AutoTokenizer.from_pretrained(str(trained_dir))
+    ids = tok.encode(OUTPUT, add_special_tokens=False)
+    head = "<parameter=location>\n"
+    # The first cut that leaves part of "Beijing" written.
+    n = next(k for k in range(len(ids)) if head in tok.decode(ids[:k]) and tok.decode(ids[:k]).split(head)[1])
+    value = tok.decode(ids[:n]).split(head)[1]
+    assert "Beijing".startswith(value) and value != "Beijing"
+    arguments = '{"location": "' + value
+
+    r = _request(served_trained, trained_dir, OUTPUT, max_tokens=n, tools=TOOLS)
+    msg = r.choices[0].message
+    assert r.choices[0].finish_reason == "length"
+    assert [(c.function.name, c.function.arguments) for c in msg.tool_calls] == [("get_weather", arguments)]
+    assert msg.model_extra["reasoning_content"] == "The user wants Beijing's weather; call the tool."
+
+    s = _collect(_request(served_trained, trained_dir, OUTPUT, max_tokens=n, tools=TOOLS, stream=True))
+    assert s["finish_reason"] == "length"
+    assert (s["names"], s["args"]) == (["get_weather"], {0: arguments})
+    assert (s["reasoning"], s["content"]) == (msg.model_extra["reasoning_content"], msg.content or "")

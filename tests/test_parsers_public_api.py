@@ -96,3 +96,39 @@ def test_fuzz_regression_trailing_newline_after_stray_text():
     tools = [Tool(function=Function(name="f", parameters={"type": "object"}))]
     non, stream = tool_modes("<function=f>\n}\n", tools, ["<function=f>\n}", "\n"])
     assert stream == non
+
+
+# -- 3. a call cut off by max_tokens --------------------------------------------------------
+
+WEATHER_TOOL = [Tool(function=Function(name="get_weather", parameters={
+    "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}))]
+CALL_HEAD = "<tool_call>\n<function=get_weather>\n"
+
+
+@pytest.mark.parametrize(
+    "body, arguments",
+    [
+        ("<parameter=city>\nPar", '{"city": "Par'),
+        ("<parameter=city>\nParis\n</parameter>\n<parameter=days>\n1", '{"city": "Paris", "days": 1'),
+        ("<parameter=city>\nParis\n</parameter>\n", '{"city": "Paris"'),
+        ("<parameter=city>\nParis\n</parameter>\n</function", '{"city": "Paris"'),
+        ("", ""),
+    ],
+)
+def test_call_cut_off_keeps_its_arguments_as_generated(body, arguments):
+    text = "Plan.\n</think>\nLooking.\n" + CALL_HEAD + body
+    non_r, stream_r = reasoning_modes(text)
+    assert non_r == stream_r == ("Plan.", "Looking.\n" + CALL_HEAD + body)
+    non, stream = tool_modes(non_r[1], WEATHER_TOOL)
+    assert non == stream == ("Looking.\n", [("get_weather", arguments)])
+
+
+def test_serving_top_up_sends_nothing_after_a_cut_off_call():
+    # serving_chat._check_for_unstreamed_tool_args sends the part of the recorded
+    # arguments (json.dumps'ed unless a string) that the stream has not sent.
+    parser = FunctionCallParser(WEATHER_TOOL, "step3p5")
+    for ch in CALL_HEAD + "<parameter=city>\nPar":
+        parser.parse_stream_chunk(ch)
+    parser.parse_stream_end()
+    detector = parser.detector
+    assert detector.prev_tool_call_arr[-1]["arguments"] == detector.streamed_args_for_tool[-1] == '{"city": "Par'

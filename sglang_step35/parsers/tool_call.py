@@ -87,6 +87,9 @@ class _Call:
     streamed: str = ""
     object_open: bool = False  # "{" sent and "}" not yet
     closed: bool = False
+    # The output ended inside this call (max_tokens): its arguments stay exactly what
+    # was generated, unclosed, as OpenAI returns such a call with finish_reason=length.
+    cut_off: bool = False
 
 
 @dataclass
@@ -182,6 +185,20 @@ class CallScanner:
             value = convert_value(param.raw, param.types)
             self.calls[-1].args[param.key] = value
             self._args(_dumps(value))
+
+    def _cut_off_call(self) -> None:
+        """End of output inside the open call: send what it has, close nothing."""
+        param, self.param = self.param, None
+        if param is not None and param.raw and not param.skip and not is_plain_string(param.types):
+            # Typed values are only sent whole; a cut-off one is sent as far as it
+            # got: its JSON if the text so far converts, else an unterminated string
+            # (what the value would have become had the output ended there).
+            value = convert_value(param.raw, param.types)
+            self.calls[-1].args[param.key] = value
+            self._args(_dumps(value)[:-1] if isinstance(value, str) else _dumps(value))
+        self.calls[-1].cut_off = True
+        self.pending = ""
+        self.state = _NORMAL
 
     # -- scanning -------------------------------------------------------------------
 
@@ -301,12 +318,8 @@ class CallScanner:
             self.state = _NORMAL
             return True
         if not rest or _is_partial(rest, _IN_FUNC_TAGS):
-            if not final:
-                return False
-            # Output ended inside the call (max_tokens): close it with what it has.
-            self.pending = ""
-            self._close_call()
-            self.state = _NORMAL
+            if final:
+                self._cut_off_call()
             return False
         if rest.startswith("{") and not call.streamed:
             self.pending = rest
@@ -351,9 +364,12 @@ class CallScanner:
             keep = 0 if final else partial_tag_len(buf, _VALUE_HOLDBACK)
             piece = buf[: len(buf) - keep]
             self.pending = buf[len(buf) - keep :]
-            if not final:
+            if final:
+                self._value_piece(piece[:-1] if piece.endswith("\n") else piece)
+                self._cut_off_call()
+            else:
                 self._value_piece(piece)
-                return False
+            return False
         else:
             piece = buf[:pos]
             self.pending = buf[pos + len(tag) :] if tag == PARAM_CLOSE else buf[pos:]
@@ -376,6 +392,11 @@ class CallScanner:
         if isinstance(parsed, dict):
             self.calls[-1].args = parsed
             self._args(_dumps(parsed))
+        elif pos == -1:
+            # Cut off while writing the object: those are its arguments so far.
+            self._args(body)
+            self._cut_off_call()
+            return False
         else:
             self._text(body)
         self.state = _IN_FUNC
@@ -475,7 +496,11 @@ class Step35ToolCallDetector(BaseFormatDetector):
         # serving_chat compares these at the end of a stream and sends whatever part of
         # json.dumps(arguments) it thinks is missing; keeping them equal sends nothing.
         calls = self._scanner.calls
-        self.prev_tool_call_arr = [{"name": c.name, "arguments": c.args} for c in calls]
+        # A cut-off call's arguments are not a JSON object; as a string they are
+        # compared verbatim, so the top-up still sends nothing.
+        self.prev_tool_call_arr = [
+            {"name": c.name, "arguments": c.streamed if c.cut_off else c.args} for c in calls
+        ]
         self.streamed_args_for_tool = [c.streamed for c in calls]
         self.current_tool_id = len(calls) - 1 if calls else -1
         self.current_tool_name_sent = bool(calls) and not calls[-1].closed
