@@ -4,7 +4,8 @@ These tests FORCE the served model's output tokens with SGLang's custom-logit-pr
 (sglang_step35.forced_output), to pin exact edge cases (text before a call, a forgotten `</think>`):
 the text is chosen by the test, everything after sampling — detokenization, reasoning split,
 tool-call parsing, streaming — is real. tests/test_trained_model.py covers what the trained model
-writes by itself.
+writes by itself; so do the forced-tool-choice tests here, which check what the model writes under
+the grammar SGLang builds from our structural tag.
 """
 
 import json
@@ -14,6 +15,8 @@ from openai import OpenAI
 from transformers import AutoTokenizer
 
 from sglang_step35.forced_output import ForcedTokens
+from sglang_step35.training.data import TOOLS as TRAINED_TOOLS
+from sglang_step35.training.data import tool_prompts
 
 pytestmark = pytest.mark.server
 
@@ -122,3 +125,33 @@ def test_call_cut_off_by_max_tokens_is_returned_as_generated(served_trained, tra
     assert s["finish_reason"] == "length"
     assert (s["names"], s["args"]) == (["get_weather"], {0: arguments})
     assert (s["reasoning"], s["content"]) == (msg.model_extra["reasoning_content"], msg.content or "")
+
+
+MARKUP = ("<tool_call>", "</tool_call>", "<function", "</function>", "<parameter", "</parameter>",
+          "<think>", "</think>")
+
+
+@pytest.mark.parametrize("named", [False, True], ids=["required", "named"])
+def test_forced_tool_choice_with_reasoning_gives_calls_and_clean_content(served_trained, named):
+    # The trained model's own output (greedy) under the grammar of our structural tag. A run
+    # before the fix showed "</think>" and "<parameter=" in content: the lenient parse split
+    # string values the grammar had written, and xgrammar's "required" tag let the model go on
+    # after its call.
+    client = OpenAI(base_url=served_trained.base_url + "/v1", api_key="none")
+    for p in tool_prompts(held_out=True)[:3]:
+        choice = {"type": "function", "function": {"name": p.tool}} if named else "required"
+        kw = dict(model="tiny", messages=p.messages, tools=TRAINED_TOOLS, tool_choice=choice,
+                  max_tokens=160, temperature=0)
+        r = client.chat.completions.create(**kw)
+        msg = r.choices[0].message
+        reasoning = msg.model_extra.get("reasoning_content") or ""
+        calls = [(c.function.name, c.function.arguments) for c in msg.tool_calls or []]
+        assert reasoning.strip() and "</think>" not in reasoning, reasoning
+        assert calls, (reasoning, msg.content)
+        if named:
+            assert {name for name, _ in calls} == {p.tool}
+        assert not any(tag in (msg.content or "") for tag in MARKUP), msg.content
+        s = _collect(client.chat.completions.create(stream=True, **kw))
+        assert (s["reasoning"], s["content"]) == (reasoning, msg.content or "")
+        assert (s["names"], [s["args"][i] for i in sorted(s["args"])]) == ([n for n, _ in calls], [a for _, a in calls])
+        assert s["finish_reason"] == r.choices[0].finish_reason

@@ -19,7 +19,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from sglang.srt.entrypoints.openai.protocol import Tool
+from sglang.srt.entrypoints.openai.protocol import Tool, ToolChoice
 from sglang.srt.environ import envs
 from sglang.srt.function_call.base_format_detector import BaseFormatDetector
 from sglang.srt.function_call.core_types import (
@@ -62,6 +62,10 @@ _AFTER_FUNC = "after_func"  # after </function>, expecting </tool_call>
 _NORMAL_TRIGGERS = (TOOL_OPEN,) + FUNC_OPENERS
 _VALUE_ENDS = (PARAM_CLOSE,) + PARAM_OPENERS + (FUNC_CLOSE, TOOL_CLOSE)
 _VALUE_HOLDBACK = _VALUE_ENDS + tuple("\n" + tag for tag in _VALUE_ENDS)
+# Under xgrammar's qwen_xml grammar a string value is any text without "</parameter>":
+# "<parameter=", "</function>" or "</tool_call>" inside it are part of the value.
+_GRAMMAR_VALUE_ENDS = (PARAM_CLOSE,)
+_GRAMMAR_VALUE_HOLDBACK = (PARAM_CLOSE, "\n" + PARAM_CLOSE)
 _IN_FUNC_TAGS = PARAM_OPENERS + (FUNC_CLOSE, TOOL_CLOSE, TOOL_OPEN)
 _BODY_ENDS = (FUNC_CLOSE, TOOL_CLOSE)
 
@@ -108,9 +112,13 @@ class CallScanner:
     become a tag is held until the next feed or ``final=True``.
     """
 
-    def __init__(self, tools: List[Tool], forward_unknown: bool = False):
+    def __init__(self, tools: List[Tool], forward_unknown: bool = False, constrained: bool = False):
         self.tools = {t.function.name: t for t in tools or [] if t.function.name}
         self.forward_unknown = forward_unknown
+        # constrained: the output was generated under our structural tag, so values are
+        # read the way its grammar delimits them, not by the malformed-input recovery.
+        self.value_ends = _GRAMMAR_VALUE_ENDS if constrained else _VALUE_ENDS
+        self.value_holdback = _GRAMMAR_VALUE_HOLDBACK if constrained else _VALUE_HOLDBACK
         self.state = _NORMAL
         self.pending = ""
         self.block_raw = ""  # consumed markup, returned as text if no call materialises
@@ -359,9 +367,9 @@ class CallScanner:
                 return False
             buf = self.pending = buf[1:] if buf.startswith("\n") else buf
             param.started = True
-        pos, tag = find_first(buf, _VALUE_ENDS)
+        pos, tag = find_first(buf, self.value_ends)
         if tag is None:
-            keep = 0 if final else partial_tag_len(buf, _VALUE_HOLDBACK)
+            keep = 0 if final else partial_tag_len(buf, self.value_holdback)
             piece = buf[: len(buf) - keep]
             self.pending = buf[len(buf) - keep :]
             if final:
@@ -424,6 +432,25 @@ class CallScanner:
         return True
 
 
+def _calls_only(fmt):
+    """tool_choice=required: one or more calls and nothing else.
+
+    xgrammar's builtin tag for "required" lets free text follow the first call; with a
+    reasoning parser SGLang also lifts that text's ban on think tags, so a model that
+    rambles on after its call puts "</think>" and half-written markup into ``content``.
+    A client that demanded a call gets calls, separated by newlines as the template
+    writes them.
+    """
+    from xgrammar.structural_tag import SequenceFormat, TagsWithSeparatorFormat, TriggeredTagsFormat
+
+    if isinstance(fmt, TriggeredTagsFormat) and fmt.at_least_one:
+        return TagsWithSeparatorFormat(tags=fmt.tags, separator="\n", at_least_one=True,
+                                       stop_after_first=fmt.stop_after_first)
+    if isinstance(fmt, SequenceFormat):
+        fmt.elements = [_calls_only(element) for element in fmt.elements]
+    return fmt
+
+
 def _forward_unknown_tools() -> bool:
     try:
         return bool(envs.SGLANG_FORWARD_UNKNOWN_TOOLS.get())
@@ -449,8 +476,9 @@ def events_to_result(events: List[tuple]) -> StreamingParseResult:
 class Step35ToolCallDetector(BaseFormatDetector):
     """``--tool-call-parser step3p5``; ``tool_index`` is the call's ordinal in the output."""
 
-    def __init__(self):
+    def __init__(self, constrained: bool = False):
         super().__init__()
+        self.constrained = constrained
         self.bot_token = TOOL_OPEN
         self.eot_token = TOOL_CLOSE
         self.tool_call_separator = "\n"
@@ -462,7 +490,7 @@ class Step35ToolCallDetector(BaseFormatDetector):
 
     def detect_and_parse(self, text: str, tools: List[Tool]) -> StreamingParseResult:
         try:
-            scanner = CallScanner(tools, _forward_unknown_tools())
+            scanner = CallScanner(tools, _forward_unknown_tools(), self.constrained)
             events = scanner.feed(text, final=True)
         except Exception:  # the server must get an answer, never a 500
             logger.exception("step3p5 tool parser failed; returning text unparsed")
@@ -482,7 +510,7 @@ class Step35ToolCallDetector(BaseFormatDetector):
         if self._passthrough:
             return StreamingParseResult(normal_text=text)
         if self._scanner is None:
-            self._scanner = CallScanner(tools, _forward_unknown_tools())
+            self._scanner = CallScanner(tools, _forward_unknown_tools(), self.constrained)
         try:
             result = events_to_result(self._scanner.feed(text, final))
         except Exception:
@@ -518,6 +546,22 @@ class Step35ToolCallDetector(BaseFormatDetector):
         # xgrammar's "qwen_3_coder" tag emits exactly this XML (style="qwen_xml"), so
         # tool_choice=required/named constrains the model to the format parsed here.
         return "qwen_3_coder"
+
+    def get_structural_tag(self, tools=None, tool_choice="auto", thinking_mode=False, parallel_tool_calls=True):
+        tag = super().get_structural_tag(
+            tools=tools, tool_choice=tool_choice, thinking_mode=thinking_mode,
+            parallel_tool_calls=parallel_tool_calls,
+        )
+        if tag is not None and tool_choice == "required":
+            tag.format = _calls_only(tag.format)
+        return tag
+
+    def get_required_tool_parser(self, tool_choice):
+        # serving_chat parses required/named output with the detector this returns: one
+        # that reads values as the grammar of get_structural_tag delimits them.
+        if tool_choice == "required" or isinstance(tool_choice, ToolChoice):
+            return Step35ToolCallDetector(constrained=True)
+        return None
 
     def structure_info(self) -> _GetInfoFunc:
         # Legacy structural tags put a JSON object between begin and end; the scanner
