@@ -7,8 +7,9 @@ and ``up + 1`` baked in (SGLang 0.5.23 ``layers/moe/moe_runner/aiter.py`` only m
 exactly those constants onto it) - neither is Step-3.5's ``min(silu(gate), L) * clamp(up, -L, L)``. Mapping Step's clamped layers onto AITER's
 plain activation dropped GSM8K from ~0.85 to ~0.55 elsewhere (vllm #36193, #39436; ROCm/aiter
 #2484); the fix that worked was a Triton fallback for the clamped layers only (43 and 44 in
-Step-3.5-Flash) while every unclamped layer keeps AITER. ``moe_backend_for_layer`` encodes exactly
-that rule, and ``aiter_capabilities`` says, in one readable report, what was found.
+Step-3.5-Flash) while every unclamped layer keeps AITER. That rule lives in
+``sglang_step35.moe.runner`` (the one home of "which runner serves which layer"); this module only
+reports, in ``aiter_capabilities``, what the installed AITER offers.
 
 Importing this module never imports AITER; only ``aiter_capabilities()`` does, once, on demand
 (AITER's import may trigger JIT builds, so it must not happen as a side effect).
@@ -19,9 +20,7 @@ from __future__ import annotations
 import functools
 import importlib
 from dataclasses import dataclass
-from typing import Callable, Literal
-
-MoeBackend = Literal["aiter", "triton"]
+from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -80,17 +79,3 @@ def _importable(importer: Callable[[str], object], name: str) -> bool:
         return True
     except Exception:  # noqa: BLE001
         return False
-
-
-def moe_backend_for_layer(swiglu_limit: float | None, aiter_available: bool) -> MoeBackend:
-    """The MoE kernel family a layer may use on ROCm.
-
-    ``swiglu_limit`` is the layer's routed-expert limit (``swiglu_limits[layer]``; 0 or None = no
-    clamp). Clamped layers always get "triton" (AITER would silently drop the clamp); unclamped
-    layers get "aiter" when it is available, else "triton".
-    """
-    if swiglu_limit is not None and swiglu_limit < 0:
-        raise ValueError(f"swiglu_limit must be >= 0 or None, got {swiglu_limit}")
-    if swiglu_limit:  # > 0
-        return "triton"
-    return "aiter" if aiter_available else "triton"

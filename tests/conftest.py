@@ -6,9 +6,16 @@ import os
 
 import pytest
 
-from sglang_step35.tiny import TRAINED_TINY_DIR, write_tiny_checkpoint
+from sglang_step35.plugin import has_accelerator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# What plugin.register() sets in every SGLang process on a GPU-less machine, set before any test
+# module imports SGLang: SGLang reads it at import time (module-level `_is_cpu = is_cpu()`), so
+# in-process layer tests (test_moe_gpu_contract) see the same platform as a served model.
+if not has_accelerator():
+    os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
+
+from sglang_step35.tiny import TRAINED_TINY_DIR, write_tiny_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")

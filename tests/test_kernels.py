@@ -297,24 +297,6 @@ def test_router_rejects_config_too_narrow_for_experts():
         sigmoid_topk_route(torch.zeros(1, 288, device=DEVICE), None, 8, 1.0, config=LaunchConfig(1, 256, 4, 1))
 
 
-@pytest.mark.parametrize(
-    "limit,aiter,expected",
-    [(0, True, "aiter"), (None, True, "aiter"), (0.0, False, "triton"), (7, True, "triton"), (16.0, True, "triton"), (7, False, "triton")],
-)
-def test_moe_backend_for_layer_never_sends_clamped_layers_to_aiter(limit, aiter, expected):
-    assert aiter_glue.moe_backend_for_layer(limit, aiter) == expected
-
-
-def test_moe_backend_for_step35_flash_layers():
-    # Real config: routed limit 7 on layers 43 and 44, 0 elsewhere (45 layers + 3 MTP entries).
-    limits = [0.0] * 48
-    limits[43] = limits[44] = 7.0
-    backends = [aiter_glue.moe_backend_for_layer(v, True) for v in limits]
-    assert [i for i, b in enumerate(backends) if b == "triton"] == [43, 44]
-    with pytest.raises(ValueError):
-        aiter_glue.moe_backend_for_layer(-1.0, True)
-
-
 def test_probe_aiter_reports_capabilities():
     import enum
     import types

@@ -1,12 +1,11 @@
-"""Routed-expert computation with Step-3.5's SwiGLU clamp, on FusedMoE's own weights.
+"""Routed-expert computation with Step-3.5's SwiGLU clamp on FusedMoE's own weights: CPU only.
 
-Why this exists: SGLang 0.5.23's MoE runners do not agree on the clamp, and some drop it — the CPU
-path (`moe_forward_native`) ignores `gemm1_clamp_limit`, AITER's fused MoE has no clamped SwiGLU
-(GSM8K 0.85 -> 0.55 on AMD, vllm #36193). Step-3.5-Flash clamps only layers 43-44, so those layers run
-this loop (the same trade the AMD fix made: fallback only where the clamp is active) and every
-other layer stays on FusedMoE's fast runner. Works under EP (only local experts) and TP (partial
-intermediate; the caller all-reduces); on CPU it also serves EP, which SGLang's native CPU MoE
-cannot (it indexes with the -1 ids of non-local experts).
+Why this exists: SGLang 0.5.23's CPU MoE (`moe_forward_native`) ignores `gemm1_clamp_limit` and
+indexes with the -1 ids of non-local experts under EP. So on CPU the clamped layers (43-44 in
+Step-3.5-Flash), and every layer under EP, run this loop (`sglang_step35.moe.runner` decides).
+It syncs with the host (`unique().tolist()`, `nonzero`), so it must never run on a GPU path that
+SGLang captures in a CUDA graph; GPUs use FusedMoE with the clamp passed in. Works under EP (only
+local experts) and TP (partial intermediate; the caller all-reduces).
 """
 
 from __future__ import annotations

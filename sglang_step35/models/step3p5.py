@@ -14,6 +14,7 @@ import logging
 from typing import Iterable, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sglang.srt.distributed.communication_op import tensor_model_parallel_all_reduce
@@ -27,6 +28,7 @@ from sglang.srt.layers.linear import (
     RowParallelLinear,
 )
 from sglang.srt.layers.logits_processor import LogitsProcessor
+from sglang.srt.eplb.expert_location import ModelConfigForExpertLocation
 from sglang.srt.layers.moe.ep_moe.layer import get_moe_impl_class
 from sglang.srt.layers.moe.topk import TopK
 from sglang.srt.layers.quantization.base_config import QuantizationConfig
@@ -41,6 +43,13 @@ from sglang_step35 import ops
 from sglang_step35.config import LayerSpec, layer_spec, validate
 from sglang_step35.models.expert_compute import experts_forward_loop
 from sglang_step35.models.weights import cpu_fp8_fallback, load_step3p5_weights
+from sglang_step35.moe.runner import (
+    ClampHonouringMoEMethod,
+    RoutedRunner,
+    aiter_moe_active,
+    current_device,
+    routed_plan,
+)
 
 logger = logging.getLogger(__name__)  # propagates to the handlers SGLang configures per process
 
@@ -106,6 +115,10 @@ class Step3p5MoE(nn.Module):
             renormalize=self.renormalize,
             custom_routing_function=self._route,
         )
+        self.plan = routed_plan(
+            self.swiglu_limit, device=current_device(), ep_size=get_parallel().moe_ep_size,
+            aiter=aiter_moe_active(), quantized=quant_config is not None,
+        )
         self.experts = get_moe_impl_class(quant_config)(
             num_experts=self.num_experts,
             top_k=self.top_k,
@@ -114,7 +127,14 @@ class Step3p5MoE(nn.Module):
             intermediate_size=config.moe_intermediate_size,
             quant_config=quant_config,
             reduce_results=False,
+            # SGLang's Triton runner applies Step's clamp itself (see moe/runner.py).
+            gemm1_clamp_limit=self.swiglu_limit if self.swiglu_limit > 0 else None,
+            quant_method=ClampHonouringMoEMethod() if self.plan.runner is RoutedRunner.FUSED_TRITON else None,
             prefix=add_prefix("experts", prefix),
+        )
+        # The GPU TopK dispatch picks its output format from the experts' runner; unbound it raises.
+        self.topk.bind_runner_backend(
+            self.experts.runner_backend, routing_method_type=self.experts.routing_method_type
         )
         self.share_expert = Step3p5MLP(
             H, config.share_expert_dim, spec.swiglu_limit_shared, quant_config, reduce_results=False,
@@ -129,16 +149,17 @@ class Step3p5MoE(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits, _ = self.gate(x.float() if self.fp32_gate else x)
+        # The fp32 router as a plain matmul (like the built-in): ReplicatedLinear would route fp32
+        # through the platform's GEMM (AITER's tgemm on ROCm), whose fp32 support is unverified.
+        logits = F.linear(x.float(), self.gate.weight.float()) if self.fp32_gate else self.gate(x)[0]
         topk_output = self.topk(x, logits)
-        if self.swiglu_limit > 0 or (self.experts.moe_ep_size > 1 and x.device.type == "cpu"):
-            # SGLang's MoE runners disagree on (or, on CPU and AITER, drop) the clamp, and its CPU MoE
-            # cannot take EP's non-local experts: those layers (43-44 in Step-3.5-Flash; all under EP
-            # on CPU) run our own expert loop on the same weights instead.
-            routed = experts_forward_loop(self.experts, x, topk_output, self.swiglu_limit)
-        else:
+        # Shared expert first: the fused MoE runs in place (FusedMoE inplace=True) and overwrites x.
+        shared = self.share_expert(x)
+        if self.plan.uses_fused_moe:
             routed = self.experts(x, topk_output)
-        out = routed + self.share_expert(x)
+        else:
+            routed = experts_forward_loop(self.experts, x, topk_output, self.swiglu_limit)
+        out = routed + shared
         if self.tp_size > 1:
             out = tensor_model_parallel_all_reduce(out)
         return out
@@ -275,6 +296,13 @@ class Step3p5ForCausalLM(nn.Module):
         )
         self.logits_processor = LogitsProcessor(config)
         logger.info("sglang-step35: serving with model class %s.%s", __name__, type(self).__name__)
+
+    @classmethod
+    def get_model_config_for_expert_location(cls, config):
+        """For --enable-eplb and expert-distribution recording (SGLang asks the model class)."""
+        return ModelConfigForExpertLocation(
+            num_layers=config.num_hidden_layers, num_logical_experts=int(config.moe_num_experts)
+        )
 
     @property
     def start_layer(self) -> int:

@@ -1,0 +1,104 @@
+"""Which runner computes a Step-3.5 MoE layer's routed experts, per platform and layer: the one home
+of that rule (the model, the docs table in docs/correctness.md and the tests all read it).
+
+The facts it encodes (SGLang 0.5.23, read in site-packages):
+- SGLang's Triton MoE runner computes Step's clamp exactly, ``min(silu(gate), L) * clamp(up, -L, L)``
+  (``_swiglu_silu_clamp_mul`` in ``moe_runner/triton_utils/fused_moe.py``), when ``FusedMoE`` gets
+  ``gemm1_clamp_limit=L``; unquantized and block-FP8 experts alike (the FP8 path keeps its block
+  scales). So on GPUs every layer runs on FusedMoE, clamped ones included, and CUDA graphs capture it.
+- AITER's CK fused MoE has no clamped SwiGLU (vllm #36193, #39436). SGLang itself sends layers with
+  ``gemm1_clamp_limit`` to Triton only on gfx95x (``_aiter_ck_moe_unsupported_reason``); on MI300X
+  (gfx942) it would run AITER and drop the clamp. Clamped layers therefore get
+  :class:`ClampHonouringMoEMethod`: no AITER runner and no AITER weight shuffle for that layer, the
+  other layers stay on AITER (the per-layer fallback of vllm #39436).
+- SGLang's CPU MoE (``moe_forward_native``) ignores ``gemm1_clamp_limit`` and indexes with the -1 ids
+  of non-local experts under EP: only there do the clamped layers (and every layer under EP) run our
+  own expert loop (``models/expert_compute.py``). CPU is never captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Optional
+
+from sglang.srt.layers.quantization.unquant import UnquantizedFusedMoEMethod
+
+
+class RoutedRunner(str, enum.Enum):
+    FUSED = "fused"  # SGLang's FusedMoE with the platform's runner (Triton/AITER/...), clamp passed in
+    FUSED_TRITON = "fused-triton"  # FusedMoE pinned to SGLang's Triton runner (clamped layers under AITER)
+    EXPERT_LOOP = "expert-loop"  # our loop on FusedMoE's weights (CPU only)
+
+
+@dataclass(frozen=True)
+class RoutedPlan:
+    runner: RoutedRunner
+    clamp_by: Optional[str]  # who computes the clamp; None on unclamped layers
+
+    @property
+    def uses_fused_moe(self) -> bool:
+        return self.runner is not RoutedRunner.EXPERT_LOOP
+
+
+def routed_plan(swiglu_limit: float, *, device: str, ep_size: int, aiter: bool, quantized: bool = False) -> RoutedPlan:
+    """The runner of one MoE layer.
+
+    ``device``: "cuda", "rocm" or "cpu" (see :func:`current_device`); ``aiter``: SGLang's AITER MoE
+    is active (``SGLANG_USE_AITER=1`` on ROCm); ``quantized``: the experts use a quantization method
+    (block FP8).
+    """
+    if swiglu_limit < 0:
+        raise ValueError(f"swiglu_limit must be >= 0, got {swiglu_limit}")
+    clamped = swiglu_limit > 0
+    if device == "cpu":
+        if clamped or ep_size > 1:
+            return RoutedPlan(RoutedRunner.EXPERT_LOOP, "sglang-step35 expert loop" if clamped else None)
+        return RoutedPlan(RoutedRunner.FUSED, None)
+    if device not in ("cuda", "rocm"):
+        raise ValueError(f"unknown device {device!r}; expected 'cuda', 'rocm' or 'cpu'")
+    if not clamped:
+        return RoutedPlan(RoutedRunner.FUSED, None)
+    if device == "rocm" and aiter:
+        if quantized:
+            # Fp8MoEMethod picks AITER for every layer under SGLANG_USE_AITER; it has no per-layer
+            # Triton fallback we could select, so a clamped FP8 layer cannot be served correctly.
+            raise NotImplementedError(
+                "block-FP8 experts on a clamped Step-3.5 layer under SGLANG_USE_AITER=1: AITER's FP8 MoE "
+                "drops the SwiGLU clamp; serve the BF16 checkpoint on AMD, or set SGLANG_USE_AITER=0"
+            )
+        return RoutedPlan(RoutedRunner.FUSED_TRITON, "SGLang Triton runner (gemm1_clamp_limit)")
+    return RoutedPlan(RoutedRunner.FUSED, "SGLang Triton runner (gemm1_clamp_limit)")
+
+
+def current_device() -> str:
+    """The platform SGLang runs on, with SGLang's own probes."""
+    from sglang.srt.utils import is_cuda, is_hip
+
+    if is_hip():
+        return "rocm"
+    if is_cuda():
+        return "cuda"
+    return "cpu"
+
+
+def aiter_moe_active() -> bool:
+    """SGLang's AITER MoE switch, read where SGLang reads it (``unquant._use_aiter``)."""
+    from sglang.srt.layers.quantization import unquant
+
+    return bool(unquant._use_aiter)
+
+
+class ClampHonouringMoEMethod(UnquantizedFusedMoEMethod):
+    """SGLang's unquantized MoE method, for a clamped layer: Triton runner, weights in Triton's layout.
+
+    Overrides exactly one SGLang decision: whether AITER's CK MoE may serve the layer. SGLang asks
+    ``_aiter_ck_moe_unsupported_reason`` both before building the AITER runner and before shuffling
+    the weights into AITER's layout, so a reason here keeps both off for this layer only.
+    """
+
+    def _aiter_ck_moe_unsupported_reason(self, layer) -> Optional[str]:
+        limit = layer.moe_runner_config.gemm1_clamp_limit
+        if limit is not None:
+            return f"Step-3.5 SwiGLU clamp (limit {limit}) has no AITER CK kernel (vllm #36193)"
+        return super()._aiter_ck_moe_unsupported_reason(layer)
