@@ -36,6 +36,12 @@ def main(argv=None) -> int:
 
     from hypothesis import seed
 
+    from sglang_step35.parsers import register_parsers
+
+    # Properties that go through SGLang's FunctionCallParser need "step3p5" to be ours, as
+    # the plugin makes it in a server (pytest does this with a fixture).
+    register_parsers()
+
     failed = 0
     for module_name, test_name in PROPERTY_NAMES:
         run = getattr(importlib.import_module(module_name), test_name)

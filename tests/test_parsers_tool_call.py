@@ -258,8 +258,11 @@ def test_stray_text_in_function_keeps_its_spaces_at_every_cut():
         assert tool_stream(Step35ToolCallDetector(), [text[:i], text[i:]], FREE_TOOL) == expected, i
 
 
-@pytest.mark.parametrize("text", ["<function=f>\n}\n", "<function=f>\n}\n<parameter=p0>\nv\n</parameter>\n x\n"])
-def test_whitespace_after_stray_text_is_decided_by_what_follows_not_by_the_cut(text):
+@pytest.mark.parametrize("text", ["<function=f>\n}\n", "<function=f>\n}\n<parameter=p0>\nv\n</parameter>\n x\n",
+                                  # make fuzz: "{" after stray text was a JSON body only when a chunk began at it
+                                  "<tool_call><tool_call><tool_call><function=f><function=f>{",
+                                  "<function=f>\nnote {\"a\": 1}\n</function>"])
+def test_stray_text_is_decided_by_what_follows_not_by_the_cut(text):
     # Found by `make fuzz`: split as ['<function=f>\n}', '\n'] the stream lost the final
     # newline that non-stream kept as part of the stray "}".
     expected = tool_non_stream(Step35ToolCallDetector(), text, FREE_TOOL)

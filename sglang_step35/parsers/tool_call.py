@@ -90,6 +90,9 @@ class _Call:
     args: Dict[str, Any] = field(default_factory=dict)
     streamed: str = ""
     object_open: bool = False  # "{" sent and "}" not yet
+    # Anything but whitespace seen inside the function: a "{" after that is prose, not a
+    # JSON body, however the chunks fall.
+    body_started: bool = False
     closed: bool = False
     # The output ended inside this call (max_tokens): its arguments stay exactly what
     # was generated, unclosed, as OpenAI returns such a call with finish_reason=length.
@@ -311,6 +314,7 @@ class CallScanner:
             self.pending = rest[len(opener) :]
             self.block_raw = opener
             self.state = _PARAM_NAME
+            call.body_started = True
             return True
         if rest.startswith(FUNC_CLOSE):
             self.pending = rest[len(FUNC_CLOSE) :]
@@ -329,10 +333,11 @@ class CallScanner:
             if final:
                 self._cut_off_call()
             return False
-        if rest.startswith("{") and not call.streamed:
+        if rest.startswith("{") and not call.streamed and not call.body_started:
             self.pending = rest
             self.state = _JSON_BODY
             return True
+        call.body_started = True
         # Stray prose inside a function: not part of any argument, so it is content,
         # with its leading whitespace (a chunk may have ended right before that space).
         # Its trailing whitespace stays pending: whether that is format (before a tag
