@@ -155,3 +155,28 @@ def test_forced_tool_choice_with_reasoning_gives_calls_and_clean_content(served_
         assert (s["reasoning"], s["content"]) == (reasoning, msg.content or "")
         assert (s["names"], [s["args"][i] for i in sorted(s["args"])]) == ([n for n, _ in calls], [a for _, a in calls])
         assert s["finish_reason"] == r.choices[0].finish_reason
+
+
+@pytest.mark.parametrize("budget", [8, 32])
+def test_reasoning_budget_caps_reasoning_and_the_answer_follows(served_trained, trained_dir, budget):
+    from sglang_step35.reasoning_budget import Step35ReasoningBudget
+    from sglang_step35.training.data import read_gsm8k
+
+    tok = AutoTokenizer.from_pretrained(str(trained_dir))
+    client = OpenAI(base_url=served_trained.base_url + "/v1", api_key="none")
+    kw = dict(model="tiny", messages=[{"role": "user", "content": read_gsm8k("test")[0]["question"]}],
+              max_tokens=256, temperature=0)
+    free = client.chat.completions.create(**kw).choices[0].message
+    assert len(tok.encode(free.model_extra["reasoning_content"], add_special_tokens=False)) > budget + 8
+
+    kw["extra_body"] = {"custom_logit_processor": Step35ReasoningBudget.to_str(),
+                        "custom_params": {"thinking_budget": budget}}
+    r = client.chat.completions.create(**kw)
+    msg = r.choices[0].message
+    reasoning = msg.model_extra["reasoning_content"] or ""
+    assert len(tok.encode(reasoning, add_special_tokens=False)) <= budget
+    assert free.model_extra["reasoning_content"].startswith(reasoning)
+    assert (msg.content or "").strip() and "</think>" not in msg.content
+    assert r.choices[0].finish_reason == "stop"  # the answer ended by itself, within max_tokens
+    s = _collect(client.chat.completions.create(stream=True, **kw))
+    assert (s["reasoning"], s["content"]) == (reasoning, msg.content)
