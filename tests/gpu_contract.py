@@ -39,7 +39,8 @@ def moe_align_block_size(
     in bucket 0, expert e in bucket e + 1. Each bucket's flat token indices (in order) are padded to
     a multiple of `block_size` with the value `topk_ids.numel()`; `experts_ids[b]` is the expert of
     block b (-1 for bucket 0); `num_tokens_post_pad[0]` the padded total. With
-    `ignore_invalid_expert` bucket 0 is left out."""
+    `ignore_invalid_expert` bucket 0 is left out. The whole of `sorted_token_ids` is padded whatever
+    `pad_sorted_token_ids` says (the Triton kernel reads only the first `num_tokens_post_pad`)."""
     flat = topk_ids.reshape(-1).long() + 1
     numel = flat.numel()
     counts = torch.bincount(flat, minlength=num_experts)
@@ -63,7 +64,6 @@ def moe_align_block_size(
         lo, hi = int(starts[b]) // block_size, (int(starts[b]) + int(padded[b])) // block_size
         experts_ids[lo:hi] = b - 1
     num_tokens_post_pad[0] = total
-    del pad_sorted_token_ids  # the whole buffer is always padded here
 
 
 _CPU_LIBS: list = []  # keep the Library objects alive: dropping one unregisters its kernels

@@ -91,7 +91,7 @@ def _build(ckpt, mp: pytest.MonkeyPatch, device: str, aiter: bool = False):
     return model, cfg
 
 
-def _moe_layers(model, cfg):
+def _moe_layers(model):
     return [(i, layer.moe) for i, layer in enumerate(model.model.layers) if layer.is_moe]
 
 
@@ -115,7 +115,7 @@ def ref(ckpt):
 @pytest.fixture()
 def cuda_model(sglang_gpu_path, ckpt, monkeypatch):
     model, cfg = _build(ckpt, monkeypatch, "cuda")
-    for _, moe in _moe_layers(model, cfg):
+    for _, moe in _moe_layers(model):
         _dispatch_like_cuda(moe)
     return model, cfg
 
@@ -128,7 +128,7 @@ def test_every_moe_layer_is_ready_for_the_gpu_dispatch(cuda_model):
     """TopK has an output format (SGLang's forward_cuda raises without one); clamped layers carry the
     config's limit into FusedMoE, unclamped ones none; no layer is left to our loop on a GPU."""
     model, cfg = cuda_model
-    layers = _moe_layers(model, cfg)
+    layers = _moe_layers(model)
     assert [i for i, _ in layers] == [2, 3, 4]
     for i, moe in layers:
         assert moe.topk.topk_config.output_format is not None, f"layer {i}: TopK unbound"
@@ -144,7 +144,7 @@ def test_sglang_triton_fused_moe_matches_reference(cuda_model, ref, num_tokens):
     the reference, at decode (1 token) and prefill-like (5 tokens) batch sizes."""
     model, cfg = cuda_model
     x = _tokens(cfg, num_tokens)
-    for i, moe in _moe_layers(model, cfg):
+    for i, moe in _moe_layers(model):
         out = moe(x.clone())
         torch.testing.assert_close(out, ref.moe(i, x.clone()), **TOL, msg=lambda m: f"layer {i}: {m}")
 
@@ -165,7 +165,7 @@ def test_shared_expert_reads_the_layer_input_when_experts_work_in_place(cuda_mod
     replaced by a fake that does exactly that, the layer still equals the reference."""
     model, cfg = cuda_model
     x = _tokens(cfg, 4, seed=2)
-    for i, moe in _moe_layers(model, cfg):
+    for i, moe in _moe_layers(model):
         real = moe.experts.forward
 
         def in_place(hidden_states, topk_output, _real=real, **kw):
@@ -183,7 +183,7 @@ def test_gpu_moe_path_has_no_host_sync(cuda_model):
     to catch the CPU-only expert loop."""
     model, cfg = cuda_model
     x = _tokens(cfg, 4, seed=3)
-    for i, moe in _moe_layers(model, cfg):
+    for i, moe in _moe_layers(model):
         det = gpu_contract.HostSyncDetector()
         with gpu_contract.opaque_triton_launches(det), det:
             moe(x.clone())
@@ -222,7 +222,7 @@ def test_aiter_keeps_clamped_layers_on_triton_in_triton_layout(sglang_gpu_path, 
     ref = Step35Reference(aiter_ckpt)
     raw = load_file(str(aiter_ckpt / "model.safetensors"))
     x = _tokens(cfg, 5, seed=5)
-    for i, moe in _moe_layers(model, cfg):
+    for i, moe in _moe_layers(model):
         before = moe.experts.w13_weight.detach().clone()
         moe.experts.quant_method.process_weights_after_loading(moe.experts)  # what SGLang's loader runs
         shuffled = not torch.equal(moe.experts.w13_weight, before)
