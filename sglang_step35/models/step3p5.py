@@ -14,23 +14,12 @@ import logging
 from typing import Iterable, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from sglang.srt.distributed.communication_op import tensor_model_parallel_all_reduce
-from sglang.srt.layers.activation import SiluAndMul
 from sglang.srt.layers.layernorm import GemmaRMSNorm
-from sglang.srt.layers.linear import (
-    ColumnParallelLinear,
-    MergedColumnParallelLinear,
-    QKVParallelLinear,
-    ReplicatedLinear,
-    RowParallelLinear,
-)
+from sglang.srt.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from sglang.srt.layers.logits_processor import LogitsProcessor
 from sglang.srt.eplb.expert_location import ModelConfigForExpertLocation
-from sglang.srt.layers.moe.ep_moe.layer import get_moe_impl_class
-from sglang.srt.layers.moe.topk import TopK
 from sglang.srt.layers.quantization.base_config import QuantizationConfig
 from sglang.srt.layers.radix_attention import RadixAttention
 from sglang.srt.layers.rotary_embedding import get_rope
@@ -41,128 +30,10 @@ from sglang.srt.utils import add_prefix
 
 from sglang_step35 import ops
 from sglang_step35.config import LayerSpec, layer_spec, validate
-from sglang_step35.models.expert_compute import experts_forward_loop
 from sglang_step35.models.weights import cpu_fp8_fallback, load_step3p5_weights
-from sglang_step35.moe.runner import (
-    ClampHonouringMoEMethod,
-    RoutedRunner,
-    aiter_moe_active,
-    current_device,
-    routed_plan,
-)
+from sglang_step35.models.step3p5_moe import Step3p5MLP, Step3p5MoE
 
 logger = logging.getLogger(__name__)  # propagates to the handlers SGLang configures per process
-
-
-class Step3p5MLP(nn.Module):
-    """SwiGLU `down(act(gate(x)) * up(x))`; with limit L: act = min(silu(gate), L), up = clamp(up, ±L)."""
-
-    def __init__(
-        self,
-        hidden_size: int,
-        intermediate_size: int,
-        swiglu_limit: float,
-        quant_config: Optional[QuantizationConfig],
-        reduce_results: bool = True,
-        prefix: str = "",
-    ):
-        super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(
-            hidden_size, [intermediate_size] * 2, bias=False, quant_config=quant_config,
-            prefix=add_prefix("gate_up_proj", prefix),
-        )
-        self.down_proj = RowParallelLinear(
-            intermediate_size, hidden_size, bias=False, quant_config=quant_config,
-            reduce_results=reduce_results, prefix=add_prefix("down_proj", prefix),
-        )
-        self.swiglu_limit = swiglu_limit
-        # SGLang's SiluAndMul has no clamp; the clamped layers use our op (a Triton kernel on GPU).
-        self.act = SiluAndMul() if swiglu_limit <= 0 else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up, _ = self.gate_up_proj(x)
-        h = self.act(gate_up) if self.act is not None else ops.swiglu_clamp(gate_up, self.swiglu_limit)
-        out, _ = self.down_proj(h)
-        return out
-
-
-class Step3p5MoE(nn.Module):
-    """Routed experts (sigmoid router, bias for selection only) + the always-on shared expert."""
-
-    def __init__(self, config, spec: LayerSpec, quant_config: Optional[QuantizationConfig], prefix: str = ""):
-        super().__init__()
-        self.tp_size = get_parallel().tp_size
-        self.num_experts = int(config.moe_num_experts)
-        self.top_k = int(config.moe_top_k)
-        self.scaling = float(getattr(config, "moe_router_scaling_factor", 1.0) or 1.0)
-        self.renormalize = bool(getattr(config, "norm_expert_weight", True))
-        self.swiglu_limit = spec.swiglu_limit
-        self.fp32_gate = bool(getattr(config, "need_fp32_gate", True))
-        H = config.hidden_size
-
-        self.gate = ReplicatedLinear(
-            H, self.num_experts, bias=False, quant_config=None,
-            params_dtype=torch.float32 if self.fp32_gate else None, prefix=add_prefix("gate", prefix),
-        )
-        self.router_bias = (
-            nn.Parameter(torch.zeros(self.num_experts, dtype=torch.float32), requires_grad=False)
-            if getattr(config, "use_moe_router_bias", True)
-            else None
-        )
-        self.topk = TopK(
-            top_k=self.top_k,
-            layer_id=spec.index,
-            renormalize=self.renormalize,
-            custom_routing_function=self._route,
-        )
-        self.plan = routed_plan(
-            self.swiglu_limit, device=current_device(), ep_size=get_parallel().moe_ep_size,
-            aiter=aiter_moe_active(), quantized=quant_config is not None,
-        )
-        self.experts = get_moe_impl_class(quant_config)(
-            num_experts=self.num_experts,
-            top_k=self.top_k,
-            layer_id=spec.index,
-            hidden_size=H,
-            intermediate_size=config.moe_intermediate_size,
-            quant_config=quant_config,
-            reduce_results=False,
-            # SGLang's Triton runner applies Step's clamp itself (see moe/runner.py).
-            gemm1_clamp_limit=self.swiglu_limit if self.swiglu_limit > 0 else None,
-            quant_method=ClampHonouringMoEMethod() if self.plan.runner is RoutedRunner.FUSED_TRITON else None,
-            prefix=add_prefix("experts", prefix),
-        )
-        # The GPU TopK dispatch picks its output format from the experts' runner; unbound it raises.
-        self.topk.bind_runner_backend(
-            self.experts.runner_backend, routing_method_type=self.experts.routing_method_type
-        )
-        self.share_expert = Step3p5MLP(
-            H, config.share_expert_dim, spec.swiglu_limit_shared, quant_config, reduce_results=False,
-            prefix=add_prefix("share_expert", prefix),
-        )
-
-    def _route(self, hidden_states, gating_output, topk, renormalize):
-        # Step's rule (not DeepSeek's grouped top-k): sigmoid scores; select by score + bias; weight
-        # by the unbiased scores, renormalised, times the scaling factor.
-        return ops.sigmoid_topk_route(
-            gating_output.float(), self.router_bias, topk, self.scaling, renormalize
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The fp32 router as a plain matmul (like the built-in): ReplicatedLinear would route fp32
-        # through the platform's GEMM (AITER's tgemm on ROCm), whose fp32 support is unverified.
-        logits = F.linear(x.float(), self.gate.weight.float()) if self.fp32_gate else self.gate(x)[0]
-        topk_output = self.topk(x, logits)
-        # Shared expert first: the fused MoE runs in place (FusedMoE inplace=True) and overwrites x.
-        shared = self.share_expert(x)
-        if self.plan.uses_fused_moe:
-            routed = self.experts(x, topk_output)
-        else:
-            routed = experts_forward_loop(self.experts, x, topk_output, self.swiglu_limit)
-        out = routed + shared
-        if self.tp_size > 1:
-            out = tensor_model_parallel_all_reduce(out)
-        return out
 
 
 class Step3p5Attention(nn.Module):
