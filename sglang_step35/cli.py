@@ -16,6 +16,11 @@ def cmd_tiny(args: argparse.Namespace) -> int:
 
     from sglang_step35.tiny import write_tiny_checkpoint, write_trained_checkpoint
 
+    if args.real_width:
+        return cmd_tiny_real(args)
+    if args.moe_layers is not None or args.experts is not None or args.dry_run:
+        print("step35 tiny: --moe-layers, --experts and --dry-run go with --real-width", file=sys.stderr)
+        return 2
     if args.trained and (args.fp8 or args.seed is not None):
         print("step35 tiny: --trained copies the one embedded trained checkpoint; it takes no --seed or --fp8",
               file=sys.stderr)
@@ -29,6 +34,37 @@ def cmd_tiny(args: argparse.Namespace) -> int:
         bar.update(1)
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"wrote {out} ({size / 1e6:.1f} MB): {', '.join(sorted(p.name for p in out.iterdir()))}")
+    return 0
+
+
+def cmd_tiny_real(args: argparse.Namespace) -> int:
+    import time
+
+    from tqdm import tqdm
+
+    from sglang_step35.tiny_real import checkpoint_bytes, describe, real_width_config, write_real_width_checkpoint
+
+    if args.trained:
+        print("step35 tiny: --trained and --real-width exclude each other", file=sys.stderr)
+        return 2
+    moe_layers = 3 if args.moe_layers is None else args.moe_layers
+    try:
+        cfg, src = real_width_config(moe_layers, args.experts)
+    except ValueError as e:
+        print(f"step35 tiny: {e}", file=sys.stderr)
+        return 2
+    total = checkpoint_bytes(cfg)
+    print(f"real-width Step-3.5 checkpoint: layers {describe(cfg)}; from the real model's layers {src}; "
+          f"{total / 1e9:.1f} GB in BF16{' (FP8: about half the projections)' if args.fp8 else ''}", flush=True)
+    if args.dry_run:
+        return 0
+    t0 = time.perf_counter()
+    with tqdm(total=total, unit="B", unit_scale=True, desc="generating + writing shards") as bar:
+        info = write_real_width_checkpoint(args.out, moe_layers=moe_layers, experts=args.experts,
+                                           seed=args.seed or 0, fp8=args.fp8,
+                                           progress=lambda stem, n: bar.update(n))
+    print(f"wrote {args.out} ({info['bytes'] / 1e9:.2f} GB, {len(list(Path(args.out).glob('*.safetensors')))} shards) "
+          f"in {time.perf_counter() - t0:.1f} s, weights generated on {info['device']}")
     return 0
 
 
@@ -107,6 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=None, help="seed of the random weights (default 0)")
     t.add_argument("--fp8", action="store_true",
                    help="write the Step-3.5-Flash-FP8 layout (128x128 block FP8 e4m3 + weight_scale_inv)")
+    t.add_argument("--real-width", action="store_true",
+                   help="Step-3.5-Flash's real widths (from the shipped config) at reduced depth: the dense layers, "
+                        "--moe-layers MoE layers (the last one clamped like 43/44) and the 3 MTP layers; "
+                        "sharded, ~38 GB BF16 at the default, generated on the GPU when there is one")
+    t.add_argument("--moe-layers", type=int, default=None,
+                   help="with --real-width: MoE layers kept (default 3; ~9.1 GB each at 288 experts)")
+    t.add_argument("--experts", type=int, default=None,
+                   help="with --real-width: routed experts per MoE layer instead of the real 288 (tests)")
+    t.add_argument("--dry-run", action="store_true", help="with --real-width: print the layers and size, write nothing")
     t.set_defaults(func=cmd_tiny)
 
     tr = sub.add_parser("train-tiny", help="train the tiny architecture on GSM8K + tool calls (CPU, ~30 min)")
