@@ -1,5 +1,6 @@
 """Attention support for Step-3.5: backend selection that refuses backends which would ignore the
-sliding window (see :mod:`sglang_step35.attention.select`)."""
+sliding window (see :mod:`sglang_step35.attention.select`), and the window value each backend needs
+(:mod:`sglang_step35.attention.window`)."""
 
 from sglang_step35.attention.select import (
     NO_WINDOW,
@@ -8,7 +9,13 @@ from sglang_step35.attention.select import (
     PlatformInfo,
     choose_attention_backend,
     detect_platform,
+    guard_window_conventions,
     window_capable_backends,
+)
+from sglang_step35.attention.window import (
+    CONVENTIONS,
+    radix_sliding_window_size,
+    runner_sliding_window_size,
 )
 
 __all__ = [
@@ -18,5 +25,9 @@ __all__ = [
     "PlatformInfo",
     "choose_attention_backend",
     "detect_platform",
+    "guard_window_conventions",
+    "radix_sliding_window_size",
+    "runner_sliding_window_size",
+    "CONVENTIONS",
     "window_capable_backends",
 ]

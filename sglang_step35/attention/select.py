@@ -199,6 +199,69 @@ def _check_user_choice(platform: PlatformInfo, backend: str, has_sliding_layers:
     )
 
 
+# --- one sliding-window value for every backend a layer can run under -----------------------------
+def guard_window_conventions(
+    attention_backend: str | None,
+    prefill_backend: str | None = None,
+    decode_backend: str | None = None,
+    *,
+    has_sliding_layers: bool = True,
+    speculative_eagle_topk: int | None = None,
+    env: Mapping[str, str] | None = None,
+) -> None:
+    """Refuse backend combinations under which Step-3.5's sliding layers would not see exactly
+    ``sliding_window`` keys (see :mod:`sglang_step35.attention.window`).
+
+    A RadixAttention layer carries one ``sliding_window_size`` and the runner one
+    ``sliding_window_size``, fixed at model construction, while SGLang 0.5.23 runs prefill and decode
+    through different backends when ``--prefill-attention-backend`` / ``--decode-attention-backend``
+    differ (HybridAttnBackend; each falls back to ``--attention-backend``). When the two backends read
+    the window differently (aiter: S keys, every other: S+1; triton needs R = W, flashinfer R = W-1)
+    no single pair of values is right for both: refuse, naming the flags.
+
+    AITER reads the window as S keys only on its unified-attention paths; refused are the settings
+    that leave them: the vectorized_5d KV layout (CK prefill takes window (S, -1), i.e. S+1 keys,
+    while target verify stays unified: S keys), and target verify off the unified path
+    (SGLANG_AITER_UNIFIED_VERIFY=0 or EAGLE topk > 1), whose extend_attention_fwd call passes no
+    window at all (aiter_backend.py forward_extend, is_target_verify branch).
+    """
+    from sglang_step35.attention.window import radix_sliding_window_size, same_window_convention
+
+    if not has_sliding_layers:
+        return
+    env = os.environ if env is None else env
+    prefill = prefill_backend or attention_backend
+    decode = decode_backend or attention_backend
+    for name in {b for b in (prefill, decode) if b}:
+        radix_sliding_window_size(name, 2)  # raises ValueError for a backend with no known convention
+    if prefill and decode and prefill != decode and not same_window_convention(prefill, decode):
+        raise ValueError(
+            f"--prefill-attention-backend {prefill} and --decode-attention-backend {decode} read "
+            "Step-3.5's sliding window differently, and a layer has one window value for both: one of "
+            "the two phases would attend to one key too many or too few. Use the same backend for "
+            f"both (e.g. --attention-backend {decode}) or two backends of one convention."
+        )
+    if "aiter" in (prefill, decode):
+        layout = str(env.get("SGLANG_AITER_KV_CACHE_LAYOUT", "nhd")).strip().lower()
+        if layout == "vectorized_5d":
+            raise ValueError(
+                "SGLANG_AITER_KV_CACHE_LAYOUT=vectorized_5d with the aiter backend: its CK prefill reads "
+                "Step-3.5's sliding window as S+1 keys while its unified kernels read S; unset it (nhd)."
+            )
+        verify = str(env.get("SGLANG_AITER_UNIFIED_VERIFY", "1")).strip().lower()
+        if verify in ("0", "false", "no", "off"):
+            raise ValueError(
+                "SGLANG_AITER_UNIFIED_VERIFY=0 with the aiter backend: target verify then runs "
+                "extend_attention_fwd without any sliding window (full attention on sliding layers); unset it."
+            )
+        if speculative_eagle_topk is not None and int(speculative_eagle_topk) > 1:
+            raise ValueError(
+                f"--speculative-eagle-topk {speculative_eagle_topk} with the aiter backend: target verify "
+                "leaves the unified kernel for extend_attention_fwd, which applies no sliding window; use "
+                "--speculative-eagle-topk 1 or --attention-backend triton."
+            )
+
+
 # --- platform detection ------------------------------------------------------------------------------
 _KFD_NODES = "/sys/class/kfd/kfd/topology/nodes"
 
