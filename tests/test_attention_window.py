@@ -501,3 +501,37 @@ def test_aiter_refusals_match_its_source():
     assert "self.extend_attention_fwd(" in verify and "sliding_window_size" not in verify
     assert "and self.topk == 1" in _method_src("srt/layers/attention/aiter_backend.py", "AiterAttnBackend", "__init__")
 
+
+
+# --- what the model reads at construction ------------------------------------------------------------
+def _publish(monkeypatch, prefill, decode, draft=None):
+    import sglang.srt.runtime_context as rc
+
+    monkeypatch.setattr(rc, "attention_backends", lambda: (prefill, decode))
+    monkeypatch.setattr(rc, "get_spec", lambda: types.SimpleNamespace(speculative_draft_attention_backend=draft))
+
+
+def test_model_values_follow_the_configured_backends(monkeypatch):
+    from sglang_step35.attention.window import model_radix_sliding_window_size, model_runner_sliding_window_size
+
+    _publish(monkeypatch, "aiter", "aiter")
+    assert model_radix_sliding_window_size(512) == 512
+    _publish(monkeypatch, "fa3", "fa3", draft="triton")
+    assert (model_radix_sliding_window_size(512), model_runner_sliding_window_size(512)) == (511, 512)
+    _publish(monkeypatch, "flashinfer", "flashinfer")
+    assert model_runner_sliding_window_size(512) == 511
+    _publish(monkeypatch, "fa3", "flashinfer")
+    assert model_runner_sliding_window_size(512) == 511  # fa3 takes flashinfer's R
+    _publish(monkeypatch, "aiter", "triton")
+    with pytest.raises(ValueError, match="different layer values"):
+        model_radix_sliding_window_size(512)
+    _publish(monkeypatch, "aiter", "aiter", draft="triton")
+    assert model_radix_sliding_window_size(512, draft=True) == 511
+
+
+def test_model_values_outside_a_server_use_the_cpu_default():
+    from sglang_step35.attention.window import configured_backends, model_radix_sliding_window_size
+
+    # This pytest process never published SGLang's config.
+    assert configured_backends() == ("torch_native", "torch_native")
+    assert model_radix_sliding_window_size(512) == 511

@@ -14,6 +14,8 @@ from sglang_step35.attention.select import (
 )
 from sglang_step35.attention.window import (
     CONVENTIONS,
+    model_radix_sliding_window_size,
+    model_runner_sliding_window_size,
     radix_sliding_window_size,
     runner_sliding_window_size,
 )
@@ -26,6 +28,8 @@ __all__ = [
     "choose_attention_backend",
     "detect_platform",
     "guard_window_conventions",
+    "model_radix_sliding_window_size",
+    "model_runner_sliding_window_size",
     "radix_sliding_window_size",
     "runner_sliding_window_size",
     "CONVENTIONS",

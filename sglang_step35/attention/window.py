@@ -181,3 +181,52 @@ def same_window_convention(a: str, b: str) -> bool:
     if ca.keys_over_radix != cb.keys_over_radix:
         return False
     return ca.runner_offset is None or cb.runner_offset is None or ca.runner_offset == cb.runner_offset
+
+
+# --- what the model reads at construction --------------------------------------------------------
+# Outside a server (no published SGLang config, e.g. a model built directly in a unit test) there is
+# no backend to ask; the CPU default, torch_native, is what those runs use.
+_UNPUBLISHED_DEFAULT = "torch_native"
+
+
+def configured_backends(draft: bool = False) -> tuple[str, str]:
+    """(prefill, decode) attention backends in effect, as SGLang resolved them (exec.kernel, split
+    flags falling back to --attention-backend). ``draft``: the MTP draft model, whose runner uses
+    --speculative-draft-attention-backend when set."""
+    from sglang.srt.runtime_context import attention_backends, get_spec
+
+    try:
+        prefill, decode = attention_backends()
+    except ValueError:  # "config namespace 'exec' not published": not inside a server
+        return _UNPUBLISHED_DEFAULT, _UNPUBLISHED_DEFAULT
+    if draft:
+        try:
+            own = get_spec().speculative_draft_attention_backend
+        except ValueError:
+            own = None
+        if own:
+            return own, own
+    return prefill or _UNPUBLISHED_DEFAULT, decode or prefill or _UNPUBLISHED_DEFAULT
+
+
+def _one_value(values: dict[str, int], what: str) -> int:
+    if len(set(values.values())) > 1:
+        raise ValueError(
+            f"prefill/decode attention backends need different {what} for Step-3.5's sliding layers "
+            f"({values}); use one backend for both (select.guard_window_conventions refuses this at launch)"
+        )
+    return next(iter(values.values()))
+
+
+def model_radix_sliding_window_size(window: int, draft: bool = False) -> int:
+    """RadixAttention(sliding_window_size=...) for a sliding layer of the model being built."""
+    return _one_value({b: radix_sliding_window_size(b, window) for b in configured_backends(draft)}, "layer values")
+
+
+def model_runner_sliding_window_size(window: int, draft: bool = False) -> int:
+    """What the model's get_attention_sliding_window_size() should return (SGLang's
+    model_runner.sliding_window_size) for the backends in effect."""
+    values = {b: runner_sliding_window_size(b, window) for b in configured_backends(draft)}
+    # A backend with no runner requirement accepts the other's R (same_window_convention).
+    strict = {b: v for b, v in values.items() if _convention(b).runner_offset is not None}
+    return _one_value(strict, "runner values") if strict else int(window)
