@@ -119,6 +119,27 @@ class TinySpec:
     init_std: float = 0.1
 
 
+# The FP8 tiny model: every quantized projection holds whole 128x128 blocks (hidden 128, q 4x64 /
+# 6x64, kv 2x64, experts and shared expert 128, dense 256), as SGLang's block-FP8 layers require at
+# construction ("... is not divisible by weight quantization block_n = 128") and as the real
+# Step-3.5-Flash-FP8 shapes are at TP1 (4096, 1280, 11264, heads x 128).
+FP8_TINY_SPEC = TinySpec(
+    hidden_size=128, intermediate_size=256, head_dim=64, moe_intermediate_size=128, share_expert_dim=128,
+    init_std=0.08,
+)
+
+
+def fp8_block_problems(cfg: dict, block: tuple[int, int] = (128, 128)) -> list[str]:
+    """Quantized checkpoint tensors of `cfg` whose [N, K] are not whole blocks (empty: FP8-servable at TP1)."""
+    from sglang_step35.fp8 import is_quantized_name
+
+    problems = []
+    for name, shape in checkpoint_shapes(cfg).items():
+        if is_quantized_name(name) and (shape[-2] % block[0] or shape[-1] % block[1]):
+            problems.append(f"{name} {list(shape)}")
+    return problems
+
+
 def tiny_config(spec: TinySpec, vocab_size: int, special_ids: dict[str, int]) -> dict:
     n, m = spec.num_hidden_layers, spec.num_mtp_layers
     types = [FULL if i % 4 == 0 else SLIDING for i in range(n)] + [SLIDING] * m
@@ -245,12 +266,13 @@ def write_tiny_checkpoint(
 ) -> Path:
     """Write config.json, model.safetensors, tokenizer files and generation_config.json to `out`.
 
-    `fp8=True` writes the Step-3.5-Flash-FP8 layout instead (same seed -> same bf16 weights, then
-    128x128 block FP8 e4m3 with `weight_scale_inv`, see `sglang_step35.fp8`); tiny dims are smaller
-    than a block, so every block is ragged, as the edge blocks of real checkpoints can be."""
+    `fp8=True` writes the Step-3.5-Flash-FP8 layout instead (same seed and spec -> same bf16 weights,
+    then 128x128 block FP8 e4m3 with `weight_scale_inv`, see `sglang_step35.fp8`),
+    with FP8_TINY_SPEC sizes by default, whose projections are whole blocks as SGLang's FP8 layers need;
+    a `spec` with partial blocks is refused (such a checkpoint could never load on a GPU)."""
     from safetensors.torch import save_file
 
-    spec = spec or TinySpec()
+    spec = spec or (FP8_TINY_SPEC if fp8 else TinySpec())
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(spec.vocab_size, corpus if corpus is not None else default_corpus())
@@ -259,6 +281,12 @@ def write_tiny_checkpoint(
     weights = tiny_weights(cfg, seed, spec.init_std)
     if fp8:
         from sglang_step35.fp8 import QUANTIZATION_CONFIG, quantize_checkpoint
+
+        bad = fp8_block_problems(cfg)
+        if bad:
+            raise ValueError("FP8 tiny checkpoint: these projections are not whole 128x128 blocks, so "
+                             "SGLang's Fp8Config could not build them on a GPU (use FP8_TINY_SPEC sizes): "
+                             + ", ".join(bad))
 
         weights = quantize_checkpoint(weights)
         cfg["quantization_config"] = dict(QUANTIZATION_CONFIG)

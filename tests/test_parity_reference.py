@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from reference import Step35Reference, llama3_inv_freq, rope_inv_freq
 from sglang_step35 import fp8
-from sglang_step35.tiny import TinySpec, write_tiny_checkpoint
+from sglang_step35.tiny import FP8_TINY_SPEC, TinySpec, write_tiny_checkpoint
 
 REAL_SCALING = {"rope_type": "llama3", "factor": 2.0, "original_max_position_embeddings": 131072,
                 "low_freq_factor": 1.0, "high_freq_factor": 32.0}  # Step-3.5-Flash's config.json
@@ -109,7 +109,7 @@ def test_fp8_block_roundtrip_error_bound(shape):
 
 
 def test_fp8_checkpoint_layout_and_closeness(tmp_path):
-    bf16_dir = write_tiny_checkpoint(tmp_path / "bf16", seed=0)
+    bf16_dir = write_tiny_checkpoint(tmp_path / "bf16", seed=0, spec=FP8_TINY_SPEC)  # the --fp8 sizes
     fp8_dir = write_tiny_checkpoint(tmp_path / "fp8", seed=0, fp8=True)
     cfg = json.loads((fp8_dir / "config.json").read_text())
     assert cfg["quantization_config"] == {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
@@ -126,15 +126,19 @@ def test_fp8_checkpoint_layout_and_closeness(tmp_path):
     deq = fp8.dequantize_checkpoint(w)
     a = Step35Reference(fp8_dir, weights=deq).logprobs(TOKENS)
     b = Step35Reference(bf16_dir).logprobs(TOKENS)
-    # FP8 (3 mantissa bits, one scale per tiny matrix) moves a flat random model's distributions a
-    # little: measured KL max 0.056, mean |Δlogprob| 0.034. Ignoring the scales breaks it (KL ~0.85).
-    assert fp8_kl(b, a).max() < FP8_KL_TOL and (a - b).abs().mean() < FP8_MEAN_TOL
+    # FP8 (3 mantissa bits, one scale per 128x128 block) moves a flat random model's distributions a
+    # little: measured (seeds 0, 5) mean KL 0.008-0.009, median 0.002-0.003, mean |Δlogprob| 0.07-0.08;
+    # the max over positions (0.15-0.17) is one or two positions where a near-tie in the top-2
+    # expert choice flips. Ignoring the scales breaks it (mean KL ~0.85).
+    kl = fp8_kl(b, a)
+    assert kl.mean() < FP8_MEAN_KL_TOL and kl.max() < FP8_KL_TOL and (a - b).abs().mean() < FP8_MEAN_TOL
     no_scale = {k: (v.to(torch.bfloat16) if v.dtype == torch.float8_e4m3fn else v) for k, v in w.items()}
     c = Step35Reference(fp8_dir, weights=no_scale).logprobs(TOKENS)
-    assert fp8_kl(b, c).max() > 4 * FP8_KL_TOL and (c - b).abs().mean() > 4 * FP8_MEAN_TOL
+    assert fp8_kl(b, c).mean() > 20 * FP8_MEAN_KL_TOL and (c - b).abs().mean() > 4 * FP8_MEAN_TOL
 
 
-FP8_KL_TOL = 0.1  # max over positions of KL(bf16 || fp8)
+FP8_MEAN_KL_TOL = 0.02  # mean over positions of KL(bf16 || fp8)
+FP8_KL_TOL = 0.25  # max over positions (a routing flip at a near-tie moves one position)
 FP8_MEAN_TOL = 0.1  # mean |Δlogprob| over positions x vocab
 
 

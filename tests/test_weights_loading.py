@@ -22,14 +22,15 @@ from reference import Step35Reference
 from reference.serving import CPU_ARGS, OUR_CLASS_LINE, full_sequence, generate, max_abs_diff, served_logprobs
 from sglang_step35 import fp8
 from sglang_step35.server import SGLangServer
-from sglang_step35.tiny import write_tiny_checkpoint
+from sglang_step35.tiny import FP8_TINY_SPEC, write_tiny_checkpoint
 
 pytestmark = pytest.mark.server
 
 BF16_TOL = 0.1  # bf16 server vs fp32 reference on the same weights (see test_parity_served.py)
-# max over positions of KL(bf16 checkpoint || served FP8 in bf16): FP8 rounding (KL ~0.06 in the
-# reference alone) plus bf16 activations.
-FP8_KL_TOL = 0.15
+# mean over positions of KL(bf16 checkpoint || served FP8 in bf16): FP8 rounding (mean KL ~0.009 in
+# the reference alone, test_parity_reference.py; its max is set by rare top-k routing flips) plus
+# bf16 activations.
+FP8_MEAN_KL_TOL = 0.03
 MISSING = "model.layers.1.self_attn.k_proj.weight"  # one shard of the fused qkv parameter
 UNEXPECTED = "model.layers.0.self_attn.bogus_proj.weight"
 MISSHAPED = "model.layers.2.moe.up_proj.weight"
@@ -70,7 +71,8 @@ def test_mismatched_checkpoint_fails_with_one_error_listing_every_tensor(tiny_di
 def fp8_pair(tmp_path_factory):
     """(bf16 checkpoint, the same weights in FP8 layout), seed 5."""
     root = tmp_path_factory.mktemp("fp8")
-    return write_tiny_checkpoint(root / "bf16", seed=5), write_tiny_checkpoint(root / "fp8", seed=5, fp8=True)
+    return (write_tiny_checkpoint(root / "bf16", seed=5, spec=FP8_TINY_SPEC),
+            write_tiny_checkpoint(root / "fp8", seed=5, fp8=True))
 
 
 def test_fp8_checkpoint_serves_on_cpu_dequantized_at_load(fp8_pair):
@@ -91,9 +93,9 @@ def test_fp8_checkpoint_serves_on_cpu_dequantized_at_load(fp8_pair):
     got = served_logprobs(resp, V)
     diff = max_abs_diff(got, ref_fp8.logprobs(seq[:-1]))
     kl = _kl(ref_bf16.logprobs(seq[:-1]), got)
-    print(f"fp8 served: max |Δ| vs dequantized reference {diff:.4f}; max KL vs bf16 checkpoint {kl:.4f}")
+    print(f"fp8 served: max |Δ| vs dequantized reference {diff:.4f}; mean KL vs bf16 checkpoint {kl:.4f}")
     assert diff <= BF16_TOL
-    assert kl <= FP8_KL_TOL
+    assert kl <= FP8_MEAN_KL_TOL
     # Teeth: a loader that skipped the scales would be far off.
     no_scale = {k: (v.to(torch.bfloat16) if v.dtype == fp8.FP8_DTYPE else v) for k, v in w.items()}
     assert max_abs_diff(got, Step35Reference(fp8_dir, weights=no_scale).logprobs(seq[:-1])) > 4 * BF16_TOL
@@ -101,4 +103,4 @@ def test_fp8_checkpoint_serves_on_cpu_dequantized_at_load(fp8_pair):
 
 def _kl(p_log: torch.Tensor, q_log: torch.Tensor) -> float:
     p_log, q_log = p_log.double(), q_log.double()
-    return float((p_log.exp() * (p_log - q_log)).sum(-1).max())
+    return float((p_log.exp() * (p_log - q_log)).sum(-1).mean())

@@ -26,6 +26,7 @@ from sglang.srt.layers.rotary_embedding import get_rope
 from sglang.srt.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 from sglang.srt.runtime_context import get_parallel
+from sglang.srt.models.utils import WeightsMapper
 from sglang.srt.utils import add_prefix
 
 from sglang_step35 import ops
@@ -33,7 +34,7 @@ from sglang_step35.config import LayerSpec, layer_spec, validate
 from sglang_step35.models.weights import cpu_fp8_fallback, load_step3p5_weights
 from sglang_step35.models.step3p5_moe import Step3p5MLP, Step3p5MoE
 
-logger = logging.getLogger(__name__)  # propagates to the handlers SGLang configures per process
+logger = logging.getLogger(__name__)  # under "sglang_step35", whose handler plugin.py installs
 
 
 class Step3p5Attention(nn.Module):
@@ -151,6 +152,20 @@ class Step3p5Model(nn.Module):
 
 
 class Step3p5ForCausalLM(nn.Module):
+    # A quantization_config names the modules it keeps unquantized (modules_to_not_convert /
+    # ignored_layers) as the checkpoint does; SGLang's loader maps those names with this before
+    # matching them against our module prefixes (model_loader/loader.py, apply_weight_name_mapper).
+    # The checkpoint's `share_expert` lives under our `moe`; its stacked expert tensors feed
+    # `moe.experts`. The identity entry keeps a name already in our form from being mapped twice
+    # (SGLang applies the longest matching substring only).
+    hf_to_sglang_mapper = WeightsMapper(orig_to_new_substr={
+        ".moe.share_expert": ".moe.share_expert",
+        ".share_expert": ".moe.share_expert",
+        ".moe.gate_proj": ".moe.experts",
+        ".moe.up_proj": ".moe.experts",
+        ".moe.down_proj": ".moe.experts",
+    })
+
     def __init__(self, config, quant_config: Optional[QuantizationConfig] = None, prefix: str = ""):
         super().__init__()
         validate(config, tp_size=get_parallel().attn_tp_size)
@@ -166,7 +181,7 @@ class Step3p5ForCausalLM(nn.Module):
             config.vocab_size, config.hidden_size, quant_config=quant_config, prefix=add_prefix("lm_head", prefix)
         )
         self.logits_processor = LogitsProcessor(config)
-        logger.info("sglang-step35: serving with model class %s.%s", __name__, type(self).__name__)
+        logger.info("serving with model class %s.%s", __name__, type(self).__name__)
 
     @classmethod
     def get_model_config_for_expert_location(cls, config):

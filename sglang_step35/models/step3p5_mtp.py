@@ -37,13 +37,19 @@ from sglang.srt.layers.logits_processor import LogitsProcessor
 from sglang.srt.layers.quantization.base_config import QuantizationConfig
 from sglang.srt.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch
-from sglang.srt.model_loader.weight_utils import default_weight_loader
 from sglang.srt.utils import add_prefix
 
 from sglang_step35.config import SLIDING, cfg_get
 from sglang_step35.mtp_check import Step35MTPError, check_mtp_request
 from sglang_step35.models.step3p5 import Step3p5DecoderLayer
-from sglang_step35.models.weights import STACKED_PARAMS, Step35WeightError
+from sglang_step35.checkpoint import checkpoint_shapes
+from sglang_step35.models.weights import (
+    Step35WeightError,
+    checkpoint_sources,
+    checkpoint_view,
+    cpu_fp8_fallback,
+    load_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +75,10 @@ class Step3p5MTP(nn.Module):
     ):
         super().__init__()
         self.config = config
+        # Block-FP8 on a CPU without AMX: built unquantized, dequantized at load (models/weights.py).
+        self.fp8_dequant_block = cpu_fp8_fallback(quant_config)
+        if self.fp8_dequant_block is not None:
+            quant_config = None
         self.quant_config = quant_config
         # Plain (single-layer) EAGLE passes no index: it drafts with the first MTP layer.
         self.draft_model_idx = 0 if draft_model_idx is None else int(draft_model_idx)
@@ -101,7 +111,11 @@ class Step3p5MTP(nn.Module):
         self.eh_proj = ReplicatedLinear(2 * H, H, bias=False, quant_config=None, prefix=add_prefix("eh_proj", prefix))
         # Our decoder layer reads layer_spec(config, layer_index): window, heads, rope and the dense
         # SwiGLU (MTP indices are outside moe_layers_enum) with the clamp at that index.
-        self.layer = Step3p5DecoderLayer(config, self.layer_index, quant_config, prefix=add_prefix("layer", prefix))
+        # Prefixed with the checkpoint's name for the layer: SGLang matches the quantization_config's
+        # modules_to_not_convert against it (an MTP layer kept in BF16 is built unquantized).
+        self.layer = Step3p5DecoderLayer(
+            config, self.layer_index, quant_config, prefix=add_prefix(f"model.layers.{self.layer_index}", prefix)
+        )
         assert not self.layer.is_moe, "MTP layers use the dense SwiGLU"
         # The draft runner's KV pool holds this one layer at local id 0 (see module docstring).
         self.layer.self_attn.attn.layer_id = 0
@@ -112,7 +126,7 @@ class Step3p5MTP(nn.Module):
         self.logits_processor = LogitsProcessor(config)
         self._head_from_target = False
         logger.info(
-            "sglang-step35: Step3p5MTP draft step %d = checkpoint layer model.layers.%d",
+            "Step3p5MTP draft step %d = checkpoint layer model.layers.%d",
             self.draft_model_idx, self.layer_index,
         )
 
@@ -156,82 +170,56 @@ class Step3p5MTP(nn.Module):
         )
 
     # Weights ------------------------------------------------------------------------------------
-    def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]) -> None:
-        """Load this step's MTP layer from a full Step-3.5 checkpoint (all other tensors skipped).
+    def _checkpoint_name(self, pname: str):
+        """Our parameter -> (checkpoint prefix, suffix): see models/weights.py."""
+        if pname == "embed_tokens.weight":
+            return "model.", pname
+        layer = f"model.layers.{self.layer_index}."
+        if pname.startswith("layer."):
+            return layer, pname[len("layer."):]
+        return layer, _HEAD_SOURCE[pname]
 
-        Accepts `model.layers.{L}.transformer.<...>` nesting and a per-layer embedding copy; errors
-        list every missing or mis-shaped tensor of the layer."""
-        L = self.layer_index
-        layer_prefix = f"model.layers.{L}."
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        seen_layer = False
-        misshaped: list[str] = []
-        embed_loaded_from_model = False
+    def _normalised(self, weights):
+        """The checkpoint stream with `model.layers.{L}.transformer.` nesting removed; the layer's own
+        embedding copy stands in for `model.embed_tokens.weight` only when that is absent."""
+        layer = f"model.layers.{self.layer_index}."
+        own_embed = None
+        have_embed = False
         for name, tensor in weights:
-            if name == "model.embed_tokens.weight":
-                # Loaded so the draft also works stand-alone; replaced by the target's shared copy.
-                self._load(params["embed_tokens.weight"], tensor, None, name, misshaped)
-                loaded.add("embed_tokens.weight")
-                embed_loaded_from_model = True
+            if name.startswith(layer + "transformer."):
+                name = layer + name[len(layer + "transformer."):]
+            if name == layer + "embed_tokens.weight":
+                own_embed = tensor
                 continue
-            if not name.startswith(layer_prefix):
-                continue
-            seen_layer = True
-            suffix = name[len(layer_prefix):]
-            if suffix.startswith("transformer."):
-                suffix = suffix[len("transformer."):]
-            if suffix == "embed_tokens.weight":
-                if not embed_loaded_from_model:
-                    self._load(params["embed_tokens.weight"], tensor, None, name, misshaped)
-                    loaded.add("embed_tokens.weight")
-                continue
-            if suffix in MTP_HEAD_PARAMS:
-                pname = MTP_HEAD_PARAMS[suffix]
-                self._load(params[pname], tensor, None, name, misshaped)
-                loaded.add(pname)
-                continue
-            for param_suffix, ckpt_suffix, shard in STACKED_PARAMS:
-                if suffix == ckpt_suffix:
-                    pname = "layer." + param_suffix
-                    if pname in params:
-                        self._load(params[pname], tensor, shard, name, misshaped)
-                        loaded.add(pname)
-                        break
-            else:
-                pname = "layer." + suffix
-                if pname not in params:
-                    raise Step35WeightError(f"MTP layer {L}: unexpected tensor {name} (no parameter {pname})")
-                self._load(params[pname], tensor, None, name, misshaped)
-                loaded.add(pname)
-        if not seen_layer:
+            have_embed |= name == "model.embed_tokens.weight"
+            yield name, tensor
+        if own_embed is not None and not have_embed:
+            yield "model.embed_tokens.weight", own_embed
+
+    def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]) -> None:
+        """Load this step's MTP layer (BF16 or block FP8, as SGLang built its modules) from a full
+        Step-3.5 checkpoint; other layers' tensors are skipped. Errors list every missing,
+        mis-shaped or wrong-precision tensor of the layer."""
+        L = self.layer_index
+        layer = f"model.layers.{L}."
+        cfg = checkpoint_view(self.config)
+        layout = {k: v for k, v in checkpoint_shapes(cfg).items() if k.startswith(layer) or k == "model.embed_tokens.weight"}
+        sources = checkpoint_sources(self, layout, self._checkpoint_name)
+        rep = load_checkpoint(self, self._normalised(weights), sources, skip=lambda name: not name.startswith(layer))
+        if not any(name.startswith(layer) for name in [*rep.seen, *rep.unexpected]):
             raise Step35MTPError(
                 f"checkpoint has no MTP layers (model.layers.{L}...): draft step {self.draft_model_idx} "
                 "needs it; serve without --speculative-algorithm or use a checkpoint with its MTP layers"
             )
-        missing = sorted(set(params) - loaded)
-        if missing == ["shared_head_head.weight"]:
-            # Some checkpoints keep no per-layer head copy; SGLang hands us the target's lm_head.
-            self._head_from_target = True
-            missing = []
-        if missing or misshaped:
-            lines = [f"MTP layer model.layers.{L} does not match config.json:"]
-            if misshaped:
-                lines.append("mis-shaped tensors:\n  " + "\n  ".join(misshaped))
-            if missing:
-                lines.append("parameters never loaded:\n  " + "\n  ".join(missing))
-            raise Step35WeightError("\n".join(lines))
+        # Some checkpoints keep no per-layer head copy; SGLang then hands us the target's lm_head.
+        self._head_from_target = "shared_head_head.weight" not in rep.loaded
+        lines = rep.problems(sources, dict(self.named_parameters()), allow_missing=["shared_head_head.weight"])
+        if lines:
+            raise Step35WeightError("\n".join([f"MTP layer model.layers.{L} does not match config.json:", *lines]))
 
-    @staticmethod
-    def _load(param, tensor, shard, name, misshaped) -> None:
-        loader = getattr(param, "weight_loader", default_weight_loader)
-        try:
-            if shard is None:
-                loader(param, tensor)
-            else:
-                loader(param, tensor, shard)
-        except (AssertionError, RuntimeError) as e:  # SGLang's loaders assert on shape
-            misshaped.append(f"{name}: {list(tensor.shape)} ({e})")
+
+# Our head parameter -> its checkpoint suffix within the MTP layer.
+_HEAD_SOURCE = {ours: ckpt for ckpt, ours in MTP_HEAD_PARAMS.items()}
 
 
 EntryClass = Step3p5MTP

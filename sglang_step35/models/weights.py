@@ -1,12 +1,24 @@
-"""Weight loader of Step3p5ForCausalLM: checkpoint names -> SGLang's fused parameters.
+"""Weight loader of Step-3.5's SGLang modules: checkpoint names -> SGLang's (fused) parameters.
 
-Shapes are checked against `sglang_step35.checkpoint.checkpoint_shapes`. Loading collects every
-problem — missing, unexpected and mis-shaped tensors — and raises one error listing them all.
+What a checkpoint must hold is derived from the module tree that SGLang built, with whatever
+quantization method it chose per module, not from a fixed table of BF16 names: each parameter names
+the checkpoint tensors that feed it (`PARAM_SOURCES`, the one naming table), and a parameter's
+quantization shows in the tree itself. Under SGLang's block `Fp8Config` a quantized linear or MoE
+has an FP8 `weight` plus a `weight_scale_inv` parameter, so its checkpoint tensors are the FP8
+weight and `<weight>_scale_inv` with one fp32 scale per block; a module the checkpoint's
+`quantization_config` keeps unquantized (`modules_to_not_convert` / `ignored_layers`, matched by
+SGLang against the module prefix) has a plain weight and expects a BF16 tensor. `RadixAttention`
+under `Fp8Config` owns `k_scale`/`v_scale` (1.0 unless the checkpoint has them; SGLang marks them
+`_skip_weight_check`). Full (unsplit) checkpoint shapes come from `sglang_step35.checkpoint`.
+
+Loading collects every problem — missing, unexpected, mis-shaped and wrong-precision tensors — and
+raises one error listing them all.
 
 Block-FP8 checkpoints (Step-3.5-Flash-FP8) on a CPU without AMX: SGLang 0.5.23's Fp8LinearMethod /
-Fp8MoEMethod assert AMX on CPU (`sglang/srt/layers/quantization/fp8.py`, "Fp8LinearMethod on CPU
-requires that CPU has AMX support"), so the model is built unquantized there (`cpu_fp8_fallback`) and
-each FP8 weight is dequantized with its `weight_scale_inv` while loading (`sglang_step35.fp8`).
+Fp8MoEMethod assert AMX on CPU in `process_weights_after_loading` (`sglang/srt/layers/quantization/
+fp8.py`, "Fp8LinearMethod on CPU requires that CPU has AMX support"), so there the model is built
+unquantized (`cpu_fp8_fallback`) and each FP8 weight is dequantized with its `weight_scale_inv`
+while loading (`sglang_step35.fp8`). Everywhere else SGLang's FP8 methods run as they are.
 """
 
 from __future__ import annotations
@@ -14,11 +26,12 @@ from __future__ import annotations
 import copy
 import logging
 import re
-from typing import Iterable, Iterator, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 
-from sglang.srt.model_loader.weight_utils import default_weight_loader
+from sglang.srt.model_loader.weight_utils import default_weight_loader, maybe_remap_kv_scale_name
 
 from sglang_step35 import fp8
 from sglang_step35.checkpoint import checkpoint_shapes
@@ -30,48 +43,93 @@ class Step35WeightError(ValueError):
     """The checkpoint does not match the config; the message lists each tensor and shape."""
 
 
-# (our parameter suffix, checkpoint suffix, shard id) for tensors SGLang fuses into one parameter.
-STACKED_PARAMS = [
-    ("self_attn.qkv_proj.weight", "self_attn.q_proj.weight", "q"),
-    ("self_attn.qkv_proj.weight", "self_attn.k_proj.weight", "k"),
-    ("self_attn.qkv_proj.weight", "self_attn.v_proj.weight", "v"),
-    ("mlp.gate_up_proj.weight", "mlp.gate_proj.weight", 0),
-    ("mlp.gate_up_proj.weight", "mlp.up_proj.weight", 1),
-    ("moe.share_expert.gate_up_proj.weight", "share_expert.gate_proj.weight", 0),
-    ("moe.share_expert.gate_up_proj.weight", "share_expert.up_proj.weight", 1),
-]
-# Checkpoint suffix -> our parameter suffix, for tensors loaded as they are.
-RENAMED_PARAMS = {
-    "share_expert.down_proj.weight": "moe.share_expert.down_proj.weight",
+# Our parameter suffix (within a decoder layer) -> the checkpoint tensors that feed it, as
+# (checkpoint suffix, shard id). Shard ids are those SGLang's fused layers take: "q"/"k"/"v" for
+# QKVParallelLinear, 0/1 for MergedColumnParallelLinear, "w1"/"w3"/"w2" for FusedMoE (whose
+# checkpoint tensors are stacked [E, ...] and loaded expert by expert). Unlisted parameters are
+# loaded from the tensor of the same name.
+PARAM_SOURCES: dict[str, list[tuple[str, Union[str, int, None]]]] = {
+    "self_attn.qkv_proj.weight": [
+        ("self_attn.q_proj.weight", "q"), ("self_attn.k_proj.weight", "k"), ("self_attn.v_proj.weight", "v")],
+    "mlp.gate_up_proj.weight": [("mlp.gate_proj.weight", 0), ("mlp.up_proj.weight", 1)],
+    "moe.share_expert.gate_up_proj.weight": [
+        ("share_expert.gate_proj.weight", 0), ("share_expert.up_proj.weight", 1)],
+    "moe.share_expert.down_proj.weight": [("share_expert.down_proj.weight", None)],
+    "moe.experts.w13_weight": [("moe.gate_proj.weight", "w1"), ("moe.up_proj.weight", "w3")],
+    "moe.experts.w2_weight": [("moe.down_proj.weight", "w2")],
 }
-# Stacked routed experts [E, ...] -> FusedMoE parameter and its shard id, loaded expert by expert.
-EXPERT_PARAMS = {
-    "moe.gate_proj.weight": ("moe.experts.w13_weight", "w1"),
-    "moe.up_proj.weight": ("moe.experts.w13_weight", "w3"),
-    "moe.down_proj.weight": ("moe.experts.w2_weight", "w2"),
-}
+_EXPERT_SHARDS = ("w1", "w2", "w3")
+_KV_SCALE_SUFFIXES = (".k_scale", ".v_scale", ".kv_scale")
 
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
+LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 
 
-def cpu_fp8_fallback(quant_config) -> Optional[list]:
-    """The FP8 block size to dequantize at load, when `quant_config` is block FP8 and SGLang's FP8
-    methods cannot run here (CPU engine without AMX); None otherwise (keep SGLang's FP8 path)."""
-    if quant_config is None or quant_config.get_name() != "fp8":
-        return None
-    block = getattr(quant_config, "weight_block_size", None)
-    from sglang.srt.utils import cpu_has_amx_support, is_cpu
+@dataclass(frozen=True)
+class Source:
+    """One checkpoint tensor and where it goes."""
 
-    if not block or not is_cpu() or cpu_has_amx_support():
-        return None
-    logger.warning(
-        "sglang-step35: block-FP8 checkpoint on a CPU without AMX (SGLang's FP8 kernels need AMX): "
-        "dequantizing FP8 weights at load; the model runs unquantized in the server dtype"
-    )
-    return list(block)
+    param: str  # our parameter name
+    shard: Union[str, int, None]
+    shape: tuple[int, ...]  # full checkpoint shape
+    quantized: bool  # the target is an FP8 weight (expects float8_e4m3fn) or its scale
+
+    @property
+    def per_expert(self) -> bool:
+        return self.shard in _EXPERT_SHARDS
 
 
-class _Fp8Dequantizer:
+def param_is_fp8(param: torch.Tensor) -> bool:
+    return param.dtype == fp8.FP8_DTYPE
+
+
+def _block_of(module: torch.nn.Module) -> tuple[int, int]:
+    """The weight block of the quantization method SGLang attached to `module`."""
+    block = getattr(getattr(getattr(module, "quant_method", None), "quant_config", None), "weight_block_size", None)
+    if not block:
+        raise Step35WeightError(
+            f"{type(module).__name__} has FP8 scale parameters but its quantization method "
+            f"({type(getattr(module, 'quant_method', None)).__name__}) is not block-wise: Step-3.5 FP8 "
+            "checkpoints are 128x128 block FP8 (quantization_config.weight_block_size)")
+    return tuple(block)
+
+
+def checkpoint_sources(
+    model: torch.nn.Module,
+    layout: dict[str, tuple[int, ...]],
+    checkpoint_name: Callable[[str], Optional[tuple[str, str]]],
+) -> dict[str, Source]:
+    """Checkpoint tensor name -> Source, for every parameter of `model` that must be loaded.
+
+    `checkpoint_name(param_name)` gives (checkpoint prefix, parameter suffix within it), or None for a
+    parameter that is not loaded from the checkpoint here. `layout` gives each BF16 checkpoint
+    tensor's full shape; scale shapes follow from it and the module's block size."""
+    modules = dict(model.named_modules())
+    sources: dict[str, Source] = {}
+    for pname, param in model.named_parameters():
+        if getattr(param, "_skip_weight_check", False):
+            continue  # k_scale / v_scale: optional (see kv-scale handling in load_checkpoint)
+        where = checkpoint_name(pname)
+        if where is None:
+            continue
+        ckpt_prefix, suffix = where
+        is_scale = suffix.endswith(fp8.SCALE_SUFFIX)
+        weight_suffix = suffix[: -len(fp8.SCALE_SUFFIX)] if is_scale else suffix
+        feeds = PARAM_SOURCES.get(weight_suffix, [(weight_suffix, None)])
+        owner = modules[pname.rsplit(".", 1)[0]] if "." in pname else model
+        for ckpt_suffix, shard in feeds:
+            base = ckpt_prefix + ckpt_suffix
+            if base not in layout:
+                raise Step35WeightError(
+                    f"parameter {pname} maps to checkpoint tensor {base}, which a Step-3.5 checkpoint for "
+                    "this config does not have (model and layout disagree)")
+            if is_scale:
+                sources[base + fp8.SCALE_SUFFIX] = Source(pname, shard, fp8.scale_shape(layout[base], _block_of(owner)), True)
+            else:
+                sources[base] = Source(pname, shard, layout[base], param_is_fp8(param))
+    return sources
+
+
+class Fp8Dequantizer:
     """Pairs each FP8 `X.weight` with its `X.weight_scale_inv` (either order in the stream), yields the
     dequantized fp32 weight under `X.weight`, and records unpaired / mis-shaped scales."""
 
@@ -111,7 +169,29 @@ class _Fp8Dequantizer:
         self.problems += [f"{k}{fp8.SCALE_SUFFIX}: scale without its FP8 weight" for k in sorted(pending_s)]
 
 
-def _checkpoint_view(cfg):
+def cpu_fp8_fallback(quant_config, device: Optional[str] = None) -> Optional[list]:
+    """The FP8 block size to dequantize at load, when `quant_config` is block FP8 and SGLang's FP8
+    methods cannot run on `device` (default: this platform; a CPU engine without AMX); None
+    otherwise (keep SGLang's FP8 path)."""
+    if quant_config is None or quant_config.get_name() != "fp8":
+        return None
+    block = getattr(quant_config, "weight_block_size", None)
+    from sglang.srt.utils import cpu_has_amx_support
+
+    from sglang_step35.moe.runner import current_device
+
+    device = device or current_device()
+
+    if not block or device != "cpu" or cpu_has_amx_support():
+        return None
+    logger.warning(
+        "block-FP8 checkpoint on a CPU without AMX (SGLang's FP8 kernels need AMX): dequantizing FP8 "
+        "weights at load; the model runs unquantized in the server dtype"
+    )
+    return list(block)
+
+
+def checkpoint_view(cfg):
     """The config as the checkpoint was written. SGLang's CPU engine pads `moe_intermediate_size` /
     `intermediate_size` to a multiple of tp x 32 (tp x block size for block-quantized checkpoints) in
     `adjust_config_with_unaligned_cpu_tp` (sglang/srt/configs/update_config.py) and keeps the
@@ -125,75 +205,111 @@ def _checkpoint_view(cfg):
     return view
 
 
-def load_step3p5_weights(model: torch.nn.Module, weights: Iterable[Tuple[str, torch.Tensor]]) -> None:
-    """Load a real-layout checkpoint into Step3p5ForCausalLM; MTP layers are left to Step3p5MTP."""
-    cfg = _checkpoint_view(model.config)
-    n = cfg.num_hidden_layers
-    expected = checkpoint_shapes(cfg)
-    params = dict(model.named_parameters())
-    loaded: set[str] = set()
-    unexpected, misshaped = [], []
-    seen: set[str] = set()  # checkpoint names present (fused params hide a missing q/k/v or gate/up shard)
-    block = getattr(model, "fp8_dequant_block", None)
-    dequantizer = _Fp8Dequantizer(block) if block else None
-    if dequantizer is not None:
-        weights = dequantizer(weights)
+@dataclass
+class LoadReport:
+    """What one load pass found; `raise_if_bad` turns it into one Step35WeightError."""
 
-    for name, tensor in weights:
-        m = _LAYER_RE.match(name)
-        if m and int(m.group(1)) >= n:
-            if name not in expected and not _is_mtp_variant(name, n):
-                unexpected.append(name)
-            continue  # MTP layer: Step3p5MTP's
-        if name not in expected:
-            unexpected.append(name)
-            continue
-        seen.add(name)
-        if tuple(tensor.shape) != expected[name]:
-            misshaped.append(f"{name}: expected {list(expected[name])}, got {list(tensor.shape)}")
-            continue
-        prefix, suffix = (f"model.layers.{m.group(1)}.", m.group(2)) if m else ("", name)
-        for param_suffix, ckpt_suffix, shard in STACKED_PARAMS:
-            if suffix == ckpt_suffix:
-                pname = prefix + param_suffix
-                params[pname].weight_loader(params[pname], tensor, shard)
-                loaded.add(pname)
-                break
-        else:
-            if suffix in EXPERT_PARAMS:
-                pname_suffix, shard = EXPERT_PARAMS[suffix]
-                pname = prefix + pname_suffix
-                param = params[pname]
-                for e in range(tensor.shape[0]):
-                    param.weight_loader(param, tensor[e], pname, shard_id=shard, expert_id=e)
-                loaded.add(pname)
-            else:
-                pname = prefix + RENAMED_PARAMS.get(suffix, suffix)
-                param = params[pname]
-                getattr(param, "weight_loader", default_weight_loader)(param, tensor)
-                loaded.add(pname)
+    loaded: set
+    seen: set
+    unexpected: list
+    misshaped: list
+    precision: list
 
-    if dequantizer is not None:
-        misshaped += dequantizer.problems
-    missing_tensors = sorted(k for k in checkpoint_shapes(cfg, include_mtp=False) if k not in seen)
-    missing_params = sorted(set(params) - loaded)
-    if unexpected or misshaped or missing_tensors or missing_params:
+    def problems(self, sources: dict[str, Source], params: dict, allow_missing: Iterable[str] = ()) -> list[str]:
+        allow = set(allow_missing)
         lines = []
-        if misshaped:
-            lines.append("mis-shaped tensors:\n  " + "\n  ".join(misshaped))
-        if unexpected:
-            lines.append("unexpected tensors (not in a Step-3.5 checkpoint for this config):\n  "
-                         + "\n  ".join(sorted(unexpected)))
+        if self.misshaped:
+            lines.append("mis-shaped tensors:\n  " + "\n  ".join(self.misshaped))
+        if self.precision:
+            lines.append("tensors in the wrong precision for the module SGLang built:\n  " + "\n  ".join(self.precision))
+        if self.unexpected:
+            lines.append("unexpected tensors (not in a Step-3.5 checkpoint for this config and quantization):\n  "
+                         + "\n  ".join(sorted(self.unexpected)))
+        missing_tensors = sorted(k for k in sources if k not in self.seen and sources[k].param not in allow)
         if missing_tensors:
             lines.append("missing tensors:\n  " + "\n  ".join(
-                f"{k}: expected {list(expected[k])}" for k in missing_tensors))
+                f"{k}: expected {list(sources[k].shape)}" for k in missing_tensors))
+        missing_params = sorted(
+            k for k, p in params.items()
+            if k not in self.loaded and k not in allow and not getattr(p, "_skip_weight_check", False))
         if missing_params:
             lines.append("parameters never loaded (tensors missing from the checkpoint):\n  "
                          + "\n  ".join(missing_params))
+        return lines
+
+
+def load_checkpoint(
+    model: torch.nn.Module,
+    weights: Iterable[Tuple[str, torch.Tensor]],
+    sources: dict[str, Source],
+    skip: Callable[[str], bool] = lambda name: False,
+) -> LoadReport:
+    """Load every tensor of `weights` that `sources` names into `model`; skip the names `skip`
+    accepts (tensors that belong to another model, e.g. MTP layers), record everything else."""
+    params = dict(model.named_parameters())
+    block = getattr(model, "fp8_dequant_block", None)
+    dequantizer = Fp8Dequantizer(block) if block else None
+    if dequantizer is not None:
+        weights = dequantizer(weights)
+    rep = LoadReport(set(), set(), [], [], [])
+    for name, tensor in weights:
+        src = sources.get(name)
+        if src is None:
+            if name.endswith(_KV_SCALE_SUFFIXES) and not skip(name):
+                target = maybe_remap_kv_scale_name(name, params)
+                if target in params:
+                    default_weight_loader(params[target], tensor)
+                    rep.loaded.add(target)
+                    continue
+            if not skip(name):
+                rep.unexpected.append(name)
+            continue
+        rep.seen.add(name)
+        if tuple(tensor.shape) != src.shape:
+            rep.misshaped.append(f"{name}: expected {list(src.shape)}, got {list(tensor.shape)}")
+            continue
+        is_scale = name.endswith(fp8.SCALE_SUFFIX)
+        if not is_scale and (tensor.dtype == fp8.FP8_DTYPE) != src.quantized:
+            rep.precision.append(
+                f"{name}: {str(tensor.dtype).removeprefix('torch.')}, but {src.param} is "
+                + ("FP8 (the checkpoint's quantization_config quantizes this module; list it in "
+                   "modules_to_not_convert if the checkpoint keeps it in BF16)" if src.quantized else
+                   "unquantized (the checkpoint's quantization_config lists this module as not converted, "
+                   "yet the tensor is FP8)"))
+            continue
+        param = params[src.param]
+        loader = getattr(param, "weight_loader", default_weight_loader)
+        if src.per_expert:
+            for e in range(tensor.shape[0]):
+                loader(param, tensor[e], src.param, shard_id=src.shard, expert_id=e)
+        elif src.shard is not None:
+            loader(param, tensor, src.shard)
+        else:
+            loader(param, tensor)
+        rep.loaded.add(src.param)
+    if dequantizer is not None:
+        rep.misshaped += dequantizer.problems
+    return rep
+
+
+def _main_checkpoint_name(pname: str) -> Optional[tuple[str, str]]:
+    m = LAYER_RE.match(pname)
+    return (f"model.layers.{m.group(1)}.", m.group(2)) if m else ("", pname)
+
+
+def _is_mtp_tensor(name: str, n: int, m: int) -> bool:
+    """Tensors of the `m` MTP layers stored after the `n` main ones (Step3p5MTP loads them)."""
+    match = LAYER_RE.match(name)
+    return match is not None and n <= int(match.group(1)) < n + m
+
+
+def load_step3p5_weights(model: torch.nn.Module, weights: Iterable[Tuple[str, torch.Tensor]]) -> None:
+    """Load a Step-3.5 checkpoint (BF16 or block FP8) into Step3p5ForCausalLM; MTP layers are left to
+    Step3p5MTP."""
+    cfg = checkpoint_view(model.config)
+    n, m = cfg.num_hidden_layers, int(getattr(cfg, "num_nextn_predict_layers", 0) or 0)
+    sources = checkpoint_sources(model, checkpoint_shapes(cfg, include_mtp=False), _main_checkpoint_name)
+    rep = load_checkpoint(model, weights, sources, skip=lambda name: _is_mtp_tensor(name, n, m))
+    lines = rep.problems(sources, dict(model.named_parameters()))
+    if lines:
         raise Step35WeightError("Step-3.5 checkpoint does not match config.json:\n" + "\n".join(lines))
-
-
-def _is_mtp_variant(name: str, n: int) -> bool:
-    # Some checkpoints nest an MTP layer's decoder part under `.transformer.`, or keep a per-layer
-    # copy of the embedding; both belong to the MTP model.
-    return ".transformer." in name or name.endswith(".embed_tokens.weight")
