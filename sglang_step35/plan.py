@@ -10,11 +10,14 @@ Layout policy:
   intermediate), the layout of every seed deployment, and mandatory on AMD (AITER's CK MoE cannot
   run Step's TP4 split, N = 320). Pure TP only as a fallback when the experts do not divide.
 * The shared expert is a dense layer split by TP. Where that split breaks the quantization blocks
-  (FP8 on 4 or 8 GPUs: 1280/4 = 320, 1280/8 = 160, not multiples of 128) the command adds an
-  all-to-all MoE backend (deepep on NVIDIA, mori on AMD): SGLang 0.5.23 then replicates the shared
-  expert (``models/step3p5.py``), and the plan counts it whole on every GPU.
+  (FP8 on 4 or 8 GPUs: 1280/4 = 320, 1280/8 = 160, not multiples of 128) our MoE block replicates
+  it on every GPU (:func:`sglang_step35.moe.layout.moe_block_layout`, the rule the model builds
+  from) and the plan counts it whole. No all-to-all backend is emitted: on Step-3.5-Flash every
+  one would run the clamped layers 43-44 on a runner that drops the clamp
+  (:func:`sglang_step35.moe.layout.a2a_refusal`).
 * The rule for what TP may split is :func:`sglang_step35.moe.layout.check_moe_layout`; the same
-  rule guards the server at launch, so a planned command always passes the guard.
+  rules guard the server at launch, so a planned command always passes the guard, and
+  tests/test_plan_constructs.py builds our model class from every planned command.
 """
 
 from __future__ import annotations
@@ -32,7 +35,10 @@ from .moe.layout import (
     QUANTS,
     QuantSpec,
     check_moe_layout,
+    clamp_runner_refusal,
+    clamped_moe_layers,
     effective_moe_backend,
+    moe_block_layout,
     recommended_layout,
 )
 
@@ -118,7 +124,9 @@ def _attention_bytes(cfg: Mapping, index: int, tp: int, q: QuantSpec) -> int:
     o = q.linear_bytes(h, q_out)
     g_proj = BF16.linear_bytes(s.num_heads // tp, h)
     qk_norm = 2 * s.head_dim * 2
-    return qkv + o + g_proj + qk_norm
+    # SGLang's Fp8Config gives each RadixAttention fp32 k_scale and v_scale scalars.
+    kv_scales = 2 * 4 if q.name == "fp8" else 0
+    return qkv + o + g_proj + qk_norm + kv_scales
 
 
 def _mlp_bytes(hidden: int, inter_local: int, q: QuantSpec) -> int:
@@ -150,7 +158,8 @@ def weight_breakdown(
             per_expert = _mlp_bytes(h, I // moe_tp, q)
             out["routed_experts"] += (E // ep) * per_expert
             out["shared_experts"] += _mlp_bytes(h, S if shared_expert_replicated else S // tp, q)
-            out["router"] += E * h * 2 + E * 4  # bf16 gate weight + fp32 selection bias
+            # The gate weight is fp32 under need_fp32_gate (our model builds it so), plus the fp32 bias.
+            out["router"] += E * h * (4 if cfg.get("need_fp32_gate", True) else 2) + E * 4
         else:
             out["dense_mlp"] += _mlp_bytes(h, D // tp, q)
     for k in range(mtp):
@@ -324,6 +333,13 @@ def make_plan(
         except Step35ConfigError as e:
             problems.append(f"--tp {tp}: {e}")
     backend = effective_moe_backend("auto", g.vendor)
+    if not problems:
+        # The AMD plans run SGLANG_USE_AITER=1 (set below); the one runner rule decides what it serves.
+        why = clamp_runner_refusal(
+            vendor=g.vendor, quant=q, aiter=g.vendor == "amd", runner_backend=None, clamped_layers=clamped_moe_layers(cfg)
+        )
+        if why:
+            problems.append(why)
     rec = None if problems else recommended_layout(cfg, tp, q, g.vendor, backend)
     if not problems and rec is None:
         verdict = check_moe_layout(
@@ -337,9 +353,10 @@ def make_plan(
         return plan
 
     ep, flags = rec
-    a2a = next((f.split()[1] for f in flags if f.startswith("--moe-a2a-backend")), None)
+    a2a = None  # recommended_layout never needs one (see the module notes)
     plan.tp, plan.ep, plan.moe_a2a_backend = tp, ep, a2a
-    plan.shared_expert_replicated = a2a is not None
+    block = moe_block_layout(a2a_backend=a2a, quant=q, share_expert_dim=cfg.get("share_expert_dim"), tp_size=tp)
+    plan.shared_expert_replicated = block.shared_expert_replicated
     plan.attention_backend = ATTENTION_BACKEND[g.arch]
     assert plan.attention_backend in WINDOW_CAPABLE_BACKENDS
     E, I = int(cfg["moe_num_experts"]), int(cfg["moe_intermediate_size"])
@@ -476,6 +493,14 @@ def _gib(b: int) -> str:
     return f"{b / GiB:8.2f}"
 
 
+def _shared_placement(p: Plan) -> str:
+    if not p.shared_expert_replicated:
+        return "split by TP"
+    if p.moe_a2a_backend:
+        return f"replicated ({p.moe_a2a_backend} all-to-all)"
+    return f"replicated (split {p.tp} ways it would cut {p.quant} blocks)"
+
+
 def format_plan(p: Plan) -> str:
     """Human-readable plan (what ``step35 plan`` prints)."""
     g = GPUS[p.gpu]
@@ -500,7 +525,7 @@ def format_plan(p: Plan) -> str:
     lines.append(
         f"Layout: TP {p.tp}, EP {p.ep}: {p.experts_per_gpu} routed experts per GPU ({whole}, "
         f"N={p.routed_intermediate_per_gpu}); shared expert "
-        f"{'replicated (' + p.moe_a2a_backend + ' all-to-all)' if p.shared_expert_replicated else 'split by TP'}; "
+        f"{_shared_placement(p)}; "
         f"attention {p.attention_backend}"
     )
     lines += ["", "Memory per GPU (GiB):"]

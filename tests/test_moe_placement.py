@@ -27,7 +27,7 @@ from sglang_step35.moe.ep_reference import (
     shared_expert,
     swiglu,
 )
-from sglang_step35.moe.layout import FP8_BLOCK128, parse_quant
+from sglang_step35.moe.layout import FP8_BLOCK128, moe_block_layout, parse_quant
 
 CFG = json.loads((Path(__file__).parent / "fixtures" / "step3p5_flash_config.json").read_text())
 
@@ -52,6 +52,9 @@ def test_every_expert_on_exactly_one_rank():
 
 def test_placement_matches_sglang_fused_moe_mapping():
     # SGLang's own global->local mapping, called on a stand-in carrying the attributes it reads.
+    from sglang_step35.plugin import register
+
+    register()  # on a GPU-less machine SGLang's MoE layer imports sgl_kernel: our CPU stand-in
     from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
 
     for ep in (1, 2, 4, 8):
@@ -97,12 +100,22 @@ def test_aiter_tile_threshold():
 def test_triton_bf16_may_split_but_fp8_blocks_may_not():
     assert check_moe_layout("triton", "bf16", 1280, tp=4, ep=1, share_expert_dim=1280).ok
     v = check_moe_layout("triton", "fp8", 1280, tp=4, ep=1, share_expert_dim=1280)
-    assert v.routed_failed and v.shared_failed
-    # EP fixes the routed experts but not the shared expert (sglang #26107 happened with --ep 4).
+    assert v.routed_failed and not v.shared_failed  # the shared expert is replicated, not cut (below)
+    # EP fixes the routed experts; the shared expert, which EP does not touch (sglang #26107 happened
+    # with --ep 4), is replicated by the placement rule instead of split into 320-wide shards.
     v = check_moe_layout("triton", "fp8", 1280, tp=4, ep=4, share_expert_dim=1280)
-    assert not v.routed_failed and v.shared_failed and "#26107" in " ".join(v.reasons)
-    assert check_moe_layout("triton", "fp8", 1280, 4, 4, share_expert_dim=1280, shared_expert_replicated=True).ok
-    assert check_moe_layout("triton", "fp8", 1280, tp=2, ep=1, share_expert_dim=1280).ok  # 640 = 5 x 128
+    assert v.ok and v.shared_n == 1280
+    assert check_moe_layout("triton", "fp8", 1280, tp=2, ep=1, share_expert_dim=1280).shared_n == 640  # 5 x 128
+
+
+def test_one_placement_rule_for_the_shared_expert():
+    rule = lambda **kw: moe_block_layout(share_expert_dim=1280, **kw)  # noqa: E731
+    for tp, replicated in ((1, False), (2, False), (4, True), (8, True)):
+        b = rule(a2a_backend=None, quant="fp8", tp_size=tp)
+        assert b.shared_expert_replicated is replicated and not b.tokens_on_attn_tp_slice, tp
+        assert not rule(a2a_backend="none", quant="bf16", tp_size=tp).shared_expert_replicated
+    b = rule(a2a_backend="deepep", quant="bf16", tp_size=8)
+    assert b.shared_expert_replicated and b.tokens_on_attn_tp_slice and b.routed_output_complete
 
 
 def test_dense_mlp_split_is_checked_for_fp8():
@@ -137,22 +150,58 @@ def test_guard_accepts_platform_objects():
     assert guard_moe_layout({"tp_size": 4}, CFG, "cuda").action == "ok"  # triton bf16 runs N=320
 
 
-def test_guard_fp8_tp4_is_refused_with_exact_flags_that_then_pass():
+def test_guard_fp8_tp4_switches_to_ep4_and_replicates_the_shared_expert():
     d = guard_moe_layout({"tp_size": 4, "quantization": "fp8"}, CFG, "cuda")
-    assert d.action == "refuse"
-    assert d.flags == ("--tp 4", "--ep 4", "--moe-a2a-backend deepep")
-    assert "--tp 4 --ep 4 --moe-a2a-backend deepep" in d.message and "320" in d.message
-    fixed = {"tp_size": 4, "ep_size": 4, "moe_a2a_backend": "deepep", "quantization": "fp8"}
-    assert guard_moe_layout(fixed, CFG, "cuda").action == "ok"
+    assert d.action == "switch_to_ep" and d.ep_size == 4 and "N=320" in d.message
+    ok = guard_moe_layout({"tp_size": 4, "ep_size": 4, "quantization": "fp8"}, CFG, "cuda")
+    assert ok.action == "ok" and "shared expert replicated" in ok.message
 
 
 def test_guard_reads_fp8_from_the_checkpoint_config():
     cfg = dict(CFG, quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]})
-    assert guard_moe_layout({"tp_size": 8, "ep_size": 8}, cfg, "cuda").action == "refuse"
-    assert guard_moe_layout({"tp_size": 8, "ep_size": 8, "moe_a2a_backend": "deepep"}, cfg, "cuda").action == "ok"
+    assert guard_moe_layout({"tp_size": 8, "ep_size": 8}, cfg, "cuda").action == "ok"
     assert guard_moe_layout({"tp_size": 2}, cfg, "cuda").action == "ok"
-    d = guard_moe_layout({"tp_size": 4, "ep_size": 4}, cfg, "rocm")
-    assert d.action == "refuse" and "--moe-a2a-backend mori" in d.message
+    d = guard_moe_layout({"tp_size": 4, "ep_size": 4}, cfg, "rocm", aiter=True)
+    assert d.action == "refuse" and "43, 44" in d.message and "SGLANG_USE_AITER=0" in d.message
+    assert guard_moe_layout({"tp_size": 4, "ep_size": 4}, cfg, "rocm", aiter=False).action == "ok"
+
+
+@pytest.mark.parametrize("quant", ["bf16", "fp8"])
+@pytest.mark.parametrize("platform,a2a", [("cuda", "deepep"), ("rocm", "mori")])
+def test_guard_refuses_all_to_all_on_clamped_layers_with_the_command_to_use(platform, a2a, quant):
+    args = {"tp_size": 8, "ep_size": 8, "moe_a2a_backend": a2a, "quantization": quant}
+    d = guard_moe_layout(args, CFG, platform, aiter=False)
+    assert d.action == "refuse" and "43, 44" in d.message
+    assert "relaunch without --moe-a2a-backend: --tp 8 --ep 8" in d.message and d.flags == ("--tp 8", "--ep 8")
+    if a2a == "deepep":
+        assert "DeepGEMM" in d.message and "min(silu(gate), L)" in d.message
+    # The command it names passes.
+    assert guard_moe_layout({**args, "moe_a2a_backend": "none"}, CFG, platform, aiter=False).action == "ok"
+
+
+def test_guard_serves_all_to_all_where_no_layer_clamps():
+    cfg = dict(CFG, swiglu_limits=[0.0] * len(CFG["swiglu_limits"]))
+    d = guard_moe_layout({"tp_size": 8, "ep_size": 8, "moe_a2a_backend": "deepep", "quantization": "fp8"}, cfg, "cuda")
+    assert d.action == "ok" and "shared expert replicated" in d.message
+    assert guard_moe_layout({"tp_size": 4, "ep_size": 4, "moe_a2a_backend": "mori"}, cfg, "rocm").action == "ok"
+
+
+@pytest.mark.parametrize(
+    "extra,platform,needle",
+    [
+        ({"moe_a2a_backend": "mooncake"}, "cuda", "mooncake is not supported"),
+        ({"moe_a2a_backend": "mori"}, "cuda", "does not run on nvidia GPUs (use deepep)"),
+        ({"moe_a2a_backend": "deepep"}, "cpu", "needs GPUs"),
+        ({"enable_dp_attention": True}, "cuda", "--enable-dp-attention"),
+        ({"moe_runner_backend": "deep_gemm"}, "cuda", "DeepGEMM"),
+    ],
+)
+def test_guard_refuses_what_our_class_cannot_serve(extra, platform, needle):
+    cfg = dict(CFG, swiglu_limits=[0.0] * len(CFG["swiglu_limits"])) if "a2a" in str(extra) else CFG
+    d = guard_moe_layout({"tp_size": 4, "ep_size": 4, **extra}, cfg, platform)
+    assert d.action == "refuse" and needle in d.message, d.message
+    flag = next(iter(extra)).replace("_", "-")
+    assert f"relaunch without --{flag}: --tp 4 --ep 4" in d.message, d.message
 
 
 def test_guard_uneven_experts_refused_with_nearest_sizes():

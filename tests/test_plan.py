@@ -21,6 +21,7 @@ from sglang_step35.plan import (
     kv_bytes_per_token,
     kv_cache_bytes,
     load_config,
+    format_plan,
     make_plan,
     weight_breakdown,
 )
@@ -165,12 +166,28 @@ def test_mtp3_and_mtp1_speculative_flags():
     assert "--speculative" not in " ".join(make_plan("h200", 8, "fp8", mtp=0).command)
 
 
-def test_fp8_on_8_gpus_replicates_the_shared_expert():
-    p = make_plan("h200", 8, "fp8", mtp=3)
-    assert p.moe_a2a_backend == "deepep" and p.shared_expert_replicated
-    assert p.memory["weights"]["shared_experts"] == weight_breakdown(CFG, "fp8", 8, 8, shared_expert_replicated=True)["shared_experts"]
-    assert make_plan("mi355x", 4, "fp8").moe_a2a_backend == "mori"
-    assert make_plan("mi355x", 2, "fp8").moe_a2a_backend is None  # 1280/2 = 640 is 5 blocks
+def test_fp8_on_4_and_8_gpus_replicates_the_shared_expert_without_an_all_to_all_backend():
+    """1280/8 = 160 and 1280/4 = 320 cut 128-blocks: our MoE block replicates the shared expert under
+    SGLang's standard dispatcher; no --moe-a2a-backend (deepep would put the clamped layers 43-44 on
+    DeepGEMM, which drops Step's clamp)."""
+    for n in (4, 8):
+        p = make_plan("h200", n, "fp8", mtp=3)
+        assert p.feasible and p.shared_expert_replicated and p.moe_a2a_backend is None
+        assert "--moe-a2a-backend" not in p.command
+        assert p.memory["weights"]["shared_experts"] == weight_breakdown(CFG, "fp8", n, n, shared_expert_replicated=True)["shared_experts"]
+        assert f"replicated (split {n} ways it would cut fp8 blocks)" in format_plan(p)
+    assert not make_plan("h200", 2, "fp8").shared_expert_replicated  # 1280/2 = 640 is 5 blocks
+
+
+def test_fp8_on_amd_is_infeasible_under_aiter_because_of_the_clamp():
+    p = make_plan("mi355x", 4, "fp8")
+    assert not p.feasible and not p.command
+    assert any("43, 44" in x and "SGLANG_USE_AITER=0" in x for x in p.problems)
+
+
+def test_router_counted_in_fp32_as_the_model_builds_it():
+    # need_fp32_gate: the gate weight is fp32 (4 B) plus the fp32 selection bias, on every GPU
+    assert weight_breakdown(CFG, "bf16", 8, 8)["router"] == 42 * (288 * 4096 * 4 + 288 * 4)
 
 
 def test_amd_is_always_ep_equals_tp():
@@ -299,7 +316,9 @@ def test_planned_commands_parse_with_sglang_and_pass_the_guard(sglang_parser):
                     if mtp:
                         assert ns.speculative_num_steps == 3 and ns.enable_multi_layer_eagle
                     ns.quantization = quant if quant != "bf16" else None
-                    decision = guard_moe_layout(ns, CFG, "rocm" if spec.vendor == "amd" else "cuda")
+                    decision = guard_moe_layout(
+                        ns, CFG, "rocm" if spec.vendor == "amd" else "cuda", aiter=p.env.get("SGLANG_USE_AITER") == "1"
+                    )
                     assert decision.action == "ok", (gpu, n, quant, decision.message)
                     checked += 1
     assert checked > 40

@@ -1,9 +1,23 @@
 """Step-3.5's feed-forward blocks: the dense SwiGLU MLP (with the per-layer clamp) and the MoE block
 (sigmoid router, routed experts on SGLang's FusedMoE, the always-on shared expert).
 
-Split out of ``step3p5.py`` so the MoE's parallel layout (how tokens, experts and the shared
-expert are placed across ranks; see ``sglang_step35.moe``) lives in one module next to the code it
-governs. ``Step3p5DecoderLayer`` in ``step3p5.py`` builds these classes.
+Where the MoE block's tokens and shared expert live is decided by one rule,
+:func:`sglang_step35.moe.layout.moe_block_layout` (the launch guard and ``step35 plan`` read it too):
+
+* SGLang's standard dispatcher: every rank routes every token; the routed output is a partial sum
+  over this rank's experts (and its slice of their intermediate) and one TP all-reduce completes it.
+  The shared expert is TP-split (its partial sum rides in the same all-reduce) or, where a TP split
+  would cut its quantization blocks (FP8 on 4 or 8 GPUs), replicated with SGLang's
+  ``parallel_group="replicated"`` and added once, after the all-reduce.
+* An all-to-all backend (``--moe-a2a-backend deepep`` / ``mori``): each attention-TP rank routes
+  only its slice of the (attention-TP padded) tokens, as SGLang's layer boundaries hand an a2a MoE
+  its input (``attn_tp_slice``); the dispatcher's combine returns those tokens' complete output, so
+  there is no all-reduce; the replicated shared expert runs on the same slice; the slices are
+  all-gathered back (``attn_tp_gather``) for the decoder layer, which holds every token. Clamped
+  layers follow the same contract; whether their runner keeps Step's clamp there is
+  :func:`sglang_step35.moe.layout.a2a_refusal`'s question (today: no, so they are refused).
+
+Split out of ``step3p5.py`` so this layout lives next to the code it governs.
 """
 
 from __future__ import annotations
@@ -16,7 +30,9 @@ from torch import nn
 
 from sglang.srt.distributed.communication_op import tensor_model_parallel_all_reduce
 from sglang.srt.layers.activation import SiluAndMul
+from sglang.srt.layers.layer_boundary.adapters.attention import attn_tp_gather, attn_tp_slice
 from sglang.srt.layers.linear import MergedColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+from sglang.srt.layers.moe import get_moe_a2a_backend, get_moe_runner_backend
 from sglang.srt.layers.moe.ep_moe.layer import get_moe_impl_class
 from sglang.srt.layers.moe.topk import TopK
 from sglang.srt.layers.quantization.base_config import QuantizationConfig
@@ -26,6 +42,7 @@ from sglang.srt.utils import add_prefix
 from sglang_step35 import ops
 from sglang_step35.config import LayerSpec
 from sglang_step35.models.expert_compute import experts_forward_loop
+from sglang_step35.moe.layout import moe_block_layout, quant_spec_of
 from sglang_step35.moe.runner import (
     ClampHonouringMoEMethod,
     RoutedRunner,
@@ -46,15 +63,17 @@ class Step3p5MLP(nn.Module):
         quant_config: Optional[QuantizationConfig],
         reduce_results: bool = True,
         prefix: str = "",
+        parallel_group: str = "tp",
     ):
         super().__init__()
+        # parallel_group="replicated": SGLang's linears keep the whole weight (tp_size 1) on every rank.
         self.gate_up_proj = MergedColumnParallelLinear(
             hidden_size, [intermediate_size] * 2, bias=False, quant_config=quant_config,
-            prefix=add_prefix("gate_up_proj", prefix),
+            parallel_group=parallel_group, prefix=add_prefix("gate_up_proj", prefix),
         )
         self.down_proj = RowParallelLinear(
             intermediate_size, hidden_size, bias=False, quant_config=quant_config,
-            reduce_results=reduce_results, prefix=add_prefix("down_proj", prefix),
+            reduce_results=reduce_results, parallel_group=parallel_group, prefix=add_prefix("down_proj", prefix),
         )
         self.swiglu_limit = swiglu_limit
         # SGLang's SiluAndMul has no clamp; the clamped layers use our op (a Triton kernel on GPU).
@@ -96,9 +115,16 @@ class Step3p5MoE(nn.Module):
             renormalize=self.renormalize,
             custom_routing_function=self._route,
         )
+        self.layout = moe_block_layout(
+            a2a_backend=get_moe_a2a_backend(), quant=quant_spec_of(quant_config),
+            share_expert_dim=int(config.share_expert_dim), tp_size=self.tp_size,
+        )
+        self.attn_tp_size = get_parallel().attn_tp_size
+        runner_backend = get_moe_runner_backend()
         self.plan = routed_plan(
             self.swiglu_limit, device=current_device(), ep_size=get_parallel().moe_ep_size,
-            aiter=aiter_moe_active(), quantized=quant_config is not None,
+            aiter=aiter_moe_active(), quantized=quant_config is not None, a2a_backend=self.layout.a2a_backend,
+            runner_backend=getattr(runner_backend, "value", runner_backend), layer_id=spec.index,
         )
         self.experts = get_moe_impl_class(quant_config)(
             num_experts=self.num_experts,
@@ -120,6 +146,7 @@ class Step3p5MoE(nn.Module):
         self.share_expert = Step3p5MLP(
             H, config.share_expert_dim, spec.swiglu_limit_shared, quant_config, reduce_results=False,
             prefix=add_prefix("share_expert", prefix),
+            parallel_group="replicated" if self.layout.shared_expert_replicated else "tp",
         )
 
     def _route(self, hidden_states, gating_output, topk, renormalize):
@@ -130,6 +157,18 @@ class Step3p5MoE(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Every token in, every token out (the decoder layer holds them all on every TP rank)."""
+        # Under a2a SGLang pads batches to a multiple of attention TP (require_attn_tp_gather ->
+        # prepare_mlp_sync_batch / the CUDA-graph batch alignment); a batch that is not (SGLang's
+        # --disable-attn-tp-gather) stays whole, as SGLang's UNPADDED boundary keeps it: every rank
+        # then dispatches all rows and the combine still completes them. A shape test, no host sync.
+        if self.layout.tokens_on_attn_tp_slice and self.attn_tp_size > 1 and x.shape[0] % self.attn_tp_size == 0:
+            local = self._block(attn_tp_slice(x))
+            return attn_tp_gather(local, owned=True)
+        return self._block(x)
+
+    def _block(self, x: torch.Tensor) -> torch.Tensor:
+        """The MoE block on the rows this rank routes; the result is complete (summed over ranks)."""
         # The fp32 router as a plain matmul (like the built-in): ReplicatedLinear would route fp32
         # through the platform's GEMM (AITER's tgemm on ROCm), whose fp32 support is unverified.
         logits = F.linear(x.float(), self.gate.weight.float()) if self.fp32_gate else self.gate(x)[0]
@@ -140,7 +179,9 @@ class Step3p5MoE(nn.Module):
             routed = self.experts(x, topk_output)
         else:
             routed = experts_forward_loop(self.experts, x, topk_output, self.swiglu_limit)
-        out = routed + shared
-        if self.tp_size > 1:
-            out = tensor_model_parallel_all_reduce(out)
-        return out
+        if self.layout.routed_output_complete or self.tp_size == 1:
+            return routed + shared  # the a2a combine summed every expert; the shared expert is whole
+        if self.layout.shared_expert_replicated:
+            # Whole on every rank: added after the sum, or the all-reduce would count it tp_size times.
+            return tensor_model_parallel_all_reduce(routed) + shared
+        return tensor_model_parallel_all_reduce(routed + shared)

@@ -11,6 +11,12 @@ What EP must compute, written so that a test can run it on CPU with simulated ra
    all-reduce multiplies it by ``ep_size`` — the bug of sglang #26845 (GSM8K 94% -> 0.9%).
    :func:`diagnose_ep_output` recognises that signature in a real engine's output.
 
+All-to-all EP (``--moe-a2a-backend deepep`` / ``mori``; :func:`a2a_moe_forward`) computes the same
+sum with different messages: each rank routes only its own slice of the tokens, *dispatch* sends
+every (token, chosen expert) pair to the expert's owner, the owner returns ``weight * expert(x)``,
+and *combine* sums the returns on the token's source rank — complete, so no all-reduce follows;
+each rank adds the replicated shared expert to its own tokens (once), and the slices are gathered.
+
 SwiGLU follows Step's clamp: ``act = min(silu(gate), L)``, ``up = clamp(up, -L, L)`` when L > 0.
 This module is a specification and a test oracle, not a fast path.
 """
@@ -168,3 +174,48 @@ def diagnose_ep_output(
         if extra >= 1 and torch.allclose(excess, extra * shared_out, atol=atol * 10, rtol=rtol * 10):
             return f"shared expert added {extra + 1} times"
     return "mismatch"
+
+
+def a2a_moe_forward(
+    x: torch.Tensor, w: MoEWeights, ep_size: int, *, every_rank_dispatches_all_tokens: bool = False
+) -> torch.Tensor:
+    """Simulated all-to-all EP with explicit per-rank send/receive buffers (see the module notes).
+
+    Tokens are split over the ranks in contiguous slices (``tensor_split``, SGLang's attention-TP
+    slice). ``every_rank_dispatches_all_tokens=True`` models a MoE block that ignores the a2a
+    contract: no token split, and a TP all-reduce after the (already complete) combine — every
+    token's output then arrives ``ep_size`` times, the shared expert included.
+    """
+    placement = place_experts(w.num_experts, ep_size)
+    owner = torch.tensor([placement.rank_of(e) for e in range(w.num_experts)])
+    rows = [x] * ep_size if every_rank_dispatches_all_tokens else list(x.tensor_split(ep_size))
+    # Dispatch: rank src sends (its token index, slot, hidden row, weight, expert) to each owner.
+    inbox: list[list[tuple]] = [[] for _ in range(ep_size)]
+    routing = []
+    for src, xs in enumerate(rows):
+        ids, weights = route(xs, w)  # each rank routes only the tokens it holds
+        routing.append((ids, weights))
+        for dst in range(ep_size):
+            token_idx, slot = (owner[ids] == dst).nonzero(as_tuple=True)
+            if token_idx.numel():
+                inbox[dst].append((src, token_idx, xs[token_idx], weights[token_idx, slot], ids[token_idx, slot]))
+    # Expert compute on the owner, only on what it received; results go back to their source.
+    returns: list[list[tuple]] = [[] for _ in range(ep_size)]
+    for dst in range(ep_size):
+        for src, token_idx, xr, wr, er in inbox[dst]:
+            y = torch.zeros_like(xr)
+            for e in er.unique().tolist():
+                assert placement.rank_of(e) == dst, "dispatch sent a token to a rank without its expert"
+                m = er == e
+                y[m] = swiglu(xr[m], w.gate[e], w.up[e], w.down[e], w.limit) * wr[m].unsqueeze(-1)
+            returns[src].append((token_idx, y))
+    # Combine on the source rank: the complete routed output of its own tokens; shared expert once.
+    outs = []
+    for src, xs in enumerate(rows):
+        combined = torch.zeros_like(xs)
+        for token_idx, y in returns[src]:
+            combined.index_add_(0, token_idx, y)
+        outs.append(combined + shared_expert(xs, w))
+    if every_rank_dispatches_all_tokens:
+        return torch.stack(outs).sum(0)  # the all-reduce a complete combine must not get
+    return torch.cat(outs)  # the gather back to every token, in rank order

@@ -21,9 +21,21 @@ run depends on the kernel and the quantization:
 * Triton fused MoE masks ragged tiles, so bf16 has no extra rule; other grouped-GEMM backends
   (DeepGEMM, CUTLASS, FlashInfer) are held to 128, a conservative rule we have not measured.
 
-In stock SGLang 0.5.23 the shared expert is *replicated* instead of TP-split only when an
-all-to-all MoE backend is active (``models/step3p5.py``: deepep, mooncake, nixl, mori,
-ascend_fuseep, flashinfer, flashinfer_megamoe) — the only way FP8 runs on more than 2 GPUs.
+Where the MoE block's tokens and shared expert live (:func:`moe_block_layout`, the one rule the
+model, the launch guard and the planner read):
+
+* SGLang's standard dispatcher (no ``--moe-a2a-backend``): every rank holds every token; the routed
+  output is a partial sum (each rank's experts) completed by one TP all-reduce. The shared expert is
+  TP-split when its split holds whole quantization blocks, and **replicated** otherwise (FP8 on 4 or
+  8 GPUs: 1280/4 = 320, 1280/8 = 160) — SGLang's own ``parallel_group="replicated"`` linear layers,
+  added once, after the all-reduce (what SGLang's Laguna does under ``SGLANG_SHARED_EXPERT_TP1``).
+  That is how FP8 runs on 4 and 8 GPUs here, with SGLang's Triton MoE runner and Step's exact clamp.
+* An all-to-all backend (deepep on NVIDIA, mori on AMD): SGLang pads each batch to a multiple of the
+  attention-TP size; each attention-TP rank routes its own slice of the tokens (SGLang's
+  layer-boundary ``attn_tp_slice``), the dispatcher's combine returns their *complete* MoE output (no
+  all-reduce), the shared expert is replicated and computed on the same slice, and the slices are
+  all-gathered back (``attn_tp_gather``). Refused where the runner the backend selects drops Step's
+  SwiGLU clamp (:func:`a2a_refusal`): every a2a backend on Step-3.5-Flash, whose layers 43-44 clamp.
 
 Guard choice (:func:`guard_moe_layout`): when only the routed experts' TP split is bad and
 ``EP = TP`` fixes it, we **switch to EP = TP** and log one line. That change keeps the GPU count,
@@ -43,13 +55,12 @@ from typing import Any, Literal, Mapping, Optional
 from ..config import Step35ConfigError, moe_layer_ids
 from .placement import nearest_valid_ep_sizes
 
-# SGLang 0.5.23 models/step3p5.py builds the shared expert with parallel_group="replicated" under
-# these all-to-all MoE backends, and TP-splits it otherwise.
-REPLICATING_A2A_BACKENDS = frozenset(
-    {"deepep", "mooncake", "nixl", "mori", "ascend_fuseep", "flashinfer", "flashinfer_megamoe"}
-)
-# The all-to-all backend we recommend per vendor when the shared expert must not be TP-split.
+# All-to-all backends whose dispatcher contract our MoE block implements (SGLang 0.5.23
+# ``MaybeTboDeepEPDispatcher``: dispatch the rank's own tokens, combine returns their complete
+# weighted sum), per vendor. Other a2a backends (mooncake, nixl, pplx, deepep_v2, flashinfer,
+# megamoe, ascend_*) are refused: their contracts differ or were not read for this model.
 A2A_BACKEND_FOR_VENDOR = {"nvidia": "deepep", "amd": "mori"}
+SERVED_A2A_BACKENDS = frozenset(A2A_BACKEND_FOR_VENDOR.values())
 
 
 @dataclass(frozen=True)
@@ -110,6 +121,96 @@ def parse_quant(value: Any) -> QuantSpec:
     raise Step35ConfigError(f"cannot read a quantization from {value!r}")
 
 
+def quant_spec_of(quant_config: Any) -> QuantSpec:
+    """The QuantSpec of an SGLang ``QuantizationConfig`` (None = unquantized) as the model holds it."""
+    if quant_config is None:
+        return BF16
+    name = str(quant_config.get_name()).lower()
+    if name == "fp8":
+        block = getattr(quant_config, "weight_block_size", None)
+        return QuantSpec("fp8", 8, block=tuple(block)) if block else QuantSpec("fp8", 8)
+    return parse_quant(name)
+
+
+def _a2a_name(a2a_backend: Any) -> Optional[str]:
+    """'deepep', 'mori', ... from a flag value or SGLang's ``MoeA2ABackend``; None for none."""
+    value = getattr(a2a_backend, "value", a2a_backend)
+    value = str(value).lower() if value is not None else "none"
+    return None if value in ("none", "") else value
+
+
+@dataclass(frozen=True)
+class MoeBlockLayout:
+    """Where one Step-3.5 MoE block's tokens, routed sum and shared expert live (see module notes)."""
+
+    a2a_backend: Optional[str]  # None: SGLang's standard dispatcher
+    shared_expert_replicated: bool
+    reason: str  # why the shared expert is placed so (for logs and the plan)
+
+    @property
+    def tokens_on_attn_tp_slice(self) -> bool:
+        """Each attention-TP rank routes only its slice of the tokens (the a2a contract)."""
+        return self.a2a_backend is not None
+
+    @property
+    def routed_output_complete(self) -> bool:
+        """The experts' output needs no all-reduce: the a2a combine already summed every expert."""
+        return self.a2a_backend is not None
+
+
+def moe_block_layout(*, a2a_backend: Any, quant: Any, share_expert_dim: Optional[int], tp_size: int) -> MoeBlockLayout:
+    """THE placement rule for the MoE block (model, launch guard and planner all call it)."""
+    a2a = _a2a_name(a2a_backend)
+    if a2a is not None:
+        # Each rank holds different tokens: a TP-split shared expert would need a sum over ranks
+        # that hold other tokens. Replicated, it completes on the rank's own slice.
+        return MoeBlockLayout(a2a, True, f"{a2a} all-to-all: each rank computes its own tokens")
+    q = parse_quant(quant)
+    if share_expert_dim and tp_size > 1:
+        n, why_not = _split(int(share_expert_dim), tp_size, q, "shared expert")
+        if why_not:
+            return MoeBlockLayout(None, True, f"{why_not[0]}; replicated, added once after the all-reduce")
+    return MoeBlockLayout(None, False, "split by TP" if tp_size > 1 else "one GPU")
+
+
+def a2a_refusal(a2a_backend: Any, *, vendor: str, quant: Any, clamped_layers: tuple[int, ...] = ()) -> Optional[str]:
+    """Why ``a2a_backend`` cannot serve this model, or None (the launch guard and the model ask it).
+
+    SGLang 0.5.23 facts (read in site-packages, not run on hardware):
+    - deepep selects DeepGEMM for FP8 experts (``Fp8MoEMethod.is_deepgemm_moe_runner_backend_enabled``)
+      and BF16 experts run only on DeepGEMM's BF16 path under DeepEP (``DeepEPMoE``). DeepGEMM's
+      runner reads ``swiglu_limit``, not ``gemm1_clamp_limit``, and that limit is DeepSeek-V4's
+      ``silu(min(gate, L)) * clamp(up, ±L)`` (``silu_and_mul_masked_post_quant.cuh``), not Step's
+      ``min(silu(gate), L) * clamp(up, ±L)``: the clamp is dropped or computed differently.
+    - mori on ROCm runs AITER's MoE (``DeepEPMoE`` defers to FusedMoE under SGLANG_USE_AITER): AITER
+      has no clamped SwiGLU, and our per-layer Triton fallback was not checked against mori's
+      dispatch output.
+    """
+    a2a = _a2a_name(a2a_backend)
+    if a2a is None:
+        return None
+    if vendor == "cpu":
+        return f"--moe-a2a-backend {a2a} needs GPUs (SGLang's all-to-all dispatchers are CUDA/ROCm only)"
+    if a2a not in SERVED_A2A_BACKENDS:
+        served = ", ".join(f"{b} ({v})" for v, b in A2A_BACKEND_FOR_VENDOR.items())
+        return f"--moe-a2a-backend {a2a} is not supported by sglang-step35's MoE block (supported: {served})"
+    if A2A_BACKEND_FOR_VENDOR.get(vendor) != a2a:
+        return f"--moe-a2a-backend {a2a} does not run on {vendor} GPUs (use {A2A_BACKEND_FOR_VENDOR[vendor]})"
+    if clamped_layers:
+        layers = ", ".join(map(str, clamped_layers))
+        runner = (
+            "DeepGEMM, which drops gemm1_clamp_limit and applies DeepSeek-V4's silu(min(gate, L)) instead "
+            "of Step's min(silu(gate), L)"
+            if a2a == "deepep"
+            else "AITER's MoE, which has no clamped SwiGLU (and our Triton fallback is unverified under mori)"
+        )
+        return (
+            f"--moe-a2a-backend {a2a} with {parse_quant(quant).name} experts would run the SwiGLU-clamped "
+            f"layers {layers} on {runner}"
+        )
+    return None
+
+
 def backend_multiple(backend: str, quant: QuantSpec, n: int) -> tuple[int, str]:
     """The multiple a per-GPU expert intermediate ``n`` must be for ``backend`` (kernel rule only)."""
     if backend == "aiter":
@@ -162,12 +263,15 @@ def check_moe_layout(
     *,
     num_experts: Optional[int] = None,
     share_expert_dim: Optional[int] = None,
-    shared_expert_replicated: bool = False,
+    a2a_backend: Any = None,
     dense_intermediate_size: Optional[int] = None,
     dense_tp: Optional[int] = None,
 ) -> LayoutVerdict:
-    """Check every TP/EP split of the MoE block for ``backend`` and ``quant``; list all failures."""
+    """Check every TP/EP split of the MoE block for ``backend`` and ``quant``; list all failures.
+    The shared expert is placed by :func:`moe_block_layout` (replicated where TP would split its
+    blocks, or under an all-to-all backend), so only a split that rule keeps is checked."""
     q = parse_quant(quant)
+    block = moe_block_layout(a2a_backend=a2a_backend, quant=q, share_expert_dim=share_expert_dim, tp_size=tp)
     reasons: list[str] = []
     routed_failed = shared_failed = other_failed = False
     routed_n: Optional[int] = None
@@ -191,7 +295,7 @@ def check_moe_layout(
     shared_n: Optional[int] = None
     if share_expert_dim:
         what = "shared expert (a dense layer split by TP, not by EP; sglang #26107)"
-        shared_n, why_not = _split(share_expert_dim, 1 if shared_expert_replicated else tp, q, what)
+        shared_n, why_not = _split(share_expert_dim, 1 if block.shared_expert_replicated else tp, q, what)
         reasons += why_not
         shared_failed = bool(why_not)
     if dense_intermediate_size:
@@ -260,68 +364,138 @@ def effective_moe_backend(requested: Optional[str], vendor: str) -> str:
     return backend
 
 
+def clamped_moe_layers(hf_config: Any) -> tuple[int, ...]:
+    """MoE layers whose routed experts carry a SwiGLU clamp (Step-3.5-Flash: 43, 44)."""
+    limits = _get(hf_config, "swiglu_limits") or []
+    return tuple(i for i in sorted(moe_layer_ids(hf_config)) if i < len(limits) and float(limits[i] or 0) > 0)
+
+
+def clamp_runner_refusal(
+    *, vendor: str, quant: Any, aiter: bool, runner_backend: Optional[str], clamped_layers: tuple[int, ...]
+) -> Optional[str]:
+    """Why the routed runner these settings select would drop Step's clamp, or None.
+
+    The one home of these refusals: :func:`sglang_step35.moe.runner.routed_plan` raises with it
+    when a clamped layer is built, the launch guard and the planner refuse with it before that.
+    """
+    if not clamped_layers:
+        return None
+    layers = ", ".join(map(str, clamped_layers))
+    q = parse_quant(quant)
+    if (runner_backend or "auto").lower() == "deep_gemm":
+        return (
+            f"--moe-runner-backend deep_gemm would run the SwiGLU-clamped layers {layers} on DeepGEMM, which "
+            "drops gemm1_clamp_limit (its swiglu_limit is DeepSeek-V4's silu(min(gate, L)), not Step's "
+            "min(silu(gate), L))"
+        )
+    if vendor == "amd" and aiter and q.block is not None:
+        # Fp8MoEMethod picks AITER for every layer under SGLANG_USE_AITER; it has no per-layer
+        # Triton fallback we could select, so a clamped FP8 layer cannot be served correctly.
+        return (
+            f"block-FP8 experts on the SwiGLU-clamped Step-3.5 layers {layers} under SGLANG_USE_AITER=1: "
+            "AITER's FP8 MoE drops the clamp; serve the BF16 checkpoint on AMD, or set SGLANG_USE_AITER=0"
+        )
+    return None
+
+
 def recommended_layout(
     hf_config: Any, tp: int, quant: Any, vendor: str, backend: str
 ) -> Optional[tuple[int, list[str]]]:
-    """The EP size and extra flags that make ``tp`` GPUs valid, or None when no flag can."""
+    """The EP size and flags that make ``tp`` GPUs valid, or None when no flag can. Never an
+    all-to-all backend: the standard dispatcher serves every layout an a2a one would (the shared
+    expert is replicated where TP would split its blocks) and keeps Step's clamp exact."""
     q = parse_quant(quant)
     E = int(_get(hf_config, "moe_num_experts"))
     # EP = TP whenever the experts divide (whole experts per GPU, the seeds' layout); else pure TP.
     ep = tp if E % tp == 0 else 1
-    # Try the plain layout first; an all-to-all backend (which replicates the shared expert) only
-    # where the vendor has one and only the shared expert's split failed.
-    vendor_a2a = A2A_BACKEND_FOR_VENDOR.get(vendor)
-    for a2a in (None, vendor_a2a) if vendor_a2a else (None,):
-        verdict = check_moe_layout(
-            backend,
-            q,
-            int(_get(hf_config, "moe_intermediate_size")),
-            tp,
-            ep,
-            num_experts=E,
-            share_expert_dim=_get(hf_config, "share_expert_dim"),
-            shared_expert_replicated=a2a is not None,
-            dense_intermediate_size=_get(hf_config, "intermediate_size"),
-        )
-        if verdict.ok:
-            flags = [f"--tp {tp}", f"--ep {ep}"] + ([f"--moe-a2a-backend {a2a}"] if a2a else [])
-            return ep, flags
-        if not verdict.shared_failed or verdict.routed_failed or verdict.other_failed:
-            break
-    return None
+    verdict = check_moe_layout(
+        backend,
+        q,
+        int(_get(hf_config, "moe_intermediate_size")),
+        tp,
+        ep,
+        num_experts=E,
+        share_expert_dim=_get(hf_config, "share_expert_dim"),
+        dense_intermediate_size=_get(hf_config, "intermediate_size"),
+    )
+    return (ep, [f"--tp {tp}", f"--ep {ep}"]) if verdict.ok else None
 
 
-def guard_moe_layout(server_args_like: Any, hf_config: Any, platform: Any) -> Decision:
-    """Decide, before the model is built, whether ``--tp/--ep`` give Step-3.5 a runnable MoE layout.
+def _aiter_switch(vendor: str) -> bool:
+    import os
+
+    return vendor == "amd" and os.environ.get("SGLANG_USE_AITER", "0").lower() in ("1", "true", "yes")
+
+
+def guard_moe_layout(server_args_like: Any, hf_config: Any, platform: Any, *, aiter: Optional[bool] = None) -> Decision:
+    """Decide, before the model is built, whether the server args give Step-3.5 a MoE it serves.
 
     ``server_args_like``: anything with ``tp_size``, ``ep_size`` (or ``moe_ep_size``),
-    ``moe_runner_backend``, ``moe_a2a_backend``, ``quantization``, ``moe_dense_tp_size``
-    (attributes or mapping keys; missing ones take SGLang's defaults). ``hf_config``: the Step
-    config (object or dict); its ``quantization_config`` is used when ``quantization`` is unset.
-    ``platform``: "cuda" / "rocm" / "cpu" or an object with ``is_hip()`` / ``is_cuda()``.
-    Pure: reads nothing else and changes nothing.
+    ``moe_runner_backend``, ``moe_a2a_backend``, ``quantization``, ``moe_dense_tp_size``,
+    ``enable_dp_attention`` (attributes or mapping keys; missing ones take SGLang's defaults).
+    ``hf_config``: the Step config (object or dict); its ``quantization_config`` is used when
+    ``quantization`` is unset. ``platform``: "cuda" / "rocm" / "cpu" or an object with ``is_hip()``
+    / ``is_cuda()``. ``aiter``: SGLang's AITER switch (default: ``SGLANG_USE_AITER`` on AMD).
+    Changes nothing; reads nothing else.
     """
     if not moe_layer_ids(hf_config) or not _get(hf_config, "moe_num_experts"):
         return Decision("ok", "step35: no MoE layers; nothing to check")
     vendor = platform_vendor(platform)
+    aiter = _aiter_switch(vendor) if aiter is None else bool(aiter)
     tp = int(_get(server_args_like, "tp_size", default=1))
     ep = int(_get(server_args_like, "ep_size", "moe_ep_size", default=1))
-    backend = effective_moe_backend(_get(server_args_like, "moe_runner_backend"), vendor)
-    a2a = str(_get(server_args_like, "moe_a2a_backend", default="none")).lower()
+    runner = _get(server_args_like, "moe_runner_backend")
+    backend = effective_moe_backend(runner, vendor)
+    a2a = _a2a_name(_get(server_args_like, "moe_a2a_backend"))
     quant = parse_quant(_get(server_args_like, "quantization") or _get(hf_config, "quantization_config"))
     E = int(_get(hf_config, "moe_num_experts"))
     I = int(_get(hf_config, "moe_intermediate_size"))
+    clamped = clamped_moe_layers(hf_config)
+    base = recommended_layout(hf_config, tp, quant, vendor, effective_moe_backend(None, vendor))
+    use_instead = " ".join(base[1]) if base else f"`step35 plan` for a command on {tp} GPUs"
+
+    refusals = []
+    if _get(server_args_like, "enable_dp_attention", default=False):
+        refusals.append(
+            "--enable-dp-attention: sglang-step35's attention, embeddings and MoE block split over the whole TP "
+            "group (there is no attention-DP layout), so DP ranks would compute wrong shards"
+        )
+    why = a2a_refusal(a2a, vendor=vendor, quant=quant, clamped_layers=clamped)
+    if why:
+        refusals.append(why + "; the standard dispatcher (no --moe-a2a-backend) replicates the shared expert "
+                        "where TP would split its blocks")
+    why = clamp_runner_refusal(vendor=vendor, quant=quant, aiter=aiter, runner_backend=runner, clamped_layers=clamped)
+    if why:
+        refusals.append(why)
+    if refusals:
+        drop = [f for f, bad in (("--enable-dp-attention", any(r.startswith("--enable-dp") for r in refusals)),
+                                 ("--moe-a2a-backend", any(r.startswith("--moe-a2a-backend") for r in refusals)),
+                                 ("--moe-runner-backend", any(r.startswith("--moe-runner-backend") for r in refusals)))
+                if bad]  # fmt: skip
+        fix = f"relaunch without {', '.join(drop)}: {use_instead}" if drop else f"use instead: {use_instead}"
+        if any("SGLANG_USE_AITER" in r for r in refusals):
+            fix += " (with the BF16 checkpoint, or SGLANG_USE_AITER=0)"
+        return Decision(
+            "refuse",
+            f"step35: refusing --tp {tp} --ep {ep} ({quant.name}): {'; '.join(refusals)}. {fix}",
+            flags=tuple(base[1]) if base else (),
+        )
+
     kwargs = dict(
         num_experts=E,
         share_expert_dim=_get(hf_config, "share_expert_dim"),
-        shared_expert_replicated=a2a in REPLICATING_A2A_BACKENDS,
+        a2a_backend=a2a,
         dense_intermediate_size=_get(hf_config, "intermediate_size"),
         dense_tp=_get(server_args_like, "moe_dense_tp_size"),
     )
     verdict = check_moe_layout(backend, quant, I, tp, ep, **kwargs)
     if verdict.ok:
         where = f"{E // ep} whole experts per GPU" if ep == tp else f"N={verdict.routed_n} per GPU"
-        return Decision("ok", f"step35: MoE layout --tp {tp} --ep {ep} ({quant.name}, {backend}): {where}")
+        block = moe_block_layout(a2a_backend=a2a, quant=quant, share_expert_dim=kwargs["share_expert_dim"], tp_size=tp)
+        shared = "replicated" if block.shared_expert_replicated else "TP-split"
+        return Decision(
+            "ok", f"step35: MoE layout --tp {tp} --ep {ep} ({quant.name}, {backend}): {where}; shared expert {shared}"
+        )
     if verdict.routed_failed and not (verdict.shared_failed or verdict.other_failed) and ep != tp and E % tp == 0:
         fixed = check_moe_layout(backend, quant, I, tp, tp, **kwargs)
         if fixed.ok:
@@ -342,7 +516,7 @@ def guard_moe_layout(server_args_like: Any, hf_config: Any, platform: Any) -> De
         flags = ()
         good = [t for t in (1, 2, 4, 8, 16) if t != tp and recommended_layout(hf_config, t, quant, vendor, backend)]
         fix = (
-            f"no EP/all-to-all setting makes --tp {tp} valid for {quant.name}; TP sizes that work: "
+            f"no EP setting makes --tp {tp} valid for {quant.name}; TP sizes that work: "
             f"{', '.join(map(str, good)) or 'none'} (run `step35 plan` for a full command)"
         )
     return Decision("refuse", f"step35: refusing --tp {tp} --ep {ep} ({quant.name}, {backend}): {problems}. {fix}", flags=flags)

@@ -41,32 +41,47 @@ class RoutedPlan:
         return self.runner is not RoutedRunner.EXPERT_LOOP
 
 
-def routed_plan(swiglu_limit: float, *, device: str, ep_size: int, aiter: bool, quantized: bool = False) -> RoutedPlan:
+def routed_plan(
+    swiglu_limit: float,
+    *,
+    device: str,
+    ep_size: int,
+    aiter: bool,
+    quantized: bool = False,
+    a2a_backend: Optional[str] = None,
+    runner_backend: Optional[str] = None,
+    layer_id: Optional[int] = None,
+) -> RoutedPlan:
     """The runner of one MoE layer.
 
     ``device``: "cuda", "rocm" or "cpu" (see :func:`current_device`); ``aiter``: SGLang's AITER MoE
     is active (``SGLANG_USE_AITER=1`` on ROCm); ``quantized``: the experts use a quantization method
-    (block FP8).
+    (block FP8); ``a2a_backend`` / ``runner_backend``: SGLang's ``--moe-a2a-backend`` /
+    ``--moe-runner-backend``. Refusals come from :mod:`sglang_step35.moe.layout` (the launch guard
+    refuses the same combinations before any layer is built).
     """
+    from .layout import a2a_refusal, clamp_runner_refusal
+
     if swiglu_limit < 0:
         raise ValueError(f"swiglu_limit must be >= 0, got {swiglu_limit}")
     clamped = swiglu_limit > 0
+    if device not in ("cuda", "rocm", "cpu"):
+        raise ValueError(f"unknown device {device!r}; expected 'cuda', 'rocm' or 'cpu'")
+    vendor = {"cuda": "nvidia", "rocm": "amd", "cpu": "cpu"}[device]
+    layers = ((layer_id if layer_id is not None else "of this layer"),) if clamped else ()
+    quant = "fp8" if quantized else "bf16"
+    why = a2a_refusal(a2a_backend, vendor=vendor, quant=quant, clamped_layers=layers) or clamp_runner_refusal(
+        vendor=vendor, quant=quant, aiter=aiter, runner_backend=runner_backend, clamped_layers=layers
+    )
+    if why:
+        raise NotImplementedError(why)
     if device == "cpu":
         if clamped or ep_size > 1:
             return RoutedPlan(RoutedRunner.EXPERT_LOOP, "sglang-step35 expert loop" if clamped else None)
         return RoutedPlan(RoutedRunner.FUSED, None)
-    if device not in ("cuda", "rocm"):
-        raise ValueError(f"unknown device {device!r}; expected 'cuda', 'rocm' or 'cpu'")
     if not clamped:
         return RoutedPlan(RoutedRunner.FUSED, None)
-    if device == "rocm" and aiter:
-        if quantized:
-            # Fp8MoEMethod picks AITER for every layer under SGLANG_USE_AITER; it has no per-layer
-            # Triton fallback we could select, so a clamped FP8 layer cannot be served correctly.
-            raise NotImplementedError(
-                "block-FP8 experts on a clamped Step-3.5 layer under SGLANG_USE_AITER=1: AITER's FP8 MoE "
-                "drops the SwiGLU clamp; serve the BF16 checkpoint on AMD, or set SGLANG_USE_AITER=0"
-            )
+    if device == "rocm" and aiter:  # BF16 here: clamp_runner_refusal refused block FP8
         return RoutedPlan(RoutedRunner.FUSED_TRITON, "SGLang Triton runner (gemm1_clamp_limit)")
     return RoutedPlan(RoutedRunner.FUSED, "SGLang Triton runner (gemm1_clamp_limit)")
 
