@@ -219,7 +219,7 @@ def apply_server_policy(server_args, *args, **kwargs):
         _cpu_server_defaults(server_args)
     if not is_step:
         return None
-    from sglang_step35.attention import choose_attention_backend, detect_platform
+    from sglang_step35.attention import choose_attention_backend, detect_platform, guard_window_conventions
     from sglang_step35.config import SLIDING
     from sglang_step35.moe.layout import guard_moe_layout
 
@@ -233,6 +233,14 @@ def apply_server_policy(server_args, *args, **kwargs):
         if getattr(server_args, "attention_backend", None) is None:
             server_args.attention_backend = choice.backend
         logger.info("attention backend %s: %s", choice.backend, choice.reason)
+    # A sliding layer must see exactly `sliding_window` keys in prefill, decode and draft alike.
+    guard_window_conventions(
+        getattr(server_args, "attention_backend", None),
+        getattr(server_args, "prefill_attention_backend", None),
+        getattr(server_args, "decode_attention_backend", None),
+        has_sliding_layers=SLIDING in (cfg.get("layer_types") or []),
+        speculative_eagle_topk=getattr(server_args, "speculative_eagle_topk", None),
+    )
     decision = guard_moe_layout(server_args, cfg, "rocm" if _is_rocm() else ("cuda" if platform else "cpu"))
     if decision.action == "switch_to_ep":
         server_args.ep_size = decision.ep_size

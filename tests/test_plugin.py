@@ -116,3 +116,19 @@ def test_server_policy_leaves_other_models_alone(tmp_path, monkeypatch):
     args = SimpleNamespace(model_path=str(tmp_path), attention_backend=None, tp_size=4, ep_size=1)
     plugin.apply_server_policy(args)
     assert args.attention_backend is None and args.ep_size == 1
+
+
+def test_server_policy_refuses_prefill_and_decode_backends_of_different_window_conventions(tmp_path, monkeypatch):
+    import pytest
+
+    from sglang_step35.attention import PlatformInfo
+
+    monkeypatch.setattr(plugin, "has_accelerator", lambda: True)
+    monkeypatch.setattr(plugin, "_is_rocm", lambda: True)
+    monkeypatch.setattr("sglang_step35.attention.detect_platform",
+                        lambda: PlatformInfo(kind="amd", gcn_arch="gfx942", aiter_available=True))
+    mixed = _step_args(tmp_path, ep_size=4, prefill_attention_backend="aiter", decode_attention_backend="triton")
+    with pytest.raises(ValueError, match="--prefill-attention-backend aiter and --decode-attention-backend triton"):
+        plugin.apply_server_policy(mixed)
+    same = _step_args(tmp_path, ep_size=4, prefill_attention_backend="triton", decode_attention_backend="triton")
+    plugin.apply_server_policy(same)

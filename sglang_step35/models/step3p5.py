@@ -30,6 +30,7 @@ from sglang.srt.models.utils import WeightsMapper
 from sglang.srt.utils import add_prefix
 
 from sglang_step35 import ops
+from sglang_step35.attention import model_radix_sliding_window_size, model_runner_sliding_window_size
 from sglang_step35.config import LayerSpec, layer_spec, validate
 from sglang_step35.models.weights import cpu_fp8_fallback, load_step3p5_weights
 from sglang_step35.models.step3p5_moe import Step3p5MLP, Step3p5MoE
@@ -38,7 +39,10 @@ logger = logging.getLogger(__name__)  # under "sglang_step35", whose handler plu
 
 
 class Step3p5Attention(nn.Module):
-    def __init__(self, config, spec: LayerSpec, quant_config: Optional[QuantizationConfig], prefix: str = ""):
+    def __init__(
+        self, config, spec: LayerSpec, quant_config: Optional[QuantizationConfig], prefix: str = "",
+        draft: bool = False,
+    ):
         super().__init__()
         tp = get_parallel().attn_tp_size
         H = config.hidden_size
@@ -76,9 +80,9 @@ class Step3p5Attention(nn.Module):
             self.head_dim**-0.5,
             num_kv_heads=self.num_kv_heads,
             layer_id=spec.index,
-            # The config counts the query's own key in the window (HF convention); SGLang's
-            # sliding_window_size counts the keys before it.
-            sliding_window_size=spec.window - 1 if spec.window else -1,
+            # The config counts the query's own key in the window (HF convention); what SGLang's
+            # sliding_window_size means differs per attention backend (attention/window.py).
+            sliding_window_size=model_radix_sliding_window_size(spec.window, draft) if spec.window else -1,
             quant_config=quant_config,
             prefix=add_prefix("attn", prefix),
         )
@@ -102,13 +106,19 @@ class Step3p5Attention(nn.Module):
 
 
 class Step3p5DecoderLayer(nn.Module):
-    def __init__(self, config, layer_id: int, quant_config: Optional[QuantizationConfig], prefix: str = ""):
+    def __init__(
+        self, config, layer_id: int, quant_config: Optional[QuantizationConfig], prefix: str = "",
+        draft: bool = False,
+    ):
         super().__init__()
         spec = layer_spec(config, layer_id)
         H = config.hidden_size
         self.input_layernorm = GemmaRMSNorm(H, config.rms_norm_eps)
         self.post_attention_layernorm = GemmaRMSNorm(H, config.rms_norm_eps)
-        self.self_attn = Step3p5Attention(config, spec, quant_config, prefix=add_prefix("self_attn", prefix))
+        # draft: an MTP layer, whose runner may use --speculative-draft-attention-backend.
+        self.self_attn = Step3p5Attention(
+            config, spec, quant_config, prefix=add_prefix("self_attn", prefix), draft=draft
+        )
         self.is_moe = spec.is_moe
         if spec.is_moe:
             self.moe = Step3p5MoE(config, spec, quant_config, prefix=add_prefix("moe", prefix))
@@ -181,7 +191,14 @@ class Step3p5ForCausalLM(nn.Module):
             config.vocab_size, config.hidden_size, quant_config=quant_config, prefix=add_prefix("lm_head", prefix)
         )
         self.logits_processor = LogitsProcessor(config)
+        # Fixed with the layers' values, for the backends in effect now (see get_attention_sliding_window_size).
+        self.runner_sliding_window = model_runner_sliding_window_size(int(config.sliding_window))
         logger.info("serving with model class %s.%s", __name__, type(self).__name__)
+
+    def get_attention_sliding_window_size(self) -> int:
+        """SGLang's runner-level window (model_runner.sliding_window_size): flashinfer's decode and
+        triton's read it instead of the layers' value (attention/window.py)."""
+        return self.runner_sliding_window
 
     @classmethod
     def get_model_config_for_expert_location(cls, config):

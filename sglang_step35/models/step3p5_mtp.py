@@ -42,6 +42,7 @@ from sglang.srt.utils import add_prefix
 from sglang_step35.config import SLIDING, cfg_get
 from sglang_step35.mtp_check import Step35MTPError, check_mtp_request
 from sglang_step35.models.step3p5 import Step3p5DecoderLayer
+from sglang_step35.attention import model_runner_sliding_window_size
 from sglang_step35.checkpoint import checkpoint_shapes
 from sglang_step35.models.weights import (
     Step35WeightError,
@@ -114,11 +115,13 @@ class Step3p5MTP(nn.Module):
         # Prefixed with the checkpoint's name for the layer: SGLang matches the quantization_config's
         # modules_to_not_convert against it (an MTP layer kept in BF16 is built unquantized).
         self.layer = Step3p5DecoderLayer(
-            config, self.layer_index, quant_config, prefix=add_prefix(f"model.layers.{self.layer_index}", prefix)
+            config, self.layer_index, quant_config, prefix=add_prefix(f"model.layers.{self.layer_index}", prefix),
+            draft=True,
         )
         assert not self.layer.is_moe, "MTP layers use the dense SwiGLU"
         # The draft runner's KV pool holds this one layer at local id 0 (see module docstring).
         self.layer.self_attn.attn.layer_id = 0
+        self.runner_sliding_window = model_runner_sliding_window_size(int(config.sliding_window), draft=True)
         self.shared_head_norm = GemmaRMSNorm(H, config.rms_norm_eps)
         self.shared_head_head = ParallelLMHead(
             config.vocab_size, H, quant_config=quant_config, prefix=add_prefix("shared_head.head", prefix)
@@ -131,6 +134,10 @@ class Step3p5MTP(nn.Module):
         )
 
     # SGLang's EAGLE machinery -------------------------------------------------------------------
+    def get_attention_sliding_window_size(self) -> int:
+        """The draft runner's window value (see Step3p5ForCausalLM's)."""
+        return self.runner_sliding_window
+
     def get_input_embeddings(self) -> nn.Module:
         return self.embed_tokens
 
