@@ -11,6 +11,10 @@ scheduler, detokenizer, engine — before parsing CLI arguments. It is idempoten
 - on a machine with no CUDA/ROCm device: makes the pure-torch `sgl_kernel` stand-in importable in this
   and every spawned process, turns on SGLang's CPU engine, and fills CPU-safe server defaults
   (device cpu, torch_native attention, a KV budget that fits RAM) the user did not set.
+
+docs/integration.md lists every hook, registry entry, environment variable and default it touches,
+with the SGLang code it targets and why. Supported SGLang: exactly SUPPORTED_SGLANG (the hooks
+name private SGLang functions); another version is refused unless SGLANG_STEP35_ALLOW_SGLANG_VERSION=1.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from sglang_step35 import __version__
 
 logger = logging.getLogger("sglang_step35")
 
+SUPPORTED_SGLANG = "0.5.23"
+ALLOW_VERSION_ENV = "SGLANG_STEP35_ALLOW_SGLANG_VERSION"
 MODEL_PACKAGE = "sglang_step35.models"
 USE_BUILTIN_ENV = "SGLANG_STEP35_USE_BUILTIN_MODEL"
 # KV budget (tokens) when the user gives none on CPU: SGLang would otherwise size the pool from RAM
@@ -282,13 +288,36 @@ def _cpu_server_defaults(server_args) -> None:
         logger.info("CPU torch_native attention: hybrid SWA KV pool disabled (SGLang reads it with full-pool slots)")
 
 
+def check_sglang_version(installed: Optional[str] = None) -> None:
+    """Refuse an SGLang other than SUPPORTED_SGLANG: our hooks target private functions by dotted
+    name (docs/integration.md), and a moved target would silently leave SGLang's behaviour in place.
+    ALLOW_VERSION_ENV=1 turns the refusal into a warning, for trying a new release."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    if installed is None:
+        try:
+            installed = version("sglang")
+        except PackageNotFoundError:
+            installed = "not installed"
+    if installed == SUPPORTED_SGLANG:
+        return
+    msg = (f"sglang-step35 {__version__} supports SGLang {SUPPORTED_SGLANG} only; found {installed}. "
+           f"Install sglang=={SUPPORTED_SGLANG}, or set {ALLOW_VERSION_ENV}=1 to try anyway (the hooks in "
+           "docs/integration.md may target code that moved)")
+    if os.environ.get(ALLOW_VERSION_ENV, "0").lower() in ("1", "true", "yes"):
+        logger.warning("%s", msg)
+        return
+    raise RuntimeError(msg)
+
+
 def register() -> None:
     """Entry point called by SGLang's plugin loader in every process."""
     global _registered
     if _registered:
         return
-    _registered = True
     _setup_logger()
+    check_sglang_version()
+    _registered = True
     if not has_accelerator():
         _install_cpu_support()
     _install_server_policy()

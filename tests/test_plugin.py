@@ -132,3 +132,14 @@ def test_server_policy_refuses_prefill_and_decode_backends_of_different_window_c
         plugin.apply_server_policy(mixed)
     same = _step_args(tmp_path, ep_size=4, prefill_attention_backend="triton", decode_attention_backend="triton")
     plugin.apply_server_policy(same)
+
+
+def test_register_refuses_another_sglang_version_unless_allowed(monkeypatch):
+    import pytest
+
+    monkeypatch.delenv(plugin.ALLOW_VERSION_ENV, raising=False)
+    plugin.check_sglang_version()  # the installed one is the supported one
+    with pytest.raises(RuntimeError, match=r"supports SGLang 0\.5\.23 only; found 0\.5\.24\. Install sglang==0\.5\.23"):
+        plugin.check_sglang_version("0.5.24")
+    monkeypatch.setenv(plugin.ALLOW_VERSION_ENV, "1")
+    plugin.check_sglang_version("0.5.24")  # a warning, not an error
