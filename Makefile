@@ -35,7 +35,7 @@ clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
 
 # bench and gsm8k are also directory names: without .PHONY make would call them up to date.
-.PHONY: bench gsm8k train-tiny tiny-eval mtp-bench
+.PHONY: bench gsm8k train-tiny tiny-eval mtp-bench gpu-check
 TRAINED_OUT ?= build/tiny-trained
 MTP_ARGS ?=
 SCALE ?=
@@ -44,6 +44,8 @@ NUM_QUESTIONS ?= 50
 HOST ?=
 PORT ?= 30000
 GSM8K_ARGS ?=
+DEVICE ?=
+GPU_CHECK_ARGS ?=
 
 ## Serving benchmark: the seed's low/medium/high bench_serving scenarios, our model vs SGLang's built-in
 ## on the same checkpoint (tiny on CPU, scaled to a few minutes). SCALE=1 for the full sizes; BENCH_ARGS
@@ -69,3 +71,10 @@ tiny-eval: setup
 ## MTP accept length and tok/s, no spec vs MTP-1 vs MTP-3 (default: the trained tiny checkpoint on CPU).
 mtp-bench: setup
 	$(BIN)/python bench/mtp.py $(MTP_ARGS)
+
+## One-GPU check of the GPU path on real-width layers (bench/gpu_check.py, docs/benchmarks.md): reference
+## logprobs, built-in greedy, MTP-3, FP8, timing, roofline, kernels; 7 min budget on an H200 (checkpoint built
+## into build/gpu-check on first use). DEVICE=cpu: the same script at tiny widths (harness smoke);
+## GPU_CHECK_ARGS for more (e.g. GPU_CHECK_ARGS='--server-args="--tp 4 --ep 4"').
+gpu-check: setup
+	$(BIN)/python bench/gpu_check.py $(if $(DEVICE),--device $(DEVICE)) $(GPU_CHECK_ARGS)

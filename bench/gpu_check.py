@@ -533,6 +533,11 @@ class Check:
                 if budget is None:
                     res["parts"][part] = {"status": "skipped", "why": "GPU only (CPU smoke: one server start less)"}
                     continue
+                if server is not None and server != self.pool.key and server not in self.pool.starts:
+                    # a subset (--steps) can make a short part the one that starts its server: give it
+                    # the budget of the part that starts that server in the full run
+                    first = next(p for p in PARTS if p[2] == server)
+                    budget = max(budget, first[3] if self.device == "cuda" else first[4])
                 budget *= self.args.budget_scale
                 rec = {"budget_s": budget}
                 if step not in self.args.steps:
