@@ -300,8 +300,9 @@ class Check:
         with torch.device(dev):  # the reference's factory calls (arange, zeros) land on the GPU too
             for name, kw in (("spec", {}), ("window_off", {"window": None}), ("no_routed_clamp", {"routed_clamp": False})):
                 ref = Step35Reference(self.bf16_dir, dtype=torch.float32, weights=weights, **kw)
-                lp = ref.logprobs(seq[:-1]).cpu()
-                want = reference_token_logprobs(lp, seq)
+                lp = ref.logprobs(seq[:-1])  # on the device, as the index tensor reference_token_logprobs makes
+                want = reference_token_logprobs(lp, seq).cpu()
+                lp = lp.cpu()
                 d = (got - want).abs()
                 P = len(prompt) - 1
                 out[name] = {"prefill_max": float(d[:P].max()), "decode_max": float(d[P:].max()),
