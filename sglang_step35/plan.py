@@ -89,6 +89,9 @@ MAX_GPUS_PER_NODE = 8  # the planner writes single-node commands
 CHUNKED_PREFILL = 8192  # emitted explicitly so the activation margin and SWA pool match the server
 KV_DTYPE_BYTES = 2  # bf16 KV cache (--kv-cache-dtype auto on a bf16 model)
 VOCAB_PADDING = 64  # SGLang pads the vocabulary to a multiple of 64 before splitting it by TP
+# SGLang builds each rotary cos/sin cache in fp32 and keeps it fp32 on CUDA and HIP
+# (layers/rotary_embedding/base.py: "cache needs to be in FP32").
+ROPE_CACHE_DTYPE_BYTES = 4
 
 
 def load_config(path: Optional[str | Path] = None) -> dict:
@@ -175,6 +178,44 @@ def weight_breakdown(
             + 5 * h * 2  # enorm, hnorm, two layer norms, shared_head.norm
         )
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Buffers (allocated with the model, inside the static pool like the weights)
+# ----------------------------------------------------------------------------------------------
+
+
+def rope_cache_keys(cfg: Mapping, layer_ids) -> set[tuple]:
+    """The distinct rotary embeddings ``layer_ids`` build. SGLang's get_rope caches by (head size,
+    rotary dim, max position, theta, neox, scaling, dtype), so layers that agree share one
+    cos_sin_cache; on Step-3.5-Flash the full layers (theta 5e6, llama3, partial rotary 0.5 -> 64 dims)
+    and the sliding layers + MTP layers (theta 1e4, 128 dims) give two."""
+    out = set()
+    for i in layer_ids:
+        s = layer_spec(cfg, i)
+        out.add((s.head_dim, s.rotary_dim, s.rope_theta, s.use_rope_scaling))
+    return out
+
+
+def buffer_breakdown(cfg: Mapping, mtp: int = 0, layer_ids=None) -> dict[str, int]:
+    """Bytes of non-parameter buffers per GPU (none is split by TP/EP): one fp32 cos_sin_cache of
+    max_position_embeddings x rotary_dim per distinct rotary embedding (:func:`rope_cache_keys`;
+    the MTP draft models run in the target's process and share its cache entries), and the
+    precomputed weight + 1 copy (``gemma_weight``, bf16) SGLang's GemmaRMSNorm keeps of every norm.
+    ``layer_ids``: the main layers this GPU holds (all by default)."""
+    n = int(cfg["num_hidden_layers"])
+    h = int(cfg["hidden_size"])
+    layer_ids = range(n) if layer_ids is None else list(layer_ids)
+    max_pos = int(cfg.get("max_position_embeddings") or cfg.get("max_seq_len"))
+    with_mtp = list(layer_ids) + [n + k for k in range(mtp)]
+    rope = sum(max_pos * rotary_dim * ROPE_CACHE_DTYPE_BYTES for _, rotary_dim, _, _ in rope_cache_keys(cfg, with_mtp))
+    norms = 0
+    for i in with_mtp:
+        s = layer_spec(cfg, i)
+        norms += 2 * h * 2 + 2 * s.head_dim * 2  # input/post-attention norms + q/k head norms
+    norms += h * 2  # final norm
+    norms += mtp * 3 * h * 2  # each MTP layer's enorm, hnorm, shared_head norm
+    return {"rope_cos_sin_cache": rope, "norm_weight_copies": norms}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,6 +320,9 @@ ASSUMPTIONS = [
     "SGLang 0.5.23 gives each MTP layer its own embedding and LM head (counted per GPU, split by TP)",
     "KV cache bf16; full layers keep every token, sliding layers window + draft tokens per request plus one "
     "prefill chunk; the MTP draft pool is sized like the target's full pool (sglang #17630)",
+    "buffers in the static pool: one fp32 rotary cos/sin cache per distinct (rotary dim, theta) at "
+    "max_position_embeddings (SGLang's get_rope shares them across layers and the MTP drafts), and the "
+    "weight+1 copy GemmaRMSNorm keeps of every norm",
     "margin outside --mem-fraction-static = max(10% of GPU memory, 8 GiB) for CUDA/HIP graphs, NCCL/RCCL "
     "buffers and fragmentation, plus one prefill chunk's activations (fp32 logits over the local vocabulary, "
     "top-k gate/up rows, 8 hidden-size bf16 temporaries per token)",
@@ -364,6 +408,8 @@ def make_plan(
     plan.routed_intermediate_per_gpu = I // (tp // ep)
 
     weights = weight_breakdown(cfg, q, tp, ep, mtp, shared_expert_replicated=plan.shared_expert_replicated)
+    buffers = buffer_breakdown(cfg, mtp)
+    resident = sum(weights.values()) + sum(buffers.values())  # allocated at load, before the KV pool
     reserve, activations = _margin_bytes(cfg, g, tp, plan.routed_intermediate_per_gpu)
     capacity = g.memory_gb * GB
     fraction = math.floor((capacity - reserve - activations) / capacity * 100) / 100
@@ -371,7 +417,7 @@ def make_plan(
     if concurrency is None:
         # As many full-context requests as the static pool holds (need() grows with concurrency).
         def fits(c: int) -> bool:
-            return _kv_memory(cfg, tp, mtp, context, c)["kv_total"] + sum(weights.values()) <= static_pool
+            return _kv_memory(cfg, tp, mtp, context, c)["kv_total"] + resident <= static_pool
 
         lo, hi = 0, 1
         while fits(hi) and hi < 1 << 16:
@@ -382,11 +428,13 @@ def make_plan(
         concurrency = plan.concurrency = max(lo, 1)
     kv = _kv_memory(cfg, tp, mtp, context, concurrency)
     weights_total = sum(weights.values())
-    need = weights_total + kv["kv_total"]
+    need = resident + kv["kv_total"]
     plan.mem_fraction_static, plan.swa_full_tokens_ratio = fraction, kv.pop("swa_full_tokens_ratio")
     plan.memory = {
         "weights": weights,
         "weights_total": weights_total,
+        "buffers": buffers,
+        "buffers_total": sum(buffers.values()),
         **kv,
         "runtime_reserve": reserve,
         "prefill_activations": activations,
@@ -397,7 +445,7 @@ def make_plan(
     }
     if need > static_pool:
         problems.append(
-            f"needs {need / GiB:.1f} GiB per GPU for weights + KV ({concurrency} x {context:,} tokens) but "
+            f"needs {need / GiB:.1f} GiB per GPU for weights + buffers + KV ({concurrency} x {context:,} tokens) but "
             f"{g.name}'s static pool is {static_pool / GiB:.1f} GiB ({fraction:.2f} x {g.memory_gb} GB)"
         )
         if suggest:
@@ -532,6 +580,8 @@ def format_plan(p: Plan) -> str:
     for k, v in w.items():
         lines.append(f"  {('weights: ' + k):30s}{_gib(v)}")
     lines.append(f"  {'weights total':30s}{_gib(m['weights_total'])}")
+    for k, v in m["buffers"].items():
+        lines.append(f"  {('buffers: ' + k):30s}{_gib(v)}")
     lines.append(f"  {'KV full-attention layers':30s}{_gib(m['kv_full_layers'])}")
     lines.append(f"  {'KV sliding-window layers':30s}{_gib(m['kv_sliding_layers'])}")
     if p.mtp:

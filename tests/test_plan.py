@@ -17,6 +17,8 @@ from sglang_step35.moe import guard_moe_layout
 from sglang_step35.plan import (
     GPUS,
     GiB,
+    buffer_breakdown,
+    rope_cache_keys,
     QUANTS,
     kv_bytes_per_token,
     kv_cache_bytes,
@@ -132,6 +134,41 @@ def test_mtp_layers_counted_only_when_enabled():
     assert one == 2 * vocab_local * 4096 * 2 + 2 * 4096 * 4096 * 2 + attn + mlp + 5 * 4096 * 2
 
 
+# ---------------------------------------------------------------- buffers
+
+
+def test_two_fp32_rotary_caches_at_max_position_are_0_1875_gib():
+    # full layers: theta 5e6, llama3 scaling, partial rotary 0.5 -> 64 dims; sliding + MTP: theta 1e4, 128 dims.
+    # get_rope shares one cache per key: [262144, rotary_dim] fp32 each.
+    assert rope_cache_keys(CFG, range(48)) == {(128, 64, 5e6, True), (128, 128, 1e4, False)}
+    b = buffer_breakdown(CFG, mtp=3)
+    assert b["rope_cos_sin_cache"] == 262144 * (64 + 128) * 4 == 0.1875 * GiB
+    # the sliding-only MTP layers add no cache; a stage holding only sliding layers has one
+    assert buffer_breakdown(CFG, 0)["rope_cos_sin_cache"] == b["rope_cos_sin_cache"]
+    assert buffer_breakdown(CFG, 0, layer_ids=[1, 2, 3])["rope_cos_sin_cache"] == 262144 * 128 * 4
+    # GemmaRMSNorm's weight+1 copy: per layer 2 hidden + 2 head norms, final norm, 5 + 2 per MTP layer
+    assert b["norm_weight_copies"] == (48 * (2 * 4096 + 2 * 128) + 4096 + 3 * 3 * 4096) * 2
+
+
+def test_buffers_are_counted_in_the_static_pool():
+    """The 8x H200 FP8 MTP-3 plan once left 0.02 GiB of headroom ignoring the 0.19 GiB of rotary
+    caches: 48 requests at 256K do not fit once they are counted; auto concurrency takes 47."""
+    p = make_plan("h200", 8, "fp8", mtp=3, concurrency=48)
+    assert not p.feasible and "weights + buffers + KV" in p.problems[0]
+    p = make_plan("h200", 8, "fp8", mtp=3)
+    assert p.feasible and p.concurrency == 47
+    for gpu in GPUS:
+        for n in (1, 2, 4, 8):
+            for quant in QUANTS:
+                for mtp in (0, 3):
+                    p = make_plan(gpu, n, quant, mtp=mtp)
+                    if p.feasible:
+                        m = p.memory
+                        assert m["buffers"] == buffer_breakdown(CFG, mtp)
+                        assert m["weights_total"] + m["buffers_total"] + m["kv_total"] <= m["static_pool"]
+                        assert m["total"] <= m["capacity"]
+
+
 # ---------------------------------------------------------------- seed deployments
 
 
@@ -151,7 +188,9 @@ def test_seed_deployments_are_accepted(gpu, n, quant, mtp):
     assert cmd[cmd.index("--tool-call-parser") + 1] == "step3p5"
     assert cmd[cmd.index("--attention-backend") + 1] == {"h200": "fa3", "b200": "fa4", "mi300x": "aiter"}[gpu]
     m = p.memory
-    assert m["total"] == m["weights_total"] + m["kv_total"] + m["runtime_reserve"] + m["prefill_activations"]
+    assert m["total"] == (
+        m["weights_total"] + m["buffers_total"] + m["kv_total"] + m["runtime_reserve"] + m["prefill_activations"]
+    )
     assert m["total"] <= m["capacity"] and m["headroom"] >= 0
 
 

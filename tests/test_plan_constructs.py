@@ -9,7 +9,10 @@ with four main layers (a dense one, an unclamped MoE one, the two clamped ones o
 the MTP layers; the memory plan (`weight_breakdown`) is evaluated on that same reduced config with
 the layout the plan chose, and must equal the constructed parameters' bytes component by component.
 The MTP draft layers are counted by the plan in BF16 as an upper bound (re-quantized checkpoints
-differ), so for FP8 the constructed bytes must not exceed it.
+differ), so for FP8 the constructed bytes must not exceed it. Buffers count too: every buffer the
+rank allocates (main model and MTP drafts together, shared ones once, as SGLang's get_rope shares
+rotary caches across layers and drafts in one process) must belong to a component of
+`buffer_breakdown` and equal it, with the rotary caches in fp32 as on CUDA/HIP.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import pytest
 import torch
 
 from sglang_step35.fp8 import QUANTIZATION_CONFIG
-from sglang_step35.plan import GPUS, load_config, make_plan, weight_breakdown
+from sglang_step35.plan import GPUS, buffer_breakdown, load_config, make_plan, weight_breakdown
 
 KEEP = [0, 3, 43, 44]  # dense, MoE, the clamped MoE layers
 
@@ -100,6 +103,29 @@ def _component(name: str) -> str:
     raise AssertionError(f"parameter {name} belongs to no component of the memory plan")
 
 
+def _buffer_component(name: str) -> str:
+    if name.endswith(".rotary_emb.cos_sin_cache"):
+        return "rope_cos_sin_cache"
+    if name.endswith("norm.gemma_weight"):
+        return "norm_weight_copies"
+    raise AssertionError(f"buffer {name} belongs to no component of the memory plan")
+
+
+def _buffer_bytes(model, mtp) -> dict[str, int]:
+    """Bytes per buffer component over the rank's main model and MTP drafts; a buffer shared by
+    several modules (one rotary cache per get_rope key) is allocated once and counted once."""
+    out: dict[str, int] = {}
+    seen: set[int] = set()
+    for prefix, module in [("", model)] + [(f"mtp.{k}.", m) for k, m in enumerate(mtp)]:
+        for name, b in module.named_buffers():
+            if id(b) in seen:
+                continue
+            seen.add(id(b))
+            c = _buffer_component(prefix + name)
+            out[c] = out.get(c, 0) + b.numel() * b.element_size()
+    return out
+
+
 def _bytes_by_component(named_params) -> dict[str, int]:
     out: dict[str, int] = {}
     for name, p in named_params:
@@ -121,6 +147,12 @@ def _build(plan, rank: int, monkeypatch):
     monkeypatch.setattr(moe_mod, "aiter_moe_active", lambda: plan.env.get("SGLANG_USE_AITER") == "1")
     # On a GPU the CPU-only dequantize fallback never applies: SGLang's Fp8Config stays active.
     monkeypatch.setattr(model_mod, "cpu_fp8_fallback", lambda *a, **k: None)
+    # Rotary caches as on CUDA/HIP: fp32 (SGLang casts them to the model dtype only on other
+    # devices), built fresh for this rank (get_rope's process-wide cache starts empty in a server).
+    import sglang.srt.layers.rotary_embedding.factory as rope_factory
+
+    monkeypatch.setenv("SGLANG_ROPE_CACHE_FP32", "1")
+    monkeypatch.setattr(rope_factory, "_ROPE_DICT", {})
     quant = Fp8Config.from_config(dict(QUANTIZATION_CONFIG)) if plan.quant == "fp8" else None
     cfg = Step3p5Config(**REDUCED)
     tp, ep = plan.tp, plan.ep
@@ -164,6 +196,12 @@ def test_planned_command_constructs_with_the_planned_per_rank_shapes(sglang_stat
         moe = [layer.moe for layer in model.model.layers if layer.is_moe]
         assert [m.layout.shared_expert_replicated for m in moe] == [plan.shared_expert_replicated] * len(moe)
         assert all(m.experts.num_local_experts == int(REDUCED["moe_num_experts"]) // plan.ep for m in moe)
+        got_buffers = _buffer_bytes(model, mtp)
+        assert got_buffers == buffer_breakdown(REDUCED, plan.mtp), f"{plan.gpu} x{plan.tp} rank {rank} buffers"
+        assert plan.memory["buffers"] == buffer_breakdown(FLASH, plan.mtp)
+        rope = {id(layer.self_attn.rotary_emb) for layer in model.model.layers}
+        assert all(layer.self_attn.rotary_emb.cos_sin_cache.dtype == torch.float32 for layer in model.model.layers)
+        assert len(rope) == 2  # dense layer 0 and clamped 44 are full (64 dims), 3 and 43 sliding (128)
         mtp_bytes = sum(p.numel() * p.element_size() for m in mtp for p in m.parameters())
         if plan.quant == "bf16":
             assert mtp_bytes == expected["mtp"]
