@@ -34,8 +34,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import math
-import os
 import random
 import shlex
 import signal
@@ -269,7 +267,6 @@ class Check:
     def _ref_weights(self):
         """The checkpoint in fp32 on the check's device, loaded once for the reference parts (as in the
         CPU parity tests, an fp32 reference: the tolerance then measures the server's dtype)."""
-        import torch
         from safetensors.torch import load_file
 
         if "ref_weights" not in self.data:

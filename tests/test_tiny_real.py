@@ -177,8 +177,8 @@ def test_fp8_copy_is_the_same_weights_quantized(shrunk_dirs):
 
 def test_same_seed_same_bytes(tmp_path):
     a = write_real_width_checkpoint(tmp_path / "a", moe_layers=1, shrink=CPU_SHRINK, seed=2, device="cpu")
-    b = write_real_width_checkpoint(tmp_path / "b", moe_layers=1, shrink=CPU_SHRINK, seed=2, device="cpu")
-    c = write_real_width_checkpoint(tmp_path / "c", moe_layers=1, shrink=CPU_SHRINK, seed=3, device="cpu")
+    write_real_width_checkpoint(tmp_path / "b", moe_layers=1, shrink=CPU_SHRINK, seed=2, device="cpu")
+    write_real_width_checkpoint(tmp_path / "c", moe_layers=1, shrink=CPU_SHRINK, seed=3, device="cpu")
     assert a["source_layers"] == [0, 1, 2, 44, 45, 46, 47]
     for f in (tmp_path / "a").glob("*.safetensors"):
         assert f.read_bytes() == (tmp_path / "b" / f.name).read_bytes()
