@@ -15,6 +15,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if not has_accelerator():
     os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
 
+# Servers the tests start unpickle test-support classes sent with requests (the forced-output logit
+# processor, tests/reference/forced_output.py) by module name: they need tests/ on their path too.
+_TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+if _TESTS_DIR not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_TESTS_DIR, os.environ.get("PYTHONPATH")) if p)
+
 from sglang_step35.tiny import TRAINED_TINY_DIR, write_tiny_checkpoint  # noqa: E402
 
 
@@ -38,7 +44,7 @@ def served_trained(trained_dir):
     server = SGLangServer(
         str(trained_dir),
         ["--device", "cpu", "--reasoning-parser", "step3p5", "--tool-call-parser", "step3p5",
-         # lets tests force the model's output text (sglang_step35.forced_output) to drive the parsers
+         # lets tests force the model's output text (tests/reference/forced_output.py) to drive the parsers
          "--enable-custom-logit-processor"],
     )
     server.start()

@@ -7,7 +7,7 @@ How each backend is checked (the same split as docs/correctness.md):
 - triton: SGLang's Triton extend and decode kernels run on CPU tensors under TRITON_INTERPRET=1,
   fed the window rail built by triton_backend.update_sliding_window_buffer and the layer value the
   way TritonAttnBackend.forward_extend / forward_decode hand them over.
-- intel_amx: the CPU kernels this repo installs for sgl_kernel (sglang_step35/cpu/ops.py) run with
+- intel_amx: the CPU kernels this repo installs for sgl_kernel (sglang_step35/cpu/kernel_ops.py) run with
   the ``sliding_window_size + 1`` that IntelAMXAttnBackend passes.
 - flashinfer decode: FlashInferIndicesUpdaterDecode.update_sliding_window (SGLang's code) run with
   the kernel planning call captured; the kept KV length is what the decode kernel attends to.
@@ -310,7 +310,7 @@ def test_triton_backend_hands_these_values_to_its_kernels():
 
 # --- intel_amx: the CPU kernels this repo installs, with the value the backend passes ---------------
 def _amx_seen(layer_value: int) -> tuple[list[set[int]], set[int]]:
-    from sglang_step35.cpu import ops
+    from sglang_step35.cpu import kernel_ops as ops
 
     heads, kv_heads = 2, 1
     values = _one_hot_values(SEQ, kv_heads)

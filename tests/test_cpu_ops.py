@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from sglang_step35.cpu import ops, standin
+from sglang_step35.cpu import kernel_ops as ops, standin
 
 
 def test_assign_req_to_token_pool_matches_reference():

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from sglang_step35.cpu import ops, standin
+from sglang_step35.cpu import kernel_ops as ops, standin
 
 
 def _ref_attention(q, keys, values, visible, scale, cap=0.0, sink=None):

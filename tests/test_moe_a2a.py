@@ -1,6 +1,6 @@
 """The all-to-all MoE contract (`--moe-a2a-backend deepep` / `mori`), on CPU.
 
-1. The simulated-EP reference (`moe/ep_reference.py`) with an a2a dispatch/combine: explicit
+1. The simulated-EP reference (`tests/reference/ep_reference.py`) with an a2a dispatch/combine: explicit
    per-rank send/receive buffers reproduce the single-device MoE, the shared expert counted once;
    ignoring the contract (every rank dispatching every token, then an all-reduce) is caught.
 2. Our `Step3p5MoE` built as one rank of TP2/EP2 under an a2a backend: the shared expert is
@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sglang_step35.moe.ep_reference import MoEWeights, a2a_moe_forward, moe_forward, route, routed_partial, shared_expert
+from reference.ep_reference import MoEWeights, a2a_moe_forward, moe_forward, route, routed_partial, shared_expert
 
 
 @pytest.mark.parametrize("ep", [2, 4, 8])

@@ -1,6 +1,6 @@
 """EP placement, the TP/EP layout rule, the runtime guard, and EP dispatch/combine semantics.
 
-The simulated-ranks tests run the plain-torch reference in sglang_step35/moe/ep_reference.py:
+The simulated-ranks tests run the plain-torch reference in tests/reference/ep_reference.py:
 each rank computes only its own experts, the partials are summed (all-reduce) and the shared
 expert is added once; that must equal EP=1, and the sglang #26845 bug (shared expert added on
 every rank) must be detected.
@@ -17,7 +17,7 @@ import torch
 
 from sglang_step35.config import Step35ConfigError
 from sglang_step35.moe import check_moe_layout, guard_moe_layout, place_experts, valid_ep_sizes
-from sglang_step35.moe.ep_reference import (
+from reference.ep_reference import (
     MoEWeights,
     diagnose_ep_output,
     ep_moe_forward,

@@ -1,7 +1,7 @@
 """step3p5 parsers end to end through `sglang serve` and the official `openai` client.
 
 These tests FORCE the served model's output tokens with SGLang's custom-logit-processor hook
-(sglang_step35.forced_output), to pin exact edge cases (text before a call, a forgotten `</think>`):
+(tests/reference/forced_output.py), to pin exact edge cases (text before a call, a forgotten `</think>`):
 the text is chosen by the test, everything after sampling — detokenization, reasoning split,
 tool-call parsing, streaming — is real. tests/test_trained_model.py covers what the trained model
 writes by itself; so do the forced-tool-choice tests here, which check what the model writes under
@@ -14,7 +14,7 @@ import pytest
 from openai import OpenAI
 from transformers import AutoTokenizer
 
-from sglang_step35.forced_output import ForcedTokens
+from reference.forced_output import ForcedTokens
 from sglang_step35.training.data import TOOLS as TRAINED_TOOLS
 from sglang_step35.training.data import tool_prompts
 

@@ -43,7 +43,7 @@ def test_entry_point_points_at_register():
 def test_register_installs_everything_once_per_process():
     info, log = _probe()
     assert (info["model_pkg"], info["cpu_engine"], info["standin"], info["op"]) == (
-        "sglang_step35.models", "1", True, "sglang_step35.cpu.ops")
+        "sglang_step35.models", "1", True, "sglang_step35.cpu.kernel_ops")
     assert info["reasoning"].startswith("sglang_step35.parsers")
     assert info["tool"].startswith("sglang_step35.parsers")
     lines = [l for l in log.splitlines() if "sglang-step35 0." in l and "active" in l]

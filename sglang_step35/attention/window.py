@@ -118,7 +118,7 @@ CONVENTIONS: dict[str, WindowConvention] = {
     ),
     # intel_amx_backend.py forward_extend/forward_decode pass layer.sliding_window_size + 1 to
     # extend_attention_cpu / decode_attention_cpu, i.e. the kernels take a window that counts the
-    # query's own key (sglang_step35/cpu/ops.py _window_visible: k_pos > q_pos - window) -> S+1 keys.
+    # query's own key (sglang_step35/cpu/kernel_ops.py _window_visible: k_pos > q_pos - window) -> S+1 keys.
     "intel_amx": WindowConvention(
         1, None, "intel_amx_backend.py: layer.sliding_window_size + 1 handed to the CPU kernels (own key counted)"
     ),

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from sglang_step35.cpu.ops import OPS
+from sglang_step35.cpu.kernel_ops import OPS
 
 _CPU_ENGINE_PREFIXES = ("shm_", "weight_packed_linear")
 _CPU_ENGINE_NAMES = {"initialize", "init_cpu_threads_env"}

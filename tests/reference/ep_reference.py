@@ -4,7 +4,7 @@ What EP must compute, written so that a test can run it on CPU with simulated ra
 
 1. every rank routes every token identically (same router, same ``scores + bias`` top-k selection,
    same *unbiased* renormalized weights x ``moe_router_scaling_factor``);
-2. rank ``r`` evaluates only the experts it holds (:class:`~.placement.ExpertPlacement`, SGLang's
+2. rank ``r`` evaluates only the experts it holds (:class:`sglang_step35.moe.placement.ExpertPlacement`, SGLang's
    contiguous blocks); a token whose chosen expert lives elsewhere contributes 0 on that rank;
 3. the ranks' partial outputs are summed (the all-reduce / combine);
 4. the shared expert is added **once** to the combined output. Adding it on every rank before the
@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .placement import ExpertPlacement, place_experts
+from sglang_step35.moe.placement import ExpertPlacement, place_experts
 
 
 def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, limit: float = 0.0):
