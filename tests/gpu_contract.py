@@ -199,3 +199,89 @@ def interpreted_triton_language():
         for n, v in swapped.items():
             setattr(tl, n, v)
         vars(std).update(old)
+
+
+# --- FP8 activation quantization on SGLang's CUDA branch -------------------------------------------
+# On a GPU, SGLang's Triton fused MoE with block-FP8 weights (`use_fp8_w8a8=True`,
+# `block_shape=[128, 128]`) quantizes each GEMM's activations to FP8 per token and 128-group with
+# `sglang_per_token_group_quant_fp8` (fused_moe_triton_kernels.invoke_fused_moe_kernel, `_is_cuda`
+# branch). That function ends in one of two CUDA-only JIT kernels: a group as wide as the row goes to
+# the per-token kernel (`sgl_per_token_quant_fp8`, jit/csrc/gemm/per_token_quant_fp8.cuh), any other
+# group size to the group kernel (`per_token_group_quant`, jit/csrc/gemm/per_token_group_quant.cuh).
+# The stand-ins below compute what those kernels' sources compute (fp32 scales, flat layout); as torch
+# custom ops, the host-sync detector sees each as one opaque op, as it would see the kernel.
+
+FP8_E4M3_MAX = 448.0  # math::FP8_E4M3_MAX / DTypeTrait<fp8_e4m3_t>::kFloatMax
+
+
+@torch.library.custom_op("sglang_step35::per_token_quant_fp8", mutates_args=("output_q", "output_s"))
+def per_token_quant_fp8(input: torch.Tensor, output_q: torch.Tensor, output_s: torch.Tensor) -> None:
+    """per_token_quant_fp8.cuh: per row, `scale = amax(|x|) / 448` (no floor) is written to
+    `output_s[row, 0]`; `q = e4m3(clamp(x * (1 / scale), -448, 448))`, round to nearest even. An
+    all-zero row gives q = 0 (the warp variant's `scale == 0 -> 1/scale = 0` guard; the CTA variant,
+    launched for small batches, has none and would give NaN there). Rows of `output_q`/`output_s`
+    past `input`'s are left alone."""
+    m = input.shape[0]
+    x = input.float()
+    scale = x.abs().amax(dim=-1, keepdim=True) / FP8_E4M3_MAX
+    inv = torch.where(scale == 0, torch.zeros_like(scale), 1.0 / scale)
+    output_q[:m].copy_((x * inv).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(output_q.dtype))
+    output_s[:m].copy_(scale.view(m, *output_s.shape[1:]))
+
+
+@torch.library.custom_op("sglang_step35::per_token_group_quant_fp8", mutates_args=("output_q", "output_s"))
+def _per_token_group_quant_fp8(
+    input: torch.Tensor, output_q: torch.Tensor, output_s: torch.Tensor, group_size: int
+) -> None:
+    x = input.float().reshape(*input.shape[:-1], input.shape[-1] // group_size, group_size)
+    amax = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-10)
+    scale = amax * (1.0 / FP8_E4M3_MAX)
+    q = (x * (FP8_E4M3_MAX / amax)).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
+    output_q.copy_(q.reshape(input.shape).to(output_q.dtype))
+    output_s.copy_(scale.squeeze(-1))  # row- or column-major: copy_ follows output_s's strides
+
+
+def per_token_group_quant_fp8(
+    input: torch.Tensor,
+    output_q: torch.Tensor,
+    output_s: torch.Tensor,
+    group_size: int,
+    scale_ue8m0: bool = False,
+    fuse_silu_and_mul: bool = False,
+    masked_m=None,
+    **layout,
+) -> None:
+    """SGLang's `per_token_group_quant(input, output_q, output_s, group_size, ...)` for FP8 output
+    with fp32 scales, flat layout (what the fused MoE's activation quantization asks for):
+    per group of `group_size` columns, `amax = max(amax(|x|), 1e-10)`, `scale = amax * (1 / 448)`
+    into `output_s[row, group]`, `q = e4m3_satfinite(x * (448 / amax))` (per_token_group_quant.cuh,
+    fp32-scale branch). The other layouts (UE8M0 scales, fused SiLU, masked or sorted rows) raise."""
+    if scale_ue8m0 or fuse_silu_and_mul or masked_m is not None or layout.get("sorted_token_ids") is not None:
+        raise NotImplementedError("stand-in covers the flat fp32-scale layout only")
+    if output_q.dtype != torch.float8_e4m3fn or output_s.dtype != torch.float32:
+        raise NotImplementedError(
+            f"stand-in covers e4m3 output with fp32 scales, got {output_q.dtype}/{output_s.dtype}")
+    _per_token_group_quant_fp8(input, output_q, output_s, int(group_size))
+
+
+@contextlib.contextmanager
+def cuda_fp8_activation_quant(sm90: bool = True):
+    """Make SGLang's fused MoE quantize FP8 activations as its CUDA branch does, for the duration:
+    `_is_cuda` of fused_moe_triton_kernels is True (at call time that module reads it only to pick
+    its FP8/INT8 activation quantizers and in `should_enable_swap_ab`, whose `is_sm90_supported()`
+    answers `sm90`: True is an H200), and the two CUDA-only kernels are the stand-ins above
+    (fp8_kernel imports those names only on CUDA, so they are absent here)."""
+    from unittest import mock
+
+    from sglang.kernels.ops.moe import fused_moe_triton_kernels as kernels
+    from sglang.kernels.ops.quantization import fp8_kernel
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(kernels, "_is_cuda", True))
+        stack.enter_context(mock.patch.object(kernels, "is_sm90_supported", lambda: sm90))
+        for name, stand_in in (("sgl_per_token_quant_fp8", per_token_quant_fp8),
+                               ("per_token_group_quant", per_token_group_quant_fp8)):
+            stack.enter_context(mock.patch.object(fp8_kernel, name, stand_in, create=True))
+        stack.callback(kernels.should_enable_swap_ab.cache_clear)  # lru_cache: answers given under these flags
+        kernels.should_enable_swap_ab.cache_clear()  # ... and under the CPU ones before
+        yield
