@@ -26,6 +26,44 @@ SEEDS = [
     ("h200", 8, "fp8", 3, "StepFun FP8 on 8 GPUs with MTP-3"),
     ("b200", 8, "fp8", 3, "FP8 with MTP-3 on Blackwell"),
 ]
+# Deployments past one node: one command per node (TP/EP over the nodes), and replicas behind the
+# router. (gpu, GPUs per node, quant, mtp, {nodes, replicas}, why)
+MULTI = [
+    ("a100-40gb", 8, "bf16", 0, {"nodes": 2},
+     "BF16 does not fit one node of 8 A100-40GB (`step35 plan` says so and suggests this): TP16 EP16 over "
+     "two nodes, 18 whole experts per GPU; FP8 is not planned on Ampere"),
+    ("h100", 4, "bf16", 3, {"nodes": 2},
+     "4-GPU H100 nodes: BF16 with MTP-3 as TP8 EP8 over two nodes"),
+    ("h200", 8, "fp8", 3, {"replicas": 2},
+     "Throughput: two independent 8x H200 FP8 MTP-3 replicas behind SGLang's router "
+     "(`sglang_router`, from the sglang-router package); the memory plan is per GPU of each replica"),
+]
+
+
+def _flags(extra: dict) -> str:
+    return "".join(f" --{k} {v}" for k, v in extra.items())
+
+
+def _section(gpu, n, quant, mtp, extra, why) -> list[str]:
+    plan = make_plan(gpu, n, quant, mtp=mtp, **extra)
+    assert plan.feasible, f"deployment {n}x{gpu} {quant} {extra} became infeasible: {plan.problems}"
+    head = f"{n}x {GPUS[gpu].name}, {quant}" + (f", MTP-{mtp}" if mtp else "")
+    if extra.get("nodes", 1) > 1:
+        head = f"{extra['nodes']} nodes x {head}"
+    if extra.get("replicas", 1) > 1:
+        head = f"{extra['replicas']} replicas x {head}, behind the router"
+    return [
+        f"## {head}",
+        "",
+        why + ".",
+        "",
+        f"`step35 plan --gpu {gpu} --num-gpus {n} --quant {quant} --mtp {mtp}{_flags(extra)}`",
+        "",
+        "```text",
+        format_plan(plan).rstrip("\n"),
+        "```",
+        "",
+    ]
 
 
 def render() -> str:
@@ -39,20 +77,21 @@ def render() -> str:
         "",
     ]
     for gpu, n, quant, mtp, why in SEEDS:
-        plan = make_plan(gpu, n, quant, mtp=mtp)
-        assert plan.feasible, f"seed deployment {n}x{gpu} {quant} became infeasible: {plan.problems}"
-        out += [
-            f"## {n}x {GPUS[gpu].name}, {quant}" + (f", MTP-{mtp}" if mtp else ""),
-            "",
-            why + ".",
-            "",
-            f"`step35 plan --gpu {gpu} --num-gpus {n} --quant {quant} --mtp {mtp}`",
-            "",
-            "```text",
-            format_plan(plan).rstrip("\n"),
-            "```",
-            "",
-        ]
+        out += _section(gpu, n, quant, mtp, {}, why)
+    out += [
+        "# More than one node",
+        "",
+        "`--num-gpus` counts the GPUs of one node; `--nodes N` spreads one replica over N nodes (one",
+        "`sglang serve` per node with `--nnodes`, `--node-rank` and `--dist-init-addr` on node 0);",
+        "`--pp P` splits the layers into P pipeline stages as SGLang does (`--pp-size`), planned only",
+        "where our model class passes SGLang's pipeline check (`model_class_pp_refusal` in",
+        "sglang_step35/plan.py) and never with MTP (SGLang 0.5.23 pipelines only single-layer EAGLE);",
+        "`--replicas R` plans R independent replicas behind `python -m sglang_router.launch_router`.",
+        "Set the `$..._IP` variables to the nodes' addresses before running the commands.",
+        "",
+    ]
+    for gpu, n, quant, mtp, extra, why in MULTI:
+        out += _section(gpu, n, quant, mtp, extra, why)
     return "\n".join(out)
 
 

@@ -15,6 +15,11 @@ Layout policy:
   from) and the plan counts it whole. No all-to-all backend is emitted: on Step-3.5-Flash every
   one would run the clamped layers 43-44 on a runner that drops the clamp
   (:func:`sglang_step35.moe.layout.a2a_refusal`).
+* More than one node: ``--num-gpus`` is per node; a replica over ``nodes`` nodes runs TP x PP =
+  nodes x GPUs per node (one ``sglang serve`` per node with --nnodes/--node-rank/--dist-init-addr).
+  Pipeline stages hold the layers SGLang's get_pp_indices gives them (:func:`pp_stage_layers`), each
+  stage's memory is planned and the tightest one sets the concurrency; PP plans pass
+  :func:`model_class_pp_refusal`. ``replicas`` are independent copies behind sglang_router.
 * The rule for what TP may split is :func:`sglang_step35.moe.layout.check_moe_layout`; the same
   rules guard the server at launch, so a planned command always passes the guard, and
   tests/test_plan_constructs.py builds our model class from every planned command.
@@ -60,6 +65,10 @@ class GpuSpec:
 GPUS: dict[str, GpuSpec] = {
     g.key: g
     for g in (
+        GpuSpec("a100-40gb", "A100 40GB", "nvidia", "ampere", 40),
+        GpuSpec("a100", "A100 80GB", "nvidia", "ampere", 80),
+        GpuSpec("l40s", "L40S", "nvidia", "ada", 48),
+        GpuSpec("h20", "H20", "nvidia", "hopper", 96),
         GpuSpec("h100", "H100 SXM", "nvidia", "hopper", 80),
         GpuSpec("h200", "H200", "nvidia", "hopper", 141),
         GpuSpec("b200", "B200", "nvidia", "blackwell", 180),  # DGX/HGX B200: 1,440 GB over 8 GPUs
@@ -74,7 +83,12 @@ GPUS: dict[str, GpuSpec] = {
 # a 512-token window): fa3/fa4 pass the layer's window to FlashAttention (SGLang's own choice for
 # Step on Hopper/Blackwell, overrides.py), AITER's backend reads sliding_window_size. trtllm_mha is
 # avoided on Blackwell: it once ignored the window (sglang #18970).
-ATTENTION_BACKEND = {"hopper": "fa3", "blackwell": "fa4", "cdna3": "aiter", "cdna4": "aiter"}
+# FlashAttention 3 is Hopper-only: Ampere and Ada get flashinfer (SGLang's default there).
+ATTENTION_BACKEND = {
+    "ampere": "flashinfer", "ada": "flashinfer", "hopper": "fa3", "blackwell": "fa4", "cdna3": "aiter", "cdna4": "aiter",
+}  # fmt: skip
+# Block-FP8 needs FP8 tensor cores (sm89+); Ampere has none. Not planned there.
+NO_FP8_ARCHS = frozenset({"ampere"})
 WINDOW_CAPABLE_BACKENDS = frozenset({"fa3", "fa4", "flashinfer", "triton", "aiter"})
 
 MODEL_PATHS = {
@@ -85,7 +99,11 @@ MODEL_PATHS = {
 # (draft steps, draft tokens) per MTP depth, top-k 1: a chain of `steps` MTP layers proposes
 # `steps` tokens and the target verifies steps + 1 positions.
 MTP_SPEC = {1: (1, 2), 3: (3, 4)}
-MAX_GPUS_PER_NODE = 8  # the planner writes single-node commands
+MAX_GPUS_PER_NODE = 8  # GPUs one node holds; more GPUs are more nodes (--nodes)
+SERVER_PORT = 30000  # each replica's HTTP port (SGLang's default), on its node 0
+DIST_INIT_PORT = 5000  # the torch.distributed rendezvous port on a replica's node 0
+ROUTER_PORT = 8000
+ROUTER_POLICY = "cache_aware"  # sglang_router's prefix-cache-aware load balancing
 CHUNKED_PREFILL = 8192  # emitted explicitly so the activation margin and SWA pool match the server
 KV_DTYPE_BYTES = 2  # bf16 KV cache (--kv-cache-dtype auto on a bf16 model)
 VOCAB_PADDING = 64  # SGLang pads the vocabulary to a multiple of 64 before splitting it by TP
@@ -137,9 +155,14 @@ def _mlp_bytes(hidden: int, inter_local: int, q: QuantSpec) -> int:
 
 
 def weight_breakdown(
-    cfg: Mapping, quant: QuantSpec | str, tp: int, ep: int, mtp: int = 0, *, shared_expert_replicated: bool = False
+    cfg: Mapping, quant: QuantSpec | str, tp: int, ep: int, mtp: int = 0, *, shared_expert_replicated: bool = False,
+    layer_ids=None, first_stage: bool = True, last_stage: bool = True,
 ) -> dict[str, int]:
-    """Bytes of weights per GPU by component (see the module notes for what stays bf16)."""
+    """Bytes of weights per GPU by component (see the module notes for what stays bf16).
+
+    Pipeline stages: ``layer_ids`` are the main layers the stage holds (all by default); the
+    embedding lives on the first stage, the final norm and LM head on the last (the other stages
+    hold PPMissingLayer stand-ins)."""
     q = QUANTS[quant] if isinstance(quant, str) else quant
     h, v = int(cfg["hidden_size"]), int(cfg["vocab_size"])
     n_layers = int(cfg["num_hidden_layers"])
@@ -150,11 +173,11 @@ def weight_breakdown(
     out = dict.fromkeys(
         ("embedding", "lm_head", "attention", "dense_mlp", "routed_experts", "shared_experts", "router", "norms", "mtp"), 0
     )
-    out["embedding"] = vocab_local * h * 2
-    out["lm_head"] = 0 if cfg.get("tie_word_embeddings") else vocab_local * h * 2
-    out["norms"] = h * 2  # final norm
+    out["embedding"] = vocab_local * h * 2 if first_stage else 0
+    out["lm_head"] = 0 if cfg.get("tie_word_embeddings") or not last_stage else vocab_local * h * 2
+    out["norms"] = h * 2 if last_stage else 0  # final norm
     moe_tp = tp // ep
-    for i in range(n_layers):
+    for i in range(n_layers) if layer_ids is None else layer_ids:
         out["attention"] += _attention_bytes(cfg, i, tp, q)
         out["norms"] += 2 * h * 2  # input + post-attention RMSNorm
         if i in moe:
@@ -197,7 +220,7 @@ def rope_cache_keys(cfg: Mapping, layer_ids) -> set[tuple]:
     return out
 
 
-def buffer_breakdown(cfg: Mapping, mtp: int = 0, layer_ids=None) -> dict[str, int]:
+def buffer_breakdown(cfg: Mapping, mtp: int = 0, layer_ids=None, last_stage: bool = True) -> dict[str, int]:
     """Bytes of non-parameter buffers per GPU (none is split by TP/EP): one fp32 cos_sin_cache of
     max_position_embeddings x rotary_dim per distinct rotary embedding (:func:`rope_cache_keys`;
     the MTP draft models run in the target's process and share its cache entries), and the
@@ -213,7 +236,7 @@ def buffer_breakdown(cfg: Mapping, mtp: int = 0, layer_ids=None) -> dict[str, in
     for i in with_mtp:
         s = layer_spec(cfg, i)
         norms += 2 * h * 2 + 2 * s.head_dim * 2  # input/post-attention norms + q/k head norms
-    norms += h * 2  # final norm
+    norms += h * 2 if last_stage else 0  # final norm
     norms += mtp * 3 * h * 2  # each MTP layer's enorm, hnorm, shared_head norm
     return {"rope_cos_sin_cache": rope, "norm_weight_copies": norms}
 
@@ -223,11 +246,14 @@ def buffer_breakdown(cfg: Mapping, mtp: int = 0, layer_ids=None) -> dict[str, in
 # ----------------------------------------------------------------------------------------------
 
 
-def kv_bytes_per_token(cfg: Mapping, tp: int = 1, which: str = "full", dtype_bytes: int = KV_DTYPE_BYTES) -> int:
+def kv_bytes_per_token(
+    cfg: Mapping, tp: int = 1, which: str = "full", dtype_bytes: int = KV_DTYPE_BYTES, layer_ids=None
+) -> int:
     """K+V bytes one token occupies per GPU summed over main layers of one kind ("full",
-    "sliding" or "all"); KV heads are split by TP and replicated when kv_heads < tp."""
+    "sliding" or "all"); KV heads are split by TP and replicated when kv_heads < tp. ``layer_ids``:
+    the layers of one pipeline stage (SGLang sizes each stage's pool by its own layers)."""
     total = 0
-    for i in range(int(cfg["num_hidden_layers"])):
+    for i in range(int(cfg["num_hidden_layers"])) if layer_ids is None else layer_ids:
         s = layer_spec(cfg, i)
         if which == "all" or (which == "sliding") == s.sliding:
             total += 2 * max(1, s.num_kv_heads // tp) * s.head_dim * dtype_bytes
@@ -255,7 +281,7 @@ def mtp_kv_bytes_per_token(cfg: Mapping, tp: int, mtp: int) -> int:
     return total
 
 
-def _kv_memory(cfg: Mapping, tp: int, mtp: int, context: int, concurrency: int) -> dict[str, Any]:
+def _kv_memory(cfg: Mapping, tp: int, mtp: int, context: int, concurrency: int, layer_ids=None) -> dict[str, Any]:
     """The KV pool SGLang allocates for the plan: the full pool holds every token of every request;
     the sliding pool is sized as swa_full_tokens_ratio x the full pool (SGLang's rule), with the
     ratio chosen to cover each request's window + draft tokens plus one prefill chunk; the MTP draft
@@ -265,8 +291,8 @@ def _kv_memory(cfg: Mapping, tp: int, mtp: int, context: int, concurrency: int) 
     draft_tokens = MTP_SPEC[mtp][1] if mtp else 0
     swa_needed = concurrency * min(context, window + draft_tokens) + min(context, CHUNKED_PREFILL)
     ratio = min(1.0, max(0.01, math.ceil(swa_needed / full_tokens * 100) / 100))
-    kv_full = kv_bytes_per_token(cfg, tp, "full") * full_tokens
-    kv_swa = kv_bytes_per_token(cfg, tp, "sliding") * math.ceil(ratio * full_tokens)
+    kv_full = kv_bytes_per_token(cfg, tp, "full", layer_ids=layer_ids) * full_tokens
+    kv_swa = kv_bytes_per_token(cfg, tp, "sliding", layer_ids=layer_ids) * math.ceil(ratio * full_tokens)
     kv_mtp = mtp_kv_bytes_per_token(cfg, tp, mtp) * full_tokens
     return {
         "swa_full_tokens_ratio": ratio,
@@ -307,6 +333,14 @@ class Plan:
     memory: dict[str, Any] = field(default_factory=dict)  # bytes per GPU
     suggestions: list[dict[str, Any]] = field(default_factory=list)
     assumptions: list[str] = field(default_factory=list)
+    nodes: int = 1  # nodes per replica
+    pp: int = 1
+    replicas: int = 1
+    stages: list[dict[str, Any]] = field(default_factory=list)  # per pipeline stage (pp > 1)
+    # one entry per node of every replica: {"replica", "node_rank", "host", "command"}; `command`
+    # above is replica 0's node 0
+    node_commands: list[dict[str, Any]] = field(default_factory=list)
+    router_command: list[str] = field(default_factory=list)  # sglang_router in front of the replicas
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -329,6 +363,59 @@ ASSUMPTIONS = [
 ]
 
 
+def pp_stage_layers(num_layers: int, pp_size: int) -> list[range]:
+    """The main layers of each pipeline stage as SGLang 0.5.23 splits them by default
+    (distributed/utils.py get_pp_indices without SGLANG_PP_LAYER_PARTITION): the last
+    ``num_layers % pp_size`` stages take one layer more. The MTP layers are not pipelined."""
+    base, extra = divmod(num_layers, pp_size)
+    out, start = [], 0
+    for r in range(pp_size):
+        n = base + (1 if r >= pp_size - extra else 0)
+        out.append(range(start, start + n))
+        start += n
+    return out
+
+
+def model_class_pp_refusal(pp_size: int, mtp: int) -> Optional[str]:
+    """Why our model class cannot serve ``--pp-size pp_size`` (with ``mtp`` drafts), or None.
+
+    The single gate every pipeline-parallel plan passes; meant to become a call to the model's own
+    launch guard once pipeline parallelism lands in Step3p5ForCausalLM. Until then it applies
+    SGLang 0.5.23's admission test for PP (model_runner.py ``support_pp``: the model's forward
+    takes ``pp_proxy_tensors``, else "Pipeline Parallel is not compatible with this model"), read
+    from our model source without importing it, and refuses PP with MTP drafts (see
+    :data:`PP_MTP_REFUSAL`)."""
+    if pp_size <= 1:
+        return None
+    if mtp:
+        return PP_MTP_REFUSAL.format(pp=pp_size, mtp=mtp)
+    import ast
+
+    from importlib import resources
+
+    tree = ast.parse(resources.files("sglang_step35").joinpath("models/step3p5.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == "Step3p5ForCausalLM":
+            for fn in node.body:
+                if isinstance(fn, ast.FunctionDef) and fn.name == "forward":
+                    names = {a.arg for a in fn.args.args + fn.args.kwonlyargs}
+                    if "pp_proxy_tensors" in names:
+                        return None
+    return (
+        f"--pp {pp_size}: this version's Step3p5ForCausalLM does not take part in SGLang's pipeline "
+        "(its forward has no pp_proxy_tensors, so SGLang refuses --pp-size > 1 for it); use --pp 1 with "
+        "the GPUs in tensor/expert parallel across the nodes"
+    )
+
+
+PP_MTP_REFUSAL = (
+    "--pp {pp} with --mtp {mtp}: SGLang 0.5.23 runs Step-3.5's MTP only as multi-layer EAGLE, and its "
+    "pipeline parallelism supports only single-layer EAGLE (check_pipeline_parallel_compat in "
+    "sglang/srt/arg_groups/validation_hook.py); use --mtp 0 with --pp {pp}, or keep --mtp {mtp} with "
+    "--pp 1 and the GPUs in tensor/expert parallel"
+)
+
+
 def _margin_bytes(cfg: Mapping, gpu: GpuSpec, tp: int, routed_n: int) -> tuple[int, int]:
     mem = gpu.memory_gb * GB
     reserve = max(int(0.10 * mem), 8 * GiB)
@@ -337,33 +424,64 @@ def _margin_bytes(cfg: Mapping, gpu: GpuSpec, tp: int, routed_n: int) -> tuple[i
     return reserve, CHUNKED_PREFILL * per_token
 
 
+def _host(replica: int, node: int, replicas: int) -> str:
+    """Placeholder for a node's address in the emitted commands (shell variables to set)."""
+    return f"$NODE{node}_IP" if replicas == 1 else f"$REPLICA{replica}_NODE{node}_IP"
+
+
 def make_plan(
     gpu: str,
     num_gpus: int,
     quant: str,
     *,
+    nodes: int = 1,
+    pp: int = 1,
+    replicas: int = 1,
     mtp: int = 0,
     context: Optional[int] = None,
     concurrency: Optional[int] = None,
     cfg: Optional[Mapping] = None,
     suggest: bool = True,
 ) -> Plan:
-    """Plan ``num_gpus`` x ``gpu`` for ``quant``; infeasible plans carry problems and suggestions.
+    """Plan ``replicas`` x ``nodes`` x ``num_gpus`` x ``gpu`` for ``quant``; infeasible plans carry
+    problems and suggestions.
 
-    ``context`` defaults to the config's max_position_embeddings; ``concurrency`` (requests at full
-    context) defaults to as many as fit in memory.
+    ``num_gpus`` are the GPUs of one node; one replica spans ``nodes`` nodes as TP x PP with
+    TP = nodes x num_gpus / pp (EP = TP where the experts divide). ``replicas`` > 1 serves the
+    same replica on separate nodes behind sglang_router. ``context`` defaults to the config's
+    max_position_embeddings; ``concurrency`` (requests at full context, per replica) defaults to
+    as many as fit in memory on every pipeline stage.
     """
     cfg = load_config() if cfg is None else cfg
     g = GPUS[gpu]
     max_ctx = int(cfg.get("max_position_embeddings") or cfg.get("max_seq_len"))
     context = max_ctx if context is None else int(context)
-    plan = Plan(gpu, num_gpus, quant, mtp, context, concurrency or 0, feasible=False, assumptions=list(ASSUMPTIONS))
+    plan = Plan(gpu, num_gpus, quant, mtp, context, concurrency or 0, feasible=False, assumptions=list(ASSUMPTIONS),
+                nodes=nodes, pp=pp, replicas=replicas)  # fmt: skip
     plan.auto_concurrency = concurrency is None
     q = QUANTS[quant]
-    tp = num_gpus
     problems = plan.problems
+    n_layers = int(cfg["num_hidden_layers"])
     if not 1 <= num_gpus <= MAX_GPUS_PER_NODE:
-        problems.append(f"--num-gpus {num_gpus}: the planner writes single-node commands (1..{MAX_GPUS_PER_NODE} GPUs)")
+        fix = f"; use --num-gpus {MAX_GPUS_PER_NODE} --nodes {-(-num_gpus // MAX_GPUS_PER_NODE)}" if num_gpus > 0 else ""
+        problems.append(f"--num-gpus {num_gpus}: GPUs per node are 1..{MAX_GPUS_PER_NODE}{fix}")
+    if nodes < 1 or replicas < 1 or pp < 1:
+        problems.append(f"--nodes {nodes} --pp {pp} --replicas {replicas}: each must be >= 1")
+    tp = num_gpus * nodes // pp if pp >= 1 and nodes >= 1 else 0
+    if not problems:
+        if (num_gpus * nodes) % pp:
+            problems.append(f"--pp {pp}: does not divide the {num_gpus * nodes} GPUs of a replica (nodes x GPUs per node)")
+        elif pp % nodes and nodes % pp:
+            # SGLang places pp_size // nnodes whole stages on a node, or one stage over
+            # nnodes // pp_size nodes (data_parallel_controller.py); anything else leaves GPUs unmapped.
+            ok = sorted({d for d in range(1, 4 * nodes + 1) if d % nodes == 0 or nodes % d == 0}
+                        & {d for d in range(1, num_gpus * nodes + 1) if (num_gpus * nodes) % d == 0})  # fmt: skip
+            problems.append(
+                f"--pp {pp} with --nodes {nodes}: SGLang puts whole pipeline stages on a node (pp a multiple of "
+                f"nodes) or one stage over whole nodes (nodes a multiple of pp); use --pp one of {ok}"
+            )
+        elif pp > n_layers:
+            problems.append(f"--pp {pp}: more stages than the {n_layers} decoder layers; use --pp {n_layers} or fewer")
     if context > max_ctx or context < 1:
         problems.append(f"--context {context} is outside 1..{max_ctx} (max_position_embeddings)")
     if concurrency is not None and concurrency < 1:
@@ -371,6 +489,14 @@ def make_plan(
     n_mtp = int(cfg.get("num_nextn_predict_layers") or 0)
     if mtp and (mtp not in MTP_SPEC or mtp > n_mtp):
         problems.append(f"--mtp {mtp}: the config has {n_mtp} MTP layer(s); use one of {[m for m in MTP_SPEC if m <= n_mtp] or [0]}")
+    if quant == "fp8" and g.arch in NO_FP8_ARCHS:
+        problems.append(
+            f"--quant fp8 on {g.name} ({g.arch}): no FP8 tensor cores for the block-FP8 checkpoint; use --quant bf16"
+        )
+    if not problems and pp > 1:
+        why = model_class_pp_refusal(pp, mtp)
+        if why:
+            problems.append(why)
     if not problems:
         try:
             validate(cfg, tp)
@@ -390,7 +516,8 @@ def make_plan(
             backend, q, int(cfg["moe_intermediate_size"]), tp, tp, num_experts=int(cfg["moe_num_experts"]),
             share_expert_dim=cfg.get("share_expert_dim"), dense_intermediate_size=cfg.get("intermediate_size"),
         )
-        problems.append(f"no MoE layout runs {quant} on {tp} GPUs: " + "; ".join(verdict.reasons))
+        fix = f"; use --pp {nodes} to keep TP {num_gpus} inside each node" if nodes > 1 and pp == 1 else ""
+        problems.append(f"no MoE layout runs {quant} on --tp {tp}: " + "; ".join(verdict.reasons) + fix)
     if problems:
         if suggest:
             plan.suggestions = _suggestions(plan, cfg)
@@ -407,17 +534,26 @@ def make_plan(
     plan.experts_per_gpu = E // ep
     plan.routed_intermediate_per_gpu = I // (tp // ep)
 
-    weights = weight_breakdown(cfg, q, tp, ep, mtp, shared_expert_replicated=plan.shared_expert_replicated)
-    buffers = buffer_breakdown(cfg, mtp)
-    resident = sum(weights.values()) + sum(buffers.values())  # allocated at load, before the KV pool
+    stages = pp_stage_layers(n_layers, pp)
     reserve, activations = _margin_bytes(cfg, g, tp, plan.routed_intermediate_per_gpu)
     capacity = g.memory_gb * GB
     fraction = math.floor((capacity - reserve - activations) / capacity * 100) / 100
     static_pool = int(fraction * capacity)
+    per_stage = []
+    for r, layers in enumerate(stages):
+        first, last = r == 0, r == pp - 1
+        w = weight_breakdown(cfg, q, tp, ep, mtp if last else 0, shared_expert_replicated=plan.shared_expert_replicated,
+                             layer_ids=layers, first_stage=first, last_stage=last)  # fmt: skip
+        b = buffer_breakdown(cfg, mtp if last else 0, layer_ids=layers, last_stage=last)
+        per_stage.append((layers, w, b, sum(w.values()) + sum(b.values())))  # resident: allocated at load
+
+    def stage_kv(layers, c: int) -> dict[str, Any]:
+        return _kv_memory(cfg, tp, mtp, context, c, layer_ids=layers)
+
     if concurrency is None:
-        # As many full-context requests as the static pool holds (need() grows with concurrency).
+        # As many full-context requests as the static pool of every stage holds.
         def fits(c: int) -> bool:
-            return _kv_memory(cfg, tp, mtp, context, c)["kv_total"] + resident <= static_pool
+            return all(stage_kv(layers, c)["kv_total"] + resident <= static_pool for layers, _, _, resident in per_stage)
 
         lo, hi = 0, 1
         while fits(hi) and hi < 1 << 16:
@@ -426,7 +562,12 @@ def make_plan(
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if fits(mid) else (lo, mid)
         concurrency = plan.concurrency = max(lo, 1)
-    kv = _kv_memory(cfg, tp, mtp, context, concurrency)
+    # The memory shown is the stage with the least headroom (the only one without PP).
+    summaries = []
+    for layers, w, b, resident in per_stage:
+        kv = stage_kv(layers, concurrency)
+        summaries.append((static_pool - resident - kv["kv_total"], layers, w, b, resident, kv))
+    _, layers, weights, buffers, resident, kv = min(summaries, key=lambda t: t[0])
     weights_total = sum(weights.values())
     need = resident + kv["kv_total"]
     plan.mem_fraction_static, plan.swa_full_tokens_ratio = fraction, kv.pop("swa_full_tokens_ratio")
@@ -443,19 +584,35 @@ def make_plan(
         "capacity": capacity,
         "headroom": static_pool - need,
     }
+    if pp > 1:
+        plan.memory["stage_layers"] = [layers.start, layers.stop]
+        plan.stages = [
+            {"pp_rank": r, "layers": [l.start, l.stop], "weights_total": sum(w.values()), "buffers_total": sum(b.values()),
+             "kv_total": s_kv["kv_total"], "headroom": head}
+            for r, (head, l, w, b, _, s_kv) in enumerate(summaries)
+        ]  # fmt: skip
     if need > static_pool:
+        where = f" (pipeline stage with layers {layers.start}-{layers.stop - 1})" if pp > 1 else ""
         problems.append(
-            f"needs {need / GiB:.1f} GiB per GPU for weights + buffers + KV ({concurrency} x {context:,} tokens) but "
-            f"{g.name}'s static pool is {static_pool / GiB:.1f} GiB ({fraction:.2f} x {g.memory_gb} GB)"
+            f"needs {need / GiB:.1f} GiB per GPU for weights + buffers + KV ({concurrency} x {context:,} tokens){where} "
+            f"but {g.name}'s static pool is {static_pool / GiB:.1f} GiB ({fraction:.2f} x {g.memory_gb} GB)"
         )
         if suggest:
             plan.suggestions = _suggestions(plan, cfg)
         return plan
 
     plan.feasible = True
+    if nodes > 1:
+        plan.assumptions.append(
+            "multi-node: inter-node communication buffers fit the same per-GPU runtime reserve; node 0's "
+            f"port {DIST_INIT_PORT} reachable from the other nodes"
+        )
     if g.vendor == "amd":
         plan.env["SGLANG_USE_AITER"] = "1"  # AITER attention + MoE kernels (what the AMD seeds run)
     cmd = ["sglang", "serve", "--model-path", MODEL_PATHS[quant], "--tp", str(tp), "--ep", str(ep)]
+    if pp > 1:
+        # SGLang's pipeline refuses the overlap scheduler (check_pipeline_parallel_compat).
+        cmd += ["--pp-size", str(pp), "--disable-overlap-schedule"]
     if a2a:
         cmd += ["--moe-a2a-backend", a2a]
     cmd += [
@@ -477,7 +634,24 @@ def make_plan(
             "--speculative-num-draft-tokens", str(drafts),
             "--enable-multi-layer-eagle",
         ]  # fmt: skip
-    plan.command = cmd
+    if replicas > 1:
+        cmd += ["--host", "0.0.0.0", "--port", str(SERVER_PORT)]  # reachable by the router
+    for r in range(replicas):
+        for k in range(nodes):
+            node_cmd = list(cmd)
+            if nodes > 1:
+                node_cmd += ["--nnodes", str(nodes), "--node-rank", str(k),
+                             "--dist-init-addr", f"{_host(r, 0, replicas)}:{DIST_INIT_PORT}"]  # fmt: skip
+            plan.node_commands.append({"replica": r, "node_rank": k, "host": _host(r, k, replicas), "command": node_cmd})
+    plan.command = plan.node_commands[0]["command"]
+    if replicas > 1:
+        plan.router_command = [
+            "python", "-m", "sglang_router.launch_router",
+            "--worker-urls", *[f"http://{_host(r, 0, replicas)}:{SERVER_PORT}" for r in range(replicas)],
+            "--policy", ROUTER_POLICY,
+            "--host", "0.0.0.0",
+            "--port", str(ROUTER_PORT),
+        ]  # fmt: skip
     return plan
 
 
@@ -485,11 +659,18 @@ def _suggestions(plan: Plan, cfg: Mapping) -> list[dict[str, Any]]:
     """Nearest feasible plans, one per kind of change: more GPUs, cheaper weights, shorter
     context, fewer concurrent requests (each keeps every other setting)."""
     base = dict(gpu=plan.gpu, num_gpus=plan.num_gpus, quant=plan.quant, mtp=plan.mtp, context=plan.context,
+                nodes=plan.nodes, pp=plan.pp, replicas=plan.replicas,
                 concurrency=None if plan.auto_concurrency else plan.concurrency)  # fmt: skip
     tries: list[tuple[str, dict]] = []
     tries += [(f"use {n} GPUs", {"num_gpus": n}) for n in (1, 2, 4, 8) if n > plan.num_gpus]
     if plan.num_gpus > MAX_GPUS_PER_NODE:
-        tries += [(f"use {MAX_GPUS_PER_NODE} GPUs", {"num_gpus": MAX_GPUS_PER_NODE})]
+        n = -(-plan.num_gpus // MAX_GPUS_PER_NODE)
+        tries += [(f"use {n} nodes of {MAX_GPUS_PER_NODE} GPUs", {"num_gpus": MAX_GPUS_PER_NODE, "nodes": n})]
+    tries += [(f"use {n} nodes", {"nodes": n}) for n in (2, 4) if n > plan.nodes and plan.num_gpus <= MAX_GPUS_PER_NODE]
+    if plan.nodes > 1 and plan.pp == 1:
+        tries.append((f"pipeline over the {plan.nodes} nodes (--pp {plan.nodes})", {"pp": plan.nodes}))
+    tries += [(f"pipeline over {n} nodes (--pp {n})", {"pp": n, "nodes": n}) for n in (2, 4)
+              if n > plan.nodes and plan.num_gpus <= MAX_GPUS_PER_NODE]  # fmt: skip
     tries += [(f"quantize to {qn}", {"quant": qn}) for qn in ("fp8", "int4") if qn != plan.quant and
               list(QUANTS).index(qn) > list(QUANTS).index(plan.quant)]  # fmt: skip
     ctx = plan.context
@@ -515,22 +696,31 @@ def _suggestions(plan: Plan, cfg: Mapping) -> list[dict[str, Any]]:
 
 def plan_argv(p: Plan) -> str:
     args = f"step35 plan --gpu {p.gpu} --num-gpus {p.num_gpus} --quant {p.quant} --mtp {p.mtp}"
+    for flag, v in (("--nodes", p.nodes), ("--pp", p.pp), ("--replicas", p.replicas)):
+        if v != 1:
+            args += f" {flag} {v}"
     return args + f" --context {p.context} --concurrency {p.concurrency}"
 
 
-def command_line(p: Plan, multiline: bool = False) -> str:
-    if not p.command:
+def command_line(p: Plan, multiline: bool = False, command: Optional[list[str]] = None, env: bool = True) -> str:
+    """``command`` (default: replica 0's node 0) as a shell line, prefixed with the plan's env."""
+    command = p.command if command is None else command
+    if not command:
         return ""
-    env = [f"{k}={v}" for k, v in p.env.items()]
+    env_words = [f"{k}={v}" for k, v in p.env.items()] if env else []
+    head_n = 4 if command[:2] == ["python", "-m"] else 2
     if not multiline:
-        return " ".join(env + p.command)
-    head = " ".join(env + p.command[:2])
-    rest, lines, i = p.command[2:], [], 0
+        return " ".join(env_words + command)
+    head = " ".join(env_words + command[:head_n])
+    rest, lines, i = command[head_n:], [], 0
     while i < len(rest):
         # keep "--flag value" on one line; bare flags stand alone
         if i + 1 < len(rest) and not rest[i + 1].startswith("--"):
-            lines.append(f"{rest[i]} {rest[i + 1]}")
-            i += 2
+            j = i + 1  # a flag and all its values (--worker-urls takes several)
+            while j < len(rest) and not rest[j].startswith("--"):
+                j += 1
+            lines.append(" ".join(rest[i:j]))
+            i = j
         else:
             lines.append(rest[i])
             i += 1
@@ -552,10 +742,14 @@ def _shared_placement(p: Plan) -> str:
 def format_plan(p: Plan) -> str:
     """Human-readable plan (what ``step35 plan`` prints)."""
     g = GPUS[p.gpu]
-    title = (
-        f"Step-3.5 on {p.num_gpus}x {g.name} ({g.memory_gb} GB), {p.quant}, context {p.context:,} x "
-        f"{p.concurrency} requests, MTP {p.mtp}"
-    )
+    where = f"{p.num_gpus}x {g.name} ({g.memory_gb} GB)"
+    if p.nodes > 1:
+        where = f"{p.nodes} nodes x {where}"
+    if p.replicas > 1:
+        where = f"{p.replicas} replicas x {where}"
+    title = f"Step-3.5 on {where}, {p.quant}, context {p.context:,} x {p.concurrency} requests" + (
+        " per replica" if p.replicas > 1 else ""
+    ) + f", MTP {p.mtp}" + (f", PP {p.pp}" if p.pp > 1 else "")
     lines = [title, ""]
     if not p.feasible:
         lines.append("INFEASIBLE:")
@@ -568,7 +762,20 @@ def format_plan(p: Plan) -> str:
             lines += ["", "No nearby feasible plan found."]
         return "\n".join(lines) + "\n"
     m, w = p.memory, p.memory["weights"]
-    lines += [command_line(p, multiline=True), ""]
+    if len(p.node_commands) == 1:
+        lines += [command_line(p, multiline=True), ""]
+    else:
+        hosts = sorted({nc["host"] for nc in p.node_commands})
+        lines += [f"Set {', '.join(h.lstrip('$') for h in hosts)} to the nodes' addresses; run on each node:", ""]
+        for nc in p.node_commands:
+            label = f"replica {nc['replica']}, " if p.replicas > 1 else ""
+            lines += [f"# {label}node {nc['node_rank']} ({nc['host']})", command_line(p, True, nc["command"]), ""]
+    if p.router_command:
+        lines += [
+            f"# router (pip install sglang-router), in front of the {p.replicas} replicas; clients use port {ROUTER_PORT}",
+            command_line(p, True, p.router_command, env=False),
+            "",
+        ]
     whole = "whole experts" if p.tp == p.ep else f"each split {p.tp // p.ep} ways"
     lines.append(
         f"Layout: TP {p.tp}, EP {p.ep}: {p.experts_per_gpu} routed experts per GPU ({whole}, "
@@ -576,7 +783,16 @@ def format_plan(p: Plan) -> str:
         f"{_shared_placement(p)}; "
         f"attention {p.attention_backend}"
     )
-    lines += ["", "Memory per GPU (GiB):"]
+    if p.pp > 1:
+        lines.append(f"Pipeline: {p.pp} stages, as SGLang splits the {sum(s['layers'][1] - s['layers'][0] for s in p.stages)} layers:")
+        for s in p.stages:
+            lines.append(
+                f"  stage {s['pp_rank']}: layers {s['layers'][0]}-{s['layers'][1] - 1}, weights {s['weights_total'] / GiB:.2f} GiB, "
+                f"KV {s['kv_total'] / GiB:.2f} GiB, headroom {s['headroom'] / GiB:.2f} GiB per GPU"
+            )
+    lines += ["", "Memory per GPU (GiB)" + (
+        f", stage with the least headroom (layers {m['stage_layers'][0]}-{m['stage_layers'][1] - 1}):" if p.pp > 1 else ":"
+    )]
     for k, v in w.items():
         lines.append(f"  {('weights: ' + k):30s}{_gib(v)}")
     lines.append(f"  {'weights total':30s}{_gib(m['weights_total'])}")

@@ -1,4 +1,5 @@
-"""``step35 plan``: print the ``sglang serve`` command and per-GPU memory plan for a deployment.
+"""``step35 plan``: print the ``sglang serve`` command(s) and per-GPU memory plan for a deployment
+(one node, several nodes per replica, or replicas behind sglang_router).
 
 Exit status: 0 for a feasible plan, 2 for an infeasible one (the reason and the nearest feasible
 plans are printed instead of a command). ``--json`` prints :meth:`Plan.to_dict` instead of text.
@@ -21,7 +22,10 @@ EXIT_INFEASIBLE = 2
 
 def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--gpu", required=True, choices=sorted(GPUS), help="GPU model")
-    p.add_argument("--num-gpus", type=int, required=True, help="GPUs in the node (TP size)")
+    p.add_argument("--num-gpus", type=int, required=True, help="GPUs per node (1..8)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes per replica (one command per node: --nnodes/--node-rank)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages (SGLang --pp-size); TP = nodes x GPUs / pp")
+    p.add_argument("--replicas", type=int, default=1, help="identical replicas behind sglang_router (throughput)")
     p.add_argument("--quant", required=True, choices=list(QUANTS), help="checkpoint weights")
     p.add_argument("--mtp", type=int, default=0, choices=[0, *MTP_SPEC], help="MTP draft layers (0 = off)")
     p.add_argument("--context", type=int, default=None, help="tokens per request (default: the config's max)")
@@ -50,7 +54,8 @@ def run_plan(args: argparse.Namespace) -> int:
         return EXIT_INFEASIBLE
     try:
         plan = make_plan(
-            args.gpu, args.num_gpus, args.quant, mtp=args.mtp, context=args.context,
+            args.gpu, args.num_gpus, args.quant, nodes=args.nodes, pp=args.pp, replicas=args.replicas,
+            mtp=args.mtp, context=args.context,
             concurrency=args.concurrency, cfg=cfg,
         )  # fmt: skip
     except (KeyError, Step35ConfigError) as e:  # a config missing keys the plan needs

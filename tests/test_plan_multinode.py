@@ -1,0 +1,237 @@
+"""`step35 plan` past one node: multi-node TP/EP commands (one per node), pipeline stages as SGLang
+splits them, replicas behind sglang_router, and the refusals. Every node's command parses with
+SGLang's own ServerArgs parser and passes the MoE launch guard; the multi-node TP/EP ranks construct
+our model class with the planned per-rank bytes (tests/test_plan_constructs.py's faked platform);
+the router command parses with sglang_router's own parser where that package is installed.
+
+Pipeline-parallel ranks are not constructed here: PP plans are gated by
+`model_class_pp_refusal`, and the PP plan tests force that gate open to check the planner alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+
+import pytest
+
+import sglang_step35.plan as plan_mod
+from sglang_step35.moe import guard_moe_layout
+from sglang_step35.plan import (
+    PP_MTP_REFUSAL,
+    buffer_breakdown,
+    load_config,
+    make_plan,
+    model_class_pp_refusal,
+    pp_stage_layers,
+    weight_breakdown,
+)
+from sglang_step35.plan_cli import main as plan_main
+
+CFG = load_config()
+MULTI_NODE = [  # (gpu, GPUs per node, quant, mtp, nodes)
+    ("a100-40gb", 8, "bf16", 0, 2),
+    ("h100", 4, "bf16", 3, 2),
+    ("h20", 8, "bf16", 0, 2),
+    ("h100", 8, "bf16", 0, 2),
+    ("l40s", 8, "bf16", 0, 2),
+]
+
+
+@pytest.fixture(scope="module")
+def sglang_parser():
+    from sglang.srt.server_args import ServerArgs
+
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    return parser
+
+
+def _parse(parser, plan_obj, command):
+    ns = parser.parse_args(command[2:])
+    assert (ns.tp_size, ns.ep_size) == (plan_obj.tp, plan_obj.ep)
+    assert ns.pp_size == plan_obj.pp and ns.mem_fraction_static == plan_obj.mem_fraction_static
+    # SGLang's own checks for these sizes (validation_hook.check_server_args) and GPU count
+    assert (ns.tp_size * ns.pp_size) % ns.nnodes == 0
+    assert ns.tp_size * ns.pp_size == plan_obj.num_gpus * plan_obj.nodes
+    ns.quantization = plan_obj.quant if plan_obj.quant != "bf16" else None
+    decision = guard_moe_layout(ns, CFG, "cuda")
+    assert decision.action == "ok", decision.message
+    return ns
+
+
+# ---------------------------------------------------------------- multi-node TP/EP
+
+
+@pytest.mark.parametrize("gpu,n,quant,mtp,nodes", MULTI_NODE)
+def test_multinode_commands_one_per_node_parse_with_sglang(sglang_parser, gpu, n, quant, mtp, nodes):
+    p = make_plan(gpu, n, quant, mtp=mtp, nodes=nodes)
+    assert p.feasible, p.problems
+    assert p.tp == n * nodes and len(p.node_commands) == nodes and p.command == p.node_commands[0]["command"]
+    seen = []
+    for k, nc in enumerate(p.node_commands):
+        ns = _parse(sglang_parser, p, nc["command"])
+        assert (ns.nnodes, ns.node_rank, ns.dist_init_addr) == (nodes, k, "$NODE0_IP:5000")
+        if mtp:
+            assert ns.speculative_num_steps == mtp and ns.enable_multi_layer_eagle
+        # the nodes differ only in --node-rank
+        cmd = list(nc["command"])
+        del cmd[cmd.index("--node-rank") : cmd.index("--node-rank") + 2]
+        seen.append(cmd)
+    assert all(c == seen[0] for c in seen)
+    m = p.memory
+    assert m["weights_total"] + m["buffers_total"] + m["kv_total"] <= m["static_pool"]
+
+
+def test_one_node_of_a100_40gb_bf16_is_infeasible_and_two_nodes_are_suggested():
+    p = make_plan("a100-40gb", 8, "bf16")
+    assert not p.feasible
+    assert any(s["change"] == "use 2 nodes" and "--nnodes 2" in s["command_line"] for s in p.suggestions)
+    two = make_plan("a100-40gb", 8, "bf16", nodes=2)
+    # TP16 EP16: 18 whole experts per GPU; the 8 KV heads are replicated (one per GPU)
+    assert two.feasible and (two.tp, two.ep, two.experts_per_gpu) == (16, 16, 18)
+    assert two.memory["weights"] == weight_breakdown(CFG, "bf16", 16, 16)
+
+
+@pytest.fixture(scope="module")
+def sglang_state():
+    from sglang_step35.plugin import register
+
+    register()
+    from sglang.test.layer_ut_utils import init_single_process_dist
+
+    init_single_process_dist(master_port=29763)
+
+
+@pytest.mark.parametrize("gpu,n,quant,mtp,nodes", [MULTI_NODE[0], MULTI_NODE[1]])
+def test_multinode_tp_ep_ranks_construct_with_the_planned_bytes(sglang_state, monkeypatch, gpu, n, quant, mtp, nodes):
+    """Ranks on node 0 and the last node of a TP16 / TP8-over-two-nodes plan build our model with the
+    per-rank parameter and buffer bytes the plan counted (reduced depth, real widths)."""
+    from test_plan_constructs import REDUCED, _buffer_bytes, _build, _bytes_by_component
+
+    p = make_plan(gpu, n, quant, mtp=mtp, nodes=nodes)
+    expected = weight_breakdown(REDUCED, p.quant, p.tp, p.ep, p.mtp, shared_expert_replicated=p.shared_expert_replicated)
+    for rank in (0, p.tp - 1):
+        model, drafts = _build(p, rank, monkeypatch)
+        got = _bytes_by_component(model.named_parameters())
+        for k, v in expected.items():
+            if k != "mtp":
+                assert got.get(k, 0) == v, (gpu, p.tp, rank, k)
+        assert sum(q.numel() * q.element_size() for d in drafts for q in d.parameters()) == expected["mtp"]
+        assert _buffer_bytes(model, drafts) == buffer_breakdown(REDUCED, p.mtp)
+        assert all(layer.moe.experts.num_local_experts == 288 // p.ep for layer in model.model.layers if layer.is_moe)
+
+
+# ---------------------------------------------------------------- pipeline parallelism
+
+
+@pytest.mark.parametrize("n,pp", [(45, 1), (45, 2), (45, 3), (45, 4), (45, 8), (4, 3), (48, 5)])
+def test_stage_layers_are_sglangs_split(n, pp):
+    from sglang.srt.distributed.utils import get_pp_indices
+
+    assert [(r.start, r.stop) for r in pp_stage_layers(n, pp)] == [get_pp_indices(n, r, pp) for r in range(pp)]
+
+
+def test_pp_gate_is_sglangs_admission_test_on_our_class():
+    """model_class_pp_refusal lets PP through exactly when SGLang would admit our class
+    (model_runner.support_pp: forward takes pp_proxy_tensors), and never with MTP."""
+    from sglang_step35.models.step3p5 import Step3p5ForCausalLM
+
+    supported = "pp_proxy_tensors" in inspect.signature(Step3p5ForCausalLM.forward).parameters
+    assert (model_class_pp_refusal(2, 0) is None) == supported
+    assert model_class_pp_refusal(1, 3) is None
+    why = model_class_pp_refusal(2, 3)
+    assert why == PP_MTP_REFUSAL.format(pp=2, mtp=3) and "--mtp 0" in why and "--pp 1" in why
+    if not supported:
+        p = make_plan("h200", 8, "fp8", nodes=2, pp=2)
+        assert not p.feasible and "pp_proxy_tensors" in p.problems[0] and "--pp 1" in p.problems[0]
+
+
+@pytest.fixture
+def pp_admitted(monkeypatch):
+    """The planner with the model-class gate open (what it emits once our class passes it)."""
+    monkeypatch.setattr(plan_mod, "model_class_pp_refusal", lambda pp, mtp: PP_MTP_REFUSAL.format(pp=pp, mtp=mtp) if mtp else None)
+
+
+def test_pp_plan_per_stage_memory_and_commands(sglang_parser, pp_admitted):
+    p = make_plan("h20", 8, "fp8", nodes=2, pp=2)
+    assert p.feasible, p.problems
+    assert (p.tp, p.ep, p.pp) == (8, 8, 2)
+    assert [s["layers"] for s in p.stages] == [[0, 22], [22, 45]]
+    for k, nc in enumerate(p.node_commands):
+        ns = _parse(sglang_parser, p, nc["command"])
+        assert ns.pp_size == 2 and ns.disable_overlap_schedule and ns.node_rank == k and ns.nnodes == 2
+    # the stages together hold the model once: embedding on the first, head + final norm on the last
+    w0 = weight_breakdown(CFG, "fp8", 8, 8, layer_ids=range(0, 22), last_stage=False, shared_expert_replicated=True)
+    w1 = weight_breakdown(CFG, "fp8", 8, 8, layer_ids=range(22, 45), first_stage=False, shared_expert_replicated=True)
+    whole = weight_breakdown(CFG, "fp8", 8, 8, shared_expert_replicated=True)
+    assert {k: w0[k] + w1[k] for k in whole} == whole
+    assert w0["lm_head"] == 0 and w1["embedding"] == 0
+    assert [s["weights_total"] for s in p.stages] == [sum(w0.values()), sum(w1.values())]
+    # the memory shown is the stage with the least headroom, and every stage fits
+    assert p.memory["headroom"] == min(s["headroom"] for s in p.stages) >= 0
+    # one more request does not fit on some stage
+    assert not make_plan("h20", 8, "fp8", nodes=2, pp=2, concurrency=p.concurrency + 1).feasible
+
+
+def test_pp_with_mtp_is_refused_naming_both_flags(pp_admitted):
+    p = make_plan("h20", 8, "fp8", nodes=2, pp=2, mtp=3)
+    assert not p.feasible and p.problems == [PP_MTP_REFUSAL.format(pp=2, mtp=3)]
+
+
+def test_fp8_tp16_is_refused_with_pp_as_the_fix(pp_admitted):
+    p = make_plan("h20", 8, "fp8", nodes=2)
+    assert not p.feasible and "11264/16 = 704" in p.problems[0] and "use --pp 2" in p.problems[0]
+    assert any("--pp-size 2" in s["command_line"] for s in p.suggestions)
+
+
+# ---------------------------------------------------------------- refusals
+
+
+def test_layouts_sglang_cannot_map_are_refused():
+    p = make_plan("h100", 8, "bf16", nodes=2, pp=3)
+    assert not p.feasible and "--pp 3" in p.problems[0]
+    p = make_plan("h100", 4, "bf16", nodes=3, pp=2)
+    assert not p.feasible and "--pp 2 with --nodes 3" in p.problems[0] and "use --pp one of" in p.problems[0]
+    p = make_plan("h100", 16, "bf16")
+    assert not p.feasible and "use --num-gpus 8 --nodes 2" in p.problems[0]
+    p = make_plan("a100-40gb", 8, "fp8", nodes=2)
+    assert not p.feasible and "--quant fp8" in p.problems[0] and "use --quant bf16" in p.problems[0]
+    p = make_plan("h100", 8, "bf16", nodes=0)
+    assert not p.feasible
+
+
+# ---------------------------------------------------------------- replicas behind the router
+
+
+def test_replicas_commands_and_router(sglang_parser):
+    p = make_plan("h200", 8, "fp8", mtp=3, replicas=2)
+    single = make_plan("h200", 8, "fp8", mtp=3)
+    assert p.feasible and p.memory == single.memory and p.concurrency == single.concurrency
+    assert [(nc["replica"], nc["node_rank"]) for nc in p.node_commands] == [(0, 0), (1, 0)]
+    for nc in p.node_commands:
+        ns = _parse(sglang_parser, p, nc["command"])
+        assert (ns.host, ns.port, ns.nnodes) == ("0.0.0.0", 30000, 1)
+    assert p.router_command[:3] == ["python", "-m", "sglang_router.launch_router"]
+    router = pytest.importorskip("sglang_router.launch_router")
+    args = router.parse_router_args(p.router_command[3:])
+    assert args.worker_urls == ["http://$REPLICA0_NODE0_IP:30000", "http://$REPLICA1_NODE0_IP:30000"]
+    assert (args.policy, args.port) == ("cache_aware", 8000)
+
+
+def test_multinode_replicas_point_the_router_at_each_replicas_node_0(sglang_parser):
+    p = make_plan("h100", 4, "bf16", nodes=2, replicas=2)
+    assert p.feasible and len(p.node_commands) == 4
+    for nc in p.node_commands:
+        ns = _parse(sglang_parser, p, nc["command"])
+        assert ns.dist_init_addr == f"$REPLICA{nc['replica']}_NODE0_IP:5000" and ns.node_rank == nc["node_rank"]
+    urls = p.router_command[p.router_command.index("--worker-urls") + 1 : p.router_command.index("--policy")]
+    assert urls == ["http://$REPLICA0_NODE0_IP:30000", "http://$REPLICA1_NODE0_IP:30000"]
+
+
+def test_cli_flags(capsys):
+    assert plan_main(["--gpu", "h100", "--num-gpus", "4", "--quant", "bf16", "--nodes", "2", "--replicas", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "# replica 1, node 1 ($REPLICA1_NODE1_IP)" in out and "sglang_router.launch_router" in out
+    assert plan_main(["--gpu", "h100", "--num-gpus", "8", "--quant", "bf16", "--nodes", "2", "--pp", "3"]) == 2
+    assert "--pp 3" in capsys.readouterr().out
