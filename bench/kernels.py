@@ -3,7 +3,9 @@
 Sizes are Step-3.5-Flash's: SwiGLU over the 1280-wide expert intermediate (gate_up [T, 2560]),
 head gate over 64x128 (full layers) and 96x128 (sliding layers), router over E=288 top-8, for
 T = 1 .. 8192 tokens. All three ops are memory-bound, so next to the time we report achieved GB/s
-(bytes the op must move / time) and that as a fraction of the GPU's peak DRAM bandwidth.
+(bytes the op must move / time) and that as a fraction of the GPU's peak DRAM bandwidth. The router
+is also compared with SGLang's own TopK routes for the same rule (``router_vs_topk``: time, max
+weight difference, rows routed to other experts).
 
 Writes bench/out/kernels.json and bench/out/kernels.png (bench/out/ is gitignored).
 
@@ -124,6 +126,62 @@ def cases(tokens: list[int], device: str, dtype: torch.dtype):
         )
 
 
+def sglang_topk_routes():
+    """SGLang 0.5.23's routes for the TopK config its built-in Step-3.5 uses (scoring_func="sigmoid",
+    correction_bias, scale folded with apply_routed_scaling_factor_on_output): the GPU gate that
+    forward_cuda reaches (moe_fused_gate's Triton kernel) and forward_native's torch version.
+    See the comment at Step3p5MoE._route for why we keep our router."""
+    import sglang.kernels.ops.moe.moe_fused_gate as gate
+    from sglang.srt.layers.moe.topk import fused_topk_torch_native
+
+    if not ON_GPU:
+        gate.is_arch_support_pdl = lambda: False  # asks the CUDA driver; the interpreter has no PDL
+
+    def gpu(lg, b):
+        return gate.moe_fused_gate(lg, b, TOP_K, scoring_func="sigmoid", renormalize=True,
+                                   routed_scaling_factor=3.0, apply_routed_scaling_factor_on_output=True)
+
+    def native(lg, b):
+        w, ids = fused_topk_torch_native(lg, lg, TOP_K, True, correction_bias=b, scoring_func="sigmoid")
+        return w * 3.0, ids  # select_experts folds the scale after this route
+
+    return gpu, native
+
+
+def router_vs_topk(tokens: list[int], device: str, repeat: int) -> list[dict]:
+    """Our router vs SGLang's TopK routes on random logits: time, max weight difference and rows
+    whose experts differ. fp32 logits + random bias (need_fp32_gate, as served) and bf16-rounded
+    logits + zero bias (ties: what separates the tie-breaks)."""
+    impl = None if ON_GPU else "cuda"
+    gpu, native = sglang_topk_routes()
+    rows = []
+    print(f"\nrouter vs SGLang TopK(sigmoid, correction_bias), E={NUM_EXPERTS} k={TOP_K}")
+    print(f"{'logits':<10}{'T':>6}{'ours us':>10}{'gate us':>10}{'gate max|dw|':>14}{'gate id rows':>14}"
+          f"{'native set rows':>17}")
+    gen = torch.Generator(device=device).manual_seed(0)
+    for t in tokens:
+        for kind in ("fp32", "bf16+0"):
+            lg = torch.randn(t, NUM_EXPERTS, device=device, generator=gen) * 2
+            b = torch.randn(NUM_EXPERTS, device=device, generator=gen) * 0.1
+            if kind == "bf16+0":
+                lg, b = lg.bfloat16().float(), torch.zeros_like(b)
+            w, ids = ops.sigmoid_topk_route(lg, b, TOP_K, 3.0, impl=impl)
+            gw, gids = gpu(lg, b)
+            _, nids = native(lg, b)
+            # Ours and the gate emit ids in the same order (biased score desc, lowest index on ties);
+            # torch.topk(sorted=False) does not, so native is compared as expert sets.
+            gate_rows = int((gids.long() != ids.long()).any(-1).sum())
+            dw = float((gw - w).abs().max()) if t else 0.0
+            native_rows = int((nids.long().sort(-1).values != ids.long().sort(-1).values).any(-1).sum())
+            to = time_fn(lambda: ops.sigmoid_topk_route(lg, b, TOP_K, 3.0, impl=impl), repeat)
+            tg = time_fn(lambda: gpu(lg, b), repeat)
+            rows.append(dict(logits=kind, tokens=t, ours_s=to, gate_s=tg, gate_max_dw=dw,
+                             gate_id_rows=gate_rows, native_set_rows=native_rows))
+            print(f"{kind:<10}{t:>6}{to * 1e6:>10.1f}{tg * 1e6:>10.1f}{dw:>14.2e}{gate_rows:>9}/{t:<4}"
+                  f"{native_rows:>12}/{t:<4}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, nargs="*", help="token counts (default: GPU 1..8192, CPU 1..32)")
@@ -162,10 +220,12 @@ def main(argv: list[str] | None = None) -> int:
         pct = f"{100 * frac:6.1f}%" if frac is not None else "    n/a"
         print(f"{op:<13}{shape:<14}{t:>6}{tf * 1e6:>11.1f}{tu * 1e6:>11.1f}{tu / tf:>9.2f}{gbps:>9.1f}{pct:>7}")
 
+    topk_rows = router_vs_topk(tokens, device, repeat)
+
     args.out.mkdir(parents=True, exist_ok=True)
     meta = dict(device=name, interpreter=not ON_GPU, dtype=args.dtype, peak_gbps=peak, torch=torch.__version__)
     json_path = args.out / "kernels.json"
-    json_path.write_text(json.dumps(dict(meta=meta, results=rows), indent=2))
+    json_path.write_text(json.dumps(dict(meta=meta, results=rows, router_vs_topk=topk_rows), indent=2))
     print(f"wrote {json_path}")
     png = plot(rows, meta, args.out / "kernels.png")
     if png:

@@ -152,6 +152,24 @@ class Step3p5MoE(nn.Module):
     def _route(self, hidden_states, gating_output, topk, renormalize):
         # Step's rule (not DeepSeek's grouped top-k): sigmoid scores; select by score + bias; weight
         # by the unbiased scores, renormalised, times the scaling factor.
+        #
+        # Why not SGLang's own TopK(scoring_func="sigmoid", correction_bias=..., routed_scaling_factor=s,
+        # apply_routed_scaling_factor_on_output=True) (SGLang 0.5.23, sglang/srt/layers/moe/topk.py):
+        # its GPU route (forward_cuda -> biased_topk_jit_kernel_impl -> moe_fused_gate's Triton
+        # _router_triton_kernel) *is* Step's rule, but not every path SGLang takes for this model is:
+        # - forward_native (TopK._torch_compile_forward, topk.py:829: 1-token batches under
+        #   --enable-torch-compile) -> fused_topk_torch_native, torch.topk(sorted=False) (topk.py:1122):
+        #   ties are not broken to the lowest expert, so other experts get picked (bf16 logits, zero
+        #   bias: 4% of rows at randn*2 logits);
+        # - the CPU engine (forward_cpu, which plugin.register() selects on GPU-less hosts):
+        #   select_experts skips the JIT gate (topk.py:2977) and fused_topk calls topk_sigmoid
+        #   (topk.py:1367), imported only on CUDA/HIP/XPU (topk.py:238) -> NameError; with AMX,
+        #   fused_topk_cpu rejects apply_routed_scaling_factor_on_output (topk.py:1185);
+        # - grouped with num_expert_group=1 instead: AITER's aiter_biased_grouped_topk asserts
+        #   not apply_routed_scaling_factor_on_output (topk.py:2105) and always folds the scale;
+        # - moe_fused_gate asserts a bias for sigmoid (moe_fused_gate.py:384): use_moe_router_bias=False
+        #   would need a zeros tensor.
+        # tests/test_router_topk.py pins each of these; bench/kernels.py ("router_vs_topk") compares.
         return ops.sigmoid_topk_route(
             gating_output.float(), self.router_bias, topk, self.scaling, renormalize
         )
