@@ -6,12 +6,21 @@ Attention: q/k/v -> per-head Gemma RMSNorm on q, k -> NeoX rope on the first `ro
 (per-layer theta, llama3 scaling on full layers only) -> causal attention (sliding layers: the last
 `sliding_window` keys) -> per-head sigmoid gate -> o_proj. FFN: dense SwiGLU (layers before the MoE
 range) or sigmoid-routed MoE + shared expert, each with its per-layer SwiGLU clamp.
+
+Pipeline parallelism (`--pp-size`), as SGLang's own MoE models do it: each stage builds only its
+layers `[start_layer, end_layer)` (SGLang's `make_layers` / `get_pp_indices`, which honours
+SGLANG_PP_LAYER_PARTITION), the others are `PPMissingLayer`s; the embedding lives on the first stage,
+the final norm and lm_head on the last. Our layers fold the residual into their output (no separate
+residual stream), so a stage hands the next one `PPProxyTensors({"hidden_states": h})` alone, which
+is what SGLang's pipeline sends. RadixAttention keeps the global layer id: SGLang's KV pool of a
+stage is indexed `layer_id - start_layer`. The MTP draft needs the last stage's pre-norm state;
+SGLang 0.5.23 cannot run Step's (multi-layer) EAGLE under PP, which `parallel_guard` refuses at launch.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Optional, Tuple
+from typing import Iterable, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -22,12 +31,13 @@ from sglang.srt.layers.logits_processor import LogitsProcessor
 from sglang.srt.eplb.expert_location import ModelConfigForExpertLocation
 from sglang.srt.layers.quantization.base_config import QuantizationConfig
 from sglang.srt.layers.radix_attention import RadixAttention
+from sglang.srt.layers.utils import PPMissingLayer
 from sglang.srt.layers.rotary_embedding import get_rope
 from sglang.srt.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
-from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+from sglang.srt.model_executor.forward_batch_info import ForwardBatch, PPProxyTensors
 from sglang.srt.runtime_context import get_parallel
 from sglang.srt.models.utils import WeightsMapper
-from sglang.srt.utils import add_prefix
+from sglang.srt.utils import add_prefix, make_layers
 
 from sglang_step35 import ops
 from sglang_step35.attention import model_radix_sliding_window_size, model_runner_sliding_window_size
@@ -137,15 +147,26 @@ class Step3p5Model(nn.Module):
     def __init__(self, config, quant_config: Optional[QuantizationConfig] = None, prefix: str = ""):
         super().__init__()
         self.config = config
-        self.embed_tokens = VocabParallelEmbedding(
-            config.vocab_size, config.hidden_size, prefix=add_prefix("embed_tokens", prefix)
+        self.pp_group = get_parallel().pp_group
+        if self.pp_group.is_first_rank:
+            self.embed_tokens = VocabParallelEmbedding(
+                config.vocab_size, config.hidden_size, prefix=add_prefix("embed_tokens", prefix)
+            )
+        else:
+            self.embed_tokens = PPMissingLayer()
+        # Main layers only: the MTP layers stored after them belong to Step3p5MTP. This stage's
+        # range comes from SGLang (get_pp_indices), the same split its KV pool and runner use.
+        self.layers, self.start_layer, self.end_layer = make_layers(
+            config.num_hidden_layers,
+            lambda idx, prefix: Step3p5DecoderLayer(config, idx, quant_config, prefix=prefix),
+            pp_rank=self.pp_group.rank_in_group,
+            pp_size=self.pp_group.world_size,
+            prefix=add_prefix("layers", prefix),
         )
-        # Main layers only: the MTP layers stored after them belong to Step3p5MTP.
-        self.layers = nn.ModuleList(
-            Step3p5DecoderLayer(config, i, quant_config, prefix=add_prefix(f"layers.{i}", prefix))
-            for i in range(config.num_hidden_layers)
-        )
-        self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        if self.pp_group.is_last_rank:
+            self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        else:
+            self.norm = PPMissingLayer()
 
     def forward(
         self,
@@ -153,11 +174,22 @@ class Step3p5Model(nn.Module):
         positions: torch.Tensor,
         forward_batch: ForwardBatch,
         input_embeds: Optional[torch.Tensor] = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (normed hidden states, pre-norm hidden states); MTP drafts from the latter."""
-        h = self.embed_tokens(input_ids) if input_embeds is None else input_embeds
-        for layer in self.layers:
-            h = layer(positions, h, forward_batch)
+        pp_proxy_tensors: Optional[PPProxyTensors] = None,
+    ) -> Union[tuple[torch.Tensor, torch.Tensor], PPProxyTensors]:
+        """Last stage: (normed hidden states, pre-norm hidden states); MTP drafts from the latter.
+        Any other stage: the proxy tensors for the next one."""
+        if self.pp_group.is_first_rank:
+            h = self.embed_tokens(input_ids) if input_embeds is None else input_embeds
+        else:
+            if pp_proxy_tensors is None:
+                raise RuntimeError(
+                    f"Step3p5Model pipeline stage {self.pp_group.rank_in_group} (layers "
+                    f"{self.start_layer}-{self.end_layer - 1}) got no pp_proxy_tensors from the previous stage")
+            h = pp_proxy_tensors["hidden_states"]
+        for i in range(self.start_layer, self.end_layer):
+            h = self.layers[i](positions, h, forward_batch)
+        if not self.pp_group.is_last_rank:
+            return PPProxyTensors({"hidden_states": h})
         return self.norm(h), h
 
 
@@ -186,10 +218,15 @@ class Step3p5ForCausalLM(nn.Module):
         if self.fp8_dequant_block is not None:
             quant_config = None
         self.quant_config = quant_config
+        self.pp_group = get_parallel().pp_group
         self.model = Step3p5Model(config, quant_config, prefix=add_prefix("model", prefix))
-        self.lm_head = ParallelLMHead(
-            config.vocab_size, config.hidden_size, quant_config=quant_config, prefix=add_prefix("lm_head", prefix)
-        )
+        # Step-3.5 does not tie its head to the embedding: each lives on its own stage alone.
+        if self.pp_group.is_last_rank:
+            self.lm_head = ParallelLMHead(
+                config.vocab_size, config.hidden_size, quant_config=quant_config, prefix=add_prefix("lm_head", prefix)
+            )
+        else:
+            self.lm_head = PPMissingLayer()
         self.logits_processor = LogitsProcessor(config)
         # Fixed with the layers' values, for the backends in effect now (see get_attention_sliding_window_size).
         self.runner_sliding_window = model_runner_sliding_window_size(int(config.sliding_window))
@@ -202,18 +239,21 @@ class Step3p5ForCausalLM(nn.Module):
 
     @classmethod
     def get_model_config_for_expert_location(cls, config):
-        """For --enable-eplb and expert-distribution recording (SGLang asks the model class)."""
+        """For --enable-eplb and expert-distribution recording (SGLang asks the model class). Layer
+        ids are global under PP as well: each stage records its own layers into the one
+        [num_layers, ...] expert map, and our MoE blocks pass their global index as layer_id."""
         return ModelConfigForExpertLocation(
             num_layers=config.num_hidden_layers, num_logical_experts=int(config.moe_num_experts)
         )
 
     @property
     def start_layer(self) -> int:
-        return 0
+        """First layer of this pipeline stage (SGLang sizes and indexes the stage's KV pool by it)."""
+        return self.model.start_layer
 
     @property
     def end_layer(self) -> int:
-        return self.config.num_hidden_layers
+        return self.model.end_layer
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.embed_tokens
@@ -225,9 +265,14 @@ class Step3p5ForCausalLM(nn.Module):
         positions: torch.Tensor,
         forward_batch: ForwardBatch,
         input_embeds: Optional[torch.Tensor] = None,
+        pp_proxy_tensors: Optional[PPProxyTensors] = None,
         **kwargs,
     ):
-        hidden, pre_norm = self.model(input_ids, positions, forward_batch, input_embeds)
+        # SGLang's runner passes pp_proxy_tensors only to models whose forward names it (support_pp).
+        out = self.model(input_ids, positions, forward_batch, input_embeds, pp_proxy_tensors=pp_proxy_tensors)
+        if not self.pp_group.is_last_rank:
+            return out
+        hidden, pre_norm = out
         # EAGLE/MTP reads `hidden_states` from the logits output; Step's MTP wants the pre-norm state.
         # The logits processor stores `hidden_states_before_norm` instead of the normed state whenever
         # the batch captures hidden states (capture_hidden_mode != NULL); logits use `hidden`.

@@ -303,13 +303,40 @@ def _is_mtp_tensor(name: str, n: int, m: int) -> bool:
     return match is not None and n <= int(match.group(1)) < n + m
 
 
+# Checkpoint tensors outside the decoder layers, by the pipeline stage that holds them.
+FIRST_STAGE_TENSORS = ("model.embed_tokens.weight",)
+LAST_STAGE_TENSORS = ("model.norm.weight", "lm_head.weight")
+
+
+def other_stage_tensor(name: str, n: int, start: int, end: int, first: bool, last: bool) -> bool:
+    """Whether checkpoint tensor `name` belongs to another pipeline stage than the one holding main
+    layers [start, end) (first / last: whether it is the first / last stage). Such tensors are
+    skipped here and checked by the stage that owns them; everything else, including any stray name
+    inside this stage's layers, is this stage's to load or to report."""
+    match = LAYER_RE.match(name)
+    if match is not None:
+        i = int(match.group(1))
+        return i < n and not start <= i < end
+    base = name[: -len(fp8.SCALE_SUFFIX)] if name.endswith(fp8.SCALE_SUFFIX) else name
+    return (base in FIRST_STAGE_TENSORS and not first) or (base in LAST_STAGE_TENSORS and not last)
+
+
 def load_step3p5_weights(model: torch.nn.Module, weights: Iterable[Tuple[str, torch.Tensor]]) -> None:
     """Load a Step-3.5 checkpoint (BF16 or block FP8) into Step3p5ForCausalLM; MTP layers are left to
-    Step3p5MTP."""
+    Step3p5MTP. Under pipeline parallelism each stage loads (and checks) only its own tensors."""
     cfg = checkpoint_view(model.config)
     n, m = cfg.num_hidden_layers, int(getattr(cfg, "num_nextn_predict_layers", 0) or 0)
     sources = checkpoint_sources(model, checkpoint_shapes(cfg, include_mtp=False), _main_checkpoint_name)
-    rep = load_checkpoint(model, weights, sources, skip=lambda name: _is_mtp_tensor(name, n, m))
+    start, end = model.start_layer, model.end_layer
+    pp = model.pp_group
+    first, last = pp.is_first_rank, pp.is_last_rank
+
+    # Other stages' tensors leave the stream before loading (and before any FP8 dequantization).
+    mine = ((k, t) for k, t in weights if not other_stage_tensor(k, n, start, end, first, last))
+    rep = load_checkpoint(model, mine, sources, skip=lambda name: _is_mtp_tensor(name, n, m))
     lines = rep.problems(sources, dict(model.named_parameters()))
     if lines:
-        raise Step35WeightError("Step-3.5 checkpoint does not match config.json:\n" + "\n".join(lines))
+        where = "" if pp.world_size == 1 else (
+            f" (pipeline stage {pp.rank_in_group} of {pp.world_size}: layers {start}-{end - 1}"
+            + (", embedding" if first else "") + (", norm and lm_head" if last else "") + ")")
+        raise Step35WeightError(f"Step-3.5 checkpoint does not match config.json{where}:\n" + "\n".join(lines))
