@@ -239,6 +239,20 @@ def build_tokenizer(vocab_size: int, corpus: list[str]):
     return Tokenizer.from_str(json.dumps(data))
 
 
+def save_tokenizer(tok, out: Path, max_length: int) -> None:
+    """Write `tok` (a `tokenizers.Tokenizer` from build_tokenizer) as a transformers fast tokenizer
+    with Step-3.5's special tokens and chat template: tokenizer.json, tokenizer_config.json,
+    chat_template.jinja (what AutoTokenizer and SGLang read)."""
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        model_max_length=max_length,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(out))
+
+
 def default_corpus() -> list[str]:
     """Text the tokenizer is trained on: the GSM8K copy shipped with the package plus chat markup."""
     here = Path(__file__).parent / "data" / "gsm8k" / "train.jsonl"
@@ -295,21 +309,7 @@ def write_tiny_checkpoint(
     (out / "generation_config.json").write_text(
         json.dumps({"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"]}, indent=2) + "\n"
     )
-    tok.save(str(out / "tokenizer.json"))
-    tok_cfg = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<|endoftext|>",
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
-        "unk_token": None,
-        "add_bos_token": False,
-        "model_max_length": cfg["max_position_embeddings"],
-        "chat_template": CHAT_TEMPLATE,
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
-    (out / "special_tokens_map.json").write_text(
-        json.dumps({"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}) + "\n"
-    )
+    save_tokenizer(tok, out, cfg["max_position_embeddings"])
     return out
 
 

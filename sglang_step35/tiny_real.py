@@ -40,7 +40,7 @@ import torch
 
 from sglang_step35.checkpoint import checkpoint_shapes
 from sglang_step35.config import FULL, moe_layer_ids
-from sglang_step35.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS, build_tokenizer, default_corpus
+from sglang_step35.tiny import SPECIAL_TOKENS, build_tokenizer, default_corpus, save_tokenizer
 
 REAL_CONFIG_PATH = Path(__file__).parent / "data" / "step3p5_flash_config.json"
 CLAMPED_SOURCE_LAYER = 44  # routed limit 7 and shared limit 16 (43: routed 7 only)
@@ -225,30 +225,13 @@ def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _write_tokenizer(out: Path, tok, cfg: dict) -> None:
-    tok.save(str(out / "tokenizer.json"))
-    tok_cfg = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<|endoftext|>",
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
-        "unk_token": None,
-        "add_bos_token": False,
-        "model_max_length": cfg["max_position_embeddings"],
-        "chat_template": CHAT_TEMPLATE,
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
-    (out / "special_tokens_map.json").write_text(
-        json.dumps({"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}) + "\n")
-
-
 def _write_meta(out: Path, cfg: dict, weight_map: dict, total: int, tok) -> None:
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (out / "generation_config.json").write_text(
         json.dumps({"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"]}, indent=2) + "\n")
     (out / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
-    _write_tokenizer(out, tok, cfg)
+    save_tokenizer(tok, out, cfg["max_position_embeddings"])
 
 
 def write_real_width_checkpoint(

@@ -48,7 +48,10 @@ def sglang_gpu_path():
     import torch._dynamo
 
     # SGLang wraps its clamp (`_swiglu_silu_clamp_mul`) in torch.compile; eager is the same math.
-    mp.setattr(torch._dynamo.config, "disable", True)
+    # Set and restored by hand: MonkeyPatch.undo would delete this config entry (it is not a plain
+    # attribute), breaking every later torch.compile in the process.
+    dynamo_disable = torch._dynamo.config.disable
+    torch._dynamo.config.disable = True
     language = gpu_contract.interpreted_triton_language()
     language.__enter__()
     gpu_contract.ensure_interpreted("sglang.kernels.ops.moe.fused_moe_triton_kernels", "fused_moe_kernel")
@@ -68,6 +71,7 @@ def sglang_gpu_path():
     mp.setattr(ops, "backend_for", lambda t: "cuda")
     yield
     language.__exit__(None, None, None)
+    torch._dynamo.config.disable = dynamo_disable
     override.restore()
     mp.undo()
 

@@ -65,10 +65,22 @@ def test_recipe_is_deterministic_and_reproduces_the_embedded_checkpoints_start(t
     assert {k: v.dtype for k, v in a.items()} == {k: v.dtype for k, v in embedded.items()}
     # Same tokenizer, same data, same initial weights and first batch as the embedded checkpoint's run:
     # its logged first loss (before any update) is reproduced.
-    assert (runs[0] / "tokenizer.json").read_bytes() == (TRAINED_TINY_DIR / "tokenizer.json").read_bytes()
+    assert _same_tokenizer(runs[0] / "tokenizer.json", TRAINED_TINY_DIR / "tokenizer.json")
     log = json.loads((runs[0] / "train_log.json").read_text())
     committed = json.loads((TRAINED_TINY_DIR / "train_log.json").read_text())
     assert log["examples"] == committed["examples"]
     assert abs(log["loss"]["main"][0] - committed["loss"]["main"][0]) < 1e-3
     assert len(log["loss"]["main"]) == 3 and all(len(log["loss"][f"mtp{k}"]) == 2 for k in range(3))
     assert (runs[0] / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _same_tokenizer(a, b) -> bool:
+    """Same vocabulary, merges, added tokens and encodings (the files' bytes may differ: transformers'
+    save_pretrained adds an empty TemplateProcessing post-processor to what tokenizers wrote)."""
+    from tokenizers import Tokenizer
+
+    ta, tb = Tokenizer.from_file(str(a)), Tokenizer.from_file(str(b))
+    ja, jb = json.loads(ta.to_str()), json.loads(tb.to_str())
+    text = "Natalia sold clips to 48 of her friends.<|im_start|>user\n<think>\n</think>\n<tool_call>"
+    return (ja["model"] == jb["model"] and ja["added_tokens"] == jb["added_tokens"]
+            and ta.encode(text).ids == tb.encode(text).ids)
