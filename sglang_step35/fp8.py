@@ -5,12 +5,13 @@ Layout (the DeepSeek-V3 / Step-3.5-Flash-FP8 convention SGLang's `Fp8Config` rea
 - `X.weight_scale_inv`: float32 [ceil(N/128), ceil(K/128)] (or [E, ...]); the weight is
   `fp8 * scale_inv` blockwise. Edge blocks are ragged (smaller than 128) when N or K is not a multiple
   of 128: their scale covers only the existing elements, as real loaders assume (SGLang's block
-  dequantization crops the repeated scale to the weight's shape).
+  dequantization, which :func:`dequantize_block` calls, crops the repeated scale to the weight's shape).
 - config.json `quantization_config`: {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme":
   "dynamic", "weight_block_size": [128, 128]}.
 Quantized: every projection of attention, dense MLP, shared and routed experts. Kept in bf16: router
 (`moe.gate`, fp32 `router_bias`), norms, embeddings, `lm_head`, `g_proj`, MTP `eh_proj` and head.
-No SGLang import: used by the tiny builder, the loader and the tests.
+Used by the tiny builder, the loader and the tests; only :func:`dequantize_block` imports SGLang, and
+only when called (the tiny builder and the quantizer stay SGLang-free).
 """
 
 from __future__ import annotations
@@ -83,9 +84,14 @@ def dequantize_block(
             f"weight_scale_inv shape {list(scale_inv.shape)} does not match weight {list(q.shape)} "
             f"with {list(block)} blocks (expected {list(scale_shape(q.shape, block))})"
         )
-    n, k = q.shape[-2:]
-    s = scale_inv.float().repeat_interleave(block[0], dim=-2).repeat_interleave(block[1], dim=-1)
-    return (q.float() * s[..., :n, :k]).to(dtype)
+    # SGLang's own block dequantize (what its FP8 paths use to unquantize block weights, e.g. for
+    # MXFP4 conversion): scale repeated per block, cropped to [N, K] (ragged edges), fp32 product,
+    # cast to `dtype`; any leading dims. Pure torch, so it runs on CPU. It checks no shapes (too
+    # large a grid is silently cropped, too small one fails as a broadcast RuntimeError), hence the
+    # ValueError above, which the loader collects per tensor.
+    from sglang.srt.layers.quantization.fp8_utils import block_quant_dequant  # noqa: PLC0415
+
+    return block_quant_dequant(q, scale_inv.float(), list(block), dtype)
 
 
 def quantize_checkpoint(weights: dict[str, torch.Tensor], block: Sequence[int] = BLOCK) -> dict[str, torch.Tensor]:
