@@ -345,3 +345,17 @@ def test_legacy_structure_info_round_trips():
     text = info.begin + json.dumps(WEATHER_ARGS) + info.end
     assert text.startswith(info.trigger)
     assert parse(text) == ("", [("get_weather", WEATHER_ARGS)])
+
+
+def test_properties_declared_in_union_branches():
+    """A schema whose properties live only in anyOf/oneOf/allOf branches (a discriminated union)
+    types its arguments like the built-in Qwen3-Coder parser (SGLang's get_schema_properties);
+    a name in two branches takes the first branch's schema."""
+    tool = Tool(function=Function(name="f", parameters={"type": "object", "anyOf": [
+        {"properties": {"kind": {"const": "a"}, "n": {"type": "integer"}}},
+        {"properties": {"kind": {"const": "b"}, "n": {"type": "string"}, "flag": {"type": "boolean"}}},
+    ]}))
+    body = "<parameter=kind>\na\n</parameter>\n<parameter=n>\n7\n</parameter>\n<parameter=flag>\ntrue\n</parameter>\n"
+    assert parse(f"<tool_call>\n<function=f>\n{body}</function>\n</tool_call>", [tool])[1] == [
+        ("f", {"kind": "a", "n": 7, "flag": True})
+    ]

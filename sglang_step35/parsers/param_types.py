@@ -14,6 +14,7 @@ import re
 from typing import Any, Dict, List, Optional
 
 from sglang.srt.entrypoints.openai.protocol import Tool
+from sglang.srt.function_call.utils import get_schema_properties
 
 _INT_RE = re.compile(r"[-+]?\d+")
 _NUMBER_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -58,11 +59,15 @@ def canonical_type(name: str) -> Optional[str]:
 
 
 def tool_properties(tool: Optional[Tool]) -> Dict[str, Any]:
-    """The ``properties`` of a tool's parameter schema; {} when it declares none."""
-    if tool is None or not isinstance(tool.function.parameters, dict):
+    """The ``properties`` of a tool's parameter schema; {} when it declares none.
+
+    SGLang's helper, the one its Qwen3-Coder (0.5.23's built-in step3p5 tool parser) and GLM
+    detectors use: top-level ``properties``, else those of ``anyOf``/``oneOf``/``allOf``
+    branches (first definition of a name wins), so union-typed arguments are typed like there.
+    Branches given as ``$ref`` are not followed, as in SGLang."""
+    if tool is None:
         return {}
-    props = tool.function.parameters.get("properties")
-    return props if isinstance(props, dict) else {}
+    return get_schema_properties(tool.function.parameters)
 
 
 def _resolve_ref(schema: Any, root: Dict[str, Any]) -> Any:
@@ -80,7 +85,13 @@ def _resolve_ref(schema: Any, root: Dict[str, Any]) -> Any:
 
 
 def schema_types(schema: Any, root: Optional[Dict[str, Any]] = None, depth: int = 0) -> List[str]:
-    """JSON types a (sub)schema admits, in _TRY_ORDER; [] means "unknown, keep text"."""
+    """JSON types a (sub)schema admits, in _TRY_ORDER; [] means "unknown, keep text".
+
+    Not SGLang's ``infer_type_from_json_schema`` (function_call/utils.py), which returns one
+    type: for a union it drops "null" and otherwise prefers "string" ("3" under
+    ["integer", "string"] stays text, "null" under ["string", "null"] the string "null"),
+    resolves no ``$ref`` and knows no type aliases (``float``, ``int``, ...); every value is
+    then tried against all the admitted types here, most specific first."""
     root = root or {}
     schema = _resolve_ref(schema, root)
     if not isinstance(schema, dict) or depth > _MAX_REF_DEPTH:
