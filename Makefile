@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: setup demo test test-fast fuzz clean
+.PHONY: setup demo lint test test-fast fuzz clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,8 +19,12 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/step35 demo
 
-## The whole CI suite (unit, kernels under TRITON_INTERPRET, servers on CPU).
-test: setup
+## Ruff with the small rule set in pyproject.toml (unused names and arguments, ambiguous names).
+lint: setup
+	$(BIN)/ruff check .
+
+## The whole CI suite: lint, then unit, kernels under TRITON_INTERPRET, servers on CPU.
+test: setup lint
 	$(PYTEST) -q -ra --durations=15 tests
 
 ## Unit tests only (no `sglang serve` processes).

@@ -25,7 +25,7 @@ def _swiglu_clamp_kernel(
     gu_ptr,
     out_ptr,
     T,
-    I,
+    inter,
     stride_gu_t,
     stride_out_t,
     limit,
@@ -37,13 +37,13 @@ def _swiglu_clamp_kernel(
     pid_i = tl.program_id(1)
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
-    mask = (rows[:, None] < T) & (cols[None, :] < I)
+    mask = (rows[:, None] < T) & (cols[None, :] < inter)
     # int64 row offsets: T * 2I overflows int32 for long prefills with wide dense FFNs
     # (8192 tokens * 2 * 11264 is fine, but 256K-token chunked prefill is not).
     row_off = rows.to(tl.int64)[:, None]
     g_ptrs = gu_ptr + row_off * stride_gu_t + cols[None, :]
     g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(g_ptrs + I, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(g_ptrs + inter, mask=mask, other=0.0).to(tl.float32)
     act = g / (1.0 + tl.exp(-g))  # silu; spelled out, see kernels_cuda._common on builtins-only
     if HAS_LIMIT:
         # Clamp silu from above only (silu is bounded below by ~-0.28 anyway), up on both sides.

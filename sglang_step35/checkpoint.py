@@ -12,7 +12,7 @@ from sglang_step35.config import cfg_get, layer_spec
 
 def checkpoint_shapes(cfg, include_mtp: bool = True) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape of a BF16 Step-3.5 checkpoint described by `cfg`."""
-    H, V, E, I, S, F, n = (cfg_get(cfg, k) for k in (
+    H, V, E, inter, S, F, n = (cfg_get(cfg, k) for k in (
         "hidden_size", "vocab_size", "moe_num_experts", "moe_intermediate_size", "share_expert_dim",
         "intermediate_size", "num_hidden_layers"))
     m = int(cfg_get(cfg, "num_nextn_predict_layers", 0) or 0) if include_mtp else 0
@@ -40,9 +40,9 @@ def checkpoint_shapes(cfg, include_mtp: bool = True) -> dict[str, tuple[int, ...
             shapes.update({
                 p + "moe.gate.weight": (E, H),
                 p + "moe.router_bias": (E,),
-                p + "moe.gate_proj.weight": (E, I, H),
-                p + "moe.up_proj.weight": (E, I, H),
-                p + "moe.down_proj.weight": (E, H, I),
+                p + "moe.gate_proj.weight": (E, inter, H),
+                p + "moe.up_proj.weight": (E, inter, H),
+                p + "moe.down_proj.weight": (E, H, inter),
                 p + "share_expert.gate_proj.weight": (S, H),
                 p + "share_expert.up_proj.weight": (S, H),
                 p + "share_expert.down_proj.weight": (H, S),

@@ -62,7 +62,7 @@ def cmd_tiny_real(args: argparse.Namespace) -> int:
     with tqdm(total=total, unit="B", unit_scale=True, desc="generating + writing shards") as bar:
         info = write_real_width_checkpoint(args.out, moe_layers=moe_layers, experts=args.experts,
                                            seed=args.seed or 0, fp8=args.fp8,
-                                           progress=lambda stem, n: bar.update(n))
+                                           progress=lambda _stem, n: bar.update(n))
     print(f"wrote {args.out} ({info['bytes'] / 1e9:.2f} GB, {len(list(Path(args.out).glob('*.safetensors')))} shards) "
           f"in {time.perf_counter() - t0:.1f} s, weights generated on {info['device']}")
     return 0

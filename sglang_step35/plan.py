@@ -167,7 +167,7 @@ def weight_breakdown(
     h, v = int(cfg["hidden_size"]), int(cfg["vocab_size"])
     n_layers = int(cfg["num_hidden_layers"])
     moe = moe_layer_ids(cfg)
-    E, I = int(cfg["moe_num_experts"]), int(cfg["moe_intermediate_size"])
+    E, inter = int(cfg["moe_num_experts"]), int(cfg["moe_intermediate_size"])
     S, D = int(cfg["share_expert_dim"]), int(cfg["intermediate_size"])
     vocab_local = _pad(v, VOCAB_PADDING) // tp
     out = dict.fromkeys(
@@ -181,7 +181,7 @@ def weight_breakdown(
         out["attention"] += _attention_bytes(cfg, i, tp, q)
         out["norms"] += 2 * h * 2  # input + post-attention RMSNorm
         if i in moe:
-            per_expert = _mlp_bytes(h, I // moe_tp, q)
+            per_expert = _mlp_bytes(h, inter // moe_tp, q)
             out["routed_experts"] += (E // ep) * per_expert
             out["shared_experts"] += _mlp_bytes(h, S if shared_expert_replicated else S // tp, q)
             # The gate weight is fp32 under need_fp32_gate (our model builds it so), plus the fp32 bias.
@@ -530,9 +530,9 @@ def make_plan(
     plan.shared_expert_replicated = block.shared_expert_replicated
     plan.attention_backend = ATTENTION_BACKEND[g.arch]
     assert plan.attention_backend in WINDOW_CAPABLE_BACKENDS
-    E, I = int(cfg["moe_num_experts"]), int(cfg["moe_intermediate_size"])
+    E, inter = int(cfg["moe_num_experts"]), int(cfg["moe_intermediate_size"])
     plan.experts_per_gpu = E // ep
-    plan.routed_intermediate_per_gpu = I // (tp // ep)
+    plan.routed_intermediate_per_gpu = inter // (tp // ep)
 
     stages = pp_stage_layers(n_layers, pp)
     reserve, activations = _margin_bytes(cfg, g, tp, plan.routed_intermediate_per_gpu)
@@ -587,9 +587,9 @@ def make_plan(
     if pp > 1:
         plan.memory["stage_layers"] = [layers.start, layers.stop]
         plan.stages = [
-            {"pp_rank": r, "layers": [l.start, l.stop], "weights_total": sum(w.values()), "buffers_total": sum(b.values()),
+            {"pp_rank": r, "layers": [stage.start, stage.stop], "weights_total": sum(w.values()), "buffers_total": sum(b.values()),
              "kv_total": s_kv["kv_total"], "headroom": head}
-            for r, (head, l, w, b, _, s_kv) in enumerate(summaries)
+            for r, (head, stage, w, b, _, s_kv) in enumerate(summaries)
         ]  # fmt: skip
     if need > static_pool:
         where = f" (pipeline stage with layers {layers.start}-{layers.stop - 1})" if pp > 1 else ""

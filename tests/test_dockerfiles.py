@@ -48,7 +48,7 @@ def instructions(path: Path) -> list[tuple[str, str]]:
             continue
         logical.append(buf + line)
         buf = ""
-    return [(l.split(None, 1)[0].upper(), l.split(None, 1)[1].strip()) for l in logical]
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1].strip()) for line in logical]
 
 
 def arg_defaults(path: Path) -> dict[str, str]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from sglang_step35.attention.window import keys_seen, radix_sliding_window_size, runner_sliding_window_size
 from sglang_step35.config import SLIDING

@@ -39,7 +39,7 @@ def test_a2a_ignoring_the_contract_counts_every_token_ep_times():
 
 # ---------------------------------------------------------------- our MoE block under a2a
 
-H, E, I, S, K, TP = 16, 4, 8, 8, 2, 2
+H, E, INTER, S, K, TP = 16, 4, 8, 8, 2, 2
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def _config():
     from sglang_step35.config import Step3p5Config
     from sglang_step35.tiny import TinySpec, tiny_config
 
-    spec = TinySpec(hidden_size=H, num_experts=E, top_k=K, moe_intermediate_size=I, share_expert_dim=S,
+    spec = TinySpec(hidden_size=H, num_experts=E, top_k=K, moe_intermediate_size=INTER, share_expert_dim=S,
                     routed_limit=0.0, shared_limit=0.0)  # fmt: skip
     cfg = tiny_config(spec, 64, {"<|endoftext|>": 0, "<|im_end|>": 1})
     cfg.update(moe_router_scaling_factor=3.0)
@@ -107,7 +107,7 @@ def test_our_block_under_a2a_slices_tokens_completes_without_all_reduce(sglang_s
     import sglang_step35.models.step3p5_moe as moe_mod
 
     cfg = _config()
-    w = MoEWeights.random(num_experts=E, top_k=K, hidden=H, intermediate=I, shared=S, limit=0.0, shared_limit=0.0,
+    w = MoEWeights.random(num_experts=E, top_k=K, hidden=H, intermediate=INTER, shared=S, limit=0.0, shared_limit=0.0,
                           scaling=3.0, seed=3, dtype=torch.float32)  # fmt: skip
     x = torch.randn(6, H, generator=torch.Generator().manual_seed(0))
     ref = moe_forward(x, w)

@@ -17,8 +17,6 @@ rotary caches across layers and drafts in one process) must belong to a componen
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest

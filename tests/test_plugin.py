@@ -46,7 +46,7 @@ def test_register_installs_everything_once_per_process():
         "sglang_step35.models", "1", True, "sglang_step35.cpu.kernel_ops")
     assert info["reasoning"].startswith("sglang_step35.parsers")
     assert info["tool"].startswith("sglang_step35.parsers")
-    lines = [l for l in log.splitlines() if "sglang-step35 0." in l and "active" in l]
+    lines = [line for line in log.splitlines() if "sglang-step35 0." in line and "active" in line]
     assert len(lines) == 1 and "sglang_step35.models.step3p5" in lines[0]
 
 

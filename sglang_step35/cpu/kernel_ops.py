@@ -112,7 +112,7 @@ def _window_visible(k_pos: torch.Tensor, q_pos, window: int) -> torch.Tensor:
 def extend_attention_cpu(
     q_extend, k_extend, v_extend, o_extend, k_buffer, v_buffer, key_scale, value_scale,
     req_to_token, req_pool_indices, seq_lens, extend_seq_lens, extend_start_loc, max_len_extend,
-    sm_scale, logit_cap, is_cross_attention=False, sliding_window_size=0, encoder_lens=None,
+    sm_scale, logit_cap, is_cross_attention=False, sliding_window_size=0, encoder_lens=None,  # noqa: ARG001 (the C++ op signature; no encoder-decoder models here)
     sinks=None, tree_mask=None, is_causal=True,
 ) -> None:
     """Prefill / draft-extend / target-verify attention (IntelAMXAttnBackend.forward_extend).
@@ -156,7 +156,7 @@ def extend_attention_cpu(
 def decode_attention_cpu(
     q, k_buffer, v_buffer, key_scale, value_scale, output, key, value, loc, attn_logits,
     req_to_token, req_pool_indices, seq_lens, sm_scale, logit_cap, is_cross_attention=False,
-    sliding_window_size=0, encoder_lens=None, sinks=None,
+    sliding_window_size=0, encoder_lens=None, sinks=None,  # noqa: ARG001 (the C++ op signature)
 ) -> None:
     """One new token per request (IntelAMXAttnBackend.forward_decode): writes key/value (when given)
     at `loc` into the pool, then attends over req_to_token[req_i, :seq_i]."""

@@ -149,7 +149,7 @@ class Step3p5MoE(nn.Module):
             parallel_group="replicated" if self.layout.shared_expert_replicated else "tp",
         )
 
-    def _route(self, hidden_states, gating_output, topk, renormalize):
+    def _route(self, hidden_states, gating_output, topk, renormalize):  # noqa: ARG002 (TopK passes it by name)
         # Step's rule (not DeepSeek's grouped top-k): sigmoid scores; select by score + bias; weight
         # by the unbiased scores, renormalised, times the scaling factor.
         #

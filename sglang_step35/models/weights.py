@@ -242,7 +242,7 @@ def load_checkpoint(
     model: torch.nn.Module,
     weights: Iterable[Tuple[str, torch.Tensor]],
     sources: dict[str, Source],
-    skip: Callable[[str], bool] = lambda name: False,
+    skip: Callable[[str], bool] = lambda _name: False,
 ) -> LoadReport:
     """Load every tensor of `weights` that `sources` names into `model`; skip the names `skip`
     accepts (tensors that belong to another model, e.g. MTP layers), record everything else."""

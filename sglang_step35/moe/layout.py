@@ -399,7 +399,7 @@ def clamp_runner_refusal(
 
 
 def recommended_layout(
-    hf_config: Any, tp: int, quant: Any, vendor: str, backend: str
+    hf_config: Any, tp: int, quant: Any, vendor: str, backend: str  # noqa: ARG001 (backend encodes the vendor)
 ) -> Optional[tuple[int, list[str]]]:
     """The EP size and flags that make ``tp`` GPUs valid, or None when no flag can. Never an
     all-to-all backend: the standard dispatcher serves every layout an a2a one would (the shared
@@ -449,7 +449,7 @@ def guard_moe_layout(server_args_like: Any, hf_config: Any, platform: Any, *, ai
     a2a = _a2a_name(_get(server_args_like, "moe_a2a_backend"))
     quant = parse_quant(_get(server_args_like, "quantization") or _get(hf_config, "quantization_config"))
     E = int(_get(hf_config, "moe_num_experts"))
-    I = int(_get(hf_config, "moe_intermediate_size"))
+    inter = int(_get(hf_config, "moe_intermediate_size"))
     clamped = clamped_moe_layers(hf_config)
     base = recommended_layout(hf_config, tp, quant, vendor, effective_moe_backend(None, vendor))
     use_instead = " ".join(base[1]) if base else f"`step35 plan` for a command on {tp} GPUs"
@@ -488,7 +488,7 @@ def guard_moe_layout(server_args_like: Any, hf_config: Any, platform: Any, *, ai
         dense_intermediate_size=_get(hf_config, "intermediate_size"),
         dense_tp=_get(server_args_like, "moe_dense_tp_size"),
     )
-    verdict = check_moe_layout(backend, quant, I, tp, ep, **kwargs)
+    verdict = check_moe_layout(backend, quant, inter, tp, ep, **kwargs)
     if verdict.ok:
         where = f"{E // ep} whole experts per GPU" if ep == tp else f"N={verdict.routed_n} per GPU"
         block = moe_block_layout(a2a_backend=a2a, quant=quant, share_expert_dim=kwargs["share_expert_dim"], tp_size=tp)
@@ -497,13 +497,13 @@ def guard_moe_layout(server_args_like: Any, hf_config: Any, platform: Any, *, ai
             "ok", f"step35: MoE layout --tp {tp} --ep {ep} ({quant.name}, {backend}): {where}; shared expert {shared}"
         )
     if verdict.routed_failed and not (verdict.shared_failed or verdict.other_failed) and ep != tp and E % tp == 0:
-        fixed = check_moe_layout(backend, quant, I, tp, tp, **kwargs)
+        fixed = check_moe_layout(backend, quant, inter, tp, tp, **kwargs)
         if fixed.ok:
             return Decision(
                 "switch_to_ep",
                 f"step35: --tp {tp} --ep {ep} would split each expert to N={verdict.routed_n} per GPU, which "
                 f"{backend}/{quant.name} cannot run ({verdict.reasons[0]}); using --ep {tp} instead "
-                f"({E // tp} whole experts per GPU, N={I}).",
+                f"({E // tp} whole experts per GPU, N={inter}).",
                 ep_size=tp,
                 flags=(f"--tp {tp}", f"--ep {tp}"),
             )

@@ -118,7 +118,7 @@ class Step35ReasoningDetector(BaseReasoningFormatDetector):
     def __init__(
         self,
         stream_reasoning: bool = True,
-        force_reasoning: bool = True,
+        force_reasoning: bool = True,  # noqa: ARG002 (SGLang passes it; Step-3.5 always reasons)
         continue_final_message: bool = False,
         previous_content: str = "",
         force_nonempty_content: bool = False,
