@@ -79,17 +79,28 @@ GPUS: dict[str, GpuSpec] = {
     )
 }
 
-# Attention backend per architecture. Each must honour per-layer sliding windows (SWA layers with
-# a 512-token window): fa3/fa4 pass the layer's window to FlashAttention (SGLang's own choice for
-# Step on Hopper/Blackwell, overrides.py), AITER's backend reads sliding_window_size. trtllm_mha is
-# avoided on Blackwell: it once ignored the window (sglang #18970).
-# FlashAttention 3 is Hopper-only: Ampere and Ada get flashinfer (SGLang's default there).
-ATTENTION_BACKEND = {
-    "ampere": "flashinfer", "ada": "flashinfer", "hopper": "fa3", "blackwell": "fa4", "cdna3": "aiter", "cdna4": "aiter",
-}  # fmt: skip
+# The platform each GPU architecture stands for when the planner asks the attention rule
+# (sglang_step35.attention.select, the same function the launch hook calls): a deployment node has
+# SGLang's default kernels installed (flashinfer on NVIDIA, AITER on AMD).
+_ARCH_PLATFORM = {
+    "ampere": dict(kind="nvidia", compute_capability=(8, 0), flashinfer_available=True),
+    "ada": dict(kind="nvidia", compute_capability=(8, 9), flashinfer_available=True),
+    "hopper": dict(kind="nvidia", compute_capability=(9, 0), flashinfer_available=True),
+    "blackwell": dict(kind="nvidia", compute_capability=(10, 0), flashinfer_available=True),
+    "cdna3": dict(kind="amd", gcn_arch="gfx942", aiter_available=True),
+    "cdna4": dict(kind="amd", gcn_arch="gfx950", aiter_available=True),
+}
+
+
+def attention_backend_for(arch: str) -> str:
+    """The attention backend the launch hook would pick on `arch` for Step-3.5 (sliding layers)."""
+    from sglang_step35.attention.select import PlatformInfo, choose_attention_backend
+
+    return choose_attention_backend(PlatformInfo(**_ARCH_PLATFORM[arch]), None, True).backend
+
+
 # Block-FP8 needs FP8 tensor cores (sm89+); Ampere has none. Not planned there.
 NO_FP8_ARCHS = frozenset({"ampere"})
-WINDOW_CAPABLE_BACKENDS = frozenset({"fa3", "fa4", "flashinfer", "triton", "aiter"})
 
 MODEL_PATHS = {
     "bf16": "stepfun-ai/Step-3.5-Flash",
@@ -528,8 +539,7 @@ def make_plan(
     plan.tp, plan.ep, plan.moe_a2a_backend = tp, ep, a2a
     block = moe_block_layout(a2a_backend=a2a, quant=q, share_expert_dim=cfg.get("share_expert_dim"), tp_size=tp)
     plan.shared_expert_replicated = block.shared_expert_replicated
-    plan.attention_backend = ATTENTION_BACKEND[g.arch]
-    assert plan.attention_backend in WINDOW_CAPABLE_BACKENDS
+    plan.attention_backend = attention_backend_for(g.arch)
     E, inter = int(cfg["moe_num_experts"]), int(cfg["moe_intermediate_size"])
     plan.experts_per_gpu = E // ep
     plan.routed_intermediate_per_gpu = inter // (tp // ep)
