@@ -390,12 +390,11 @@ def pp_stage_layers(num_layers: int, pp_size: int) -> list[range]:
 def model_class_pp_refusal(pp_size: int, mtp: int) -> Optional[str]:
     """Why our model class cannot serve ``--pp-size pp_size`` (with ``mtp`` drafts), or None.
 
-    The single gate every pipeline-parallel plan passes; meant to become a call to the model's own
-    launch guard once pipeline parallelism lands in Step3p5ForCausalLM. Until then it applies
-    SGLang 0.5.23's admission test for PP (model_runner.py ``support_pp``: the model's forward
-    takes ``pp_proxy_tensors``, else "Pipeline Parallel is not compatible with this model"), read
-    from our model source without importing it, and refuses PP with MTP drafts (see
-    :data:`PP_MTP_REFUSAL`)."""
+    The single gate every pipeline-parallel plan passes. It refuses PP with MTP drafts, the rule the
+    launch guard applies (sglang_step35/parallel_guard.py; here worded with the planner's flags, see
+    :data:`PP_MTP_REFUSAL`), and applies SGLang 0.5.23's admission test for PP (model_runner.py
+    ``support_pp``: the model's forward takes ``pp_proxy_tensors``, else "Pipeline Parallel is not
+    compatible with this model"), read from our model source without importing it."""
     if pp_size <= 1:
         return None
     if mtp:

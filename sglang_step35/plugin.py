@@ -214,6 +214,9 @@ def apply_server_policy(server_args, *args, **kwargs):
 
         # A malformed config.json fails here, in the launcher, with one named error.
         validate(cfg, tp_size=int(getattr(server_args, "tp_size", 1) or 1))
+        from sglang_step35.parallel_guard import guard_pipeline_parallel
+
+        guard_pipeline_parallel(server_args, cfg)
     if is_step and getattr(server_args, "speculative_algorithm", None):
         from sglang_step35.mtp_check import check_mtp_request
 
@@ -274,7 +277,10 @@ def _cpu_server_defaults(server_args) -> None:
         # SGLang's scheduler otherwise busy-polls a whole core while idle: on a laptop (or a
         # 2-core CI machine) that halves the machine for everything else.
         server_args.sleep_on_idle = True
-    binding = _cpu_thread_binding(int(getattr(server_args, "tp_size", 1) or 1))
+    # One core share per rank: TP ranks of every pipeline stage (SGLang's numa_utils asserts otherwise).
+    binding = _cpu_thread_binding(
+        int(getattr(server_args, "tp_size", 1) or 1) * int(getattr(server_args, "pp_size", 1) or 1)
+    )
     if binding and "SGLANG_CPU_OMP_THREADS_BIND" not in os.environ:
         os.environ["SGLANG_CPU_OMP_THREADS_BIND"] = binding  # inherited by the spawned TP ranks
     if getattr(server_args, "attention_backend", None) == "torch_native" and not getattr(

@@ -86,7 +86,8 @@ def test_server_policy_on_amd_picks_aiter_and_switches_tp4_to_ep4(tmp_path, monk
     monkeypatch.setattr(plugin, "_is_rocm", lambda: True)
     monkeypatch.setattr("sglang_step35.attention.detect_platform",
                         lambda: PlatformInfo(kind="amd", gcn_arch="gfx942", aiter_available=True))
-    monkeypatch.delenv("SGLANG_USE_AITER_UNIFIED_ATTN", raising=False)
+    monkeypatch.setenv("SGLANG_USE_AITER_UNIFIED_ATTN", "unset-by-test")  # restored (removed) afterwards
+    monkeypatch.delenv("SGLANG_USE_AITER_UNIFIED_ATTN")
     args = _step_args(tmp_path)
     plugin.apply_server_policy(args)
     assert args.attention_backend == "aiter"
@@ -143,3 +144,20 @@ def test_register_refuses_another_sglang_version_unless_allowed(monkeypatch):
         plugin.check_sglang_version("0.5.24")
     monkeypatch.setenv(plugin.ALLOW_VERSION_ENV, "1")
     plugin.check_sglang_version("0.5.24")  # a warning, not an error
+
+
+def test_server_policy_refuses_pipeline_parallel_with_mtp_and_binds_cores_per_stage(tmp_path, monkeypatch):
+    import pytest
+
+    monkeypatch.setattr(plugin, "has_accelerator", lambda: False)
+    # setenv first so that the value the policy writes is removed again afterwards (delenv of an
+    # absent variable records nothing to restore): later servers in this process must not inherit it.
+    monkeypatch.setenv("SGLANG_CPU_OMP_THREADS_BIND", "unset-by-test")
+    monkeypatch.delenv("SGLANG_CPU_OMP_THREADS_BIND")
+    monkeypatch.setattr(plugin.os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
+    bad = _step_args(tmp_path, tp_size=1, pp_size=2, speculative_algorithm="EAGLE", speculative_num_steps=3)
+    with pytest.raises(ValueError, match="--pp-size 2 with --speculative-algorithm EAGLE"):
+        plugin.apply_server_policy(bad)
+    ok = _step_args(tmp_path, tp_size=1, pp_size=2)
+    plugin.apply_server_policy(ok)
+    assert os.environ["SGLANG_CPU_OMP_THREADS_BIND"] == "0,1|2,3"  # one share per pipeline stage
