@@ -330,7 +330,7 @@ _TARGETS = [("cuda", 90, 32), ("cuda", 100, 32), ("cuda", 120, 32), ("hip", "gfx
 
 _SIGNATURES = {
     "swiglu": {
-        "gu_ptr": "*bf16", "out_ptr": "*bf16", "T": "i32", "I": "i32", "stride_gu_t": "i32",
+        "gu_ptr": "*bf16", "out_ptr": "*bf16", "T": "i32", "inter": "i32", "stride_gu_t": "i32",
         "stride_out_t": "i32", "limit": "fp32", "HAS_LIMIT": "constexpr", "BLOCK_T": "constexpr",
         "BLOCK_I": "constexpr",
     },
