@@ -131,6 +131,11 @@ def sglang_topk_routes():
     correction_bias, scale folded with apply_routed_scaling_factor_on_output): the GPU gate that
     forward_cuda reaches (moe_fused_gate's Triton kernel) and forward_native's torch version.
     See the comment at Step3p5MoE._route for why we keep our router."""
+    from sglang_step35.plugin import register
+
+    # As in every SGLang process: on a GPU-less machine the plugin supplies the sgl_kernel stand-in
+    # that SGLang's CPU engine imports (SGLANG_USE_CPU_ENGINE=1 makes topk's imports reach it).
+    register()
     import sglang.kernels.ops.moe.moe_fused_gate as gate
     from sglang.srt.layers.moe.topk import fused_topk_torch_native
 

@@ -285,3 +285,98 @@ def cuda_fp8_activation_quant(sm90: bool = True):
         stack.callback(kernels.should_enable_swap_ab.cache_clear)  # lru_cache: answers given under these flags
         kernels.should_enable_swap_ab.cache_clear()  # ... and under the CPU ones before
         yield
+
+
+ALIGN_MODULE = "sglang.srt.layers.moe.moe_runner.triton_utils.moe_align_block_size"
+
+
+@contextlib.contextmanager
+def sglang_gpu_moe_path(master_port: int, extra_kernels=()):
+    """World-size-1 SGLang process state plus what SGLang's GPU MoE path needs on CPU tensors:
+    Triton under the interpreter (SGLang's fused-MoE kernel, our router, `extra_kernels` as
+    (module, kernel) pairs), the CUDA-only align / fused-experts ops as pure-torch CPU kernels, the
+    H200's kernel-config lookup, and our ops dispatching to their CUDA Triton kernels.
+    Yields the MonkeyPatch it uses (undone on exit)."""
+    import sys
+
+    import pytest
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TRITON_INTERPRET", "1")
+    from sglang_step35.plugin import register
+
+    register()
+    from sglang.test.layer_ut_utils import init_single_process_dist
+
+    init_single_process_dist(master_port=master_port)
+    from sglang.srt.runtime_context import get_context
+
+    override = get_context().override_server_args(device="cpu")
+    override.install()
+    import torch._dynamo
+
+    # SGLang wraps its clamp (`_swiglu_silu_clamp_mul`) in torch.compile; eager is the same math.
+    # Set and restored by hand: MonkeyPatch.undo would delete this config entry (it is not a plain
+    # attribute), breaking every later torch.compile in the process.
+    dynamo_disable = torch._dynamo.config.disable
+    torch._dynamo.config.disable = True
+    language = interpreted_triton_language()
+    language.__enter__()
+    try:
+        for module, kernel in (("sglang.kernels.ops.moe.fused_moe_triton_kernels", "fused_moe_kernel"),
+                               ("kernels_cuda.router", "_sigmoid_topk_kernel"), *extra_kernels):
+            ensure_interpreted(module, kernel)
+        from sglang.srt.layers.moe.moe_runner.triton_utils import fused_moe, fused_moe_triton_config
+
+        importlib.import_module(ALIGN_MODULE)
+        mp.setattr(sys.modules[ALIGN_MODULE], "sgl_moe_align_block_size", moe_align_block_size, raising=False)
+        register_cpu_kernels(fused_moe.inplace_fused_experts, fused_moe.outplace_fused_experts)
+        # Kernel-config lookup keys on the GPU name; none here (the default config is used either way).
+        mp.setattr(fused_moe_triton_config, "get_device_name", lambda: "NVIDIA H200")
+        # Our own ops (router, SwiGLU clamp) take their CUDA Triton kernels, as on a GPU.
+        from sglang_step35 import ops
+
+        mp.setattr(ops, "backend_for", lambda t: "cuda")
+        yield mp
+    finally:
+        language.__exit__(None, None, None)
+        torch._dynamo.config.disable = dynamo_disable
+        override.restore()
+        mp.undo()
+
+
+def fake_platform_probe(mp, device: str = "cuda") -> None:
+    """Our platform probe (`moe/runner.current_device`, and every model module that imported it)
+    answers `device`; SGLang's own probes stay those of this CPU machine."""
+    import sys
+
+    import sglang_step35.models.step3p5  # noqa: F401  (load every module that imports the probe)
+    import sglang_step35.models.step3p5_mtp  # noqa: F401
+    from sglang_step35.moe import runner
+
+    for mod in [runner, *[m for k, m in sys.modules.items() if k.startswith("sglang_step35.models.")]]:
+        if hasattr(mod, "current_device"):
+            mp.setattr(mod, "current_device", lambda: device)
+
+
+def build_like_sglang(ckpt, draft_idx=None):
+    """Our model (or MTP draft step `draft_idx`) built exactly as SGLang's DefaultModelLoader builds
+    it from the checkpoint directory (`_get_quantization_config`, `_initialize_model`), in bf16.
+    Returns (model, quant_config)."""
+    from sglang.srt.configs.load_config import LoadConfig
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.model_loader.loader import _get_quantization_config, _initialize_model
+
+    if draft_idx is None:
+        mc, lc = ModelConfig(str(ckpt), dtype="bfloat16"), LoadConfig()
+    else:
+        mc = ModelConfig(str(ckpt), dtype="bfloat16", is_draft_model=True, speculative_algorithm="EAGLE",
+                         is_multi_layer_eagle=True)
+        lc = LoadConfig(draft_model_idx=draft_idx)
+    qc = _get_quantization_config(mc, lc)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        return _initialize_model(mc, lc, qc), qc
+    finally:
+        torch.set_default_dtype(old)

@@ -16,7 +16,6 @@ gate/up in their shard order, stacked experts per expert), every scale its check
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,8 @@ from safetensors.torch import load_file, save_file
 
 from sglang_step35 import fp8
 from sglang_step35.tiny import FP8_TINY_SPEC, TinySpec, write_tiny_checkpoint
+
+import gpu_contract
 
 
 @pytest.fixture(scope="module")
@@ -41,37 +42,13 @@ def gpu_like_build():
 
     override = get_context().override_server_args(device="cpu")
     override.install()
-    import sglang_step35.models.step3p5  # noqa: F401  (load every module that imported the probe)
-    import sglang_step35.models.step3p5_mtp  # noqa: F401
-    import sglang_step35.moe.runner as runner
-
-    for mod in [runner, *[m for k, m in sys.modules.items() if k.startswith("sglang_step35.models.")]]:
-        if hasattr(mod, "current_device"):
-            mp.setattr(mod, "current_device", lambda: "cuda")
+    gpu_contract.fake_platform_probe(mp, "cuda")
     yield
     override.restore()
     mp.undo()
 
 
-def build(ckpt: Path, draft_idx: int | None = None):
-    """Our model (or MTP draft step `draft_idx`) built exactly as SGLang's DefaultModelLoader does."""
-    from sglang.srt.configs.load_config import LoadConfig
-    from sglang.srt.configs.model_config import ModelConfig
-    from sglang.srt.model_loader.loader import _get_quantization_config, _initialize_model
-
-    if draft_idx is None:
-        mc, lc = ModelConfig(str(ckpt), dtype="bfloat16"), LoadConfig()
-    else:
-        mc = ModelConfig(str(ckpt), dtype="bfloat16", is_draft_model=True, speculative_algorithm="EAGLE",
-                         is_multi_layer_eagle=True)
-        lc = LoadConfig(draft_model_idx=draft_idx)
-    qc = _get_quantization_config(mc, lc)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        return _initialize_model(mc, lc, qc), qc
-    finally:
-        torch.set_default_dtype(old)
+build = gpu_contract.build_like_sglang
 
 
 @pytest.fixture(scope="module")

@@ -52,7 +52,6 @@ import contextlib
 import dataclasses
 import inspect
 import json
-import sys
 
 import gpu_contract
 import pytest
@@ -73,75 +72,15 @@ WIDE_SPEC = dataclasses.replace(FP8_TINY_SPEC, hidden_size=256, moe_intermediate
 @pytest.fixture(scope="module")
 def fp8_cuda_path():
     """World-size-1 SGLang state; our platform probe answers "cuda"; SGLang's GPU MoE path on CPU."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TRITON_INTERPRET", "1")
-    from sglang_step35.plugin import register
-
-    register()
-    from sglang.test.layer_ut_utils import init_single_process_dist
-
-    init_single_process_dist(master_port=29737)
-    from sglang.srt.runtime_context import get_context
-
-    override = get_context().override_server_args(device="cpu")
-    override.install()
-    import torch._dynamo
-
-    # SGLang wraps its clamp (`_swiglu_silu_clamp_mul`) in torch.compile; eager is the same math.
-    # Set and put back by hand: MonkeyPatch.undo deletes this ConfigModule entry instead of restoring
-    # it, after which every torch.compile in the process raises AttributeError.
-    dynamo_disable = torch._dynamo.config.disable
-    torch._dynamo.config.disable = True
-    language = gpu_contract.interpreted_triton_language()
-    language.__enter__()
-    gpu_contract.ensure_interpreted("sglang.kernels.ops.moe.fused_moe_triton_kernels", "fused_moe_kernel")
-    gpu_contract.ensure_interpreted("kernels_cuda.router", "_sigmoid_topk_kernel")
-    from sglang.srt.layers.moe.moe_runner.triton_utils import (
-        fused_moe,
-        fused_moe_triton_config,
-    )
-
-    __import__(ALIGN_MODULE)
-    mp.setattr(sys.modules[ALIGN_MODULE], "sgl_moe_align_block_size", gpu_contract.moe_align_block_size,
-               raising=False)
-    gpu_contract.register_cpu_kernels(fused_moe.inplace_fused_experts, fused_moe.outplace_fused_experts)
-    mp.setattr(fused_moe_triton_config, "get_device_name", lambda: "NVIDIA H200")
-    from sglang_step35 import ops
-
-    mp.setattr(ops, "backend_for", lambda t: "cuda")
-    import sglang_step35.models.step3p5  # noqa: F401  (load every module that imported the probe)
-    from sglang_step35.moe import runner
-
-    for mod in [runner, *[m for k, m in sys.modules.items() if k.startswith("sglang_step35.models.")]]:
-        if hasattr(mod, "current_device"):
-            mp.setattr(mod, "current_device", lambda: "cuda")
-    quant = gpu_contract.cuda_fp8_activation_quant(sm90=True)
-    quant.__enter__()
-    yield
-    quant.__exit__(None, None, None)
-    language.__exit__(None, None, None)
-    override.restore()
-    mp.undo()
-    torch._dynamo.config.disable = dynamo_disable
+    with gpu_contract.sglang_gpu_moe_path(29737) as mp:
+        gpu_contract.fake_platform_probe(mp, "cuda")
+        with gpu_contract.cuda_fp8_activation_quant(sm90=True):
+            yield
 
 
 def _build(ckpt):
     """Our model as SGLang's DefaultModelLoader builds it (bf16, its Fp8Config), checkpoint loaded."""
-    from sglang.srt.configs.load_config import LoadConfig
-    from sglang.srt.configs.model_config import ModelConfig
-    from sglang.srt.model_loader.loader import (
-        _get_quantization_config,
-        _initialize_model,
-    )
-
-    mc, lc = ModelConfig(str(ckpt), dtype="bfloat16"), LoadConfig()
-    qc = _get_quantization_config(mc, lc)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        model = _initialize_model(mc, lc, qc)
-    finally:
-        torch.set_default_dtype(old)
+    model, qc = gpu_contract.build_like_sglang(ckpt)
     model.load_weights(load_file(str(ckpt / "model.safetensors")).items())
     return model, qc
 

@@ -15,7 +15,6 @@ fp32 accumulation order differs from the reference's matmuls).
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
@@ -27,53 +26,15 @@ from sglang_step35.tiny import TinySpec, write_tiny_checkpoint
 import gpu_contract
 
 TOL = dict(atol=2e-3, rtol=2e-3)
-ALIGN_MODULE = "sglang.srt.layers.moe.moe_runner.triton_utils.moe_align_block_size"
 
 
 @pytest.fixture(scope="module")
 def sglang_gpu_path():
     """World-size-1 SGLang process state plus what SGLang's GPU MoE path needs on CPU tensors."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TRITON_INTERPRET", "1")
-    from sglang_step35.plugin import register
-
-    register()
-    from sglang.test.layer_ut_utils import init_single_process_dist
-
-    init_single_process_dist(master_port=29731)
-    from sglang.srt.runtime_context import get_context
-
-    override = get_context().override_server_args(device="cpu")
-    override.install()
-    import torch._dynamo
-
-    # SGLang wraps its clamp (`_swiglu_silu_clamp_mul`) in torch.compile; eager is the same math.
-    # Set and restored by hand: MonkeyPatch.undo would delete this config entry (it is not a plain
-    # attribute), breaking every later torch.compile in the process.
-    dynamo_disable = torch._dynamo.config.disable
-    torch._dynamo.config.disable = True
-    language = gpu_contract.interpreted_triton_language()
-    language.__enter__()
-    gpu_contract.ensure_interpreted("sglang.kernels.ops.moe.fused_moe_triton_kernels", "fused_moe_kernel")
-    gpu_contract.ensure_interpreted("kernels_cuda.router", "_sigmoid_topk_kernel")
-    gpu_contract.ensure_interpreted("kernels_cuda.swiglu_clamp", "_swiglu_clamp_kernel")
-    from sglang.srt.layers.moe.moe_runner.triton_utils import fused_moe, fused_moe_triton_config
-
-    __import__(ALIGN_MODULE)
-    mp.setattr(sys.modules[ALIGN_MODULE], "sgl_moe_align_block_size", gpu_contract.moe_align_block_size,
-               raising=False)
-    gpu_contract.register_cpu_kernels(fused_moe.inplace_fused_experts, fused_moe.outplace_fused_experts)
-    # Kernel-config lookup keys on the GPU name; none here (the default config is used either way).
-    mp.setattr(fused_moe_triton_config, "get_device_name", lambda: "NVIDIA H200")
-    # Our own ops (router, SwiGLU clamp) take their CUDA Triton kernels, as on a GPU.
-    from sglang_step35 import ops
-
-    mp.setattr(ops, "backend_for", lambda t: "cuda")
-    yield
-    language.__exit__(None, None, None)
-    torch._dynamo.config.disable = dynamo_disable
-    override.restore()
-    mp.undo()
+    with gpu_contract.sglang_gpu_moe_path(
+        29731, extra_kernels=[("kernels_cuda.swiglu_clamp", "_swiglu_clamp_kernel")]
+    ):
+        yield
 
 
 def _build(ckpt, mp: pytest.MonkeyPatch, device: str, aiter: bool = False):
