@@ -65,23 +65,27 @@ def guard_pipeline_parallel(server_args: Any, cfg: Any, env: Mapping[str, str] =
         except ValueError:
             raise PipelineParallelError(
                 f"{PARTITION_ENV}={partition!r}: expected {pp} comma-separated layer counts summing to {n}, "
-                f"e.g. {PARTITION_ENV}={','.join(str(len(r)) for r in _even_split(n, pp))}") from None
+                f"e.g. {PARTITION_ENV}={','.join(str(len(r)) for r in pp_stage_layers(n, pp))}") from None
         if len(sizes) != pp or sum(sizes) != n:
             hint = " (the MTP layers stored after the main ones are not pipelined: do not count them)" \
                 if sum(sizes) == n + m and m else ""
             raise PipelineParallelError(
                 f"{PARTITION_ENV}={partition!r} with --pp-size {pp}: expected {pp} layer counts "
                 f"summing to num_hidden_layers={n}{hint}; e.g. "
-                f"{PARTITION_ENV}={','.join(str(len(r)) for r in _even_split(n, pp))}, or unset it for "
+                f"{PARTITION_ENV}={','.join(str(len(r)) for r in pp_stage_layers(n, pp))}, or unset it for "
                 "SGLang's even split")
 
 
-def _even_split(n: int, pp: int) -> list[range]:
-    """SGLang's default split (get_pp_indices): the last `n % pp` stages take one layer more."""
-    base, rem = divmod(n, pp)
+def pp_stage_layers(num_layers: int, pp_size: int) -> list[range]:
+    """The main layers of each pipeline stage as SGLang 0.5.23 splits them by default
+    (distributed/utils.py get_pp_indices without SGLANG_PP_LAYER_PARTITION): the last
+    ``num_layers % pp_size`` stages take one layer more. The MTP layers are not pipelined.
+    Written out (not SGLang's function) so the planner can use it without importing SGLang;
+    tests compare it with get_pp_indices."""
+    base, extra = divmod(num_layers, pp_size)
     out, start = [], 0
-    for r in range(pp):
-        size = base + (1 if r >= pp - rem else 0)
+    for r in range(pp_size):
+        size = base + (1 if r >= pp_size - extra else 0)
         out.append(range(start, start + size))
         start += size
     return out

@@ -34,6 +34,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from .parallel_guard import pp_stage_layers
 from .config import Step35ConfigError, layer_spec, moe_layer_ids, validate
 from .moe.layout import (
     BF16,
@@ -374,48 +375,16 @@ ASSUMPTIONS = [
 ]
 
 
-def pp_stage_layers(num_layers: int, pp_size: int) -> list[range]:
-    """The main layers of each pipeline stage as SGLang 0.5.23 splits them by default
-    (distributed/utils.py get_pp_indices without SGLANG_PP_LAYER_PARTITION): the last
-    ``num_layers % pp_size`` stages take one layer more. The MTP layers are not pipelined."""
-    base, extra = divmod(num_layers, pp_size)
-    out, start = [], 0
-    for r in range(pp_size):
-        n = base + (1 if r >= pp_size - extra else 0)
-        out.append(range(start, start + n))
-        start += n
-    return out
-
-
 def model_class_pp_refusal(pp_size: int, mtp: int) -> Optional[str]:
     """Why our model class cannot serve ``--pp-size pp_size`` (with ``mtp`` drafts), or None.
 
-    The single gate every pipeline-parallel plan passes. It refuses PP with MTP drafts, the rule the
-    launch guard applies (sglang_step35/parallel_guard.py; here worded with the planner's flags, see
-    :data:`PP_MTP_REFUSAL`), and applies SGLang 0.5.23's admission test for PP (model_runner.py
-    ``support_pp``: the model's forward takes ``pp_proxy_tensors``, else "Pipeline Parallel is not
-    compatible with this model"), read from our model source without importing it."""
-    if pp_size <= 1:
-        return None
-    if mtp:
+    The single gate every pipeline-parallel plan passes: Step3p5ForCausalLM takes part in SGLang's
+    pipeline (its forward takes ``pp_proxy_tensors``), but not with MTP drafts -- the rule the launch
+    guard applies (sglang_step35/parallel_guard.py), worded here with the planner's flags
+    (:data:`PP_MTP_REFUSAL`)."""
+    if pp_size > 1 and mtp:
         return PP_MTP_REFUSAL.format(pp=pp_size, mtp=mtp)
-    import ast
-
-    from importlib import resources
-
-    tree = ast.parse(resources.files("sglang_step35").joinpath("models/step3p5.py").read_text())
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == "Step3p5ForCausalLM":
-            for fn in node.body:
-                if isinstance(fn, ast.FunctionDef) and fn.name == "forward":
-                    names = {a.arg for a in fn.args.args + fn.args.kwonlyargs}
-                    if "pp_proxy_tensors" in names:
-                        return None
-    return (
-        f"--pp {pp_size}: this version's Step3p5ForCausalLM does not take part in SGLang's pipeline "
-        "(its forward has no pp_proxy_tensors, so SGLang refuses --pp-size > 1 for it); use --pp 1 with "
-        "the GPUs in tensor/expert parallel across the nodes"
-    )
+    return None
 
 
 PP_MTP_REFUSAL = (

@@ -132,19 +132,20 @@ def test_stage_layers_are_sglangs_split(n, pp):
     assert [(r.start, r.stop) for r in pp_stage_layers(n, pp)] == [get_pp_indices(n, r, pp) for r in range(pp)]
 
 
-def test_pp_gate_is_sglangs_admission_test_on_our_class():
-    """model_class_pp_refusal lets PP through exactly when SGLang would admit our class
-    (model_runner.support_pp: forward takes pp_proxy_tensors), and never with MTP."""
+def test_pp_gate_admits_our_class_and_refuses_pp_with_mtp():
+    """PP plans are emitted exactly when SGLang would admit our class (model_runner.support_pp:
+    forward takes pp_proxy_tensors), and never with MTP (the launch guard's rule)."""
     from sglang_step35.models.step3p5 import Step3p5ForCausalLM
+    from sglang_step35.parallel_guard import PipelineParallelError, guard_pipeline_parallel
 
-    supported = "pp_proxy_tensors" in inspect.signature(Step3p5ForCausalLM.forward).parameters
-    assert (model_class_pp_refusal(2, 0) is None) == supported
-    assert model_class_pp_refusal(1, 3) is None
+    assert "pp_proxy_tensors" in inspect.signature(Step3p5ForCausalLM.forward).parameters
+    assert model_class_pp_refusal(2, 0) is None and model_class_pp_refusal(1, 3) is None
     why = model_class_pp_refusal(2, 3)
     assert why == PP_MTP_REFUSAL.format(pp=2, mtp=3) and "--mtp 0" in why and "--pp 1" in why
-    if not supported:
-        p = make_plan("h200", 8, "fp8", nodes=2, pp=2)
-        assert not p.feasible and "pp_proxy_tensors" in p.problems[0] and "--pp 1" in p.problems[0]
+    cfg = {"num_hidden_layers": 45, "num_nextn_predict_layers": 3}
+    with pytest.raises(PipelineParallelError):  # the launcher refuses what the planner refuses
+        guard_pipeline_parallel({"pp_size": 2, "speculative_algorithm": "EAGLE"}, cfg, env={})
+    guard_pipeline_parallel({"pp_size": 2}, cfg, env={})
 
 
 @pytest.fixture

@@ -168,7 +168,7 @@ def test_sglang_itself_cannot_run_step_mtp_under_pp(cfg):
     from sglang.srt.arg_groups import overrides
     from sglang.srt.arg_groups.validation_hook import check_pipeline_parallel_compat
 
-    from sglang_step35.parallel_guard import _even_split
+    from sglang_step35.parallel_guard import pp_stage_layers
 
     view = SimpleNamespace(speculative_algorithm="EAGLE", attention_backend="torch_native",
                            enable_hierarchical_cache=False)  # fmt: skip
@@ -188,7 +188,7 @@ def test_sglang_itself_cannot_run_step_mtp_under_pp(cfg):
 
     os.environ.pop("SGLANG_PP_LAYER_PARTITION", None)
     for n, pp in ((5, 2), (45, 4), (45, 3)):
-        assert [(r.start, r.stop) for r in _even_split(n, pp)] == [get_pp_indices(n, k, pp) for k in range(pp)]
+        assert [(r.start, r.stop) for r in pp_stage_layers(n, pp)] == [get_pp_indices(n, k, pp) for k in range(pp)]
 
 
 # --- served ------------------------------------------------------------------------------------------

@@ -169,10 +169,10 @@ class Fp8Dequantizer:
         self.problems += [f"{k}{fp8.SCALE_SUFFIX}: scale without its FP8 weight" for k in sorted(pending_s)]
 
 
-def cpu_fp8_fallback(quant_config, device: Optional[str] = None) -> Optional[list]:
+def cpu_fp8_fallback(quant_config) -> Optional[list]:
     """The FP8 block size to dequantize at load, when `quant_config` is block FP8 and SGLang's FP8
-    methods cannot run on `device` (default: this platform; a CPU engine without AMX); None
-    otherwise (keep SGLang's FP8 path)."""
+    methods cannot run on this platform (a CPU engine without AMX); None otherwise (keep SGLang's
+    FP8 path)."""
     if quant_config is None or quant_config.get_name() != "fp8":
         return None
     block = getattr(quant_config, "weight_block_size", None)
@@ -180,9 +180,7 @@ def cpu_fp8_fallback(quant_config, device: Optional[str] = None) -> Optional[lis
 
     from sglang_step35.moe.runner import current_device
 
-    device = device or current_device()
-
-    if not block or device != "cpu" or cpu_has_amx_support():
+    if not block or current_device() != "cpu" or cpu_has_amx_support():
         return None
     logger.warning(
         "block-FP8 checkpoint on a CPU without AMX (SGLang's FP8 kernels need AMX): dequantizing FP8 "
