@@ -24,6 +24,15 @@ if _TESTS_DIR not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
 from sglang_step35.tiny import TRAINED_TINY_DIR, write_tiny_checkpoint  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _triton_interpreter_restores_language():
+    """Interpreted kernels must not leave triton.language patched for later GPU-target compiles."""
+    from gpu_contract import scoped_device_function_patches
+
+    with scoped_device_function_patches():
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """The default tiny checkpoint (seed 0)."""

@@ -177,6 +177,43 @@ class AiterDenseGemm:
 
 
 @contextlib.contextmanager
+def scoped_device_function_patches():
+    """Undo, after each call, what Triton's interpreter patches for a device-function call.
+
+    Triton 3.8's interpreter swaps the builtins (`program_id`, `arange`, tensor methods, ...) of the
+    `triton.language` modules a kernel's globals name for interpreter versions around each launch,
+    and restores them afterwards (`GridExecutor.__call__`). A `@triton.jit` helper the kernel calls
+    (`InterpretedFunction.__call__`) patches the modules *its* globals name the same way and never
+    restores them: `tl.cdiv`, which SGLang's fused-MoE kernel calls, lives in
+    triton.language.standard, which sees `triton.language.core`, so `core`'s builtins stay
+    interpreter versions. Every later compile for a real GPU target in the process then fails at the
+    first builtin ("'ir.value' object has no attribute 'dtype'"). The conftest keeps this on for the
+    whole session; test_kernels.test_interpreted_helper_call_leaves_triton_language_alone pins it."""
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpretedFunction.__call__
+
+    def call(self, *args, **kwargs):
+        # Same body as Triton's, with the patch scope restored on the way out; the enclosing
+        # launch's own patches (recorded as this scope's originals) stay in place until it ends.
+        scope = interpreter._patch_lang(self.fn)
+        try:
+            fn = self.rewrite()
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:
+                raise interpreter.InterpreterError(repr(e)) from e
+        finally:
+            scope.restore()
+
+    interpreter.InterpretedFunction.__call__ = call
+    try:
+        yield
+    finally:
+        interpreter.InterpretedFunction.__call__ = original
+
+
+@contextlib.contextmanager
 def interpreted_triton_language():
     """`triton.language.standard` (`tl.cdiv`, `tl.sum`, ...) is itself `@triton.jit` code: imported
     before TRITON_INTERPRET=1 was set, its functions cannot be called by interpreted kernels.
