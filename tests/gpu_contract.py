@@ -324,6 +324,50 @@ def cuda_fp8_activation_quant(sm90: bool = True):
         yield
 
 
+# --- FP8 activation quantization on SGLang's non-CUDA (ROCm) branch --------------------------------
+# Off CUDA, the fused MoE quantizes with SGLang's Triton kernel `_per_token_group_quant_8bit`
+# (fp8_kernel.per_token_group_quant_fp8). Under the Triton 3.8 interpreter that kernel's fp32 -> e4m3
+# cast drops the rounding carry into the exponent (126.07 becomes 64, not 128; ~2% of elements),
+# which no GPU does (test_fp8_moe_aiter_contract pins the interpreter bug). The stand-in computes the
+# kernel's own formula in torch, as one opaque op for the host-sync detector.
+
+
+@torch.library.custom_op("sglang_step35::triton_group_quant_fp8", mutates_args=("output_q", "output_s"))
+def _triton_group_quant_fp8(
+    input: torch.Tensor, output_q: torch.Tensor, output_s: torch.Tensor, group_size: int, eps: float
+) -> None:
+    x = input.float().unflatten(-1, (-1, group_size))
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(eps) / FP8_E4M3_MAX
+    q = (x * (1.0 / scale)).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
+    output_q.copy_(q.flatten(-2).to(output_q.dtype))
+    output_s.copy_(scale.squeeze(-1))
+
+
+def triton_group_quant_fp8(x: torch.Tensor, group_size: int, eps: float = 1e-10, **layout):
+    """`_per_token_group_quant_8bit`'s math for e4m3 output with row-major fp32 scales (what the fused
+    MoE asks for): `s = max(amax(|x|), eps) / 448`, `q = e4m3(clamp(x * (1 / s), -448, 448))`,
+    round to nearest even. Other layouts raise."""
+    if any(layout.get(k) for k in ("column_major_scales", "scale_tma_aligned", "scale_ue8m0")) or layout.get(
+        "dtype", torch.float8_e4m3fn
+    ) != torch.float8_e4m3fn:
+        raise NotImplementedError(f"stand-in covers e4m3 with row-major fp32 scales, got {layout}")
+    q = torch.empty_like(x, dtype=torch.float8_e4m3fn)
+    s = torch.empty(*x.shape[:-1], x.shape[-1] // group_size, dtype=torch.float32, device=x.device)
+    _triton_group_quant_fp8(x, q, s, int(group_size), float(eps))
+    return q, s
+
+
+@contextlib.contextmanager
+def rocm_fp8_activation_quant():
+    """The fused MoE's non-CUDA FP8 activation quantizer is :func:`triton_group_quant_fp8`, for the duration."""
+    from unittest import mock
+
+    from sglang.kernels.ops.moe import fused_moe_triton_kernels as kernels
+
+    with mock.patch.object(kernels, "per_token_group_quant_fp8", triton_group_quant_fp8):
+        yield
+
+
 ALIGN_MODULE = "sglang.srt.layers.moe.moe_runner.triton_utils.moe_align_block_size"
 
 
@@ -417,3 +461,62 @@ def build_like_sglang(ckpt, draft_idx=None):
         return _initialize_model(mc, lc, qc), qc
     finally:
         torch.set_default_dtype(old)
+
+
+def load_like_sglang(ckpt):
+    """:func:`build_like_sglang` with the checkpoint loaded (before `process_weights_after_loading`)."""
+    from safetensors.torch import load_file
+
+    model, qc = build_like_sglang(ckpt)
+    model.load_weights(load_file(str(ckpt / "model.safetensors")).items())
+    return model, qc
+
+
+def post_load_off_cpu(experts):
+    """SGLang's loader step for the experts as on a GPU: fp8.py's module constant `_is_cpu` (the
+    only thing sending this machine to its AMX repack) is False for this call only."""
+    import pytest
+    from sglang.srt.layers.quantization import fp8 as sglang_fp8
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sglang_fp8, "_is_cpu", False)
+        experts.quant_method.process_weights_after_loading(experts)
+
+
+def moe_layers(model):
+    """(layer index, Step3p5MoE) of every MoE layer."""
+    return [(i, layer.moe) for i, layer in enumerate(model.model.layers) if layer.is_moe]
+
+
+def routed_output(moe, x):
+    """The routed half of Step3p5MoE._block as on a GPU: fp32 router, TopK (its CUDA dispatch when
+    the caller set `moe.topk._forward_method`), FusedMoE on a copy of `x` (it works in place)."""
+    import torch.nn.functional as F
+
+    topk_output = moe.topk(x, F.linear(x.float(), moe.gate.weight.float()))
+    return moe.experts(x.clone(), topk_output)
+
+
+def bf16_tokens(hidden: int, n: int, seed: int) -> torch.Tensor:
+    """RMS-normed hidden states are O(1) per element: standard normal, in bf16 as served."""
+    return torch.randn(n, hidden, generator=torch.Generator().manual_seed(seed)).bfloat16()
+
+
+def dequantize_blocks(q: torch.Tensor, scale: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """fp64 q * scale, each scale covering a rows x cols block of q."""
+    s = scale.double().repeat_interleave(rows, -2).repeat_interleave(cols, -1)
+    return q.double() * s[..., : q.shape[-2], : q.shape[-1]]
+
+
+def dequantized_routed_weights(raw: dict, block: int = 128) -> dict:
+    """Checkpoint tensors in fp32, each FP8 weight times its block scale; shared experts zero (so a
+    reference's `moe()` is the routed sum alone)."""
+    out = {}
+    for name, t in raw.items():
+        if name.endswith("_scale_inv"):
+            continue
+        if t.dtype == torch.float8_e4m3fn:
+            t = dequantize_blocks(t, raw[name + "_scale_inv"], block, block)
+        t = t.float()
+        out[name] = torch.zeros_like(t) if ".share_expert." in name else t
+    return out

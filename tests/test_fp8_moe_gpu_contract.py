@@ -78,51 +78,6 @@ def fp8_cuda_path():
             yield
 
 
-def _build(ckpt):
-    """Our model as SGLang's DefaultModelLoader builds it (bf16, its Fp8Config), checkpoint loaded."""
-    model, qc = gpu_contract.build_like_sglang(ckpt)
-    model.load_weights(load_file(str(ckpt / "model.safetensors")).items())
-    return model, qc
-
-
-def _post_load_as_on_cuda(experts):
-    """SGLang's loader step for the experts, on the CUDA branch: fp8.py's module constant `_is_cpu`
-    (the only thing sending this machine elsewhere) is False for this call only."""
-    from sglang.srt.layers.quantization import fp8 as sglang_fp8
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sglang_fp8, "_is_cpu", False)
-        experts.quant_method.process_weights_after_loading(experts)
-
-
-def _moe_layers(model):
-    return [(i, layer.moe) for i, layer in enumerate(model.model.layers) if layer.is_moe]
-
-
-def _routed(moe, x):
-    """The routed half of Step3p5MoE._block as on a GPU: fp32 router, TopK.forward_cuda, FusedMoE."""
-    topk_output = moe.topk(x, F.linear(x.float(), moe.gate.weight.float()))
-    return moe.experts(x.clone(), topk_output)
-
-
-def _deq_blocks(q: torch.Tensor, scale: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """fp64 q * scale, each scale covering a rows x cols block of q."""
-    s = scale.double().repeat_interleave(rows, -2).repeat_interleave(cols, -1)
-    return q.double() * s[..., : q.shape[-2], : q.shape[-1]]
-
-
-def _dequantized(raw: dict) -> dict:
-    """Checkpoint tensors in fp32, each FP8 weight times its 128x128 block scale; shared experts zero
-    (so the reference's `moe()` is the routed sum alone)."""
-    out = {}
-    for name, t in raw.items():
-        if name.endswith("_scale_inv"):
-            continue
-        t = _deq_blocks(t, raw[name + "_scale_inv"], BLOCK, BLOCK).float() if t.dtype == FP8 else t.float()
-        out[name] = torch.zeros_like(t) if ".share_expert." in name else t
-    return out
-
-
 def _quant_formula(x: torch.Tensor, group: int):
     """Dynamic FP8 activation quantization as specified (independent of the stand-ins' code): per row
     and `group` columns, scale = max|x| / 448, q = e4m3(x / scale), round to nearest even."""
@@ -145,11 +100,6 @@ def _assert_quantized_as_specified(q, s, x, group=BLOCK):
     g = x.double().unflatten(-1, (-1, group))
     exact = (g * 448 / g.abs().amax(-1, keepdim=True)).flatten(-2)[off]
     torch.testing.assert_close(exact, (q.double() + want_q.double())[off] / 2, rtol=1e-9, atol=0)
-
-
-def _tokens(hidden: int, n: int, seed: int) -> torch.Tensor:
-    """RMS-normed hidden states are O(1) per element: standard normal, in bf16 as served."""
-    return torch.randn(n, hidden, generator=torch.Generator().manual_seed(seed)).bfloat16()
 
 
 class _Capture:
@@ -200,20 +150,20 @@ def fp8_case(request, fp8_cuda_path, tmp_path_factory):
     spec = FP8_TINY_SPEC if request.param == "tiny" else WIDE_SPEC
     ckpt = write_tiny_checkpoint(tmp_path_factory.mktemp(f"fp8-moe-{request.param}"), seed=5, fp8=True, spec=spec)
     raw = load_file(str(ckpt / "model.safetensors"))
-    model, qc = _build(ckpt)
-    loaded = {i: {n: p.detach().clone() for n, p in moe.experts.named_parameters()} for i, moe in _moe_layers(model)}
-    for _, moe in _moe_layers(model):
-        _post_load_as_on_cuda(moe.experts)
+    model, qc = gpu_contract.load_like_sglang(ckpt)
+    loaded = {i: {n: p.detach().clone() for n, p in moe.experts.named_parameters()} for i, moe in gpu_contract.moe_layers(model)}
+    for _, moe in gpu_contract.moe_layers(model):
+        gpu_contract.post_load_off_cpu(moe.experts)
         moe.topk._forward_method = moe.topk.forward_cuda  # what SGLang's CustomOp dispatch picks on CUDA
     cfg = json.loads((ckpt / "config.json").read_text())
-    x5, x1 = _tokens(cfg["hidden_size"], 5, seed=11), _tokens(cfg["hidden_size"], 1, seed=12)
+    x5, x1 = gpu_contract.bf16_tokens(cfg["hidden_size"], 5, seed=11), gpu_contract.bf16_tokens(cfg["hidden_size"], 1, seed=12)
     runs = {}
-    for i, moe in _moe_layers(model):
+    for i, moe in gpu_contract.moe_layers(model):
         with _Capture().active() as cap:
-            out5 = _routed(moe, x5)
-        runs[i] = dict(cap=cap, out5=out5, out1=_routed(moe, x1),
+            out5 = gpu_contract.routed_output(moe, x5)
+        runs[i] = dict(cap=cap, out5=out5, out1=gpu_contract.routed_output(moe, x1),
                        topk=moe.topk(x5, F.linear(x5.float(), moe.gate.weight.float())))
-    deq = _dequantized(raw)
+    deq = gpu_contract.dequantized_routed_weights(raw)
     return dict(name=request.param, raw=raw, model=model, qc=qc, loaded=loaded, cfg=cfg, x5=x5, x1=x1, runs=runs,
                 ref=Step35Reference(ckpt, weights=deq),
                 ref_unclamped=Step35Reference(ckpt, weights=deq, routed_clamp=False))
@@ -262,7 +212,7 @@ def test_post_load_cuda_branch_keeps_fp8_weights_and_the_triton_runner(fp8_case)
 
     model, cfg, raw = fp8_case["model"], fp8_case["cfg"], fp8_case["raw"]
     assert isinstance(fp8_case["qc"], Fp8Config) and model.fp8_dequant_block is None
-    layers = _moe_layers(model)
+    layers = gpu_contract.moe_layers(model)
     assert [i for i, _ in layers] == [2, 3, 4] and _limit(cfg, 4) and not _limit(cfg, 2) and not _limit(cfg, 3)
     for i, moe in layers:
         e, qm = moe.experts, moe.experts.quant_method
@@ -292,7 +242,7 @@ def test_fused_moe_launches_fp8_gemms_with_block_scales(fp8_case):
     import triton.language as tl
     from sglang.kernels.ops.moe import fused_moe_triton_kernels as kernels
 
-    for i, moe in _moe_layers(fp8_case["model"]):
+    for i, moe in gpu_contract.moe_layers(fp8_case["model"]):
         cap, e = fp8_case["runs"][i]["cap"], moe.experts
         assert len(cap.gemms) == 2 and len(cap.quants) == 2
         for g, w, s in zip(cap.gemms, (e.w13_weight, e.w2_weight), (e.w13_weight_scale_inv, e.w2_weight_scale_inv)):
@@ -313,7 +263,7 @@ def _gemm_expected(g, qz, topk_ids, topk_weights, scale=None):
     problem (token r // top_k) times its expert's dequantized weight, times the routing weight on the
     down GEMM."""
     a = (qz["q"].double().unflatten(-1, (-1, BLOCK)) * qz["s"].double()[..., None]).flatten(-2)
-    w = _deq_blocks(g["B"], g["B_scale"] if scale is None else scale, BLOCK, BLOCK)
+    w = gpu_contract.dequantize_blocks(g["B"], g["B_scale"] if scale is None else scale, BLOCK, BLOCK)
     ids = topk_ids.reshape(-1).long()
     out = torch.einsum("rk,rnk->rn", a[torch.arange(ids.numel()) // g["top_k"]], w[ids])
     if g["mul_routed_weight"]:
@@ -329,7 +279,7 @@ def test_each_fp8_gemm_equals_its_dequantized_product(fp8_case, gemm):
     `_convert_float`): up to one ulp, 2^-7 relative, measured 0.0077; a GPU rounds to nearest, half
     that. Teeth: each expert given the next one's block scales (drawn alike, yet a few % apart) is
     outside it (measured >= 0.099 relative)."""
-    for i, _ in _moe_layers(fp8_case["model"]):
+    for i, _ in gpu_contract.moe_layers(fp8_case["model"]):
         run = fp8_case["runs"][i]
         g, qz = run["cap"].gemms[gemm], run["cap"].quants[gemm]
         ids, weights = run["topk"].topk_ids, run["topk"].topk_weights
@@ -345,7 +295,7 @@ def test_clamp_is_applied_between_the_fp8_gemms(fp8_case):
     min(silu(gate), L) * clamp(up, -L, L) exactly (SGLang's `_swiglu_silu_clamp_mul`, bf16), which
     differs from the unclamped silu(gate) * up wherever the clamp binds; on the others silu(gate) * up."""
     cfg = fp8_case["cfg"]
-    for i, _ in _moe_layers(fp8_case["model"]):
+    for i, _ in gpu_contract.moe_layers(fp8_case["model"]):
         g1, g2 = fp8_case["runs"][i]["cap"].gemms
         rows = fp8_case["runs"][i]["topk"].topk_ids.numel()
         gate, up = g1["C"][:rows].chunk(2, dim=-1)
@@ -373,7 +323,7 @@ def test_fp8_layers_match_the_reference_on_dequantized_weights(fp8_case):
     0.036-0.077 over both checkpoints, 1/5/16 tokens and inputs of scale 0.3-3 (0.086 at scale 3 on the
     clamped layer, where clamped outputs are small). REL_TOL = 0.15 is twice the worst at scale 1."""
     ref = fp8_case["ref"]
-    for i, _ in _moe_layers(fp8_case["model"]):
+    for i, _ in gpu_contract.moe_layers(fp8_case["model"]):
         run = fp8_case["runs"][i]
         for x, out in ((fp8_case["x5"], run["out5"]), (fp8_case["x1"], run["out1"])):
             assert out.dtype == torch.bfloat16
@@ -387,16 +337,16 @@ def test_dropping_the_clamp_or_the_scales_fails_the_reference(fp8_case, monkeypa
     moe, ref, x = fp8_case["model"].model.layers[4].moe, fp8_case["ref"], fp8_case["x5"]
     want = ref.moe(4, x.float())
     monkeypatch.setattr(moe.experts.moe_runner_config, "gemm1_clamp_limit", None)
-    unclamped = _routed(moe, x)
+    unclamped = gpu_contract.routed_output(moe, x)
     assert _rel_err(unclamped, want) > 10 * REL_TOL
     assert _rel_err(unclamped, fp8_case["ref_unclamped"].moe(4, x.float())) < REL_TOL
     monkeypatch.undo()
     for name in ("w13_weight_scale_inv", "w2_weight_scale_inv"):
         param = getattr(moe.experts, name)
         monkeypatch.setattr(param, "data", torch.ones_like(param))
-    assert _rel_err(_routed(moe, x), want) > 10 * REL_TOL
+    assert _rel_err(gpu_contract.routed_output(moe, x), want) > 10 * REL_TOL
     monkeypatch.undo()
-    assert torch.equal(_routed(moe, x), fp8_case["runs"][4]["out5"])  # restored
+    assert torch.equal(gpu_contract.routed_output(moe, x), fp8_case["runs"][4]["out5"])  # restored
 
 
 def test_fp8_moe_path_has_no_host_sync(fp8_case):
@@ -404,10 +354,10 @@ def test_fp8_moe_path_has_no_host_sync(fp8_case):
     quantization, both GEMMs, clamp, combine): nothing makes the host wait, so CUDA graphs can capture
     it (tiny: the per-token quantizer, wide: the group one). The quantizer stand-ins and Triton
     launches are opaque, as their kernels are on a GPU."""
-    for i, moe in _moe_layers(fp8_case["model"]):
+    for i, moe in gpu_contract.moe_layers(fp8_case["model"]):
         det = gpu_contract.HostSyncDetector()
         with gpu_contract.opaque_triton_launches(det), det:
-            _routed(moe, fp8_case["x1"])
+            gpu_contract.routed_output(moe, fp8_case["x1"])
         assert det.syncs == [], f"layer {i}: host syncs {sorted(set(det.syncs))}"
 
 
@@ -426,7 +376,7 @@ def test_swap_ab_config_of_tuned_sm90_kernels_computes_the_same(fp8_case):
     assert kernels.should_enable_swap_ab(tuned["BLOCK_SIZE_M"], tuned["BLOCK_SIZE_N"])
     moe, x = fp8_case["model"].model.layers[4].moe, fp8_case["x5"]
     with override_config(tuned), _Capture().active() as cap:
-        out = _routed(moe, x)
+        out = gpu_contract.routed_output(moe, x)
     assert [g["config"]["BLOCK_SIZE_M"] for g in cap.gemms] == [16, 16]
     topk = fp8_case["runs"][4]["topk"]
     for g, qz in zip(cap.gemms, cap.quants):  # each swapped GEMM still equals its dequantized product

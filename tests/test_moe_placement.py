@@ -161,9 +161,11 @@ def test_guard_reads_fp8_from_the_checkpoint_config():
     cfg = dict(CFG, quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]})
     assert guard_moe_layout({"tp_size": 8, "ep_size": 8}, cfg, "cuda").action == "ok"
     assert guard_moe_layout({"tp_size": 2}, cfg, "cuda").action == "ok"
-    d = guard_moe_layout({"tp_size": 4, "ep_size": 4}, cfg, "rocm", aiter=True)
-    assert d.action == "refuse" and "43, 44" in d.message and "SGLANG_USE_AITER=0" in d.message
+    assert guard_moe_layout({"tp_size": 4, "ep_size": 4}, cfg, "rocm", aiter=True).action == "ok"
     assert guard_moe_layout({"tp_size": 4, "ep_size": 4}, cfg, "rocm", aiter=False).action == "ok"
+    per_tensor = dict(CFG, quantization_config={"quant_method": "fp8"})
+    d = guard_moe_layout({"tp_size": 4, "ep_size": 4}, per_tensor, "rocm", aiter=True)
+    assert d.action == "refuse" and "43, 44" in d.message and "SGLANG_USE_AITER=0" in d.message
 
 
 @pytest.mark.parametrize("quant", ["bf16", "fp8"])

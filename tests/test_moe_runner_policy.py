@@ -24,10 +24,33 @@ def test_gpus_run_every_layer_on_fused_moe():
             assert set(_runners(device=device, ep_size=ep, aiter=False).values()) == {RoutedRunner.FUSED}
 
 
-def test_aiter_sends_exactly_the_clamped_layers_to_triton():
-    runners = _runners(device="rocm", ep_size=4, aiter=True)
+@pytest.mark.parametrize("quantized", [False, True], ids=["bf16", "block-fp8"])
+def test_aiter_sends_exactly_the_clamped_layers_to_triton(quantized):
+    runners = _runners(device="rocm", ep_size=4, aiter=True, quantized=quantized)
     assert [i for i, r in runners.items() if r is RoutedRunner.FUSED_TRITON] == [43, 44]
     assert {r for i, r in runners.items() if i not in (43, 44)} == {RoutedRunner.FUSED}
+
+
+def test_triton_pinned_method_per_quantization():
+    """The FusedMoE method a clamped layer gets under AITER: ours for BF16 and block FP8 (each a
+    subclass of SGLang's own), SGLang's for int4 (no AITER path), a named error otherwise."""
+    from sglang.srt.layers.quantization.fp8 import Fp8Config, Fp8MoEMethod
+    from sglang.srt.layers.quantization.moe_wna16 import MoeWNA16Config
+    from sglang.srt.layers.quantization.unquant import UnquantizedFusedMoEMethod
+
+    from sglang_step35.moe.runner import ClampHonouringFp8MoEMethod, ClampHonouringMoEMethod, clamp_honouring_method
+
+    assert type(clamp_honouring_method(None)) is ClampHonouringMoEMethod
+    assert isinstance(clamp_honouring_method(None), UnquantizedFusedMoEMethod)
+    block = Fp8Config(is_checkpoint_fp8_serialized=True, weight_block_size=[128, 128])
+    method = clamp_honouring_method(block)
+    assert type(method) is ClampHonouringFp8MoEMethod and isinstance(method, Fp8MoEMethod)
+    assert method.quant_config is block
+    wna16 = MoeWNA16Config(linear_quant_method="gptq", weight_bits=4, group_size=128, has_zp=False, lm_head_quantized=False,
+                           modules_to_not_convert=[], full_config={"quant_method": "gptq"})
+    assert clamp_honouring_method(wna16) is None
+    with pytest.raises(NotImplementedError, match="Fp8Config.*SGLANG_USE_AITER=0"):
+        clamp_honouring_method(Fp8Config(is_checkpoint_fp8_serialized=True))
 
 
 def test_cpu_loops_only_where_sglangs_cpu_moe_cannot_serve():
@@ -42,8 +65,8 @@ def test_clamp_owner_is_named_on_clamped_layers_only():
 
 
 def test_refusals_name_the_problem():
-    with pytest.raises(NotImplementedError, match="SGLANG_USE_AITER=0"):
-        routed_plan(7.0, device="rocm", ep_size=8, aiter=True, quantized=True)
+    with pytest.raises(NotImplementedError, match="deep_gemm"):
+        routed_plan(7.0, device="cuda", ep_size=8, aiter=False, runner_backend="deep_gemm")
     with pytest.raises(ValueError, match="swiglu_limit"):
         routed_plan(-1.0, device="cuda", ep_size=1, aiter=False)
     with pytest.raises(ValueError, match="unknown device"):

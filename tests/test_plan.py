@@ -218,10 +218,17 @@ def test_fp8_on_4_and_8_gpus_replicates_the_shared_expert_without_an_all_to_all_
     assert not make_plan("h200", 2, "fp8").shared_expert_replicated  # 1280/2 = 640 is 5 blocks
 
 
-def test_fp8_on_amd_is_infeasible_under_aiter_because_of_the_clamp():
+def test_fp8_on_amd_is_planned_under_aiter():
+    """Block FP8 on AMD: the clamped layers 43-44 leave AITER per layer (ClampHonouringFp8MoEMethod),
+    so the plan is feasible; a per-tensor FP8 checkpoint has no such fallback and is refused."""
     p = make_plan("mi355x", 4, "fp8")
-    assert not p.feasible and not p.command
-    assert any("43, 44" in x and "SGLANG_USE_AITER=0" in x for x in p.problems)
+    assert p.feasible and p.command and not p.problems
+    from sglang_step35.moe.layout import QuantSpec, clamp_runner_refusal
+
+    why = clamp_runner_refusal(vendor="amd", quant=QuantSpec("fp8", 8), aiter=True, runner_backend=None,
+                               clamped_layers=(43, 44))
+    assert why and "43, 44" in why and "SGLANG_USE_AITER=0" in why
+    assert clamp_runner_refusal(vendor="amd", quant="fp8", aiter=True, runner_backend=None, clamped_layers=(43, 44)) is None
 
 
 def test_router_counted_in_fp32_as_the_model_builds_it():

@@ -44,9 +44,9 @@ from sglang_step35.config import LayerSpec
 from sglang_step35.models.expert_compute import experts_forward_loop
 from sglang_step35.moe.layout import moe_block_layout, quant_spec_of
 from sglang_step35.moe.runner import (
-    ClampHonouringMoEMethod,
     RoutedRunner,
     aiter_moe_active,
+    clamp_honouring_method,
     current_device,
     routed_plan,
 )
@@ -136,7 +136,7 @@ class Step3p5MoE(nn.Module):
             reduce_results=False,
             # SGLang's Triton runner applies Step's clamp itself (see moe/runner.py).
             gemm1_clamp_limit=self.swiglu_limit if self.swiglu_limit > 0 else None,
-            quant_method=ClampHonouringMoEMethod() if self.plan.runner is RoutedRunner.FUSED_TRITON else None,
+            quant_method=clamp_honouring_method(quant_config) if self.plan.runner is RoutedRunner.FUSED_TRITON else None,
             prefix=add_prefix("experts", prefix),
         )
         # The GPU TopK dispatch picks its output format from the experts' runner; unbound it raises.

@@ -388,12 +388,14 @@ def clamp_runner_refusal(
             "drops gemm1_clamp_limit (its swiglu_limit is DeepSeek-V4's silu(min(gate, L)), not Step's "
             "min(silu(gate), L))"
         )
-    if vendor == "amd" and aiter and q.block is not None:
-        # Fp8MoEMethod picks AITER for every layer under SGLANG_USE_AITER; it has no per-layer
-        # Triton fallback we could select, so a clamped FP8 layer cannot be served correctly.
+    if vendor == "amd" and aiter and q.name == "fp8" and q.block is None:
+        # Clamped layers leave AITER per layer (moe/runner.py clamp_honouring_method) for BF16 and
+        # block FP8; int4 MoE methods never pick AITER. Per-tensor FP8 would stay on AITER's FP8 MoE,
+        # which drops the clamp.
         return (
-            f"block-FP8 experts on the SwiGLU-clamped Step-3.5 layers {layers} under SGLANG_USE_AITER=1: "
-            "AITER's FP8 MoE drops the clamp; serve the BF16 checkpoint on AMD, or set SGLANG_USE_AITER=0"
+            f"per-tensor FP8 experts on the SwiGLU-clamped Step-3.5 layers {layers} under SGLANG_USE_AITER=1: "
+            "AITER's FP8 MoE drops the clamp and only block-FP8 layers have a per-layer Triton fallback; "
+            "serve the block-FP8 (128x128) or BF16 checkpoint, or set SGLANG_USE_AITER=0"
         )
     return None
 
@@ -474,7 +476,7 @@ def guard_moe_layout(server_args_like: Any, hf_config: Any, platform: Any, *, ai
                 if bad]  # fmt: skip
         fix = f"relaunch without {', '.join(drop)}: {use_instead}" if drop else f"use instead: {use_instead}"
         if any("SGLANG_USE_AITER" in r for r in refusals):
-            fix += " (with the BF16 checkpoint, or SGLANG_USE_AITER=0)"
+            fix += " (with the block-FP8 or BF16 checkpoint, or SGLANG_USE_AITER=0)"
         return Decision(
             "refuse",
             f"step35: refusing --tp {tp} --ep {ep} ({quant.name}): {'; '.join(refusals)}. {fix}",

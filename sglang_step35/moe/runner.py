@@ -9,8 +9,10 @@ The facts it encodes (SGLang 0.5.23, read in site-packages):
 - AITER's CK fused MoE has no clamped SwiGLU (vllm #36193, #39436). SGLang itself sends layers with
   ``gemm1_clamp_limit`` to Triton only on gfx95x (``_aiter_ck_moe_unsupported_reason``); on MI300X
   (gfx942) it would run AITER and drop the clamp. Clamped layers therefore get
-  :class:`ClampHonouringMoEMethod`: no AITER runner and no AITER weight shuffle for that layer, the
-  other layers stay on AITER (the per-layer fallback of vllm #39436).
+  :class:`ClampHonouringMoEMethod` (BF16) or :class:`ClampHonouringFp8MoEMethod` (block FP8): no
+  AITER runner and no AITER weight shuffle for that layer, the other layers stay on AITER (the
+  per-layer fallback of vllm #39436). SGLang's ``Fp8MoEMethod`` would hand every layer to AITER,
+  whose FP8 MoE passes ``swiglu_limit`` but not ``gemm1_clamp_limit`` (``maybe_get_hip_aiter_quant_info``).
 - SGLang's CPU MoE (``moe_forward_native``) ignores ``gemm1_clamp_limit`` and indexes with the -1 ids
   of non-local experts under EP: only there do the clamped layers (and every layer under EP) run our
   own expert loop (``models/expert_compute.py``). CPU is never captured in a CUDA graph.
@@ -22,6 +24,9 @@ import enum
 from dataclasses import dataclass
 from typing import Optional
 
+from sglang.srt.layers.moe.moe_runner import MoeRunner
+from sglang.srt.layers.moe.utils import MoeRunnerBackend
+from sglang.srt.layers.quantization.fp8 import Fp8Config, Fp8MoEMethod
 from sglang.srt.layers.quantization.unquant import UnquantizedFusedMoEMethod
 
 
@@ -81,7 +86,7 @@ def routed_plan(
         return RoutedPlan(RoutedRunner.FUSED, None)
     if not clamped:
         return RoutedPlan(RoutedRunner.FUSED, None)
-    if device == "rocm" and aiter:  # BF16 here: clamp_runner_refusal refused block FP8
+    if device == "rocm" and aiter:
         return RoutedPlan(RoutedRunner.FUSED_TRITON, "SGLang Triton runner (gemm1_clamp_limit)")
     return RoutedPlan(RoutedRunner.FUSED, "SGLang Triton runner (gemm1_clamp_limit)")
 
@@ -117,3 +122,40 @@ class ClampHonouringMoEMethod(UnquantizedFusedMoEMethod):
         if limit is not None:
             return f"Step-3.5 SwiGLU clamp (limit {limit}) has no AITER CK kernel (vllm #36193)"
         return super()._aiter_ck_moe_unsupported_reason(layer)
+
+
+class ClampHonouringFp8MoEMethod(Fp8MoEMethod):
+    """SGLang's block-FP8 MoE method, for a clamped layer: Triton runner, weights in Triton's layout.
+
+    Overrides exactly one SGLang decision: the runner ``create_moe_runner`` picks (AITER for every
+    layer under SGLANG_USE_AITER). With the Triton runner, SGLang's own code does the rest for this
+    layer: ``process_weights_after_loading`` shuffles into AITER's layout only when the runner is
+    AITER, and ``apply`` takes the Triton branch (``get_triton_quant_info``: block scales, and the
+    clamp from ``gemm1_clamp_limit``).
+    """
+
+    def create_moe_runner(self, layer, moe_runner_config) -> None:
+        super().create_moe_runner(layer, moe_runner_config)
+        runner = getattr(self, "runner", None)
+        if moe_runner_config.gemm1_clamp_limit is not None and runner is not None and runner.runner_backend.is_aiter():
+            self.runner = MoeRunner(MoeRunnerBackend.TRITON, moe_runner_config)
+
+
+# SGLang 0.5.23's int4 MoE methods (moe_wna16, awq, gptq) have no AITER path at all: SGLANG_USE_AITER
+# does not change their runner, so there is nothing to override (as on CUDA).
+_TRITON_ONLY_QUANTS = ("moe_wna16", "awq", "gptq")
+
+
+def clamp_honouring_method(quant_config):
+    """The method a :attr:`RoutedRunner.FUSED_TRITON` layer's ``FusedMoE`` gets, for its quantization
+    (None: SGLang's own, which already runs on Triton)."""
+    if quant_config is None:
+        return ClampHonouringMoEMethod()
+    if isinstance(quant_config, Fp8Config) and quant_config.weight_block_size is not None:
+        return ClampHonouringFp8MoEMethod(quant_config)
+    if str(quant_config.get_name()).lower() in _TRITON_ONLY_QUANTS:
+        return None
+    raise NotImplementedError(
+        f"no Triton-pinned MoE method for {type(quant_config).__name__} experts on a SwiGLU-clamped layer "
+        "under SGLANG_USE_AITER=1 (BF16 and block FP8 have one); set SGLANG_USE_AITER=0"
+    )
