@@ -10,7 +10,10 @@ for ``step3p5`` so unedited real checkpoints load.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from transformers import PretrainedConfig
@@ -37,6 +40,44 @@ REQUIRED_KEYS = (
 
 class Step35ConfigError(ValueError):
     """A Step-3.5 config.json that cannot be served; the message names the key and the fix."""
+
+
+FLASH_CONFIG = "data/step3p5_flash_config.json"  # Step-3.5-Flash's config.json, shipped in the package
+
+
+def config_json_path(source) -> Optional[Path]:
+    """Where the config.json of ``source`` is: a config.json file, a checkpoint directory, or a repo
+    id whose config is in the Hugging Face cache (nothing is downloaded). None when there is none."""
+    path = Path(str(source))
+    if path.is_file():
+        return path
+    if (path / "config.json").is_file():
+        return path / "config.json"
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(str(source), "config.json")
+    except Exception:  # not a repo id (e.g. an absolute path that does not exist): nothing to read
+        return None
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def read_config(source=None, *, missing_ok: bool = False) -> Optional[dict]:
+    """The one reader of Step configs, as a dict: Step-3.5-Flash's shipped config when ``source`` is
+    None, else the config.json of ``source`` (see :func:`config_json_path`). A config that is not
+    there or not JSON raises :class:`Step35ConfigError` naming the path, or gives None with
+    ``missing_ok`` (the launcher's case: a model that is not a local Step checkpoint is not ours)."""
+    if source is None:
+        return json.loads(resources.files("sglang_step35").joinpath(FLASH_CONFIG).read_text())
+    path = config_json_path(source)
+    try:
+        if path is None:
+            raise FileNotFoundError(f"no config.json at {source} (a file, a checkpoint directory or a cached repo id)")
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        if missing_ok:
+            return None
+        raise Step35ConfigError(f"cannot read the Step config from {source}: {e}") from e
 
 
 class Step3p5Config(PretrainedConfig):

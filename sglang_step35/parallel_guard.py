@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Optional
 
 from sglang_step35.config import cfg_get
 
@@ -32,6 +32,22 @@ class PipelineParallelError(ValueError):
 def _arg(server_args: Any, name: str, default: Any = None) -> Any:
     value = server_args.get(name) if isinstance(server_args, Mapping) else getattr(server_args, name, None)
     return default if value is None else value
+
+
+PP_MTP_REASON = (
+    "SGLang 0.5.23 runs Step-3.5's MTP only as multi-layer EAGLE (it sets --enable-multi-layer-eagle for "
+    "Step3p5ForCausalLM), and its pipeline parallelism supports only single-layer EAGLE "
+    "(check_pipeline_parallel_compat in sglang/srt/arg_groups/validation_hook.py)"
+)
+
+
+def pp_mtp_refusal(pp_size: int, drafting: Optional[str], *, drop: str, keep: str, pp_flag: str = "--pp-size") -> Optional[str]:
+    """Why ``pp_size`` pipeline stages cannot draft with MTP (``drafting``: the caller's drafting flag,
+    None when there is none), worded with the caller's flags: the launch guard's (--pp-size,
+    --speculative-algorithm) or the planner's (--pp, --mtp). None when the combination runs."""
+    if pp_size <= 1 or not drafting:
+        return None
+    return f"{pp_flag} {pp_size} with {drafting}: {PP_MTP_REASON}. {drop}, or {keep}"
 
 
 def guard_pipeline_parallel(server_args: Any, cfg: Any, env: Mapping[str, str] = os.environ) -> None:
@@ -50,14 +66,13 @@ def guard_pipeline_parallel(server_args: Any, cfg: Any, env: Mapping[str, str] =
             f"(every pipeline stage needs at least one layer; the {m} MTP layers are not pipelined). "
             f"Use --pp-size {n} or fewer, and --tp for the remaining GPUs")
     spec = _arg(server_args, "speculative_algorithm")
-    if spec:
-        raise PipelineParallelError(
-            f"--pp-size {pp} with --speculative-algorithm {spec}: SGLang 0.5.23 runs Step-3.5's MTP only as "
-            "multi-layer EAGLE (it sets --enable-multi-layer-eagle for Step3p5ForCausalLM), and its pipeline "
-            "parallelism supports only single-layer EAGLE (check_pipeline_parallel_compat in "
-            "sglang/srt/arg_groups/validation_hook.py). Drop --speculative-algorithm to serve with "
-            f"--pp-size {pp}, or keep MTP with --pp-size 1 and the GPUs in tensor/expert parallel "
-            f"(e.g. --tp {tp * pp}; `step35 plan` gives a command)")
+    why = pp_mtp_refusal(
+        pp, f"--speculative-algorithm {spec}" if spec else None,
+        drop=f"Drop --speculative-algorithm to serve with --pp-size {pp}",
+        keep=f"keep MTP with --pp-size 1 and the GPUs in tensor/expert parallel (e.g. --tp {tp * pp}; "
+             "`step35 plan` gives a command)")
+    if why:
+        raise PipelineParallelError(why)
     partition = env.get(PARTITION_ENV)
     if partition is not None:
         try:

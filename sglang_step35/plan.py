@@ -27,15 +27,12 @@ Layout policy:
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
-from importlib import resources
-from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from .parallel_guard import pp_stage_layers
-from .config import Step35ConfigError, layer_spec, moe_layer_ids, validate
+from .parallel_guard import pp_mtp_refusal, pp_stage_layers
+from .config import Step35ConfigError, layer_spec, moe_layer_ids, read_config, validate
 from .moe.layout import (
     BF16,
     QUANTS,
@@ -122,15 +119,6 @@ VOCAB_PADDING = 64  # SGLang pads the vocabulary to a multiple of 64 before spli
 # SGLang builds each rotary cos/sin cache in fp32 and keeps it fp32 on CUDA and HIP
 # (layers/rotary_embedding/base.py: "cache needs to be in FP32").
 ROPE_CACHE_DTYPE_BYTES = 4
-
-
-def load_config(path: Optional[str | Path] = None) -> dict:
-    """The Step config (a dict); the shipped Step-3.5-Flash config.json when ``path`` is None."""
-    if path is None:
-        text = resources.files("sglang_step35").joinpath("data/step3p5_flash_config.json").read_text()
-    else:
-        text = Path(path).read_text()
-    return json.loads(text)
 
 
 def _pad(n: int, multiple: int) -> int:
@@ -379,20 +367,11 @@ def model_class_pp_refusal(pp_size: int, mtp: int) -> Optional[str]:
     """Why our model class cannot serve ``--pp-size pp_size`` (with ``mtp`` drafts), or None.
 
     The single gate every pipeline-parallel plan passes: Step3p5ForCausalLM takes part in SGLang's
-    pipeline (its forward takes ``pp_proxy_tensors``), but not with MTP drafts -- the rule the launch
-    guard applies (sglang_step35/parallel_guard.py), worded here with the planner's flags
-    (:data:`PP_MTP_REFUSAL`)."""
-    if pp_size > 1 and mtp:
-        return PP_MTP_REFUSAL.format(pp=pp_size, mtp=mtp)
-    return None
-
-
-PP_MTP_REFUSAL = (
-    "--pp {pp} with --mtp {mtp}: SGLang 0.5.23 runs Step-3.5's MTP only as multi-layer EAGLE, and its "
-    "pipeline parallelism supports only single-layer EAGLE (check_pipeline_parallel_compat in "
-    "sglang/srt/arg_groups/validation_hook.py); use --mtp 0 with --pp {pp}, or keep --mtp {mtp} with "
-    "--pp 1 and the GPUs in tensor/expert parallel"
-)
+    pipeline (its forward takes ``pp_proxy_tensors``), but not with MTP drafts -- the launch guard's
+    rule (:func:`sglang_step35.parallel_guard.pp_mtp_refusal`), worded with the planner's flags."""
+    return pp_mtp_refusal(pp_size, f"--mtp {mtp}" if mtp else None, pp_flag="--pp",
+                          drop=f"use --mtp 0 with --pp {pp_size}",
+                          keep=f"keep --mtp {mtp} with --pp 1 and the GPUs in tensor/expert parallel")
 
 
 def _margin_bytes(cfg: Mapping, gpu: GpuSpec, tp: int, routed_n: int) -> tuple[int, int]:
@@ -431,7 +410,7 @@ def make_plan(
     max_position_embeddings; ``concurrency`` (requests at full context, per replica) defaults to
     as many as fit in memory on every pipeline stage.
     """
-    cfg = load_config() if cfg is None else cfg
+    cfg = read_config() if cfg is None else cfg
     g = GPUS[gpu]
     max_ctx = int(cfg.get("max_position_embeddings") or cfg.get("max_seq_len"))
     context = max_ctx if context is None else int(context)

@@ -15,7 +15,8 @@ import sys
 from typing import Optional, Sequence
 
 from .config import Step35ConfigError
-from .plan import GPUS, MTP_SPEC, QUANTS, format_plan, load_config, make_plan
+from .config import read_config
+from .plan import GPUS, MTP_SPEC, QUANTS, format_plan, make_plan
 
 EXIT_INFEASIBLE = 2
 
@@ -48,7 +49,7 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
 def run_plan(args: argparse.Namespace) -> int:
     """Print the plan for parsed ``args``; 0 when feasible, 2 when not."""
     try:
-        cfg = load_config(args.config)
+        cfg = read_config(args.config)
     except (OSError, ValueError) as e:
         print(f"step35 plan: cannot read config {args.config!r}: {e}", file=sys.stderr)
         return EXIT_INFEASIBLE

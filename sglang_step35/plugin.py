@@ -19,7 +19,6 @@ name private SGLang functions); another version is refused unless SGLANG_STEP35_
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -180,34 +179,16 @@ def _keep_cpu_spec_attention(original, server_args, fn, *args, **kwargs):
     return original(server_args, fn, *args, **kwargs)
 
 
-def _read_model_config(model_path) -> Optional[dict]:
-    """config.json of a local checkpoint directory or of a model already in the HF cache."""
-    if not model_path:
-        return None
-    path = Path(str(model_path)) / "config.json"
-    if not path.is_file():
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(str(model_path), "config.json")
-        except Exception:  # not a repo id: nothing to read
-            cached = None
-        if not isinstance(cached, str):
-            return None
-        path = Path(cached)
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def apply_server_policy(server_args, *args, **kwargs):
     """Before SGLang resolves the server arguments of a Step-3.5 model: CPU defaults, attention
     backend choice (windows must be honoured), and the MoE layout guard (no expert split a backend
     cannot run). Explicit user flags win unless they would silently give wrong results."""
     if getattr(server_args, "_resolution_finished", False):
         return None
-    cfg = _read_model_config(getattr(server_args, "model_path", None))
+    from sglang_step35.config import read_config
+
+    model_path = getattr(server_args, "model_path", None)
+    cfg = read_config(model_path, missing_ok=True) if model_path else None
     is_step = cfg is not None and cfg.get("model_type") == "step3p5"
     if is_step:
         from sglang_step35.config import validate

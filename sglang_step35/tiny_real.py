@@ -39,10 +39,9 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from sglang_step35.checkpoint import checkpoint_shapes
-from sglang_step35.config import FULL, moe_layer_ids
+from sglang_step35.config import FULL, moe_layer_ids, read_config
 from sglang_step35.tiny import SPECIAL_TOKENS, build_tokenizer, default_corpus, save_tokenizer
 
-REAL_CONFIG_PATH = Path(__file__).parent / "data" / "step3p5_flash_config.json"
 CLAMPED_SOURCE_LAYER = 44  # routed limit 7 and shared limit 16 (43: routed 7 only)
 MIX = 0.35  # gain of the projections back into the residual stream
 CLAMP_GAIN = 4.0  # the clamped layer's expert gate/up std (x 1/sqrt(H)): |up| > 7 for ~8% of entries
@@ -70,7 +69,7 @@ CPU_SHRINK = {
 
 
 def load_real_config() -> dict:
-    return json.loads(REAL_CONFIG_PATH.read_text())
+    return read_config()  # Step-3.5-Flash's
 
 
 def source_layers(real: dict, moe_layers: int) -> list[int]:

@@ -86,3 +86,23 @@ def test_bad_configs_raise_one_named_error(real_cfg, mutate, tp, message):
     with pytest.raises(Step35ConfigError) as e:
         validate(cfg, tp_size=tp)
     assert message in str(e.value)
+
+
+def test_one_config_reader_for_files_directories_and_the_shipped_flash_config(tmp_path):
+    """config.read_config is what the launcher (plugin), the planner and the tiny builders read with:
+    a checkpoint directory or its config.json give the same dict, None the shipped Step-3.5-Flash
+    config; a missing or malformed config is a named error, or None for the launcher (missing_ok)."""
+    from sglang_step35.config import read_config
+
+    flash = read_config()
+    assert flash["model_type"] == "step3p5" and flash["num_hidden_layers"] == 45
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "step3p5", "hidden_size": 8}))
+    assert read_config(tmp_path) == read_config(tmp_path / "config.json") == {"model_type": "step3p5", "hidden_size": 8}
+    missing = tmp_path / "nowhere"
+    with pytest.raises(Step35ConfigError, match="nowhere"):
+        read_config(missing)
+    assert read_config(missing, missing_ok=True) is None
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(Step35ConfigError, match="cannot read the Step config"):
+        read_config(tmp_path)
+    assert read_config(tmp_path, missing_ok=True) is None

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from sglang_step35.moe import guard_moe_layout
+from sglang_step35.config import read_config
 from sglang_step35.plan import (
     GPUS,
     GiB,
@@ -22,7 +23,6 @@ from sglang_step35.plan import (
     QUANTS,
     kv_bytes_per_token,
     kv_cache_bytes,
-    load_config,
     format_plan,
     make_plan,
     weight_breakdown,
@@ -36,7 +36,7 @@ KiB = 1024
 
 
 def test_packaged_config_is_the_fixture():
-    assert load_config() == CFG
+    assert read_config() == CFG
 
 
 # ---------------------------------------------------------------- KV arithmetic

@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from sglang_step35.fp8 import QUANTIZATION_CONFIG
-from sglang_step35.plan import GPUS, buffer_breakdown, load_config, make_plan, weight_breakdown
+from sglang_step35.config import read_config
+from sglang_step35.plan import GPUS, buffer_breakdown, make_plan, weight_breakdown
 
 KEEP = [0, 3, 43, 44]  # dense, MoE, the clamped MoE layers
 
@@ -41,7 +42,7 @@ def _reduced_config(cfg: dict) -> dict:
     return out
 
 
-FLASH = load_config()
+FLASH = read_config()
 REDUCED = _reduced_config(FLASH)
 
 

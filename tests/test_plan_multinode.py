@@ -4,8 +4,7 @@ SGLang's own ServerArgs parser and passes the MoE launch guard; the multi-node T
 our model class with the planned per-rank bytes (tests/test_plan_constructs.py's faked platform);
 the router command parses with sglang_router's own parser where that package is installed.
 
-Pipeline-parallel ranks are not constructed here: PP plans are gated by
-`model_class_pp_refusal`, and the PP plan tests force that gate open to check the planner alone.
+PP plans pass one gate, `model_class_pp_refusal` (no MTP with PP: the launch guard's rule).
 """
 
 from __future__ import annotations
@@ -15,12 +14,10 @@ import inspect
 
 import pytest
 
-import sglang_step35.plan as plan_mod
 from sglang_step35.moe import guard_moe_layout
+from sglang_step35.config import read_config
 from sglang_step35.plan import (
-    PP_MTP_REFUSAL,
     buffer_breakdown,
-    load_config,
     make_plan,
     model_class_pp_refusal,
     pp_stage_layers,
@@ -28,7 +25,7 @@ from sglang_step35.plan import (
 )
 from sglang_step35.plan_cli import main as plan_main
 
-CFG = load_config()
+CFG = read_config()
 MULTI_NODE = [  # (gpu, GPUs per node, quant, mtp, nodes)
     ("a100-40gb", 8, "bf16", 0, 2),
     ("h100", 4, "bf16", 3, 2),
@@ -136,25 +133,20 @@ def test_pp_gate_admits_our_class_and_refuses_pp_with_mtp():
     """PP plans are emitted exactly when SGLang would admit our class (model_runner.support_pp:
     forward takes pp_proxy_tensors), and never with MTP (the launch guard's rule)."""
     from sglang_step35.models.step3p5 import Step3p5ForCausalLM
-    from sglang_step35.parallel_guard import PipelineParallelError, guard_pipeline_parallel
+    from sglang_step35.parallel_guard import PP_MTP_REASON, PipelineParallelError, guard_pipeline_parallel
 
     assert "pp_proxy_tensors" in inspect.signature(Step3p5ForCausalLM.forward).parameters
     assert model_class_pp_refusal(2, 0) is None and model_class_pp_refusal(1, 3) is None
     why = model_class_pp_refusal(2, 3)
-    assert why == PP_MTP_REFUSAL.format(pp=2, mtp=3) and "--mtp 0" in why and "--pp 1" in why
+    assert why.startswith("--pp 2 with --mtp 3: ") and "use --mtp 0 with --pp 2" in why and "--pp 1" in why
     cfg = {"num_hidden_layers": 45, "num_nextn_predict_layers": 3}
-    with pytest.raises(PipelineParallelError):  # the launcher refuses what the planner refuses
+    with pytest.raises(PipelineParallelError) as refused:  # the launcher refuses what the planner refuses
         guard_pipeline_parallel({"pp_size": 2, "speculative_algorithm": "EAGLE"}, cfg, env={})
+    assert PP_MTP_REASON in why and PP_MTP_REASON in str(refused.value)  # for the same reason, worded once
     guard_pipeline_parallel({"pp_size": 2}, cfg, env={})
 
 
-@pytest.fixture
-def pp_admitted(monkeypatch):
-    """The planner with the model-class gate open (what it emits once our class passes it)."""
-    monkeypatch.setattr(plan_mod, "model_class_pp_refusal", lambda pp, mtp: PP_MTP_REFUSAL.format(pp=pp, mtp=mtp) if mtp else None)
-
-
-def test_pp_plan_per_stage_memory_and_commands(sglang_parser, pp_admitted):
+def test_pp_plan_per_stage_memory_and_commands(sglang_parser):
     p = make_plan("h20", 8, "fp8", nodes=2, pp=2)
     assert p.feasible, p.problems
     assert (p.tp, p.ep, p.pp) == (8, 8, 2)
@@ -175,12 +167,12 @@ def test_pp_plan_per_stage_memory_and_commands(sglang_parser, pp_admitted):
     assert not make_plan("h20", 8, "fp8", nodes=2, pp=2, concurrency=p.concurrency + 1).feasible
 
 
-def test_pp_with_mtp_is_refused_naming_both_flags(pp_admitted):
+def test_pp_with_mtp_is_refused_naming_both_flags():
     p = make_plan("h20", 8, "fp8", nodes=2, pp=2, mtp=3)
-    assert not p.feasible and p.problems == [PP_MTP_REFUSAL.format(pp=2, mtp=3)]
+    assert not p.feasible and p.problems == [model_class_pp_refusal(2, 3)]
 
 
-def test_fp8_tp16_is_refused_with_pp_as_the_fix(pp_admitted):
+def test_fp8_tp16_is_refused_with_pp_as_the_fix():
     p = make_plan("h20", 8, "fp8", nodes=2)
     assert not p.feasible and "11264/16 = 704" in p.problems[0] and "use --pp 2" in p.problems[0]
     assert any("--pp-size 2" in s["command_line"] for s in p.suggestions)
