@@ -15,8 +15,7 @@ import random
 import pytest
 
 from reference import Step35Reference
-from reference.serving import CPU_ARGS, full_sequence, generate, max_abs_diff, served_logprobs
-from sglang_step35.server import SGLangServer
+from reference.serving import assert_layouts_agree, serve_parallel_layouts
 from sglang_step35.tiny import write_tiny_checkpoint
 
 pytestmark = pytest.mark.server
@@ -33,17 +32,7 @@ def test_tp2_and_ep2_logprobs_equal_tp1_and_the_reference(tmp_path):
     V = int(ref.cfg["vocab_size"])
     rng = random.Random(4)
     prompt = [rng.randrange(20, V) for _ in range(40)]
-    runs = {}
-    for name, layout in LAYOUTS.items():
-        # Plain `sglang serve --tp 2 [--ep 2]`: the plugin disables pynccl for CPU groups, splits the
-        # cores between the ranks, and our MoE serves EP on CPU with its own expert loop.
-        with SGLangServer(str(ckpt), [*CPU_ARGS, "--dtype", "float32", *layout], startup_timeout=400) as server:
-            runs[name] = generate(server, prompt, 12, V)
-    base = served_logprobs(runs["tp1"], V)
-    for name in ("tp2", "tp2-ep2"):
-        assert runs[name]["output_ids"] == runs["tp1"]["output_ids"], name
-        lp = served_logprobs(runs[name], V)
-        diff = max_abs_diff(lp, base)
-        print(f"{name} vs tp1 max |Δlogprob| {diff:.2e}")
-        assert diff <= FP32_TOL, name
-        assert max_abs_diff(lp, ref.logprobs(full_sequence(prompt, runs[name])[:-1])) <= FP32_TOL, name
+    # Plain `sglang serve --tp 2 [--ep 2]`: the plugin disables pynccl for CPU groups, splits the
+    # cores between the ranks, and our MoE serves EP on CPU with its own expert loop.
+    runs = serve_parallel_layouts(ckpt, LAYOUTS, prompt, 12, V)
+    assert_layouts_agree(runs, "tp1", ref, prompt, V, FP32_TOL)

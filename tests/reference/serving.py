@@ -123,3 +123,32 @@ def prefill_batch_sizes(log: str) -> list[int]:
 def running_during_prefill(log: str) -> list[int]:
     """`#running-req` at each prefill: > 0 means a prefill was mixed into running decodes."""
     return [int(m) for m in re.findall(r"Prefill batch.*?#running-req: (\d+)", log)]
+
+
+def serve_parallel_layouts(ckpt, layouts: dict, prompt: Sequence[int], max_new_tokens: int, vocab_size: int,
+                           env_for=lambda name: {}) -> dict:
+    """One fp32 plain `sglang serve` per parallel layout (name -> extra flags), one greedy run of
+    `prompt` on each: name -> (response, server log)."""
+    runs = {}
+    for name, flags in layouts.items():
+        with SGLangServer(str(ckpt), [*CPU_ARGS, "--dtype", "float32", *flags], env=env_for(name),
+                          startup_timeout=400) as server:  # fmt: skip
+            runs[name] = (generate(server, prompt, max_new_tokens, vocab_size), server.log_text())
+    return runs
+
+
+def assert_layouts_agree(runs: dict, base: str, ref, prompt: Sequence[int], vocab_size: int, tol: float) -> None:
+    """Every layout of :func:`serve_parallel_layouts` decodes `base`'s tokens, and its logprobs are
+    within `tol` of `base`'s and of the plain-PyTorch reference `ref` (so is `base`)."""
+    want = runs[base][0]
+    base_lp = served_logprobs(want, vocab_size)
+    assert max_abs_diff(base_lp, ref.logprobs(full_sequence(prompt, want)[:-1])) <= tol, base
+    for name, (resp, _) in runs.items():
+        if name == base:
+            continue
+        assert resp["output_ids"] == want["output_ids"], name
+        lp = served_logprobs(resp, vocab_size)
+        diff = max_abs_diff(lp, base_lp)
+        print(f"{name} vs {base} max |Δlogprob| {diff:.2e}")
+        assert diff <= tol, name
+        assert max_abs_diff(lp, ref.logprobs(full_sequence(prompt, resp)[:-1])) <= tol, name
