@@ -130,7 +130,7 @@ def sglang_topk_routes():
     """SGLang 0.5.23's routes for the TopK config its built-in Step-3.5 uses (scoring_func="sigmoid",
     correction_bias, scale folded with apply_routed_scaling_factor_on_output): the GPU gate that
     forward_cuda reaches (moe_fused_gate's Triton kernel) and forward_native's torch version.
-    See the comment at Step3p5MoE._route for why we keep our router."""
+    See the comment at Step35MoE._route for why we keep our router."""
     from sglang_step35.plugin import register
 
     # As in every SGLang process: on a GPU-less machine the plugin supplies the sgl_kernel stand-in

@@ -3,7 +3,7 @@
 transformers 5.19 maps ``model_type: step3p5`` to its own Step3p7 text config, which turns the
 sliding-layer head counts into "per-layer attributes" and makes every global read of
 ``num_attention_heads`` raise ``AmbiguousGlobalPerLayerAttributeError`` (a RuntimeError, so even
-``getattr(cfg, k, default)`` blows up inside SGLang's loader). :class:`Step3p5Config` is a plain
+``getattr(cfg, k, default)`` blows up inside SGLang's loader). :class:`Step35Config` is a plain
 ``PretrainedConfig`` that keeps the checkpoint's keys as they are; ``plugin.register()`` installs it
 for ``step3p5`` so unedited real checkpoints load.
 """
@@ -80,7 +80,7 @@ def read_config(source=None, *, missing_ok: bool = False) -> Optional[dict]:
         raise Step35ConfigError(f"cannot read the Step config from {source}: {e}") from e
 
 
-class Step3p5Config(PretrainedConfig):
+class Step35Config(PretrainedConfig):
     """Step-3.5 config that stores every checkpoint key verbatim (lists are never cropped)."""
 
     model_type = "step3p5"

@@ -105,13 +105,13 @@ def _check_resolved_model(result, *args, **kwargs):
 def _install_config() -> None:
     from transformers import AutoConfig
 
-    from sglang_step35.config import Step3p5Config
+    from sglang_step35.config import Step35Config
 
-    AutoConfig.register("step3p5", Step3p5Config, exist_ok=True)
+    AutoConfig.register("step3p5", Step35Config, exist_ok=True)
     # SGLang re-reads configs whose model_type is in its own registry with that class; use ours.
     from sglang.srt.utils.hf_transformers import common
 
-    common._CONFIG_REGISTRY["step3p5"] = Step3p5Config
+    common._CONFIG_REGISTRY["step3p5"] = Step35Config
 
 
 def _install_parsers() -> None:

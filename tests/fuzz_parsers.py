@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     # Malformed inputs are expected here; their per-call warnings would drown the report.
     logging.getLogger("sglang_step35").setLevel(logging.ERROR)
     # Read by the test modules' settings at import time.
-    os.environ["STEP35_PARSER_CASES"] = str(args.cases)
+    os.environ["SGLANG_STEP35_PARSER_CASES"] = str(args.cases)
     import importlib
 
     from hypothesis import seed

@@ -484,12 +484,12 @@ def post_load_off_cpu(experts):
 
 
 def moe_layers(model):
-    """(layer index, Step3p5MoE) of every MoE layer."""
+    """(layer index, Step35MoE) of every MoE layer."""
     return [(i, layer.moe) for i, layer in enumerate(model.model.layers) if layer.is_moe]
 
 
 def routed_output(moe, x):
-    """The routed half of Step3p5MoE._block as on a GPU: fp32 router, TopK (its CUDA dispatch when
+    """The routed half of Step35MoE._block as on a GPU: fp32 router, TopK (its CUDA dispatch when
     the caller set `moe.topk._forward_method`), FusedMoE on a copy of `x` (it works in place)."""
     import torch.nn.functional as F
 

@@ -45,7 +45,7 @@ W = 4  # sliding_window (HF count); small so every query below is past the windo
 SEQ = 11  # tokens in the request; head_dim >= SEQ for the one-hot values
 PREFIX = 6  # cached tokens before an extend (prefill with a radix-cache hit / chunked prefill)
 HEAD_DIM = 16
-TODAY = W - 1  # what Step3p5Attention passes for every backend before this change
+TODAY = W - 1  # what Step35Attention passes for every backend before this change
 
 
 @pytest.fixture(scope="module", autouse=True)

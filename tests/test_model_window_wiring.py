@@ -24,13 +24,13 @@ BACKENDS = ["torch_native", "triton", "flashinfer", "fa3", "aiter"]
 def cfg(tmp_path_factory):
     from sglang.test.layer_ut_utils import init_single_process_dist
 
-    from sglang_step35.config import Step3p5Config
+    from sglang_step35.config import Step35Config
     from sglang_step35.plugin import register
 
     register()
     init_single_process_dist(master_port=29737)
     ckpt = write_tiny_checkpoint(tmp_path_factory.mktemp("window"), seed=0)
-    return Step3p5Config(**json.loads((ckpt / "config.json").read_text()))
+    return Step35Config(**json.loads((ckpt / "config.json").read_text()))
 
 
 def _sliding_values(model_layers, cfg, indices) -> set[int]:

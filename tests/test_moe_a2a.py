@@ -3,7 +3,7 @@
 1. The simulated-EP reference (`tests/reference/ep_reference.py`) with an a2a dispatch/combine: explicit
    per-rank send/receive buffers reproduce the single-device MoE, the shared expert counted once;
    ignoring the contract (every rank dispatching every token, then an all-reduce) is caught.
-2. Our `Step3p5MoE` built as one rank of TP2/EP2 under an a2a backend: the shared expert is
+2. Our `Step35MoE` built as one rank of TP2/EP2 under an a2a backend: the shared expert is
    replicated, the experts see only this rank's attention-TP slice of the tokens, there is no
    all-reduce, and the slices gathered back equal the reference. SGLang's DeepEP dispatcher needs
    GPUs and the deep_ep library, so the experts are replaced by the contract SGLang's dispatcher
@@ -53,14 +53,14 @@ def sglang_state():
 
 
 def _config():
-    from sglang_step35.config import Step3p5Config
+    from sglang_step35.config import Step35Config
     from sglang_step35.tiny import TinySpec, tiny_config
 
     spec = TinySpec(hidden_size=H, num_experts=E, top_k=K, moe_intermediate_size=INTER, share_expert_dim=S,
                     routed_limit=0.0, shared_limit=0.0)  # fmt: skip
     cfg = tiny_config(spec, 64, {"<|endoftext|>": 0, "<|im_end|>": 1})
     cfg.update(moe_router_scaling_factor=3.0)
-    return Step3p5Config(**cfg)
+    return Step35Config(**cfg)
 
 
 @contextlib.contextmanager
@@ -94,7 +94,7 @@ def _build_rank(rank: int, monkeypatch, cfg, w: MoEWeights):
     monkeypatch.setattr(get_flags().moe, "a2a_backend", MoeA2ABackend.DEEPEP)
     monkeypatch.setattr(get_flags().moe, "deepep_mode", DeepEPMode.AUTO)
     with _as_rank(rank):
-        moe = moe_mod.Step3p5MoE(cfg, layer_spec(cfg, layer), None, prefix=f"model.layers.{layer}.moe")
+        moe = moe_mod.Step35MoE(cfg, layer_spec(cfg, layer), None, prefix=f"model.layers.{layer}.moe")
     with torch.no_grad():
         moe.gate.weight.copy_(w.router.float())
         moe.router_bias.copy_(w.router_bias.float())

@@ -41,11 +41,11 @@ def _build(ckpt, mp: pytest.MonkeyPatch, device: str, aiter: bool = False):
     """Step3p5ForCausalLM built as on `device` ("cuda"/"rocm"/"cpu"), fp32, checkpoint loaded."""
     import sglang_step35.models.step3p5 as model_mod
     import sglang_step35.models.step3p5_moe as moe_mod
-    from sglang_step35.config import Step3p5Config
+    from sglang_step35.config import Step35Config
 
     mp.setattr(moe_mod, "current_device", lambda: device)
     mp.setattr(moe_mod, "aiter_moe_active", lambda: aiter)
-    cfg = Step3p5Config(**json.loads((ckpt / "config.json").read_text()))
+    cfg = Step35Config(**json.loads((ckpt / "config.json").read_text()))
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)
     try:
@@ -211,11 +211,11 @@ def test_expert_location_config_for_eplb(sglang_gpu_path, ckpt):
     from sglang.srt.models.registry import ModelRegistry
 
     import sglang_step35.models.step3p5 as model_mod
-    from sglang_step35.config import Step3p5Config
+    from sglang_step35.config import Step35Config
 
     cls, _ = ModelRegistry.resolve_model_cls(["Step3p5ForCausalLM"])
     assert cls is model_mod.Step3p5ForCausalLM
-    cfg = Step3p5Config(**json.loads((ckpt / "config.json").read_text()))
+    cfg = Step35Config(**json.loads((ckpt / "config.json").read_text()))
     got = cls.get_model_config_for_expert_location(cfg)
     assert isinstance(got, ModelConfigForExpertLocation)
     assert (got.num_layers, got.num_logical_experts) == (cfg.num_hidden_layers, cfg.moe_num_experts)

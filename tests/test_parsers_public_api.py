@@ -215,8 +215,8 @@ VALUE_FRAGMENTS = ["<tool_call>", "</tool_call>", "<function=get_weather>", "</f
 
 
 # tests/fuzz_parsers.py raises the example count through this variable.
-@settings(max_examples=int(os.environ.get("STEP35_PARSER_CASES", "60")), deadline=None,
-          database=None if "STEP35_PARSER_CASES" in os.environ else settings.default.database,
+@settings(max_examples=int(os.environ.get("SGLANG_STEP35_PARSER_CASES", "60")), deadline=None,
+          database=None if "SGLANG_STEP35_PARSER_CASES" in os.environ else settings.default.database,
           suppress_health_check=list(HealthCheck))
 @given(calls=st.lists(st.tuples(st.lists(st.sampled_from(VALUE_FRAGMENTS), max_size=12).map("".join),
                                 st.one_of(st.none(), st.integers(-99, 99))), min_size=1, max_size=3),

@@ -13,9 +13,9 @@ from sglang_step35.parsers.reasoning import Step35ReasoningDetector
 CORPUS = build_corpus(seed=1)
 # tests/fuzz_parsers.py raises the example count through this variable.
 HYP = settings(
-    max_examples=int(os.environ.get("STEP35_PARSER_CASES", "150")),
+    max_examples=int(os.environ.get("SGLANG_STEP35_PARSER_CASES", "150")),
     deadline=None,
-    database=None if "STEP35_PARSER_CASES" in os.environ else settings.default.database,
+    database=None if "SGLANG_STEP35_PARSER_CASES" in os.environ else settings.default.database,
     suppress_health_check=list(HealthCheck),
 )
 

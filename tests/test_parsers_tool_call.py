@@ -26,9 +26,9 @@ from sglang_step35.parsers import Step35ReasoningDetector, Step35ToolCallDetecto
 CORPUS = build_corpus(seed=2)
 # tests/fuzz_parsers.py raises the example count through this variable.
 HYP = settings(
-    max_examples=int(os.environ.get("STEP35_PARSER_CASES", "150")),
+    max_examples=int(os.environ.get("SGLANG_STEP35_PARSER_CASES", "150")),
     deadline=None,
-    database=None if "STEP35_PARSER_CASES" in os.environ else settings.default.database,
+    database=None if "SGLANG_STEP35_PARSER_CASES" in os.environ else settings.default.database,
     suppress_health_check=list(HealthCheck),
 )
 

@@ -138,7 +138,7 @@ def _build(plan, rank: int, monkeypatch):
     import sglang_step35.models.step3p5_moe as moe_mod
     from sglang.srt.layers.quantization.fp8 import Fp8Config
     from sglang.srt.runtime_context import get_context, get_parallel
-    from sglang_step35.config import Step3p5Config
+    from sglang_step35.config import Step35Config
     from sglang_step35.models.step3p5_mtp import Step3p5MTP
 
     amd = GPUS[plan.gpu].vendor == "amd"
@@ -153,7 +153,7 @@ def _build(plan, rank: int, monkeypatch):
     monkeypatch.setenv("SGLANG_ROPE_CACHE_FP32", "1")
     monkeypatch.setattr(rope_factory, "_ROPE_DICT", {})
     quant = Fp8Config.from_config(dict(QUANTIZATION_CONFIG)) if plan.quant == "fp8" else None
-    cfg = Step3p5Config(**REDUCED)
+    cfg = Step35Config(**REDUCED)
     tp, ep = plan.tp, plan.ep
     # Group stand-ins carrying one rank's coordinates: SGLang's linears read rank and size from them.
     tp_group = SimpleNamespace(world_size=tp, rank_in_group=rank, ranks=list(range(tp)), unique_name="tp",

@@ -36,12 +36,12 @@ def ckpt(tmp_path_factory):
 def cfg(ckpt):
     from sglang.test.layer_ut_utils import init_single_process_dist
 
-    from sglang_step35.config import Step3p5Config
+    from sglang_step35.config import Step35Config
     from sglang_step35.plugin import register
 
     register()
     init_single_process_dist(master_port=29751)
-    return Step3p5Config(**json.loads((ckpt / "config.json").read_text()))
+    return Step35Config(**json.loads((ckpt / "config.json").read_text()))
 
 
 def _build(cfg, pp_rank=None):

@@ -16,7 +16,7 @@ routed_scaling_factor=s, apply_routed_scaling_factor_on_output=True)``. Its rout
   ``fused_topk`` calls ``topk_sigmoid``, imported only on CUDA/HIP/XPU -> NameError (with AMX,
   ``fused_topk_cpu`` instead rejects ``apply_routed_scaling_factor_on_output``).
 
-So the swap is not made; these tests pin the differences the comment at ``Step3p5MoE._route``
+So the swap is not made; these tests pin the differences the comment at ``Step35MoE._route``
 cites, and fail when SGLang changes them (time to revisit the swap).
 """
 

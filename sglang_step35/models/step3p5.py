@@ -1,6 +1,10 @@
 """Step3p5ForCausalLM for SGLang 0.5.23, built from SGLang's layers (registered via
 SGLANG_EXTERNAL_MODEL_PACKAGE; the class name must stay, SGLang keys hybrid-SWA and EAGLE on it).
 
+Naming: `Step3p5*` only where SGLang keys on the name (this class and the MTP draft's `Step3p5MTP`,
+the checkpoint's architectures); everything else of ours is `Step35*`, and every environment
+variable of ours starts `SGLANG_STEP35_`.
+
 One decoder layer: h = x + Attn(norm(x)); y = h + FFN(norm(h)) with Gemma-form RMSNorms.
 Attention: q/k/v -> per-head Gemma RMSNorm on q, k -> NeoX rope on the first `rotary_dim` dims
 (per-layer theta, llama3 scaling on full layers only) -> causal attention (sliding layers: the last
@@ -43,12 +47,12 @@ from sglang_step35 import ops
 from sglang_step35.attention import model_radix_sliding_window_size, model_runner_sliding_window_size
 from sglang_step35.config import LayerSpec, layer_spec, validate
 from sglang_step35.models.weights import cpu_fp8_fallback, load_step3p5_weights
-from sglang_step35.models.step3p5_moe import Step3p5MLP, Step3p5MoE
+from sglang_step35.models.step3p5_moe import Step35MLP, Step35MoE
 
 logger = logging.getLogger(__name__)  # under "sglang_step35", whose handler plugin.py installs
 
 
-class Step3p5Attention(nn.Module):
+class Step35Attention(nn.Module):
     def __init__(
         self, config, spec: LayerSpec, quant_config: Optional[QuantizationConfig], prefix: str = "",
         draft: bool = False,
@@ -115,7 +119,7 @@ class Step3p5Attention(nn.Module):
         return out
 
 
-class Step3p5DecoderLayer(nn.Module):
+class Step35DecoderLayer(nn.Module):
     def __init__(
         self, config, layer_id: int, quant_config: Optional[QuantizationConfig], prefix: str = "",
         draft: bool = False,
@@ -126,14 +130,14 @@ class Step3p5DecoderLayer(nn.Module):
         self.input_layernorm = GemmaRMSNorm(H, config.rms_norm_eps)
         self.post_attention_layernorm = GemmaRMSNorm(H, config.rms_norm_eps)
         # draft: an MTP layer, whose runner may use --speculative-draft-attention-backend.
-        self.self_attn = Step3p5Attention(
+        self.self_attn = Step35Attention(
             config, spec, quant_config, prefix=add_prefix("self_attn", prefix), draft=draft
         )
         self.is_moe = spec.is_moe
         if spec.is_moe:
-            self.moe = Step3p5MoE(config, spec, quant_config, prefix=add_prefix("moe", prefix))
+            self.moe = Step35MoE(config, spec, quant_config, prefix=add_prefix("moe", prefix))
         else:
-            self.mlp = Step3p5MLP(
+            self.mlp = Step35MLP(
                 H, config.intermediate_size, spec.swiglu_limit_shared, quant_config, prefix=add_prefix("mlp", prefix)
             )
 
@@ -143,7 +147,7 @@ class Step3p5DecoderLayer(nn.Module):
         return h + (self.moe(normed) if self.is_moe else self.mlp(normed))
 
 
-class Step3p5Model(nn.Module):
+class Step35Model(nn.Module):
     def __init__(self, config, quant_config: Optional[QuantizationConfig] = None, prefix: str = ""):
         super().__init__()
         self.config = config
@@ -158,7 +162,7 @@ class Step3p5Model(nn.Module):
         # range comes from SGLang (get_pp_indices), the same split its KV pool and runner use.
         self.layers, self.start_layer, self.end_layer = make_layers(
             config.num_hidden_layers,
-            lambda idx, prefix: Step3p5DecoderLayer(config, idx, quant_config, prefix=prefix),
+            lambda idx, prefix: Step35DecoderLayer(config, idx, quant_config, prefix=prefix),
             pp_rank=self.pp_group.rank_in_group,
             pp_size=self.pp_group.world_size,
             prefix=add_prefix("layers", prefix),
@@ -183,7 +187,7 @@ class Step3p5Model(nn.Module):
         else:
             if pp_proxy_tensors is None:
                 raise RuntimeError(
-                    f"Step3p5Model pipeline stage {self.pp_group.rank_in_group} (layers "
+                    f"Step35Model pipeline stage {self.pp_group.rank_in_group} (layers "
                     f"{self.start_layer}-{self.end_layer - 1}) got no pp_proxy_tensors from the previous stage")
             h = pp_proxy_tensors["hidden_states"]
         for i in range(self.start_layer, self.end_layer):
@@ -219,7 +223,7 @@ class Step3p5ForCausalLM(nn.Module):
             quant_config = None
         self.quant_config = quant_config
         self.pp_group = get_parallel().pp_group
-        self.model = Step3p5Model(config, quant_config, prefix=add_prefix("model", prefix))
+        self.model = Step35Model(config, quant_config, prefix=add_prefix("model", prefix))
         # Step-3.5 does not tie its head to the embedding: each lives on its own stage alone.
         if self.pp_group.is_last_rank:
             self.lm_head = ParallelLMHead(

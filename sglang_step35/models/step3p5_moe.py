@@ -52,7 +52,7 @@ from sglang_step35.moe.runner import (
 )
 
 
-class Step3p5MLP(nn.Module):
+class Step35MLP(nn.Module):
     """SwiGLU `down(act(gate(x)) * up(x))`; with limit L: act = min(silu(gate), L), up = clamp(up, ±L)."""
 
     def __init__(
@@ -86,7 +86,7 @@ class Step3p5MLP(nn.Module):
         return out
 
 
-class Step3p5MoE(nn.Module):
+class Step35MoE(nn.Module):
     """Routed experts (sigmoid router, bias for selection only) + the always-on shared expert."""
 
     def __init__(self, config, spec: LayerSpec, quant_config: Optional[QuantizationConfig], prefix: str = ""):
@@ -143,7 +143,7 @@ class Step3p5MoE(nn.Module):
         self.topk.bind_runner_backend(
             self.experts.runner_backend, routing_method_type=self.experts.routing_method_type
         )
-        self.share_expert = Step3p5MLP(
+        self.share_expert = Step35MLP(
             H, config.share_expert_dim, spec.swiglu_limit_shared, quant_config, reduce_results=False,
             prefix=add_prefix("share_expert", prefix),
             parallel_group="replicated" if self.layout.shared_expert_replicated else "tp",

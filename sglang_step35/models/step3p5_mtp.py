@@ -41,7 +41,7 @@ from sglang.srt.utils import add_prefix
 
 from sglang_step35.config import SLIDING, cfg_get
 from sglang_step35.mtp_check import Step35MTPError, check_mtp_request
-from sglang_step35.models.step3p5 import Step3p5DecoderLayer
+from sglang_step35.models.step3p5 import Step35DecoderLayer
 from sglang_step35.attention import model_runner_sliding_window_size
 from sglang_step35.checkpoint import checkpoint_shapes
 from sglang_step35.models.weights import (
@@ -114,7 +114,7 @@ class Step3p5MTP(nn.Module):
         # SwiGLU (MTP indices are outside moe_layers_enum) with the clamp at that index.
         # Prefixed with the checkpoint's name for the layer: SGLang matches the quantization_config's
         # modules_to_not_convert against it (an MTP layer kept in BF16 is built unquantized).
-        self.layer = Step3p5DecoderLayer(
+        self.layer = Step35DecoderLayer(
             config, self.layer_index, quant_config, prefix=add_prefix(f"model.layers.{self.layer_index}", prefix),
             draft=True,
         )
