@@ -16,7 +16,8 @@ from typing import Optional, Sequence
 
 from .config import Step35ConfigError
 from .config import read_config
-from .plan import GPUS, MTP_SPEC, QUANTS, format_plan, make_plan
+from .plan import GPUS, QUANTS, format_plan, make_plan
+from .plan_memory import MTP_SPEC
 
 EXIT_INFEASIBLE = 2
 

@@ -15,16 +15,12 @@ import pytest
 
 from sglang_step35.moe import guard_moe_layout
 from sglang_step35.config import read_config
-from sglang_step35.plan import (
-    GPUS,
-    GiB,
+from sglang_step35.plan import GPUS, QUANTS, GiB, format_plan, make_plan
+from sglang_step35.plan_memory import (
     buffer_breakdown,
-    rope_cache_keys,
-    QUANTS,
     kv_bytes_per_token,
     kv_cache_bytes,
-    format_plan,
-    make_plan,
+    rope_cache_keys,
     weight_breakdown,
 )
 from sglang_step35.plan_cli import add_plan_parser, main as plan_main, run_plan

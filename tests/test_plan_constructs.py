@@ -24,7 +24,8 @@ import torch
 
 from sglang_step35.fp8 import QUANTIZATION_CONFIG
 from sglang_step35.config import read_config
-from sglang_step35.plan import GPUS, buffer_breakdown, make_plan, weight_breakdown
+from sglang_step35.plan import GPUS, make_plan
+from sglang_step35.plan_memory import buffer_breakdown, weight_breakdown
 
 KEEP = [0, 3, 43, 44]  # dense, MoE, the clamped MoE layers
 

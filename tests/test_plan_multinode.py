@@ -16,13 +16,9 @@ import pytest
 
 from sglang_step35.moe import guard_moe_layout
 from sglang_step35.config import read_config
-from sglang_step35.plan import (
-    buffer_breakdown,
-    make_plan,
-    model_class_pp_refusal,
-    pp_stage_layers,
-    weight_breakdown,
-)
+from sglang_step35.parallel_guard import pp_stage_layers
+from sglang_step35.plan import make_plan, model_class_pp_refusal
+from sglang_step35.plan_memory import buffer_breakdown, weight_breakdown
 from sglang_step35.plan_cli import main as plan_main
 
 CFG = read_config()
