@@ -37,7 +37,6 @@ import json
 import random
 import shlex
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,7 +54,7 @@ for p in (ROOT, ROOT / "bench", ROOT / "tests"):  # run from a checkout; bench/ 
 import requests  # noqa: E402
 
 from sglang_step35.mtp_check import mtp_acceptance  # noqa: E402
-from sglang_step35.server import SGLangServer  # noqa: E402
+from sglang_step35.server import SGLangServer, ServerPool, ServerUnavailable  # noqa: E402
 
 OUT_DIR = ROOT / "bench" / "out"
 DEFAULT_CKPT_DIR = ROOT / "build" / "gpu-check"
@@ -128,48 +127,6 @@ def prompt_ids(seed: int, n: int) -> list[int]:
 
 
 # --- servers ------------------------------------------------------------------------------------------
-class ServerPool:
-    """One `sglang serve` at a time, started on first use and kept until another key is asked for;
-    a server that failed to start is not retried (its error is what later parts report)."""
-
-    def __init__(self, configs: dict[str, tuple[Path, list[str], dict]]):
-        self.configs = configs
-        self.key: Optional[str] = None
-        self.server: Optional[SGLangServer] = None
-        self.failed: dict[str, str] = {}
-        self.starts: dict[str, dict] = {}
-
-    def get(self, key: str, deadline: float) -> SGLangServer:
-        if key in self.failed:
-            raise CannotRun(f"server {key} did not start: {self.failed[key]}")
-        if key == self.key:
-            return self.server
-        self.close()
-        model, args, env = self.configs[key]
-        server = SGLangServer(str(model), args, env=env, startup_timeout=max(5.0, deadline - time.time()))
-        t0 = time.perf_counter()
-        try:
-            server.start()
-        except BaseException as e:
-            server.stop()
-            self.failed[key] = f"{type(e).__name__}: {str(e)[-1500:]}"
-            raise
-        log = server.log_text()
-        self.starts[key] = {
-            "seconds": round(time.perf_counter() - t0, 1),
-            "command": shlex.join(server.command()[1:]),
-            "env": env,
-            "cuda_graph_log": [ln.strip()[-200:] for ln in log.splitlines() if "cuda graph" in ln.lower()][-4:],
-        }
-        self.key, self.server = key, server
-        return server
-
-    def close(self) -> None:
-        if self.server is not None:
-            self.server.stop()
-        self.key, self.server = None, None
-
-
 def generate(server: SGLangServer, ids: list[int], max_new: int, deadline: float, logprobs: bool = True) -> dict:
     body = {"input_ids": list(ids), "sampling_params": {"max_new_tokens": max_new, "temperature": 0, "ignore_eos": True}}
     if logprobs:
@@ -492,8 +449,9 @@ class Check:
     def part_layers_replay(self, deadline):
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "layers.json"
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--layers-worker", str(self.bf16_dir),
-                   "--device", self.device, "--worker-out", str(out)]
+            # Its own process: CUDA state / TRITON_INTERPRET stay out of the driver.
+            cmd = [sys.executable, str(ROOT / "bench" / "gpu_check_layers.py"), str(self.bf16_dir),
+                   "--device", self.device, "--out", str(out)]
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=max(1.0, deadline - time.time()))
             if r.returncode != 0:
                 raise RuntimeError(f"layers worker exit {r.returncode}:\n{r.stderr[-2000:]}")
@@ -559,7 +517,7 @@ class Check:
                         self.pool.close()
                     if server is not None and server not in self.pool.starts:
                         self.pool.failed.setdefault(server, "start-up did not finish within the budget")
-                except CannotRun as e:
+                except (CannotRun, ServerUnavailable) as e:
                     rec.update(status="cannot run", why=str(e))
                 except Exception as e:  # noqa: BLE001 - reported, the other steps go on
                     rec.update(status="error", why=f"{type(e).__name__}: {str(e)[-3000:]}",
@@ -630,160 +588,6 @@ def summary(step: str, res: dict) -> str:
     return ""
 
 
-# --- the layers worker (its own process: CUDA state / TRITON_INTERPRET stay out of the driver) -------
-def layers_worker(ckpt: Path, device: str, out: Path) -> None:
-    import torch
-    import torch.nn.functional as F
-    from safetensors import safe_open
-
-    from sglang_step35 import ops
-    from sglang_step35.config import layer_spec
-
-    cfg = json.loads((ckpt / "config.json").read_text())
-    index = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
-    dev = torch.device(device)
-    on_gpu = dev.type == "cuda"
-    dtype = torch.bfloat16 if on_gpu else torch.float32
-    H, k, scale = int(cfg["hidden_size"]), int(cfg["moe_top_k"]), float(cfg["moe_router_scaling_factor"])
-    kv_len = min(1024, int(cfg["sliding_window"]))
-
-    def timed(fn, reps):
-        """Median seconds per call: CUDA-graph replays timed with events on a GPU, else wall time."""
-        fn()
-        if on_gpu:
-            torch.cuda.synchronize()
-            how = "cuda graph"
-            try:
-                g = torch.cuda.CUDAGraph()
-                s = torch.cuda.Stream()
-                s.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(s):
-                    fn()
-                torch.cuda.current_stream().wait_stream(s)
-                with torch.cuda.graph(g):
-                    fn()
-                run = g.replay
-            except Exception as e:  # noqa: BLE001 - e.g. a host sync in the op: time it eagerly
-                how, run = f"eager ({type(e).__name__})", fn
-            samples = []
-            for _ in range(reps):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                run()
-                b.record()
-                b.synchronize()
-                samples.append(a.elapsed_time(b) / 1e3)
-            return statistics.median(samples), how
-        samples = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - t0)
-        return statistics.median(samples), "wall clock"
-
-    # copy bandwidth: read + write of a buffer larger than any cache
-    nbytes = (2 << 30) if on_gpu else (64 << 20)
-    src = torch.empty(nbytes, dtype=torch.uint8, device=dev)
-    dst = torch.empty_like(src)
-    t_copy, _ = timed(lambda: dst.copy_(src), 20 if on_gpu else 3)
-    bw = 2 * nbytes / t_copy
-    src = dst = None  # free the buffers (rebinding, not del: the timed lambda closes over them)
-
-    moe_kernel = "torch gather (no GPU)"
-    fused_moe = None
-    if on_gpu:
-        try:
-            from sglang.srt.layers.moe.moe_runner import MoeRunnerConfig
-            from sglang.srt.layers.moe.moe_runner.triton_utils.fused_moe import fused_moe as _fm
-            from sglang.srt.layers.moe.topk import StandardTopKOutput
-
-            fused_moe, moe_kernel = (_fm, MoeRunnerConfig, StandardTopKOutput), "SGLang Triton fused_moe"
-        except Exception as e:  # noqa: BLE001
-            moe_kernel = f"torch gather (SGLang fused_moe unavailable: {type(e).__name__}: {e})"
-
-    rows = []
-    n = int(cfg["num_hidden_layers"])
-    for i in range(n):
-        spec = layer_spec(cfg, i)
-        p = f"model.layers.{i}."
-        names = [nm for nm in index if nm.startswith(p)]
-        w = {}
-        for f in sorted({index[nm] for nm in names}):
-            with safe_open(str(ckpt / f), "pt", device=str(dev)) as fh:
-                for nm in fh.keys():
-                    if nm.startswith(p):
-                        w[nm[len(p):]] = fh.get_tensor(nm).to(dtype) if not nm.endswith("router_bias") else fh.get_tensor(nm)
-        nh, nkv, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
-        wqkv = torch.cat([w["self_attn.q_proj.weight"], w["self_attn.k_proj.weight"], w["self_attn.v_proj.weight"]])
-        kcache = torch.randn(1, nkv, kv_len, d, device=dev, dtype=dtype)
-        vcache = torch.randn_like(kcache)
-        x = torch.randn(1, H, device=dev, dtype=dtype)
-        attn_names = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-                      "self_attn.o_proj.weight", "self_attn.g_proj.weight")
-        bytes_ = sum(w[a].numel() * w[a].element_size() for a in attn_names) + 2 * kcache.numel() * kcache.element_size()
-
-        def attention():
-            qkv = F.linear(x, wqkv)
-            q = qkv[:, : nh * d].view(1, nh, 1, d)
-            o = F.scaled_dot_product_attention(q, kcache, vcache, enable_gqa=True).reshape(1, nh * d)
-            o = ops.head_gate(o, F.linear(x, w["self_attn.g_proj.weight"]), nh)
-            return F.linear(o, w["self_attn.o_proj.weight"])
-
-        if spec.is_moe:
-            w13 = torch.cat([w["moe.gate_proj.weight"], w["moe.up_proj.weight"]], dim=1)  # [E, 2I, H]
-            w2 = w["moe.down_proj.weight"]
-            s13 = torch.cat([w["share_expert.gate_proj.weight"], w["share_expert.up_proj.weight"]])
-            gate_w = w["moe.gate.weight"].float()
-            logits = F.linear(x.float(), gate_w)
-            _, ids = ops.sigmoid_topk_route(logits, w["moe.router_bias"], k, scale)
-            per_expert = (w13[0].numel() + w2[0].numel()) * w13.element_size()
-            bytes_ += ids.unique().numel() * per_expert + gate_w.numel() * 2 + (s13.numel() + w["share_expert.down_proj.weight"].numel()) * s13.element_size()
-            limit = spec.swiglu_limit or None
-
-            def ffn():
-                lg = F.linear(x.float(), gate_w)
-                tw, ti = ops.sigmoid_topk_route(lg, w["moe.router_bias"], k, scale)
-                if fused_moe is not None:
-                    fm, Cfg, Out = fused_moe
-                    routed = fm(x, w13, w2, Out(tw, ti, lg), Cfg(inplace=False, gemm1_clamp_limit=limit))
-                else:
-                    gu = torch.einsum("th,tkih->tki", x, w13[ti.long()])
-                    a = ops.swiglu_clamp(gu.reshape(-1, gu.shape[-1]), limit or 0.0).view(1, k, -1)
-                    routed = (torch.einsum("tki,tkhi->tkh", a, w2[ti.long()]) * tw[..., None].to(a.dtype)).sum(1)
-                sh = ops.swiglu_clamp(F.linear(x, s13), spec.swiglu_limit_shared or 0.0)
-                return routed + F.linear(sh, w["share_expert.down_proj.weight"])
-            kind = "moe"
-        else:
-            m13 = torch.cat([w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]])
-            bytes_ += (m13.numel() + w["mlp.down_proj.weight"].numel()) * m13.element_size()
-
-            def ffn():
-                return F.linear(ops.swiglu_clamp(F.linear(x, m13), spec.swiglu_limit_shared or 0.0),
-                                w["mlp.down_proj.weight"])
-            kind = "dense"
-        kind += "/" + ("swa" if spec.sliding else "full") + ("/clamp" if spec.swiglu_limit or spec.swiglu_limit_shared else "")
-
-        def layer():
-            return attention() + ffn()
-
-        if spec.is_moe and fused_moe is not None:
-            try:
-                layer()
-            except Exception as e:  # noqa: BLE001 - keep measuring with the torch path, say why
-                fused_moe = None
-                moe_kernel = f"torch gather (SGLang fused_moe failed: {type(e).__name__}: {str(e)[:300]})"
-
-        reps = 50 if on_gpu else 3
-        t, how = timed(layer, reps)
-        rows.append({"layer": i, "kind": kind, "bytes": bytes_, "time_us": t * 1e6, "roofline_us": bytes_ / bw * 1e6,
-                     "efficiency": (bytes_ / bw) / t, "timed_as": how})
-        w = wqkv = None  # free this layer before the next (the closures above close over them)
-        if on_gpu:
-            torch.cuda.empty_cache()
-    out.write_text(json.dumps({"copy_gbps": bw / 1e9, "copy_bytes": nbytes, "moe_kernel": moe_kernel, "batch": 1,
-                               "kv_len": kv_len, "dtype": str(dtype).replace("torch.", ""), "layers": rows}, indent=2))
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when a GPU is visible")
@@ -795,16 +599,11 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", default=",".join(STEPS), help="comma-separated subset of: " + ", ".join(STEPS))
     ap.add_argument("--budget-scale", type=float, default=1.0, help="multiply every budget (slow machines)")
     ap.add_argument("--out", type=Path, default=OUT_DIR)
-    ap.add_argument("--layers-worker", help=argparse.SUPPRESS)
-    ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.device is None:
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.layers_worker:
-        layers_worker(Path(args.layers_worker), args.device, Path(args.worker_out))
-        return 0
     args.steps = [s for s in args.steps.split(",") if s]
     unknown = set(args.steps) - set(STEPS)
     if unknown:

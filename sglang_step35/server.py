@@ -7,6 +7,7 @@ up through its entry point like in any deployment.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -14,7 +15,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import requests
 
@@ -112,3 +113,56 @@ class SGLangServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class ServerUnavailable(RuntimeError):
+    """A :class:`ServerPool` key whose server failed to start earlier (not retried)."""
+
+
+class ServerPool:
+    """`sglang serve` processes by key, one at a time: asking for another key stops the current
+    server first (a laptop or CPU CI never runs two at once). A key whose server failed to start is
+    not retried; asking for it again raises :class:`ServerUnavailable` with the first error.
+
+    ``configs``: key -> (model path, or a callable giving it on first use; extra args; env or None).
+    ``starts`` records each start: seconds, command, env, and the log lines about CUDA graphs."""
+
+    def __init__(self, configs: dict[str, tuple[Union[str, Path, Callable[[], Union[str, Path]]], Sequence[str],
+                                                Optional[dict]]]):
+        self.configs = configs
+        self.key: Optional[str] = None
+        self.server: Optional[SGLangServer] = None
+        self.failed: dict[str, str] = {}
+        self.starts: dict[str, dict] = {}
+
+    def get(self, key: str, deadline: Optional[float] = None) -> SGLangServer:
+        """The server of ``key`` (started if needed); ``deadline`` (time.time()) bounds its start-up."""
+        if key in self.failed:
+            raise ServerUnavailable(f"server {key} did not start: {self.failed[key]}")
+        if key == self.key:
+            return self.server
+        self.close()
+        model, args, env = self.configs[key]
+        model = model() if callable(model) else model
+        kw = {} if deadline is None else {"startup_timeout": max(5.0, deadline - time.time())}
+        server = SGLangServer(str(model), list(args), env=env, **kw)
+        t0 = time.perf_counter()
+        try:
+            server.start()
+        except BaseException as e:
+            server.stop()
+            self.failed[key] = f"{type(e).__name__}: {str(e)[-1500:]}"
+            raise
+        self.starts[key] = {
+            "seconds": round(time.perf_counter() - t0, 1),
+            "command": shlex.join(server.command()[1:]),
+            "env": env,
+            "cuda_graph_log": [ln.strip()[-200:] for ln in server.log_text().splitlines() if "cuda graph" in ln.lower()][-4:],
+        }
+        self.key, self.server = key, server
+        return server
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+        self.key, self.server = None, None

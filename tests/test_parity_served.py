@@ -28,8 +28,8 @@ from safetensors.torch import load_file, save_file
 
 from reference import Step35Reference
 from reference.serving import (
+    CPU_ARGS,
     OUR_CLASS_LINE,
-    OneServerAtATime,
     full_sequence,
     generate,
     reference_token_logprobs,
@@ -40,6 +40,7 @@ from reference.serving import (
     served_logprobs,
     served_token_logprobs,
 )
+from sglang_step35.server import ServerPool
 from sglang_step35.tiny import TinySpec, write_tiny_checkpoint
 
 pytestmark = pytest.mark.server
@@ -76,10 +77,11 @@ def ckpts(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def servers(ckpts):
-    fp32 = ["--dtype", "float32"]
-    pool = OneServerAtATime({
+    # One server at a time (CPU CI); tests sharing a configuration are grouped so each starts once.
+    fp32, bf16 = [*CPU_ARGS, "--dtype", "float32"], [*CPU_ARGS, "--dtype", "bfloat16"]
+    pool = ServerPool({
         "A-ours-fp32": (lambda: ckpts["A"], fp32, None),
-        "A-ours-bf16": (lambda: ckpts["A-no-mtp"], ["--dtype", "bfloat16"], None),
+        "A-ours-bf16": (lambda: ckpts["A-no-mtp"], bf16, None),
         "A-builtin-fp32": (lambda: ckpts["A"], fp32, BUILTIN_ENV),
         "B-ours-fp32": (lambda: ckpts["B"], fp32, None),
         "B-builtin-fp32": (lambda: ckpts["B"], fp32, BUILTIN_ENV),

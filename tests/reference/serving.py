@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional, Sequence
+from typing import Sequence
 
 import requests
 import torch
@@ -22,30 +22,6 @@ from sglang_step35.server import SGLangServer
 # Small KV pool keeps each server's RAM low (CPU CI); --skip-server-warmup saves a few seconds.
 CPU_ARGS = ["--device", "cpu", "--max-total-tokens", "4096", "--skip-server-warmup"]
 OUR_CLASS_LINE = "serving with model class sglang_step35.models.step3p5.Step3p5ForCausalLM"
-
-
-class OneServerAtATime:
-    """Starts servers by key, stopping the previous one first (CPU CI: never two servers at once;
-    tests that share a configuration are grouped so each starts once)."""
-
-    def __init__(self, configs: dict):
-        self.configs = configs  # key -> (model_dir getter, extra args, env)
-        self.key: Optional[str] = None
-        self.server: Optional[SGLangServer] = None
-
-    def get(self, key: str) -> SGLangServer:
-        if key != self.key:
-            self.close()
-            model_dir, args, env = self.configs[key]
-            server = SGLangServer(str(model_dir()), [*CPU_ARGS, *args], env=env)
-            server.start()
-            self.key, self.server = key, server
-        return self.server
-
-    def close(self) -> None:
-        if self.server is not None:
-            self.server.stop()
-        self.key, self.server = None, None
 
 
 def generate(server: SGLangServer, input_ids: Sequence[int], max_new_tokens: int, vocab_size: int,
