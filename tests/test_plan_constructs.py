@@ -133,8 +133,9 @@ def _bytes_by_component(named_params) -> dict[str, int]:
     return out
 
 
-def _build(plan, rank: int, monkeypatch):
-    """Our Step3p5ForCausalLM (+ one Step3p5MTP per draft step) as rank `rank` of `plan` builds it."""
+def _build(plan, rank: int, monkeypatch, pp_rank: int = 0):
+    """Our Step3p5ForCausalLM (+ one Step3p5MTP per draft step) as TP rank `rank` of pipeline stage
+    `pp_rank` of `plan` builds it."""
     import sglang_step35.models.step3p5 as model_mod
     import sglang_step35.models.step3p5_moe as moe_mod
     from sglang.srt.layers.quantization.fp8 import Fp8Config
@@ -164,7 +165,11 @@ def _build(plan, rank: int, monkeypatch):
                                    unique_name="moe_tp", cpu_group=None, device_group=None)  # fmt: skip
     ep_group = SimpleNamespace(world_size=ep, rank_in_group=rank // moe_tp, ranks=list(range(ep)), unique_name="ep",
                                cpu_group=None, device_group=None)  # fmt: skip
-    server = dict(device="cpu", tp_size=tp, ep_size=ep)
+    pp = plan.pp
+    pp_group = SimpleNamespace(world_size=pp, rank_in_group=pp_rank, is_first_rank=pp_rank == 0,
+                               is_last_rank=pp_rank == pp - 1, ranks=list(range(pp)), unique_name="pp",
+                               cpu_group=None, device_group=None)  # fmt: skip
+    server = dict(device="cpu", tp_size=tp, ep_size=ep, pp_size=pp)
     if plan.moe_a2a_backend:
         server["moe_a2a_backend"] = plan.moe_a2a_backend
     old = torch.get_default_dtype()
@@ -173,6 +178,7 @@ def _build(plan, rank: int, monkeypatch):
         with get_context().override_server_args(**server), get_parallel().override(
             tp_group=tp_group, attn_tp_group=tp_group, moe_ep_group=ep_group, moe_tp_group=moe_tp_group,
             tp_rank=rank, attn_tp_rank=rank, moe_ep_rank=rank // moe_tp, moe_tp_rank=rank % moe_tp,
+            **(dict(pp_group=pp_group, pp_rank=pp_rank, pp_size=pp) if pp > 1 else {}),
         ), torch.device("meta"):  # fmt: skip
             model = model_mod.Step3p5ForCausalLM(cfg, quant)
             mtp = [Step3p5MTP(cfg, quant, draft_model_idx=k) for k in range(plan.mtp)]

@@ -1,8 +1,9 @@
 """`step35 plan` past one node: multi-node TP/EP commands (one per node), pipeline stages as SGLang
 splits them, replicas behind sglang_router, and the refusals. Every node's command parses with
-SGLang's own ServerArgs parser and passes the MoE launch guard; the multi-node TP/EP ranks construct
-our model class with the planned per-rank bytes (tests/test_plan_constructs.py's faked platform);
-the router command parses with sglang_router's own parser where that package is installed.
+SGLang's own ServerArgs parser and passes the MoE launch guard; the multi-node TP/EP ranks and each
+pipeline stage construct our model class with the planned per-rank bytes (tests/test_plan_constructs.py's
+faked platform);
+the router command parses with sglang_router's own parser (sglang-router is a test dependency).
 
 PP plans pass one gate, `model_class_pp_refusal` (no MTP with PP: the launch guard's rule).
 """
@@ -163,6 +164,35 @@ def test_pp_plan_per_stage_memory_and_commands(sglang_parser):
     assert not make_plan("h20", 8, "fp8", nodes=2, pp=2, concurrency=p.concurrency + 1).feasible
 
 
+def test_pp_stages_construct_with_the_planned_bytes(sglang_state, monkeypatch):
+    """Each pipeline stage of a PP plan (TP ranks first and last) builds our model with the stage's
+    layers and the parameter and buffer bytes the plan counted for that stage (reduced depth: 4
+    layers, real widths): embedding on the first stage only, norm and lm_head on the last, other
+    stages' layers missing."""
+    from sglang.srt.layers.utils import PPMissingLayer
+    from test_plan_constructs import REDUCED, _buffer_bytes, _build, _bytes_by_component
+
+    p = make_plan("h20", 8, "fp8", nodes=2, pp=2)
+    assert p.feasible and p.pp == 2
+    stages = pp_stage_layers(int(REDUCED["num_hidden_layers"]), p.pp)
+    for pp_rank, layers in enumerate(stages):
+        first, last = pp_rank == 0, pp_rank == p.pp - 1
+        expected = weight_breakdown(REDUCED, p.quant, p.tp, p.ep, 0, layer_ids=layers, first_stage=first,
+                                    last_stage=last, shared_expert_replicated=p.shared_expert_replicated)  # fmt: skip
+        for rank in (0, p.tp - 1):
+            model, drafts = _build(p, rank, monkeypatch, pp_rank=pp_rank)
+            assert drafts == [] and (model.start_layer, model.end_layer) == (layers.start, layers.stop)
+            got = _bytes_by_component(model.named_parameters())
+            for k, v in expected.items():
+                assert got.get(k, 0) == v, (pp_rank, rank, k, got.get(k, 0), v)
+            assert sum(got.values()) == sum(expected.values())
+            held = [i for i, layer in enumerate(model.model.layers) if not isinstance(layer, PPMissingLayer)]
+            assert held == list(layers)
+            assert isinstance(model.model.embed_tokens, PPMissingLayer) is not first
+            assert isinstance(model.lm_head, PPMissingLayer) is not last
+            assert _buffer_bytes(model, drafts) == buffer_breakdown(REDUCED, 0, layer_ids=layers, last_stage=last)
+
+
 def test_pp_with_mtp_is_refused_naming_both_flags():
     p = make_plan("h20", 8, "fp8", nodes=2, pp=2, mtp=3)
     assert not p.feasible and p.problems == [model_class_pp_refusal(2, 3)]
@@ -202,8 +232,9 @@ def test_replicas_commands_and_router(sglang_parser):
         ns = _parse(sglang_parser, p, nc["command"])
         assert (ns.host, ns.port, ns.nnodes) == ("0.0.0.0", 30000, 1)
     assert p.router_command[:3] == ["python", "-m", "sglang_router.launch_router"]
-    router = pytest.importorskip("sglang_router.launch_router")
-    args = router.parse_router_args(p.router_command[3:])
+    from sglang_router.launch_router import parse_router_args
+
+    args = parse_router_args(p.router_command[3:])
     assert args.worker_urls == ["http://$REPLICA0_NODE0_IP:30000", "http://$REPLICA1_NODE0_IP:30000"]
     assert (args.policy, args.port) == ("cache_aware", 8000)
 
