@@ -37,11 +37,14 @@ MULTI = [
     ("h200", 8, "fp8", 3, {"replicas": 2},
      "Throughput: two independent 8x H200 FP8 MTP-3 replicas behind SGLang's router "
      "(`sglang_router`, from the sglang-router package); the memory plan is per GPU of each replica"),
+    ("h200", 4, "fp8", 0, {"replicas": 2, "replicas_per_node": 2},
+     "Throughput on one 8x H200 node: two TP4 EP4 FP8 replicas sharing it, on GPUs 0-3 and 4-7 "
+     "(`--base-gpu-id 4`) and ports 30000 / 30001, behind the router"),
 ]
 
 
 def _flags(extra: dict) -> str:
-    return "".join(f" --{k} {v}" for k, v in extra.items())
+    return "".join(f" --{k.replace('_', '-')} {v}" for k, v in extra.items())
 
 
 def _section(gpu, n, quant, mtp, extra, why) -> list[str]:
@@ -50,7 +53,9 @@ def _section(gpu, n, quant, mtp, extra, why) -> list[str]:
     head = f"{n}x {GPUS[gpu].name}, {quant}" + (f", MTP-{mtp}" if mtp else "")
     if extra.get("nodes", 1) > 1:
         head = f"{extra['nodes']} nodes x {head}"
-    if extra.get("replicas", 1) > 1:
+    if extra.get("replicas_per_node", 1) > 1:
+        head = f"{extra['replicas']} replicas of {head}, {extra['replicas_per_node']} per node, behind the router"
+    elif extra.get("replicas", 1) > 1:
         head = f"{extra['replicas']} replicas x {head}, behind the router"
     return [
         f"## {head}",

@@ -150,6 +150,7 @@ class Plan:
     nodes: int = 1  # nodes per replica
     pp: int = 1
     replicas: int = 1
+    replicas_per_node: int = 1  # > 1: replicas share a node, each on its own GPUs (--base-gpu-id) and port
     stages: list[dict[str, Any]] = field(default_factory=list)  # per pipeline stage (pp > 1)
     # one entry per node of every replica: {"replica", "node_rank", "host", "command"}; `command`
     # above is replica 0's node 0
@@ -196,9 +197,13 @@ def _margin_bytes(cfg: Mapping, gpu: GpuSpec, tp: int, routed_n: int) -> tuple[i
     return reserve, CHUNKED_PREFILL * per_token
 
 
-def _host(replica: int, node: int, replicas: int) -> str:
+def _host(replica: int, node: int, replicas: int, replicas_per_node: int = 1) -> str:
     """Placeholder for a node's address in the emitted commands (shell variables to set)."""
-    return f"$NODE{node}_IP" if replicas == 1 else f"$REPLICA{replica}_NODE{node}_IP"
+    if replicas == 1:
+        return f"$NODE{node}_IP"
+    if replicas_per_node > 1:  # single-node replicas, packed: replica r is on node r // replicas_per_node
+        return f"$NODE{replica // replicas_per_node}_IP"
+    return f"$REPLICA{replica}_NODE{node}_IP"
 
 
 def make_plan(
@@ -209,6 +214,7 @@ def make_plan(
     nodes: int = 1,
     pp: int = 1,
     replicas: int = 1,
+    replicas_per_node: int = 1,
     mtp: int = 0,
     context: Optional[int] = None,
     concurrency: Optional[int] = None,
@@ -220,7 +226,8 @@ def make_plan(
 
     ``num_gpus`` are the GPUs of one node; one replica spans ``nodes`` nodes as TP x PP with
     TP = nodes x num_gpus / pp (EP = TP where the experts divide). ``replicas`` > 1 serves the
-    same replica on separate nodes behind sglang_router. ``context`` defaults to the config's
+    same replica on separate nodes behind sglang_router, or ``replicas_per_node`` of them on one node
+    (each on its own ``num_gpus`` GPUs, from ``--base-gpu-id``, and its own port). ``context`` defaults to the config's
     max_position_embeddings; ``concurrency`` (requests at full context, per replica) defaults to
     as many as fit in memory on every pipeline stage.
     """
@@ -229,7 +236,7 @@ def make_plan(
     max_ctx = int(cfg.get("max_position_embeddings") or cfg.get("max_seq_len"))
     context = max_ctx if context is None else int(context)
     plan = Plan(gpu, num_gpus, quant, mtp, context, concurrency or 0, feasible=False, assumptions=list(ASSUMPTIONS),
-                nodes=nodes, pp=pp, replicas=replicas)  # fmt: skip
+                nodes=nodes, pp=pp, replicas=replicas, replicas_per_node=replicas_per_node)  # fmt: skip
     plan.auto_concurrency = concurrency is None
     q = QUANTS[quant]
     problems = plan.problems
@@ -237,8 +244,20 @@ def make_plan(
     if not 1 <= num_gpus <= MAX_GPUS_PER_NODE:
         fix = f"; use --num-gpus {MAX_GPUS_PER_NODE} --nodes {-(-num_gpus // MAX_GPUS_PER_NODE)}" if num_gpus > 0 else ""
         problems.append(f"--num-gpus {num_gpus}: GPUs per node are 1..{MAX_GPUS_PER_NODE}{fix}")
-    if nodes < 1 or replicas < 1 or pp < 1:
-        problems.append(f"--nodes {nodes} --pp {pp} --replicas {replicas}: each must be >= 1")
+    if nodes < 1 or replicas < 1 or pp < 1 or replicas_per_node < 1:
+        problems.append(f"--nodes {nodes} --pp {pp} --replicas {replicas} --replicas-per-node {replicas_per_node}: "
+                        "each must be >= 1")
+    elif replicas_per_node > 1:
+        if nodes > 1:
+            problems.append(f"--replicas-per-node {replicas_per_node} with --nodes {nodes}: only replicas that fit "
+                            "on part of one node share it; use --replicas-per-node 1")
+        elif num_gpus * replicas_per_node > MAX_GPUS_PER_NODE:
+            problems.append(f"--replicas-per-node {replicas_per_node} x --num-gpus {num_gpus}: more than the "
+                            f"{MAX_GPUS_PER_NODE} GPUs of a node; use --replicas-per-node "
+                            f"{max(1, MAX_GPUS_PER_NODE // num_gpus)}")
+        elif replicas % replicas_per_node:
+            problems.append(f"--replicas {replicas} is not a multiple of --replicas-per-node {replicas_per_node} "
+                            "(every node holds the same number of replicas)")
     tp = num_gpus * nodes // pp if pp >= 1 and nodes >= 1 else 0
     if not problems:
         if (num_gpus * nodes) % pp:
@@ -405,20 +424,25 @@ def make_plan(
             "--speculative-num-draft-tokens", str(drafts),
             "--enable-multi-layer-eagle",
         ]  # fmt: skip
-    if replicas > 1:
-        cmd += ["--host", "0.0.0.0", "--port", str(SERVER_PORT)]  # reachable by the router
     for r in range(replicas):
+        slot = r % replicas_per_node  # this replica's place on its node: GPUs and port
+        port = SERVER_PORT + slot
         for k in range(nodes):
             node_cmd = list(cmd)
+            if replicas > 1:
+                node_cmd += ["--host", "0.0.0.0", "--port", str(port)]  # reachable by the router
+            if slot:
+                node_cmd += ["--base-gpu-id", str(slot * num_gpus)]
             if nodes > 1:
                 node_cmd += ["--nnodes", str(nodes), "--node-rank", str(k),
                              "--dist-init-addr", f"{_host(r, 0, replicas)}:{DIST_INIT_PORT}"]  # fmt: skip
-            plan.node_commands.append({"replica": r, "node_rank": k, "host": _host(r, k, replicas), "command": node_cmd})
+            plan.node_commands.append({"replica": r, "node_rank": k, "port": port,
+                                       "host": _host(r, k, replicas, replicas_per_node), "command": node_cmd})
     plan.command = plan.node_commands[0]["command"]
     if replicas > 1:
         plan.router_command = [
             "python", "-m", "sglang_router.launch_router",
-            "--worker-urls", *[f"http://{_host(r, 0, replicas)}:{SERVER_PORT}" for r in range(replicas)],
+            "--worker-urls", *[f"http://{nc['host']}:{nc['port']}" for nc in plan.node_commands if nc["node_rank"] == 0],
             "--policy", ROUTER_POLICY,
             "--host", "0.0.0.0",
             "--port", str(ROUTER_PORT),
@@ -430,7 +454,7 @@ def _suggestions(plan: Plan, cfg: Mapping) -> list[dict[str, Any]]:
     """Nearest feasible plans, one per kind of change: more GPUs, cheaper weights, shorter
     context, fewer concurrent requests (each keeps every other setting)."""
     base = dict(gpu=plan.gpu, num_gpus=plan.num_gpus, quant=plan.quant, mtp=plan.mtp, context=plan.context,
-                nodes=plan.nodes, pp=plan.pp, replicas=plan.replicas,
+                nodes=plan.nodes, pp=plan.pp, replicas=plan.replicas, replicas_per_node=plan.replicas_per_node,
                 concurrency=None if plan.auto_concurrency else plan.concurrency)  # fmt: skip
     tries: list[tuple[str, dict]] = []
     tries += [(f"use {n} GPUs", {"num_gpus": n}) for n in (1, 2, 4, 8) if n > plan.num_gpus]
@@ -467,7 +491,8 @@ def _suggestions(plan: Plan, cfg: Mapping) -> list[dict[str, Any]]:
 
 def plan_argv(p: Plan) -> str:
     args = f"step35 plan --gpu {p.gpu} --num-gpus {p.num_gpus} --quant {p.quant} --mtp {p.mtp}"
-    for flag, v in (("--nodes", p.nodes), ("--pp", p.pp), ("--replicas", p.replicas)):
+    for flag, v in (("--nodes", p.nodes), ("--pp", p.pp), ("--replicas", p.replicas),
+                    ("--replicas-per-node", p.replicas_per_node)):
         if v != 1:
             args += f" {flag} {v}"
     return args + f" --context {p.context} --concurrency {p.concurrency}"
@@ -517,7 +542,8 @@ def format_plan(p: Plan) -> str:
     if p.nodes > 1:
         where = f"{p.nodes} nodes x {where}"
     if p.replicas > 1:
-        where = f"{p.replicas} replicas x {where}"
+        per_node = f" ({p.replicas_per_node} per node)" if p.replicas_per_node > 1 else ""
+        where = f"{p.replicas} replicas{per_node} x {where}"
     title = f"Step-3.5 on {where}, {p.quant}, context {p.context:,} x {p.concurrency} requests" + (
         " per replica" if p.replicas > 1 else ""
     ) + f", MTP {p.mtp}" + (f", PP {p.pp}" if p.pp > 1 else "")
@@ -539,8 +565,14 @@ def format_plan(p: Plan) -> str:
         hosts = sorted({nc["host"] for nc in p.node_commands})
         lines += [f"Set {', '.join(h.lstrip('$') for h in hosts)} to the nodes' addresses; run on each node:", ""]
         for nc in p.node_commands:
-            label = f"replica {nc['replica']}, " if p.replicas > 1 else ""
-            lines += [f"# {label}node {nc['node_rank']} ({nc['host']})", command_line(p, True, nc["command"]), ""]
+            if p.replicas_per_node > 1:
+                first = (nc["replica"] % p.replicas_per_node) * p.num_gpus
+                head = (f"# replica {nc['replica']} on {nc['host']}: GPUs {first}-{first + p.num_gpus - 1}, "
+                        f"port {nc['port']}")  # fmt: skip
+            else:
+                label = f"replica {nc['replica']}, " if p.replicas > 1 else ""
+                head = f"# {label}node {nc['node_rank']} ({nc['host']})"
+            lines += [head, command_line(p, True, nc["command"]), ""]
     if p.router_command:
         lines += [
             f"# router (pip install sglang-router), in front of the {p.replicas} replicas; clients use port {ROUTER_PORT}",

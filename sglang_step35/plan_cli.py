@@ -28,6 +28,8 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, default=1, help="nodes per replica (one command per node: --nnodes/--node-rank)")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages (SGLang --pp-size); TP = nodes x GPUs / pp")
     p.add_argument("--replicas", type=int, default=1, help="identical replicas behind sglang_router (throughput)")
+    p.add_argument("--replicas-per-node", type=int, default=1,
+                   help="replicas sharing one node, each on its own --num-gpus GPUs (--base-gpu-id) and port")
     p.add_argument("--quant", required=True, choices=list(QUANTS), help="checkpoint weights")
     p.add_argument("--mtp", type=int, default=0, choices=[0, *MTP_SPEC], help="MTP draft layers (0 = off)")
     p.add_argument("--context", type=int, default=None, help="tokens per request (default: the config's max)")
@@ -57,6 +59,7 @@ def run_plan(args: argparse.Namespace) -> int:
     try:
         plan = make_plan(
             args.gpu, args.num_gpus, args.quant, nodes=args.nodes, pp=args.pp, replicas=args.replicas,
+            replicas_per_node=args.replicas_per_node,
             mtp=args.mtp, context=args.context,
             concurrency=args.concurrency, cfg=cfg,
         )  # fmt: skip

@@ -18,7 +18,7 @@ import pytest
 from sglang_step35.moe import guard_moe_layout
 from sglang_step35.config import read_config
 from sglang_step35.parallel_guard import pp_stage_layers
-from sglang_step35.plan import make_plan, model_class_pp_refusal
+from sglang_step35.plan import format_plan, make_plan, model_class_pp_refusal, plan_argv
 from sglang_step35.plan_memory import buffer_breakdown, weight_breakdown
 from sglang_step35.plan_cli import main as plan_main
 
@@ -247,6 +247,37 @@ def test_multinode_replicas_point_the_router_at_each_replicas_node_0(sglang_pars
         assert ns.dist_init_addr == f"$REPLICA{nc['replica']}_NODE0_IP:5000" and ns.node_rank == nc["node_rank"]
     urls = p.router_command[p.router_command.index("--worker-urls") + 1 : p.router_command.index("--policy")]
     assert urls == ["http://$REPLICA0_NODE0_IP:30000", "http://$REPLICA1_NODE0_IP:30000"]
+
+
+def test_replicas_sharing_a_node_take_their_own_gpus_and_ports(sglang_parser):
+    """Four TP4 replicas on two 8-GPU nodes: two per node, the second on GPUs 4-7 (`--base-gpu-id 4`)
+    and port 30001; the router gets every replica once; each replica's memory plan is a single
+    replica's. Layouts that cannot share a node are refused with the fix."""
+    from sglang_router.launch_router import parse_router_args
+
+    p = make_plan("h200", 4, "fp8", replicas=4, replicas_per_node=2)
+    single = make_plan("h200", 4, "fp8")
+    assert p.feasible and p.memory == single.memory and p.concurrency == single.concurrency
+    seen = set()
+    for nc in p.node_commands:
+        ns = _parse(sglang_parser, p, nc["command"])
+        slot = nc["replica"] % 2
+        assert (ns.base_gpu_id, ns.port, ns.host, ns.nnodes) == (4 * slot, 30000 + slot, "0.0.0.0", 1)
+        assert nc["host"] == f"$NODE{nc['replica'] // 2}_IP"
+        seen.add((nc["host"], ns.port))
+    assert len(seen) == 4  # no two replicas on one host:port
+    args = parse_router_args(p.router_command[3:])
+    assert args.worker_urls == [f"http://{h}:{port}" for h, port in sorted(seen)]
+    out = format_plan(p)
+    assert "4 replicas (2 per node)" in out and "# replica 1 on $NODE0_IP: GPUs 4-7, port 30001" in out
+    assert "--replicas-per-node 2" in plan_argv(p)
+    for kw, why in (
+        (dict(num_gpus=8, replicas=2, replicas_per_node=2), "more than the 8 GPUs of a node; use --replicas-per-node 1"),
+        (dict(num_gpus=4, replicas=3, replicas_per_node=2), "--replicas 3 is not a multiple of --replicas-per-node 2"),
+        (dict(num_gpus=4, replicas=2, replicas_per_node=2, nodes=2), "only replicas that fit on part of one node"),
+    ):
+        bad = make_plan("h200", kw.pop("num_gpus"), "fp8", **kw)
+        assert not bad.feasible and any(why in x for x in bad.problems), (kw, bad.problems)
 
 
 def test_cli_flags(capsys):
