@@ -231,19 +231,14 @@ def apply_server_policy(server_args, *args, **kwargs):
         has_sliding_layers=SLIDING in (cfg.get("layer_types") or []),
         speculative_eagle_topk=getattr(server_args, "speculative_eagle_topk", None),
     )
-    decision = guard_moe_layout(server_args, cfg, "rocm" if _is_rocm() else ("cuda" if platform else "cpu"))
+    # One platform probe (detect_platform) for both the attention choice and the MoE guard.
+    decision = guard_moe_layout(server_args, cfg, platform.kind if platform is not None else "cpu")
     if decision.action == "switch_to_ep":
         server_args.ep_size = decision.ep_size
         logger.warning("%s", decision.message)
     elif decision.action == "refuse":
         raise ValueError(decision.message)
     return None
-
-
-def _is_rocm() -> bool:
-    import torch
-
-    return bool(torch.version.hip) and has_accelerator()
 
 
 def _cpu_server_defaults(server_args) -> None:

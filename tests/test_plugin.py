@@ -83,7 +83,6 @@ def test_server_policy_on_amd_picks_aiter_and_switches_tp4_to_ep4(tmp_path, monk
     from sglang_step35.attention import PlatformInfo
 
     monkeypatch.setattr(plugin, "has_accelerator", lambda: True)
-    monkeypatch.setattr(plugin, "_is_rocm", lambda: True)
     monkeypatch.setattr("sglang_step35.attention.detect_platform",
                         lambda: PlatformInfo(kind="amd", gcn_arch="gfx942", aiter_available=True))
     monkeypatch.setenv("SGLANG_USE_AITER_UNIFIED_ATTN", "unset-by-test")  # restored (removed) afterwards
@@ -101,7 +100,6 @@ def test_server_policy_refuses_a_backend_that_ignores_sliding_windows(tmp_path, 
     from sglang_step35.attention import PlatformInfo
 
     monkeypatch.setattr(plugin, "has_accelerator", lambda: True)
-    monkeypatch.setattr(plugin, "_is_rocm", lambda: False)
     monkeypatch.setattr("sglang_step35.attention.detect_platform",
                         lambda: PlatformInfo(kind="nvidia", compute_capability=(9, 0)))
     with pytest.raises(ValueError, match="flex_attention"):
@@ -125,7 +123,6 @@ def test_server_policy_refuses_prefill_and_decode_backends_of_different_window_c
     from sglang_step35.attention import PlatformInfo
 
     monkeypatch.setattr(plugin, "has_accelerator", lambda: True)
-    monkeypatch.setattr(plugin, "_is_rocm", lambda: True)
     monkeypatch.setattr("sglang_step35.attention.detect_platform",
                         lambda: PlatformInfo(kind="amd", gcn_arch="gfx942", aiter_available=True))
     mixed = _step_args(tmp_path, ep_size=4, prefill_attention_backend="aiter", decode_attention_backend="triton")
