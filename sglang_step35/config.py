@@ -70,14 +70,16 @@ def read_config(source=None, *, missing_ok: bool = False) -> Optional[dict]:
     if source is None:
         return json.loads(resources.files("sglang_step35").joinpath(FLASH_CONFIG).read_text())
     path = config_json_path(source)
+    if path is None:
+        if missing_ok:
+            return None
+        raise Step35ConfigError(f"no config.json at {source} (a file, a checkpoint directory or a cached repo id)")
     try:
-        if path is None:
-            raise FileNotFoundError(f"no config.json at {source} (a file, a checkpoint directory or a cached repo id)")
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
         if missing_ok:
             return None
-        raise Step35ConfigError(f"cannot read the Step config from {source}: {e}") from e
+        raise Step35ConfigError(f"cannot read the Step config from {path}: {e}") from e
 
 
 class Step35Config(PretrainedConfig):

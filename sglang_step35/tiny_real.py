@@ -68,10 +68,6 @@ CPU_SHRINK = {
 }
 
 
-def load_real_config() -> dict:
-    return read_config()  # Step-3.5-Flash's
-
-
 def source_layers(real: dict, moe_layers: int) -> list[int]:
     """Indices (in the real model) of the main layers kept for `moe_layers` MoE layers."""
     n = int(real["num_hidden_layers"])
@@ -86,7 +82,7 @@ def source_layers(real: dict, moe_layers: int) -> list[int]:
 def real_width_config(moe_layers: int = 3, experts: Optional[int] = None, shrink: Optional[dict] = None,
                       special_ids: Optional[dict] = None) -> tuple[dict, list[int]]:
     """(config dict, source index of every layer in it, MTP layers included)."""
-    real = load_real_config()
+    real = read_config()  # Step-3.5-Flash's
     n_real, m = int(real["num_hidden_layers"]), int(real["num_nextn_predict_layers"])
     kept = source_layers(real, moe_layers)
     src = kept + list(range(n_real, n_real + m))

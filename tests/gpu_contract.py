@@ -268,13 +268,21 @@ def per_token_quant_fp8(input: torch.Tensor, output_q: torch.Tensor, output_s: t
 
 @torch.library.custom_op("sglang_step35::per_token_group_quant_fp8", mutates_args=("output_q", "output_s"))
 def _per_token_group_quant_fp8(
-    input: torch.Tensor, output_q: torch.Tensor, output_s: torch.Tensor, group_size: int
+    input: torch.Tensor, output_q: torch.Tensor, output_s: torch.Tensor, group_size: int, eps: float = 1e-10,
+    kernel: str = "cuda",
 ) -> None:
-    x = input.float().reshape(*input.shape[:-1], input.shape[-1] // group_size, group_size)
-    amax = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-10)
-    scale = amax * (1.0 / FP8_E4M3_MAX)
-    q = (x * (FP8_E4M3_MAX / amax)).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
-    output_q.copy_(q.reshape(input.shape).to(output_q.dtype))
+    """Per group of `group_size` columns, `amax = max(amax(|x|), eps)`, as each of SGLang's two
+    group quantizers computes it, to the last fp32 operation: "cuda" (per_token_group_quant.cuh)
+    `scale = amax * (1 / 448)`, `q = x * (448 / amax)`; "triton" (`_per_token_group_quant_8bit`)
+    `scale = amax / 448`, `q = x * (1 / scale)`. Then e4m3, saturated, round to nearest even."""
+    x = input.float().unflatten(-1, (-1, group_size))
+    amax = x.abs().amax(dim=-1, keepdim=True).clamp_min(eps)
+    if kernel == "cuda":
+        scale, q = amax * (1.0 / FP8_E4M3_MAX), x * (FP8_E4M3_MAX / amax)
+    else:
+        scale = amax / FP8_E4M3_MAX
+        q = x * (1.0 / scale)
+    output_q.copy_(q.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).flatten(-2).to(output_q.dtype))
     output_s.copy_(scale.squeeze(-1))  # row- or column-major: copy_ follows output_s's strides
 
 
@@ -329,18 +337,7 @@ def cuda_fp8_activation_quant(sm90: bool = True):
 # (fp8_kernel.per_token_group_quant_fp8). Under the Triton 3.8 interpreter that kernel's fp32 -> e4m3
 # cast drops the rounding carry into the exponent (126.07 becomes 64, not 128; ~2% of elements),
 # which no GPU does (test_fp8_moe_aiter_contract pins the interpreter bug). The stand-in computes the
-# kernel's own formula in torch, as one opaque op for the host-sync detector.
-
-
-@torch.library.custom_op("sglang_step35::triton_group_quant_fp8", mutates_args=("output_q", "output_s"))
-def _triton_group_quant_fp8(
-    input: torch.Tensor, output_q: torch.Tensor, output_s: torch.Tensor, group_size: int, eps: float
-) -> None:
-    x = input.float().unflatten(-1, (-1, group_size))
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(eps) / FP8_E4M3_MAX
-    q = (x * (1.0 / scale)).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
-    output_q.copy_(q.flatten(-2).to(output_q.dtype))
-    output_s.copy_(scale.squeeze(-1))
+# kernel's own formula in torch (the "triton" variant of the group stand-in above).
 
 
 def triton_group_quant_fp8(x: torch.Tensor, group_size: int, eps: float = 1e-10, **layout):
@@ -353,7 +350,7 @@ def triton_group_quant_fp8(x: torch.Tensor, group_size: int, eps: float = 1e-10,
         raise NotImplementedError(f"stand-in covers e4m3 with row-major fp32 scales, got {layout}")
     q = torch.empty_like(x, dtype=torch.float8_e4m3fn)
     s = torch.empty(*x.shape[:-1], x.shape[-1] // group_size, dtype=torch.float32, device=x.device)
-    _triton_group_quant_fp8(x, q, s, int(group_size), float(eps))
+    _per_token_group_quant_fp8(x, q, s, int(group_size), float(eps), "triton")
     return q, s
 
 

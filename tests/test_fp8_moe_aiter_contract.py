@@ -36,7 +36,7 @@ from safetensors.torch import load_file
 from sglang_step35.tiny import FP8_TINY_SPEC, write_tiny_checkpoint
 
 FP8 = torch.float8_e4m3fn
-REL_TOL = 0.15  # as test_fp8_moe_gpu_contract.REL_TOL (measured 0.036-0.077 there)
+REL_TOL = 0.15  # as test_fp8_moe_gpu_contract.REL_TOL; measured here 0.077 (5 tokens), 0.064 (1 token)
 CLAMPED, UNCLAMPED = 4, (2, 3)  # the FP8 tiny's MoE layers; 4 carries swiglu_limits[4] > 0
 
 

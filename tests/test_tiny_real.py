@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from sglang_step35.checkpoint import checkpoint_shapes
-from sglang_step35.config import layer_spec, validate
+from sglang_step35.config import layer_spec, read_config, validate
 from sglang_step35.fp8 import FP8_DTYPE, dequantize_block
 from sglang_step35.tiny_real import (
     CPU_SHRINK,
@@ -22,7 +22,6 @@ from sglang_step35.tiny_real import (
     checkpoint_bytes,
     generate_group,
     layer_groups,
-    load_real_config,
     real_width_config,
     write_config_variant,
     write_real_width_checkpoint,
@@ -45,7 +44,7 @@ def _header_shapes(d):
 
 
 def test_default_selection_matches_the_real_layers_and_fits_one_gpu():
-    real = load_real_config()
+    real = read_config()
     cfg, src = real_width_config()
     assert src == [0, 1, 2, 3, 4, 44, 45, 46, 47]
     validate(cfg)
@@ -84,7 +83,7 @@ def real_width_groups():
 
 def test_real_width_layers_at_reduced_experts(real_width_groups):
     cfg, src, w = real_width_groups
-    real = load_real_config()
+    real = read_config()
     validate(cfg)
     assert src == [0, 1, 2, 3, 44, 45, 46, 47]
     assert cfg["moe_num_experts"] == EXPERTS and cfg["moe_top_k"] == EXPERTS
