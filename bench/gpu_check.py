@@ -53,6 +53,7 @@ for p in (ROOT, ROOT / "bench", ROOT / "tests"):  # run from a checkout; bench/ 
 
 import requests  # noqa: E402
 
+from sglang_step35.config import read_config  # noqa: E402
 from sglang_step35.mtp_check import mtp_acceptance  # noqa: E402
 from sglang_step35.server import SGLangServer, ServerPool, ServerUnavailable  # noqa: E402
 
@@ -188,7 +189,7 @@ class Check:
         })
 
     def cfg(self) -> dict:
-        return json.loads((self.bf16_dir / "config.json").read_text())
+        return read_config(self.bf16_dir)
 
     def sz(self) -> dict:
         return sizes(self.device, int(self.cfg()["sliding_window"]))
@@ -312,7 +313,7 @@ class Check:
         if MODELS["builtin"]["log_marker"] not in server.log_text():
             raise RuntimeError("the built-in server's log does not name SGLang's built-in class")
         jobs = self._greedy_jobs()
-        assert max(len(p) + n for p, n in jobs) <= int(json.loads((self.noclamp_dir / "config.json").read_text())[
+        assert max(len(p) + n for p, n in jobs) <= int(read_config(self.noclamp_dir)[
             "sliding_window"]), "greedy prompts must stay inside the window"
         self.data["builtin_greedy"] = [r["output_ids"] for r in generate_many(server, jobs, deadline)]
         return {"prompts": len(jobs), "new_tokens": jobs[0][1]}

@@ -26,9 +26,9 @@ def layers_worker(ckpt: Path, device: str, out: Path) -> None:
     from safetensors import safe_open
 
     from sglang_step35 import ops
-    from sglang_step35.config import layer_spec
+    from sglang_step35.config import layer_spec, read_config
 
-    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg = read_config(ckpt)
     index = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
     dev = torch.device(device)
     on_gpu = dev.type == "cuda"

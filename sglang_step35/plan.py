@@ -36,8 +36,8 @@ from .plan_memory import (
     CHUNKED_PREFILL,
     MTP_SPEC,
     VOCAB_PADDING,
-    _kv_memory,
-    _pad,
+    kv_memory,
+    pad_to,
     buffer_breakdown,
     weight_breakdown,
 )
@@ -193,7 +193,7 @@ def _margin_bytes(cfg: Mapping, gpu: GpuSpec, tp: int, routed_n: int) -> tuple[i
     mem = gpu.memory_gb * GB
     reserve = max(int(0.10 * mem), 8 * GiB)
     h, v, k = int(cfg["hidden_size"]), int(cfg["vocab_size"]), int(cfg["moe_top_k"])
-    per_token = _pad(v, VOCAB_PADDING) // tp * 4 + k * 2 * routed_n * 2 + 8 * h * 2
+    per_token = pad_to(v, VOCAB_PADDING) // tp * 4 + k * 2 * routed_n * 2 + 8 * h * 2
     return reserve, CHUNKED_PREFILL * per_token
 
 
@@ -338,7 +338,7 @@ def make_plan(
         per_stage.append((layers, w, b, sum(w.values()) + sum(b.values())))  # resident: allocated at load
 
     def stage_kv(layers, c: int) -> dict[str, Any]:
-        return _kv_memory(cfg, tp, mtp, context, c, layer_ids=layers)
+        return kv_memory(cfg, tp, mtp, context, c, layer_ids=layers)
 
     if concurrency is None:
         # As many full-context requests as the static pool of every stage holds.

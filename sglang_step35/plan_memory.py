@@ -25,7 +25,7 @@ ROPE_CACHE_DTYPE_BYTES = 4
 
 
 
-def _pad(n: int, multiple: int) -> int:
+def pad_to(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
@@ -73,7 +73,7 @@ def weight_breakdown(
     moe = moe_layer_ids(cfg)
     E, inter = int(cfg["moe_num_experts"]), int(cfg["moe_intermediate_size"])
     S, D = int(cfg["share_expert_dim"]), int(cfg["intermediate_size"])
-    vocab_local = _pad(v, VOCAB_PADDING) // tp
+    vocab_local = pad_to(v, VOCAB_PADDING) // tp
     out = dict.fromkeys(
         ("embedding", "lm_head", "attention", "dense_mlp", "routed_experts", "shared_experts", "router", "norms", "mtp"), 0
     )
@@ -185,7 +185,7 @@ def mtp_kv_bytes_per_token(cfg: Mapping, tp: int, mtp: int) -> int:
     return total
 
 
-def _kv_memory(cfg: Mapping, tp: int, mtp: int, context: int, concurrency: int, layer_ids=None) -> dict[str, Any]:
+def kv_memory(cfg: Mapping, tp: int, mtp: int, context: int, concurrency: int, layer_ids=None) -> dict[str, Any]:
     """The KV pool SGLang allocates for the plan: the full pool holds every token of every request;
     the sliding pool is sized as swa_full_tokens_ratio x the full pool (SGLang's rule), with the
     ratio chosen to cover each request's window + draft tokens plus one prefill chunk; the MTP draft

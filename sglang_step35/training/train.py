@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from sglang_step35.config import read_config
 from sglang_step35.tiny import TinySpec, write_tiny_checkpoint
 from sglang_step35.training.data import tokenizer_corpus, training_examples
 from sglang_step35.training.model import TrainableStep35
@@ -184,7 +185,7 @@ def _train(out, seed, steps, mtp_steps, batch_size, lr, mtp_lr, max_len, threads
 
     out = Path(out)
     write_tiny_checkpoint(out, seed=seed, spec=TRAINED_SPEC, corpus=tokenizer_corpus())
-    cfg = json.loads((out / "config.json").read_text())
+    cfg = read_config(out)
     tok = AutoTokenizer.from_pretrained(str(out))
     model = TrainableStep35(cfg, load_file(str(out / "model.safetensors")))
     examples = training_examples(tok, max_len=max_len, seed=seed)
