@@ -185,10 +185,14 @@ def apply_server_policy(server_args, *args, **kwargs):
     cannot run). Explicit user flags win unless they would silently give wrong results."""
     if getattr(server_args, "_resolution_finished", False):
         return None
-    from sglang_step35.config import read_config
+    from sglang_step35.hub import launch_config
 
     model_path = getattr(server_args, "model_path", None)
-    cfg = read_config(model_path, missing_ok=True) if model_path else None
+    # A repo id gets the config.json SGLang itself reads moments later (same revision, hub and
+    # cache rules), so it gets the decisions of the same checkpoint on disk.
+    cfg = launch_config(
+        model_path, getattr(server_args, "revision", None), getattr(server_args, "download_dir", None)
+    ) if model_path else None
     is_step = cfg is not None and cfg.get("model_type") == "step3p5"
     if is_step:
         from sglang_step35.config import validate
