@@ -98,11 +98,29 @@ class Step35Config(PretrainedConfig):
         # per-layer theta list and the full-layers-only scaling; keep them verbatim instead.
         rope_theta = kwargs.pop("rope_theta", 10000.0)
         rope_scaling = kwargs.pop("rope_scaling", None)
+        # Derived (see the property below); a checkpoint that states it must agree with its layers.
+        stated_heads = kwargs.pop("num_attention_heads_per_layer", None)
         super().__init__(**kwargs)
         self.layer_types = layer_types
         self.num_hidden_layers = num_hidden_layers
         self.rope_theta = rope_theta
         self.rope_scaling = rope_scaling
+        if stated_heads is not None and list(stated_heads) != self.num_attention_heads_per_layer:
+            raise Step35ConfigError(
+                f"config key 'num_attention_heads_per_layer'={list(stated_heads)} disagrees with the heads "
+                f"'layer_types' and 'attention_other_setting' give ({self.num_attention_heads_per_layer}); "
+                "remove the key (it is derived)"
+            )
+
+    @property
+    def num_attention_heads_per_layer(self) -> Optional[list[int]]:
+        """Query heads of every layer (main, then MTP). SGLang sizes per-layer-agnostic attention
+        state from the max of this list (`ModelConfig.get_max_num_attention_heads`: triton's decode
+        buffers, flashinfer's planned `num_qo_heads`); without it they use `num_attention_heads`,
+        the full layers' 64, while sliding and MTP layers run 96. `num_attention_heads` itself stays
+        the full layers' value: fa3 plans the full layers with it. A property, so it is never
+        written back into a saved config.json."""
+        return attention_heads_per_layer(self) if self.__dict__.get("layer_types") else None
 
 
 @dataclass(frozen=True)
@@ -158,17 +176,19 @@ def _per_layer(cfg: Any, key: str, index: int, default: Any) -> Any:
     return default if value is None else value
 
 
+def _attention_shape(cfg: Any, sliding: bool) -> tuple:
+    """(query heads, KV heads, head dim) of a sliding or full layer: sliding layers take
+    `attention_other_setting`'s values where it has them."""
+    keys = ("num_attention_heads", "num_attention_groups", "head_dim")
+    other = (cfg_get(cfg, "attention_other_setting") or {}) if sliding else {}
+    return tuple(other.get(k, cfg_get(cfg, k)) for k in keys)
+
+
 def layer_spec(cfg: Any, index: int) -> LayerSpec:
     """Resolve layer `index` (0..num_hidden_layers-1 main, then the MTP layers)."""
     types = cfg_get(cfg, "layer_types")
     sliding = types[index] == SLIDING
-    other = cfg_get(cfg, "attention_other_setting") or {}
-    if sliding and other:
-        heads = other.get("num_attention_heads", cfg_get(cfg, "num_attention_heads"))
-        kv = other.get("num_attention_groups", cfg_get(cfg, "num_attention_groups"))
-        head_dim = other.get("head_dim", cfg_get(cfg, "head_dim"))
-    else:
-        heads, kv, head_dim = (cfg_get(cfg, k) for k in ("num_attention_heads", "num_attention_groups", "head_dim"))
+    heads, kv, head_dim = _attention_shape(cfg, sliding)
     partial = float(_per_layer(cfg, "partial_rotary_factors", index, 1.0))
     yarn_types = cfg_get(cfg, "yarn_only_types") or []
     return LayerSpec(
@@ -185,6 +205,11 @@ def layer_spec(cfg: Any, index: int) -> LayerSpec:
         swiglu_limit=float(_per_layer(cfg, "swiglu_limits", index, 0.0)),
         swiglu_limit_shared=float(_per_layer(cfg, "swiglu_limits_shared", index, 0.0)),
     )
+
+
+def attention_heads_per_layer(cfg: Any) -> list[int]:
+    """Query heads of each entry of `layer_types` (the main layers, then the MTP layers)."""
+    return [int(_attention_shape(cfg, t == SLIDING)[0]) for t in cfg_get(cfg, "layer_types")]
 
 
 def validate(cfg: Any, tp_size: int = 1) -> None:
