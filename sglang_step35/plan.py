@@ -14,7 +14,8 @@ Layout policy:
   it on every GPU (:func:`sglang_step35.moe.layout.moe_block_layout`, the rule the model builds
   from) and the plan counts it whole. No all-to-all backend is emitted: on Step-3.5-Flash every
   one would run the clamped layers 43-44 on a runner that drops the clamp
-  (:func:`sglang_step35.moe.layout.a2a_refusal`).
+  (the ``--moe-a2a-backend`` rows of :mod:`sglang_step35.served`, the allow-list every emitted
+  command passes).
 * More than one node: ``--num-gpus`` is per node; a replica over ``nodes`` nodes runs TP x PP =
   nodes x GPUs per node (one ``sglang serve`` per node with --nnodes/--node-rank/--dist-init-addr).
   Pipeline stages hold the layers SGLang's get_pp_indices gives them (:func:`pp_stage_layers`), each
@@ -31,6 +32,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Optional
 
+from . import served
 from .parallel_guard import pp_mtp_refusal, pp_stage_layers
 from .plan_memory import (
     CHUNKED_PREFILL,
@@ -45,7 +47,6 @@ from .config import Step35ConfigError, read_config, validate
 from .moe.layout import (
     QUANTS,
     check_moe_layout,
-    clamp_runner_refusal,
     clamped_moe_layers,
     effective_moe_backend,
     moe_block_layout,
@@ -295,12 +296,12 @@ def make_plan(
             problems.append(f"--tp {tp}: {e}")
     backend = effective_moe_backend("auto", g.vendor)
     if not problems:
-        # The AMD plans run SGLANG_USE_AITER=1 (set below); the one runner rule decides what it serves.
-        why = clamp_runner_refusal(
-            vendor=g.vendor, quant=q, aiter=g.vendor == "amd", runner_backend=None, clamped_layers=clamped_moe_layers(cfg)
-        )
-        if why:
-            problems.append(why)
+        # What the command below runs, judged by the allow-list the launch guard and the model ask
+        # (sglang_step35.served): the default runner, no all-to-all backend, no EPLB; the AMD plans
+        # run SGLANG_USE_AITER=1 (set below).
+        problems += served.refusals(served.Setting(
+            g.vendor, quant=served.quant_label(q), aiter=g.vendor == "amd", clamped_layers=clamped_moe_layers(cfg)
+        ))
     rec = None if problems else recommended_layout(cfg, tp, q, g.vendor, backend)
     if not problems and rec is None:
         verdict = check_moe_layout(

@@ -243,9 +243,11 @@ class Step3p5ForCausalLM(nn.Module):
 
     @classmethod
     def get_model_config_for_expert_location(cls, config):
-        """For --enable-eplb and expert-distribution recording (SGLang asks the model class). Layer
-        ids are global under PP as well: each stage records its own layers into the one
-        [num_layers, ...] expert map, and our MoE blocks pass their global index as layer_id."""
+        """For SGLang's expert-distribution recording (--expert-distribution-recorder-mode; SGLang asks
+        the model class). EPLB itself (--enable-eplb, --ep-num-redundant-experts, a non-trivial
+        --init-expert-location) is not served: sglang_step35.served refuses it at launch and at
+        construction. Layer ids are global under PP as well: each stage records its own layers into
+        the one [num_layers, ...] expert map, and our MoE blocks pass their global index as layer_id."""
         return ModelConfigForExpertLocation(
             num_layers=config.num_hidden_layers, num_logical_experts=int(config.moe_num_experts)
         )

@@ -52,6 +52,22 @@ from sglang_step35.moe.runner import (
 )
 
 
+def expert_location_settings() -> dict:
+    """SGLang's expert-location flags in effect (``get_exec().moe``; the built-in class reads
+    ``ep_num_redundant_experts`` there too). Outside a server (nothing published) their defaults."""
+    from sglang.srt.runtime_context import get_exec
+
+    try:
+        moe = get_exec().moe
+    except ValueError:  # "config namespace 'exec' not published": a model built outside a server
+        return {}
+    return dict(
+        ep_num_redundant_experts=int(moe.ep_num_redundant_experts or 0),
+        enable_eplb=bool(moe.enable_eplb),
+        init_expert_location=str(moe.init_expert_location or "trivial"),
+    )
+
+
 class Step35MLP(nn.Module):
     """SwiGLU `down(act(gate(x)) * up(x))`; with limit L: act = min(silu(gate), L), up = clamp(up, ±L)."""
 
@@ -121,10 +137,13 @@ class Step35MoE(nn.Module):
         )
         self.attn_tp_size = get_parallel().attn_tp_size
         runner_backend = get_moe_runner_backend()
+        # The allow-list (sglang_step35.served) judges the values SGLang resolved, not only the flags
+        # the launch guard saw: Engine(...) skips the CLI, and SGLang may pick a runner itself.
         self.plan = routed_plan(
             self.swiglu_limit, device=current_device(), ep_size=get_parallel().moe_ep_size,
-            aiter=aiter_moe_active(), quantized=quant_config is not None, a2a_backend=self.layout.a2a_backend,
+            aiter=aiter_moe_active(), quant=quant_spec_of(quant_config), a2a_backend=self.layout.a2a_backend,
             runner_backend=getattr(runner_backend, "value", runner_backend), layer_id=spec.index,
+            **expert_location_settings(),
         )
         self.experts = get_moe_impl_class(quant_config)(
             num_experts=self.num_experts,

@@ -55,14 +55,6 @@ from typing import Any, Literal, Mapping, Optional
 from ..config import Step35ConfigError, moe_layer_ids
 from .placement import nearest_valid_ep_sizes
 
-# All-to-all backends whose dispatcher contract our MoE block implements (SGLang 0.5.23
-# ``MaybeTboDeepEPDispatcher``: dispatch the rank's own tokens, combine returns their complete
-# weighted sum), per vendor. Other a2a backends (mooncake, nixl, pplx, deepep_v2, flashinfer,
-# megamoe, ascend_*) are refused: their contracts differ or were not read for this model.
-A2A_BACKEND_FOR_VENDOR = {"nvidia": "deepep", "amd": "mori"}
-SERVED_A2A_BACKENDS = frozenset(A2A_BACKEND_FOR_VENDOR.values())
-
-
 @dataclass(frozen=True)
 class QuantSpec:
     """How one quantized linear weight is stored (what the layout rule and the memory plan need)."""
@@ -174,41 +166,14 @@ def moe_block_layout(*, a2a_backend: Any, quant: Any, share_expert_dim: Optional
 
 
 def a2a_refusal(a2a_backend: Any, *, vendor: str, quant: Any, clamped_layers: tuple[int, ...] = ()) -> Optional[str]:
-    """Why ``a2a_backend`` cannot serve this model, or None (the launch guard and the model ask it).
+    """Why ``a2a_backend`` cannot serve this model on ``vendor``, or None: the ``--moe-a2a-backend``
+    rows of the allow-list (:mod:`sglang_step35.served`, where the SGLang 0.5.23 facts behind each
+    row are written)."""
+    from sglang_step35 import served
 
-    SGLang 0.5.23 facts (read in site-packages, not run on hardware):
-    - deepep selects DeepGEMM for FP8 experts (``Fp8MoEMethod.is_deepgemm_moe_runner_backend_enabled``)
-      and BF16 experts run only on DeepGEMM's BF16 path under DeepEP (``DeepEPMoE``). DeepGEMM's
-      runner reads ``swiglu_limit``, not ``gemm1_clamp_limit``, and that limit is DeepSeek-V4's
-      ``silu(min(gate, L)) * clamp(up, ±L)`` (``silu_and_mul_masked_post_quant.cuh``), not Step's
-      ``min(silu(gate), L) * clamp(up, ±L)``: the clamp is dropped or computed differently.
-    - mori on ROCm runs AITER's MoE (``DeepEPMoE`` defers to FusedMoE under SGLANG_USE_AITER): AITER
-      has no clamped SwiGLU, and our per-layer Triton fallback was not checked against mori's
-      dispatch output.
-    """
-    a2a = _a2a_name(a2a_backend)
-    if a2a is None:
-        return None
-    if vendor == "cpu":
-        return f"--moe-a2a-backend {a2a} needs GPUs (SGLang's all-to-all dispatchers are CUDA/ROCm only)"
-    if a2a not in SERVED_A2A_BACKENDS:
-        served = ", ".join(f"{b} ({v})" for v, b in A2A_BACKEND_FOR_VENDOR.items())
-        return f"--moe-a2a-backend {a2a} is not supported by sglang-step35's MoE block (supported: {served})"
-    if A2A_BACKEND_FOR_VENDOR.get(vendor) != a2a:
-        return f"--moe-a2a-backend {a2a} does not run on {vendor} GPUs (use {A2A_BACKEND_FOR_VENDOR[vendor]})"
-    if clamped_layers:
-        layers = ", ".join(map(str, clamped_layers))
-        runner = (
-            "DeepGEMM, which drops gemm1_clamp_limit and applies DeepSeek-V4's silu(min(gate, L)) instead "
-            "of Step's min(silu(gate), L)"
-            if a2a == "deepep"
-            else "AITER's MoE, which has no clamped SwiGLU (and our Triton fallback is unverified under mori)"
-        )
-        return (
-            f"--moe-a2a-backend {a2a} with {parse_quant(quant).name} experts would run the SwiGLU-clamped "
-            f"layers {layers} on {runner}"
-        )
-    return None
+    setting = served.Setting(vendor, moe_a2a_backend=_a2a_name(a2a_backend) or "none",
+                             quant=served.quant_label(quant), clamped_layers=tuple(clamped_layers))
+    return served.refusal(served.A2A, setting)
 
 
 def backend_multiple(backend: str, quant: QuantSpec, n: int) -> tuple[int, str]:
@@ -373,31 +338,15 @@ def clamped_moe_layers(hf_config: Any) -> tuple[int, ...]:
 def clamp_runner_refusal(
     *, vendor: str, quant: Any, aiter: bool, runner_backend: Optional[str], clamped_layers: tuple[int, ...]
 ) -> Optional[str]:
-    """Why the routed runner these settings select would drop Step's clamp, or None.
+    """Why the MoE runner these settings select is not served (it would drop Step's router or clamp,
+    or is unverified), or None: the ``--moe-runner-backend`` and quantization rows of the allow-list
+    (:mod:`sglang_step35.served`)."""
+    from sglang_step35 import served
 
-    The one home of these refusals: :func:`sglang_step35.moe.runner.routed_plan` raises with it
-    when a clamped layer is built, the launch guard and the planner refuse with it before that.
-    """
-    if not clamped_layers:
-        return None
-    layers = ", ".join(map(str, clamped_layers))
-    q = parse_quant(quant)
-    if (runner_backend or "auto").lower() == "deep_gemm":
-        return (
-            f"--moe-runner-backend deep_gemm would run the SwiGLU-clamped layers {layers} on DeepGEMM, which "
-            "drops gemm1_clamp_limit (its swiglu_limit is DeepSeek-V4's silu(min(gate, L)), not Step's "
-            "min(silu(gate), L))"
-        )
-    if vendor == "amd" and aiter and q.name == "fp8" and q.block is None:
-        # Clamped layers leave AITER per layer (moe/runner.py clamp_honouring_method) for BF16 and
-        # block FP8; int4 MoE methods never pick AITER. Per-tensor FP8 would stay on AITER's FP8 MoE,
-        # which drops the clamp.
-        return (
-            f"per-tensor FP8 experts on the SwiGLU-clamped Step-3.5 layers {layers} under SGLANG_USE_AITER=1: "
-            "AITER's FP8 MoE drops the clamp and only block-FP8 layers have a per-layer Triton fallback; "
-            "serve the block-FP8 (128x128) or BF16 checkpoint, or set SGLANG_USE_AITER=0"
-        )
-    return None
+    setting = served.Setting(vendor, moe_runner_backend=str(runner_backend or "auto").lower(),
+                             quant=served.quant_label(quant), aiter=bool(aiter), clamped_layers=tuple(clamped_layers))
+    found = served.refusals(setting, (served.RUNNER, served.QUANT))
+    return "; ".join(found) or None
 
 
 def recommended_layout(
@@ -462,18 +411,20 @@ def guard_moe_layout(server_args_like: Any, hf_config: Any, platform: Any, *, ai
             "--enable-dp-attention: sglang-step35's attention, embeddings and MoE block split over the whole TP "
             "group (there is no attention-DP layout), so DP ranks would compute wrong shards"
         )
-    why = a2a_refusal(a2a, vendor=vendor, quant=quant, clamped_layers=clamped)
-    if why:
-        refusals.append(why + "; the standard dispatcher (no --moe-a2a-backend) replicates the shared expert "
-                        "where TP would split its blocks")
-    why = clamp_runner_refusal(vendor=vendor, quant=quant, aiter=aiter, runner_backend=runner, clamped_layers=clamped)
-    if why:
-        refusals.append(why)
+    # Every MoE setting is judged by the one allow-list (sglang_step35.served), as model construction is.
+    from sglang_step35 import served
+
+    setting = served.Setting(
+        vendor, moe_runner_backend=str(runner or "auto").lower(), moe_a2a_backend=a2a or "none",
+        quant=served.quant_label(quant), aiter=aiter, clamped_layers=clamped,
+        ep_num_redundant_experts=int(_get(server_args_like, "ep_num_redundant_experts", default=0)),
+        enable_eplb=bool(_get(server_args_like, "enable_eplb", default=False)),
+        init_expert_location=str(_get(server_args_like, "init_expert_location", default="trivial")),
+    )
+    refusals += served.refusals(setting)
     if refusals:
-        drop = [f for f, bad in (("--enable-dp-attention", any(r.startswith("--enable-dp") for r in refusals)),
-                                 ("--moe-a2a-backend", any(r.startswith("--moe-a2a-backend") for r in refusals)),
-                                 ("--moe-runner-backend", any(r.startswith("--moe-runner-backend") for r in refusals)))
-                if bad]  # fmt: skip
+        flags = ("--enable-dp-attention", *(f for f in served.FLAGS if f.startswith("--")))
+        drop = [f for f in flags if any(r.startswith(f) for r in refusals)]
         fix = f"relaunch without {', '.join(drop)}: {use_instead}" if drop else f"use instead: {use_instead}"
         if any("SGLANG_USE_AITER" in r for r in refusals):
             fix += " (with the block-FP8 or BF16 checkpoint, or SGLANG_USE_AITER=0)"

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from sglang.srt.layers.moe.moe_runner import MoeRunner
 from sglang.srt.layers.moe.utils import MoeRunnerBackend
@@ -53,19 +53,27 @@ def routed_plan(
     ep_size: int,
     aiter: bool,
     quantized: bool = False,
+    quant: Any = None,
     a2a_backend: Optional[str] = None,
     runner_backend: Optional[str] = None,
     layer_id: Optional[int] = None,
+    ep_num_redundant_experts: int = 0,
+    enable_eplb: bool = False,
+    init_expert_location: str = "trivial",
 ) -> RoutedPlan:
     """The runner of one MoE layer.
 
     ``device``: "cuda", "rocm" or "cpu" (see :func:`current_device`); ``aiter``: SGLang's AITER MoE
-    is active (``SGLANG_USE_AITER=1`` on ROCm); ``quantized``: the experts use a quantization method
-    (block FP8); ``a2a_backend`` / ``runner_backend``: SGLang's ``--moe-a2a-backend`` /
-    ``--moe-runner-backend``. Refusals come from :mod:`sglang_step35.moe.layout` (the launch guard
-    refuses the same combinations before any layer is built).
+    is active (``SGLANG_USE_AITER=1`` on ROCm); ``quant``: the experts' quantization (anything
+    ``moe.layout.parse_quant`` reads; default: block FP8 if ``quantized`` else BF16);
+    ``a2a_backend`` / ``runner_backend`` / ``ep_num_redundant_experts`` / ``enable_eplb`` /
+    ``init_expert_location``: SGLang's values of those flags. A combination outside the allow-list
+    (:mod:`sglang_step35.served`, which the launch guard asks too) raises
+    :class:`~sglang_step35.served.NotServedError` naming it.
     """
-    from .layout import a2a_refusal, clamp_runner_refusal
+    from sglang_step35 import served
+
+    from .layout import _a2a_name
 
     if swiglu_limit < 0:
         raise ValueError(f"swiglu_limit must be >= 0, got {swiglu_limit}")
@@ -74,12 +82,12 @@ def routed_plan(
         raise ValueError(f"unknown device {device!r}; expected 'cuda', 'rocm' or 'cpu'")
     vendor = {"cuda": "nvidia", "rocm": "amd", "cpu": "cpu"}[device]
     layers = ((layer_id if layer_id is not None else "of this layer"),) if clamped else ()
-    quant = "fp8" if quantized else "bf16"
-    why = a2a_refusal(a2a_backend, vendor=vendor, quant=quant, clamped_layers=layers) or clamp_runner_refusal(
-        vendor=vendor, quant=quant, aiter=aiter, runner_backend=runner_backend, clamped_layers=layers
-    )
-    if why:
-        raise NotImplementedError(why)
+    served.check(served.Setting(
+        vendor, moe_runner_backend=str(runner_backend or "auto").lower(), moe_a2a_backend=_a2a_name(a2a_backend) or "none",
+        quant=served.quant_label(quant if quant is not None else ("fp8" if quantized else None)), aiter=aiter,
+        clamped_layers=layers, ep_num_redundant_experts=ep_num_redundant_experts, enable_eplb=enable_eplb,
+        init_expert_location=init_expert_location,
+    ))
     if device == "cpu":
         if clamped or ep_size > 1:
             return RoutedPlan(RoutedRunner.EXPERT_LOOP, "sglang-step35 expert loop" if clamped else None)

@@ -1,0 +1,309 @@
+"""What sglang-step35 serves: the allow-list of combinations, in one home (a data table + lookups).
+
+A combination is the platform (``nvidia`` / ``amd`` / ``cpu``) and the values of the settings that
+change what computes Step-3.5's MoE: ``--moe-runner-backend``, ``--moe-a2a-backend``, the
+quantization (with ``SGLANG_USE_AITER``) and expert-parallel load balancing
+(``--ep-num-redundant-experts``, ``--enable-eplb``, ``--init-expert-location``). Each :class:`Row`
+names values and the platforms it covers and is either *served* (with what computes Step's sigmoid
+router and SwiGLU clamp there, and the test that verifies it through its contract) or *refused*
+(what would go wrong, and what to use instead). The first row that matches decides; a value no row
+serves is refused by name (allow-list: a value SGLang adds later is refused until a row serves it).
+
+Who asks it, so a refusal happens wherever a model can be started:
+- the launch policy: :func:`sglang_step35.moe.layout.guard_moe_layout` (``plugin.apply_server_policy``
+  calls it before SGLang resolves its arguments) takes :func:`refusals` of the user's flags;
+- model construction (``Engine(...)``, anything else that skips the CLI, and values SGLang resolved
+  itself, e.g. ``auto`` -> ``deep_gemm`` under ``--moe-a2a-backend pplx``): ``Step35MoE`` builds each
+  layer through :func:`sglang_step35.moe.runner.routed_plan`, which raises :class:`NotServedError`
+  from :func:`refusals` of SGLang's runtime values;
+- ``step35 plan`` (:func:`sglang_step35.plan.make_plan`) for every command it emits.
+
+The other axes of a served combination have their own homes, which the rendered table in
+docs/correctness.md reads rather than restates (``scripts/gen_served_docs.py``): attention backends
+per phase (prefill, decode, draft) in :mod:`sglang_step35.attention.select` and
+:mod:`sglang_step35.attention.window`, pipeline parallelism and MTP in
+:mod:`sglang_step35.parallel_guard` and :mod:`sglang_step35.mtp_check`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+PLATFORMS = ("nvidia", "amd", "cpu")
+GPUS = ("nvidia", "amd")
+
+RUNNER = "--moe-runner-backend"
+A2A = "--moe-a2a-backend"
+QUANT = "quantization"
+REDUNDANT = "--ep-num-redundant-experts"
+EPLB = "--enable-eplb"
+INIT_LOCATION = "--init-expert-location"
+FLAGS = (RUNNER, A2A, QUANT, REDUNDANT, EPLB, INIT_LOCATION)
+
+
+class NotServedError(NotImplementedError):
+    """A combination outside the allow-list; the message names the setting and what to use instead."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One combination, as the launch policy reads it from the flags or the model from SGLang's
+    runtime. ``quant``: :func:`quant_label`; ``clamped_layers``: the MoE layers with a SwiGLU clamp
+    (at construction, the layer being built if it clamps)."""
+
+    platform: str
+    moe_runner_backend: str = "auto"
+    moe_a2a_backend: str = "none"
+    quant: str = "bf16"
+    aiter: bool = False
+    clamped_layers: tuple[int, ...] = ()
+    ep_num_redundant_experts: int = 0
+    enable_eplb: bool = False
+    init_expert_location: str = "trivial"
+
+    def __post_init__(self) -> None:
+        if self.platform not in PLATFORMS:
+            raise ValueError(f"unknown platform {self.platform!r}; expected one of {PLATFORMS}")
+
+    def value(self, flag: str) -> str:
+        """The setting's value for ``flag``, as the table names it."""
+        if flag == REDUNDANT:
+            return "0" if int(self.ep_num_redundant_experts or 0) == 0 else "N > 0"
+        if flag == EPLB:
+            return "on" if self.enable_eplb else "off"
+        if flag == INIT_LOCATION:
+            return "trivial" if (self.init_expert_location or "trivial") == "trivial" else "a file or json"
+        return {RUNNER: self.moe_runner_backend, A2A: self.moe_a2a_backend, QUANT: self.quant}[flag]
+
+    def shown(self, flag: str) -> str:
+        """The value as the user wrote it (for messages)."""
+        if flag == REDUNDANT:
+            return str(self.ep_num_redundant_experts)
+        if flag == INIT_LOCATION:
+            return str(self.init_expert_location)
+        return self.value(flag)
+
+
+# Conditions a row may require (its ``when``): name -> (what it means, test on a Setting).
+CONDITIONS: dict[str, tuple[str, Callable[[Setting], bool]]] = {
+    "clamped": ("the checkpoint has SwiGLU-clamped MoE layers (Step-3.5-Flash: 43, 44)",
+                lambda s: bool(s.clamped_layers)),
+    "aiter+clamped": ("SGLANG_USE_AITER=1 and SwiGLU-clamped MoE layers", lambda s: s.aiter and bool(s.clamped_layers)),
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    """``values`` of ``flag`` on ``platforms`` (only when ``when`` holds): served or refused.
+
+    ``note``: served, what computes Step's router and clamp; refused, what would go wrong (it may
+    name ``{layers}`` and ``{quant}``). ``instead``: what to use (refused rows). ``test``: the test
+    that verifies the served cell through its contract, or that pins the refusal."""
+
+    flag: str
+    values: tuple[str, ...]
+    platforms: tuple[str, ...]
+    served: bool
+    note: str
+    test: str
+    instead: str = ""
+    when: Optional[str] = None
+
+
+_CONTRACT = "tests/test_moe_gpu_contract.py"
+_SERVED_RUNNERS = "tests/test_served_moe.py::test_served_runner_backend_routes_with_step_router_and_clamp"
+_REFUSED_RUNNERS = "tests/test_served_moe.py::test_refused_runner_backend_is_refused_at_launch_and_construction"
+_AUTO = "use --moe-runner-backend auto (or triton on GPUs), which SGLang's Triton runner serves with Step's clamp"
+_NO_A2A = ("drop --moe-a2a-backend: SGLang's standard dispatcher serves every layout, the shared expert replicated "
+           "where TP would cut its quantization blocks")
+_UNVERIFIED_KERNEL = "unverified with Step's sigmoid + bias router and min(silu(gate), L) * clamp(up, ±L) clamp"
+
+ROWS: tuple[Row, ...] = (
+    # --- --moe-runner-backend: every value SGLang 0.5.23 accepts has a row (tests/test_served_moe.py) ---
+    Row(RUNNER, ("auto",), ("nvidia",), True,
+        "SGLang's Triton fused MoE on every layer (clamp from gemm1_clamp_limit); TopK bound to the STANDARD "
+        "format calls our sigmoid + bias router (custom_routing_function)",
+        f"{_CONTRACT}::test_sglang_triton_fused_moe_matches_reference"),
+    Row(RUNNER, ("auto",), ("amd",), True,
+        "AITER's MoE on unclamped layers with SGLANG_USE_AITER=1, SGLang's Triton runner on clamped ones "
+        "(moe/runner.py ClampHonouring*); our router",
+        f"{_CONTRACT}::test_aiter_keeps_clamped_layers_on_triton_in_triton_layout"),
+    Row(RUNNER, ("auto",), ("cpu",), True,
+        "SGLang's CPU MoE on unclamped layers, our expert loop on clamped ones and under EP; our router",
+        "tests/test_parity_served.py"),
+    Row(RUNNER, ("triton",), GPUS, True,
+        "SGLang's Triton fused MoE on every layer, AITER off for the MoE (clamp from gemm1_clamp_limit); our router",
+        _SERVED_RUNNERS),
+    Row(RUNNER, ("triton",), ("cpu",), False,
+        "on a CPU: SGLang's CPU engine has no Triton MoE; only auto is verified there (SGLang's CPU MoE and our "
+        "expert loop on the clamped layers)",
+        _REFUSED_RUNNERS, "use --moe-runner-backend auto"),
+    Row(RUNNER, ("triton_kernel",), PLATFORMS, False,
+        "binds SGLang's TopK to the TRITON_KERNEL output format, which routes with softmax top-k on the raw "
+        "logits (layers/moe/topk.py) and never calls Step's sigmoid + bias router, and its runner passes the "
+        "clamp only with expert biases: every MoE layer would get the wrong experts",
+        _REFUSED_RUNNERS, _AUTO),
+    Row(RUNNER, ("deep_gemm",), PLATFORMS, False,
+        "runs the experts on DeepGEMM, which drops gemm1_clamp_limit: its swiglu_limit is DeepSeek-V4's "
+        "silu(min(gate, L)) * clamp(up, ±L) (silu_and_mul_masked_post_quant.cuh), not Step's "
+        "min(silu(gate), L) * clamp(up, ±L)",
+        _REFUSED_RUNNERS, _AUTO),
+    Row(RUNNER, ("aiter",), PLATFORMS, False,
+        "makes SGLang raise in the scheduler, not fall back to Triton, on every layer AITER's CK MoE cannot run "
+        "(the SwiGLU-clamped layers; N per GPU not a multiple of 128), and does nothing without SGLANG_USE_AITER=1",
+        _REFUSED_RUNNERS,
+        "use --moe-runner-backend auto: with SGLANG_USE_AITER=1 on ROCm it runs AITER's MoE on every layer AITER "
+        "computes exactly and SGLang's Triton runner on the clamped ones"),
+    Row(RUNNER, ("flashinfer_trtllm", "experimental_sgl_trtllm", "flashinfer_trtllm_routed"), PLATFORMS, False,
+        "FlashInfer TRT-LLM MoE may bypass TopK to route itself (_can_bypass_trtllm_routing) and keeps its own "
+        f"[up, gate] weight layout: {_UNVERIFIED_KERNEL}",
+        _REFUSED_RUNNERS, _AUTO),
+    Row(RUNNER, ("flashinfer_cutlass",), PLATFORMS, False,
+        "FlashInfer CUTLASS MoE loads W13 as [up, gate] and takes its own swiglu alpha/beta/limit "
+        f"(_cutlass_swiglu_params): {_UNVERIFIED_KERNEL}",
+        _REFUSED_RUNNERS, _AUTO),
+    Row(RUNNER, ("cutlass", "marlin", "experimental_sgl_marlin", "humming", "hpc_ops", "flashinfer_mxfp4",
+                 "flashinfer_cutedsl", "flashinfer_megamoe", "megamoe"), PLATFORMS, False,
+        "kernels for quantization formats Step-3.5's checkpoints do not ship (FP4, MXFP8, int4 repacks, "
+        f"Hopper-only FP8), or megamoe's dispatch: {_UNVERIFIED_KERNEL}",
+        _REFUSED_RUNNERS, _AUTO),
+    Row(RUNNER, ("lora_triton", "lora_cutedsl", "lora_marlin"), PLATFORMS, False,
+        "LoRA MoE runners: sglang-step35 serves no LoRA adapters on Step-3.5's experts",
+        _REFUSED_RUNNERS, _AUTO),
+    Row(RUNNER, ("ascend", "intel_xpu"), PLATFORMS, False,
+        "Ascend NPU / Intel XPU runners: sglang-step35 serves NVIDIA, AMD and CPU only",
+        _REFUSED_RUNNERS, _AUTO),
+    # --- --moe-a2a-backend ---
+    Row(A2A, ("none",), PLATFORMS, True,
+        "SGLang's standard dispatcher: every rank routes every token with our router; one TP all-reduce "
+        "(shared expert replicated where TP would cut its quantization blocks)",
+        f"{_CONTRACT}, tests/test_plan_constructs.py"),
+    Row(A2A, ("deepep", "mori"), ("cpu",), False,
+        "needs GPUs (SGLang's all-to-all dispatchers are CUDA/ROCm only)",
+        "tests/test_moe_placement.py::test_guard_refuses_what_our_class_cannot_serve",
+        "drop --moe-a2a-backend"),
+    Row(A2A, ("mori",), ("nvidia",), False, "does not run on nvidia GPUs",
+        "tests/test_moe_placement.py::test_guard_refuses_what_our_class_cannot_serve", "use deepep"),
+    Row(A2A, ("deepep",), ("amd",), False, "does not run on amd GPUs",
+        "tests/test_served_moe.py::test_a2a_rows", "use mori"),
+    Row(A2A, ("deepep",), ("nvidia",), False,
+        "with {quant} experts would run the SwiGLU-clamped layers {layers} on DeepGEMM, which drops "
+        "gemm1_clamp_limit and applies DeepSeek-V4's silu(min(gate, L)) instead of Step's min(silu(gate), L)",
+        "tests/test_moe_placement.py::test_guard_refuses_all_to_all_on_clamped_layers_with_the_command_to_use",
+        _NO_A2A, when="clamped"),
+    Row(A2A, ("mori",), ("amd",), False,
+        "with {quant} experts would run the SwiGLU-clamped layers {layers} on AITER's MoE, which has no "
+        "clamped SwiGLU (and our Triton fallback is unverified under mori)",
+        "tests/test_moe_placement.py::test_guard_refuses_all_to_all_on_clamped_layers_with_the_command_to_use",
+        _NO_A2A, when="clamped"),
+    Row(A2A, ("deepep",), ("nvidia",), True,
+        "each attention-TP rank routes its token slice with our router, the combine completes it (no "
+        "all-reduce), shared expert replicated (checkpoints without clamped layers)",
+        "tests/test_moe_a2a.py"),
+    Row(A2A, ("mori",), ("amd",), True,
+        "as deepep, on ROCm (checkpoints without clamped layers)", "tests/test_moe_a2a.py"),
+    # --- quantization (the checkpoint's quantization_config, or --quantization) ---
+    Row(QUANT, ("fp8-per-tensor",), ("amd",), False,
+        "experts on the SwiGLU-clamped Step-3.5 layers {layers} under SGLANG_USE_AITER=1: AITER's FP8 MoE drops "
+        "the clamp and only block-FP8 layers have a per-layer Triton fallback",
+        "tests/test_moe_placement.py::test_guard_reads_fp8_from_the_checkpoint_config",
+        "serve the block-FP8 (128x128) or BF16 checkpoint, or set SGLANG_USE_AITER=0", when="aiter+clamped"),
+    Row(QUANT, ("bf16",), PLATFORMS, True, "unquantized experts", f"{_CONTRACT}, tests/test_parity_served.py"),
+    Row(QUANT, ("fp8-block",), GPUS, True,
+        "SGLang's Fp8MoEMethod with its 128x128 block scales; clamp from gemm1_clamp_limit on Triton",
+        "tests/test_fp8_moe_gpu_contract.py, tests/test_fp8_moe_aiter_contract.py"),
+    Row(QUANT, ("fp8-block",), ("cpu",), True, "dequantized to the server dtype at load (no AMX FP8 kernels)",
+        "tests/test_weights_loading.py, tests/test_fp8_dequant.py"),
+    Row(QUANT, ("fp8-per-tensor", "int4"), GPUS, True,
+        "SGLang's Fp8MoEMethod / MoeWNA16 on Triton, clamp from gemm1_clamp_limit",
+        "none: no contract test yet (served as before this table; unverified)"),
+    # --- expert-parallel load balancing ---
+    Row(REDUNDANT, ("0",), PLATFORMS, True, "one physical slot per logical expert", _CONTRACT),
+    Row(REDUNDANT, ("N > 0",), PLATFORMS, False,
+        "our FusedMoE holds the config's logical experts only, while SGLang's dispatcher addresses "
+        "moe_num_experts + N physical slots (the built-in class builds that many)",
+        "tests/test_served_moe.py::test_eplb_is_refused_at_launch_and_construction",
+        "drop --ep-num-redundant-experts (0)"),
+    Row(EPLB, ("off",), PLATFORMS, True, "experts stay where they were loaded", _CONTRACT),
+    Row(EPLB, ("on",), PLATFORMS, False,
+        "SGLang's rebalancer moves expert weights through model.routed_experts_weights_of_layer "
+        "(eplb/eplb_manager.py), which Step3p5ForCausalLM does not provide, and needs redundant slots it lacks",
+        "tests/test_served_moe.py::test_eplb_is_refused_at_launch_and_construction", "drop --enable-eplb"),
+    Row(INIT_LOCATION, ("trivial",), PLATFORMS, True, "logical expert e in physical slot e", _CONTRACT),
+    Row(INIT_LOCATION, ("a file or json",), PLATFORMS, False,
+        "remaps routed experts to other physical slots, which our MoE block and its CPU expert loop do not "
+        "follow (verified only with the trivial layout)",
+        "tests/test_served_moe.py::test_eplb_is_refused_at_launch_and_construction",
+        "drop --init-expert-location (trivial)"),
+)
+
+
+def quant_label(quant: Any) -> str:
+    """'bf16' | 'fp8-block' | 'fp8-per-tensor' | 'int4' from anything moe.layout.parse_quant reads."""
+    from sglang_step35.moe.layout import parse_quant
+
+    q = parse_quant(quant)
+    if q.name == "fp8":
+        return "fp8-block" if q.block else "fp8-per-tensor"
+    return q.name
+
+
+def match(flag: str, setting: Setting) -> Optional[Row]:
+    """The row that decides ``flag`` for ``setting`` (None: no row, i.e. refused)."""
+    value = setting.value(flag)
+    for row in ROWS:
+        if row.flag == flag and value in row.values and setting.platform in row.platforms:
+            if row.when is None or CONDITIONS[row.when][1](setting):
+                return row
+    return None
+
+
+def served_values(flag: str, platform: str) -> list[str]:
+    """Values of ``flag`` some row serves on ``platform`` (conditions aside), in table order."""
+    out: list[str] = []
+    for row in ROWS:
+        if row.flag == flag and row.served and platform in row.platforms:
+            out += [v for v in row.values if v not in out]
+    return out
+
+
+def refusal(flag: str, setting: Setting) -> Optional[str]:
+    """Why ``setting``'s value of ``flag`` is not served (a message that starts with the flag and
+    says what to use instead), or None when it is served."""
+    row = match(flag, setting)
+    if row is not None and row.served:
+        return None
+    head = f"{setting.quant} experts" if flag == QUANT else f"{flag} {setting.shown(flag)}"
+    if row is None:
+        served = ", ".join(served_values(flag, setting.platform)) or "none"
+        return f"{head} is not supported by sglang-step35 on {setting.platform} (served there: {served})"
+    note = row.note.format(layers=", ".join(map(str, setting.clamped_layers)), quant=setting.quant)
+    return f"{head} {note}" + (f" ({row.instead})" if row.instead else "")
+
+
+def refusals(setting: Setting, flags: tuple[str, ...] = FLAGS) -> list[str]:
+    """Every refusal of ``setting`` (empty: served), in the order of ``flags``."""
+    return [why for why in (refusal(f, setting) for f in flags) if why]
+
+
+def check(setting: Setting, flags: tuple[str, ...] = FLAGS) -> None:
+    """Raise :class:`NotServedError` naming every setting outside the allow-list."""
+    found = refusals(setting, flags)
+    if found:
+        raise NotServedError("; ".join(found))
+
+
+def sglang_moe_runner_backends() -> list[str]:
+    """Every ``--moe-runner-backend`` value SGLang accepts: its CLI choices and its MoeRunnerBackend enum."""
+    from sglang.srt.arg_groups.choices import MOE_RUNNER_BACKEND_CHOICES
+    from sglang.srt.layers.moe.utils import MoeRunnerBackend
+
+    return sorted(set(MOE_RUNNER_BACKEND_CHOICES) | {b.value for b in MoeRunnerBackend})
+
+
+def sglang_moe_a2a_backends() -> list[str]:
+    """Every ``--moe-a2a-backend`` value SGLang's MoeA2ABackend enum knows."""
+    from sglang.srt.layers.moe.utils import MoeA2ABackend
+
+    return sorted(b.value for b in MoeA2ABackend)
