@@ -293,21 +293,51 @@ def check_sglang_version(installed: Optional[str] = None) -> None:
     if os.environ.get(ALLOW_VERSION_ENV, "0").lower() in ("1", "true", "yes"):
         logger.warning("%s", msg)
         return
-    raise RuntimeError(msg)
+    raise UnsupportedSGLangVersion(msg)
+
+
+class UnsupportedSGLangVersion(RuntimeError):
+    """The installed SGLang is not SUPPORTED_SGLANG (and ALLOW_VERSION_ENV is not set)."""
+
+
+class Step35RegistrationError(SystemExit):
+    """`register()` could not complete: the process stops with this message.
+
+    A SystemExit, not an Exception, on purpose. SGLang's `load_plugins()` runs each plugin inside
+    `except Exception: logger.exception(...)` and goes on, so an Exception would leave SGLang serving
+    its built-in Step-3.5 model with none of our config class, parsers or launch guards (a partial
+    install that answers requests). SystemExit passes that handler in every process that loads plugins
+    (launcher, `Engine`, scheduler, detokenizer: a scheduler that exits this way fails the launch),
+    and Python prints its message without a traceback; the cause's traceback is logged just before."""
+
+
+_registration_error: Optional[Step35RegistrationError] = None
 
 
 def register() -> None:
-    """Entry point called by SGLang's plugin loader in every process."""
-    global _registered
+    """Entry point called by SGLang's plugin loader in every process. All or nothing: any failure
+    stops the process (Step35RegistrationError)."""
+    global _registered, _registration_error
+    if _registration_error is not None:  # a caller that caught the first stop gets it again
+        raise _registration_error
     if _registered:
         return
     _setup_logger()
-    check_sglang_version()
-    _registered = True
-    if not has_accelerator():
-        _install_cpu_support()
-    _install_server_policy()
-    _install_config()
-    _install_parsers()
-    active = _install_model_package()
+    try:
+        check_sglang_version()
+        _registered = True
+        if not has_accelerator():
+            _install_cpu_support()
+        _install_server_policy()
+        _install_config()
+        _install_parsers()
+        active = _install_model_package()
+    except Exception as e:
+        if not isinstance(e, UnsupportedSGLangVersion):  # that message says all; other causes need the trace
+            logger.exception("sglang-step35 could not install itself")
+        _registration_error = Step35RegistrationError(
+            f"sglang-step35 {__version__}: the plugin could not install itself into SGLang, so this process stops "
+            f"(SGLang would otherwise serve its built-in Step-3.5 classes without sglang-step35's config, parsers "
+            f"and launch guards): {type(e).__name__}: {e}")
+        raise _registration_error from e
     logger.info("sglang-step35 %s active (pid %d): Step-3.5 model classes from %s", __version__, os.getpid(), active)
