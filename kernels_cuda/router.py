@@ -6,6 +6,8 @@
 
 Ties are broken towards the lowest expert index (the torch reference does the same with a stable
 descending sort), so kernel and reference agree bit-for-bit on ids even for duplicated logits.
+NaN scores rank above every number, as in torch's sort, and +-inf logits are ordinary values: ids
+are distinct experts in [0, E) for any input, garbage rows included (tests/test_router_kernel_nan.py).
 One program handles BLOCK_T tokens with the whole expert row in registers (E=288 -> 512 lanes);
 top-k is k rounds of (row max, lowest index attaining it, mask it out), which for k=8 is far
 cheaper than a sort and needs no shared-memory scratch.
@@ -48,22 +50,33 @@ def _sigmoid_topk_kernel(
     logits = tl.load(logits_ptr + row_off * stride_l_t + experts[None, :], mask=mask, other=0.0).to(tl.float32)
     bias = tl.load(bias_ptr + experts, mask=col_ok, other=0.0).to(tl.float32)
     scores = 1.0 / (1.0 + tl.exp(-logits))  # sigmoid, builtins only (kernels_cuda._common)
-    # Padding lanes must never be chosen: -inf loses against any real (finite) biased score.
-    sel = tl.where(mask, scores + bias[None, :], float("-inf"))
+    sel = scores + bias[None, :]
+    # Padding lanes and experts already chosen are tracked as a mask, not as a -inf score: real
+    # scores can be -inf (bias) or NaN (garbage in the padded rows of a prefill CUDA graph), and
+    # SGLang reads the ids of those rows too (routed-expert recording, EPLB remap), so every id
+    # must be a distinct expert in [0, E). NaN ranks above every number, as in torch's sort (the
+    # reference): a round picks the lowest-index NaN if the row has one left, else the lowest
+    # index attaining the max.
+    is_nan = sel != sel
+    taken = ~mask  # padding lanes (and rows past T) are never free
 
     kcols = tl.arange(0, BLOCK_K)
     w_acc = tl.full((BLOCK_T, BLOCK_K), 0.0, tl.float32)  # tl.full: builtin, unlike tl.zeros
     id_acc = tl.full((BLOCK_T, BLOCK_K), 0, tl.int32)
     for k in tl.static_range(TOP_K):
-        best = tl.reduce(sel, 1, tl.standard._elementwise_max)  # == tl.max(sel, 1)
-        # Lowest index among the maxima: the deterministic tie-break the reference uses.
-        cand = tl.where(sel == best[:, None], experts[None, :], BLOCK_E)
+        free = ~taken
+        nan_left = tl.reduce(tl.where(free & is_nan, 1, 0), 1, tl.standard._elementwise_max)
+        best = tl.reduce(tl.where(free & ~is_nan, sel, float("-inf")), 1, tl.standard._elementwise_max)
+        wanted = tl.where(nan_left[:, None] > 0, is_nan, sel == best[:, None])
+        # Lowest index among the candidates: the deterministic tie-break the reference uses. At
+        # least E - k >= 1 lanes are free, and a free lane is NaN or >= best, so idx < E.
+        cand = tl.where(free & wanted, experts[None, :], BLOCK_E)
         idx = tl.reduce(cand, 1, tl.standard._elementwise_min)  # == tl.min(cand, 1)
         hit = experts[None, :] == idx[:, None]
         w = tl.reduce(tl.where(hit, scores, 0.0), 1, tl.standard._sum_combine)  # unbiased score of the chosen expert
         w_acc = tl.where(kcols[None, :] == k, w[:, None], w_acc)
         id_acc = tl.where(kcols[None, :] == k, idx[:, None], id_acc)
-        sel = tl.where(hit, float("-inf"), sel)
+        taken = taken | hit
 
     if RENORMALIZE:
         denom = tl.reduce(w_acc, 1, tl.standard._sum_combine)  # unused lanes (k >= TOP_K) hold 0
