@@ -254,3 +254,20 @@ def test_served_runner_backend_routes_with_step_router_and_clamp(value, platform
             torch.testing.assert_close(out, ref.moe(i, 4.0 * x), **TOL)
             assert (unclamped_ref.moe(i, 4.0 * x) - out).abs().max() > 50 * TOL["atol"]
     assert clamped_seen
+
+
+def test_correctness_doc_renders_the_allow_list():
+    """docs/correctness.md's "Served combinations" section is exactly what scripts/gen_served_docs.py
+    renders from the allow-list (and the attention / PP rules it reads): the doc cannot drift."""
+    import importlib.util
+
+    root = Path(__file__).parent.parent
+    spec = importlib.util.spec_from_file_location("gen_served_docs", root / "scripts" / "gen_served_docs.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    doc = (root / "docs" / "correctness.md").read_text()
+    assert gen.BEGIN in doc and gen.END in doc, "run scripts/gen_served_docs.py"
+    assert doc == gen.render(doc), "docs/correctness.md is stale: run scripts/gen_served_docs.py"
+    section = gen.render_section()
+    for value in served.sglang_moe_runner_backends():
+        assert f"`{value}`" in section.split("#### `--moe-a2a-backend`")[0], value
