@@ -90,14 +90,22 @@ def _install_model_package() -> str:
     return f"{MODEL_PACKAGE}.step3p5"
 
 
+# Every architecture name our model package serves, with the module that defines it (its EntryClass;
+# tests/test_model_resolution.py keeps the two in sync). SGLang resolves these names through its
+# registry: the target from config.json, the MTP draft as "Step3p5MTP" (multi-layer EAGLE).
+OUR_ARCHITECTURES = {"Step3p5ForCausalLM": "step3p5", "Step3p5MTP": "step3p5_mtp"}
+
+
 def _check_resolved_model(result, *args, **kwargs):
     """SGLang skips external model modules that fail to import and silently serves its built-in
-    class instead; make that a loud error naming the real cause."""
+    class instead (for the draft: SGLang's MTP next to our target, with another window convention
+    and other layer ids); make that a loud error naming the real cause."""
     cls, arch = result
-    if arch == "Step3p5ForCausalLM" and not cls.__module__.startswith("sglang_step35."):
+    module = OUR_ARCHITECTURES.get(arch)
+    if module is not None and not cls.__module__.startswith("sglang_step35."):
         import importlib
 
-        importlib.import_module(f"{MODEL_PACKAGE}.step3p5")  # re-raises the import error, if any
+        importlib.import_module(f"{MODEL_PACKAGE}.{module}")  # re-raises the import error, if any
         raise RuntimeError(f"sglang-step35 is active but SGLang resolved {arch} to {cls.__module__}")
     return None
 
