@@ -19,6 +19,7 @@ PROPERTY_NAMES = [
     ("test_parsers_reasoning", "test_corpus_any_chunking"),
     ("test_parsers_tool_call", "test_corpus_any_chunking"),
     ("test_parsers_tool_call", "test_tag_soup_never_raises_loses_nothing_and_is_chunking_invariant"),
+    ("test_parsers_malformed", "test_malformed_soup_never_raises_loses_nothing_and_is_chunking_invariant"),
     ("test_parsers_public_api", "test_any_grammar_output_parses_as_the_grammar_reads_it"),
 ]
 

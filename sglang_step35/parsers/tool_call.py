@@ -43,9 +43,13 @@ TOOL_OPEN = "<tool_call>"
 TOOL_CLOSE = "</tool_call>"
 FUNC_CLOSE = "</function>"
 PARAM_CLOSE = "</parameter>"
-# "<function bash>" is accepted as well as "<function=bash>" (sglang #38893).
-FUNC_OPENERS = ("<function=", "<function ")
+# "<function=bash>", "<function bash>" and, for a declared name only, "<functionbash>"
+# (sglang #38893): every function tag starts with this; what follows decides.
+FUNC_TAG = "<function"
+FUNC_SEPARATORS = ("=", " ")
 PARAM_OPENERS = ("<parameter=", "<parameter ")
+# "<parameter=parameter=command>": the model repeated the tag's own prefix (sglang #38893).
+PARAM_PREFIX = "parameter="
 # A name longer than this is prose that happens to follow "<function ", not a tag.
 MAX_NAME_LEN = 256
 
@@ -59,7 +63,7 @@ _PARAM_VALUE = "param_value"
 _JSON_BODY = "json_body"  # a JSON object written instead of <parameter> tags
 _AFTER_FUNC = "after_func"  # after </function>, expecting </tool_call>
 
-_NORMAL_TRIGGERS = (TOOL_OPEN,) + FUNC_OPENERS
+_NORMAL_TRIGGERS = (TOOL_OPEN, FUNC_TAG)
 _VALUE_ENDS = (PARAM_CLOSE,) + PARAM_OPENERS + (FUNC_CLOSE, TOOL_CLOSE)
 _VALUE_HOLDBACK = _VALUE_ENDS + tuple("\n" + tag for tag in _VALUE_ENDS)
 # Under xgrammar's qwen_xml grammar a string value is any text without "</parameter>":
@@ -81,6 +85,24 @@ def _is_partial(text: str, tags) -> bool:
 
 def _opener_at(text: str, openers) -> Optional[str]:
     return next((tag for tag in openers if text.startswith(tag)), None)
+
+
+def _name_end(text: str, start: int = 0) -> int:
+    """Where a tag's name ends: its ">", a newline (the ">" is missing) or a "<" (not a tag)."""
+    ends = [i for i in (text.find(c, start) for c in ">\n<") if i != -1]
+    return min(ends) if ends else -1
+
+
+def _undoubled(name: str, declared, prefix: Optional[str]) -> str:
+    """``name`` with a repeated tag prefix removed, if that turns it into a declared name."""
+    if prefix is None or name in declared:
+        return name
+    stripped = name
+    while stripped.startswith(prefix):
+        stripped = stripped[len(prefix):]
+        if stripped in declared:
+            return stripped
+    return name
 
 
 @dataclass
@@ -264,13 +286,12 @@ class CallScanner:
     def _block(self, final: bool) -> bool:
         rest = self.pending.lstrip()
         skipped = self.pending[: len(self.pending) - len(rest)]
-        opener = _opener_at(rest, FUNC_OPENERS)
-        if opener:
-            self.block_raw += skipped + opener
-            self.pending = rest[len(opener) :]
+        if rest.startswith(FUNC_TAG):
+            self.block_raw += skipped + FUNC_TAG
+            self.pending = rest[len(FUNC_TAG) :]
             self.state = _FUNC_NAME
             return True
-        if not final and (not rest or _is_partial(rest, FUNC_OPENERS + (TOOL_CLOSE,))):
+        if not final and (not rest or _is_partial(rest, (FUNC_TAG, TOOL_CLOSE))):
             return False
         if rest.startswith(TOOL_CLOSE):
             # An empty block calls nothing; keep it visible rather than drop it.
@@ -278,24 +299,46 @@ class CallScanner:
             self.pending = rest[len(TOOL_CLOSE) :]
         return self._abandon_markup()
 
-    def _read_name(self, final: bool) -> Tuple[str, str]:
-        """("ok", name) having consumed "name>"; else "wait", "bad" or "truncated"."""
+    def _read_name(self, final: bool, declared, skip: int = 0, glued: bool = False,
+                   prefix: Optional[str] = None) -> Tuple[str, str, bool]:
+        """(status, name, ended_by_newline); status "ok" having consumed the tag's rest,
+        else "wait", "bad" or "truncated". ``skip``: separator characters before the name.
+
+        A name ends at ">". For a name in ``declared`` only (an undeclared one stays text,
+        sglang #38893), also: at a newline when the ">" is missing (``<function=bash\n``),
+        glued to the tag (``glued``: ``<functionbash>``, the name exactly), and written
+        after the tag's own ``prefix`` again (``<parameter=parameter=command>``).
+        """
         buf = self.pending
-        end = buf.find(">")
-        head = buf if end == -1 else buf[:end]
-        if "\n" in head or "<" in head or len(head) > MAX_NAME_LEN:
-            return "bad", ""
-        if end == -1:
-            return ("truncated" if final else "wait"), ""
-        name = head.strip().strip("\"'").strip()
-        if not name:
-            return "bad", ""
+        end = _name_end(buf, skip)
+        head = buf[skip:] if end == -1 else buf[skip:end]
+        if glued:
+            # Waiting is only worth it while the text can still become a declared name.
+            if end == -1:
+                if not final and any(n.startswith(head) for n in declared):
+                    return "wait", "", False
+                return "bad", "", False
+            if buf[end] == "<" or head not in declared:
+                return "bad", "", False
+            name = head
+        else:
+            if len(head) > MAX_NAME_LEN:
+                return "bad", "", False
+            if end == -1:
+                return ("truncated" if final else "wait"), "", False
+            name = _undoubled(head.strip().strip("\"'").strip(), declared, prefix)
+            if buf[end] == "<" or not name or (buf[end] == "\n" and name not in declared):
+                return "bad", "", False
         self.block_raw += buf[: end + 1]
         self.pending = buf[end + 1 :]
-        return "ok", name
+        return "ok", name, buf[end] == "\n"
 
     def _func_name(self, final: bool) -> bool:
-        status, name = self._read_name(final)
+        buf = self.pending
+        if not buf and not final:
+            return False
+        separated = buf[:1] in FUNC_SEPARATORS
+        status, name, _ = self._read_name(final, self.tools, skip=int(separated), glued=not separated)
         if status == "wait":
             return False
         if status == "ok" and (name in self.tools or self.forward_unknown):
@@ -351,7 +394,8 @@ class CallScanner:
         return True
 
     def _param_name(self, final: bool) -> bool:
-        status, name = self._read_name(final)
+        declared = self.calls[-1].types_by_param
+        status, name, ended_by_newline = self._read_name(final, declared, prefix=PARAM_PREFIX)
         if status == "wait":
             return False
         self.state = _IN_FUNC
@@ -361,6 +405,9 @@ class CallScanner:
             self._text(self.block_raw)
             return True
         self._open_param(name)
+        # "<parameter=command\npwd": that newline stood for ">" and the value's leading
+        # newline at once; the value starts right after it.
+        self.param.started = ended_by_newline
         self.state = _PARAM_VALUE
         return True
 
@@ -422,14 +469,13 @@ class CallScanner:
             self.after_block = True
             self.state = _NORMAL
             return True
-        opener = _opener_at(rest, FUNC_OPENERS)
-        if opener:
+        if rest.startswith(FUNC_TAG):
             # Several functions in one block: each is its own call.
-            self.pending = rest[len(opener) :]
-            self.block_raw = opener
+            self.pending = rest[len(FUNC_TAG) :]
+            self.block_raw = FUNC_TAG
             self.state = _FUNC_NAME
             return True
-        if not final and (not rest or _is_partial(rest, FUNC_OPENERS + (TOOL_CLOSE,))):
+        if not final and (not rest or _is_partial(rest, (FUNC_TAG, TOOL_CLOSE))):
             return False
         # </tool_call> is missing; what follows is ordinary output again.
         self.after_block = True
