@@ -9,8 +9,9 @@ scheduler, detokenizer, engine — before parsing CLI arguments. It is idempoten
   SGLang's loader raise AmbiguousGlobalPerLayerAttributeError on every real checkpoint);
 - registers our `step3p5` reasoning and tool-call parsers;
 - on a machine with no CUDA/ROCm device: makes the pure-torch `sgl_kernel` stand-in importable in this
-  and every spawned process, turns on SGLang's CPU engine, and fills CPU-safe server defaults
-  (device cpu, torch_native attention, a KV budget that fits RAM) the user did not set.
+  and every spawned process and turns on SGLang's CPU engine (for every model: SGLang cannot run on
+  such a host without them), and for Step-3.5 launches fills CPU-safe server defaults (device cpu,
+  torch_native attention, a KV budget that fits RAM) the user did not set.
 
 docs/integration.md lists every hook, registry entry, environment variable and default it touches,
 with the SGLang code it targets and why. Supported SGLang: exactly SUPPORTED_SGLANG (the hooks
@@ -217,10 +218,12 @@ def apply_server_policy(server_args, *args, **kwargs):
         check_mtp_request(cfg, getattr(server_args, "speculative_num_steps", None), server_args.model_path)
         if not has_accelerator() and getattr(server_args, "attention_backend", None) is None:
             server_args.attention_backend = "intel_amx"  # see _keep_cpu_spec_attention
+    if not is_step:
+        # Another model on a GPU-less host gets SGLang's own CPU defaults (it picks device cpu and
+        # torch_native itself once register() has made it importable); ours are Step-3.5 policy.
+        return None
     if not has_accelerator():
         _cpu_server_defaults(server_args)
-    if not is_step:
-        return None
     from sglang_step35.attention import choose_attention_backend, detect_platform, guard_window_conventions
     from sglang_step35.config import SLIDING
     from sglang_step35.moe.layout import guard_moe_layout
@@ -254,7 +257,11 @@ def apply_server_policy(server_args, *args, **kwargs):
 
 
 def _cpu_server_defaults(server_args) -> None:
-    """Fill what the user left unset with values that work on a GPU-less machine."""
+    """Fill what the user left unset with values that serve Step-3.5 on a GPU-less machine (a laptop
+    or CI runner). Only Step-3.5 launches get them: the process-level CPU support of register() (the
+    sgl_kernel stand-in, SGLang's CPU engine, gloo-only groups) is what every model needs to run on
+    such a host, but a KV cap, idle sleeping and core binding are choices a user of another model did
+    not ask sglang-step35 to make."""
     if getattr(server_args, "device", None) in (None, "auto"):
         server_args.device = "cpu"
     if getattr(server_args, "attention_backend", None) is None:

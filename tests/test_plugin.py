@@ -62,7 +62,7 @@ def test_cpu_defaults_fill_only_what_the_user_left_unset():
     args = SimpleNamespace(device=None, attention_backend=None, max_total_tokens=None, sleep_on_idle=False)
     plugin._cpu_server_defaults(args)
     assert (args.device, args.attention_backend, args.max_total_tokens) == ("cpu", "torch_native", 16384)
-    assert args.sleep_on_idle and args.disable_hybrid_swa_memory
+    assert args.sleep_on_idle
     user = SimpleNamespace(device="cpu", attention_backend="triton", max_total_tokens=4096)
     plugin._cpu_server_defaults(user)
     assert (user.attention_backend, user.max_total_tokens) == ("triton", 4096)
@@ -77,6 +77,29 @@ def _step_args(tmp_path, **kw):
                 tp_size=4, ep_size=1, moe_runner_backend=None, moe_a2a_backend=None, quantization=None)
     base.update(kw)
     return SimpleNamespace(**base)
+
+
+def test_cpu_defaults_reach_step_models_only(tmp_path, monkeypatch):
+    """On a GPU-less host another model keeps SGLang's own defaults (the CPU engine register()
+    installs is all it needs); a Step-3.5 launch gets ours."""
+    monkeypatch.setattr(plugin, "has_accelerator", lambda: False)
+    monkeypatch.setenv("SGLANG_CPU_OMP_THREADS_BIND", "unset-by-test")  # restored (removed) afterwards
+    monkeypatch.delenv("SGLANG_CPU_OMP_THREADS_BIND")
+    monkeypatch.setattr(plugin.os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
+    unset = dict(device=None, attention_backend=None, max_total_tokens=None, sleep_on_idle=False, tp_size=2, pp_size=1)
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text('{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}')
+    other = SimpleNamespace(model_path=str(llama), **unset)
+    plugin.apply_server_policy(other)
+    assert vars(other) == dict(model_path=str(llama), **unset)
+    assert "SGLANG_CPU_OMP_THREADS_BIND" not in os.environ
+    (tmp_path / "step").mkdir()
+    step = _step_args(tmp_path / "step", **unset)
+    plugin.apply_server_policy(step)
+    assert (step.device, step.attention_backend, step.max_total_tokens, step.sleep_on_idle) == (
+        "cpu", "torch_native", 16384, True)
+    assert os.environ["SGLANG_CPU_OMP_THREADS_BIND"] == "0,1|2,3"
 
 
 def test_server_policy_on_amd_picks_aiter_and_switches_tp4_to_ep4(tmp_path, monkeypatch):
