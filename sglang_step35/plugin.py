@@ -226,6 +226,7 @@ def apply_server_policy(server_args, *args, **kwargs):
         _cpu_server_defaults(server_args)
     from sglang_step35.attention import choose_attention_backend, detect_platform, guard_window_conventions
     from sglang_step35.config import SLIDING
+    from sglang_step35 import served
     from sglang_step35.moe.layout import guard_moe_layout
 
     platform = detect_platform() if has_accelerator() else None
@@ -246,6 +247,8 @@ def apply_server_policy(server_args, *args, **kwargs):
         has_sliding_layers=SLIDING in (cfg.get("layer_types") or []),
         speculative_eagle_topk=getattr(server_args, "speculative_eagle_topk", None),
     )
+    # The MTP draft's own attention backend (the allow-list, sglang_step35.served).
+    served.check_draft_attention(server_args, cfg, platform)
     # One platform probe (detect_platform) for both the attention choice and the MoE guard.
     decision = guard_moe_layout(server_args, cfg, platform.kind if platform is not None else "cpu")
     if decision.action == "switch_to_ep":

@@ -307,3 +307,31 @@ def sglang_moe_a2a_backends() -> list[str]:
     from sglang.srt.layers.moe.utils import MoeA2ABackend
 
     return sorted(b.value for b in MoeA2ABackend)
+
+
+def check_draft_attention(server_args: Any, cfg: Any, platform: Any = None) -> None:
+    """Refuse, at launch, a ``--speculative-draft-attention-backend`` under which the MTP draft's
+    sliding layers would not see exactly ``sliding_window`` keys. The draft builds its layers for that
+    backend (``attention.window.configured_backends(draft=True)``), so the rule is the one the target's
+    backends pass (:func:`sglang_step35.attention.window.radix_sliding_window_size`); without this the
+    draft's construction would fail in the scheduler instead of the launcher. ``platform``: the
+    launcher's :class:`~sglang_step35.attention.select.PlatformInfo` (None: CPU), for the alternatives."""
+    from sglang_step35.attention.select import NO_WINDOW, window_capable_backends, PlatformInfo
+    from sglang_step35.attention.window import radix_sliding_window_size
+    from sglang_step35.config import SLIDING, cfg_get
+
+    backend = getattr(server_args, "speculative_draft_attention_backend", None)
+    if not backend or not getattr(server_args, "speculative_algorithm", None):
+        return
+    draft_layers = list(cfg_get(cfg, "layer_types") or [])[int(cfg_get(cfg, "num_hidden_layers")):]
+    if SLIDING not in draft_layers:
+        return
+    try:
+        radix_sliding_window_size(backend, 2)
+    except ValueError:
+        why = NO_WINDOW.get(backend, "not known to apply sliding windows in SGLang 0.5.23")
+        raise ValueError(
+            f"--speculative-draft-attention-backend {backend} cannot serve the sliding-window layers of "
+            f"Step-3.5's MTP draft ({why}); drop the flag (the draft then uses the target's backend) or use "
+            f"one that applies the window: {', '.join(window_capable_backends(platform or PlatformInfo('cpu')))}"
+        ) from None
