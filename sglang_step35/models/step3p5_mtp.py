@@ -49,6 +49,7 @@ from sglang_step35.models.weights import (
     checkpoint_sources,
     checkpoint_view,
     cpu_fp8_fallback,
+    kv_scale_targets,
     load_checkpoint,
 )
 
@@ -212,7 +213,10 @@ class Step3p5MTP(nn.Module):
         cfg = checkpoint_view(self.config)
         layout = {k: v for k, v in checkpoint_shapes(cfg).items() if k.startswith(layer) or k == "model.embed_tokens.weight"}
         sources = checkpoint_sources(self, layout, self._checkpoint_name)
-        rep = load_checkpoint(self, self._normalised(weights), sources, skip=lambda name: not name.startswith(layer))
+        rep = load_checkpoint(
+            self, self._normalised(weights), sources, skip=lambda name: not name.startswith(layer),
+            kv_scales=kv_scale_targets(self, self._checkpoint_name),
+        )
         if not any(name.startswith(layer) for name in [*rep.seen, *rep.unexpected]):
             raise Step35MTPError(
                 f"checkpoint has no MTP layers (model.layers.{L}...): draft step {self.draft_model_idx} "

@@ -9,7 +9,8 @@ weight and `<weight>_scale_inv` with one fp32 scale per block; a module the chec
 `quantization_config` keeps unquantized (`modules_to_not_convert` / `ignored_layers`, matched by
 SGLang against the module prefix) has a plain weight and expects a BF16 tensor. `RadixAttention`
 under `Fp8Config` owns `k_scale`/`v_scale` (1.0 unless the checkpoint has them; SGLang marks them
-`_skip_weight_check`). Full (unsplit) checkpoint shapes come from `sglang_step35.checkpoint`.
+`_skip_weight_check`), placed by SGLang's `maybe_remap_kv_scale_name` matched in the checkpoint's
+naming (`kv_scale_targets`), so the MTP draft's layer takes its checkpoint layer's scales too. Full (unsplit) checkpoint shapes come from `sglang_step35.checkpoint`.
 
 Loading collects every problem — missing, unexpected, mis-shaped and wrong-precision tensors — and
 raises one error listing them all.
@@ -91,6 +92,39 @@ def _block_of(module: torch.nn.Module) -> tuple[int, int]:
             f"({type(getattr(module, 'quant_method', None)).__name__}) is not block-wise: Step-3.5 FP8 "
             "checkpoints are 128x128 block FP8 (quantization_config.weight_block_size)")
     return tuple(block)
+
+
+def kv_scale_targets(
+    model: torch.nn.Module, checkpoint_name: Callable[[str], Optional[tuple[str, str]]]
+) -> dict[str, str]:
+    """SGLang's name of each k/v-scale parameter in the checkpoint's naming -> our parameter name.
+
+    RadixAttention under an FP8 config owns `attn.k_scale` / `attn.v_scale`; SGLang's
+    `maybe_remap_kv_scale_name` maps a checkpoint's scale names (`self_attn.k_proj.k_scale`,
+    `self_attn.k_scale`, ...) onto `<layer>.self_attn.attn.k_scale` in the *checkpoint's* layer
+    naming. Our parameters need not be named that way (Step3p5MTP's are `layer.self_attn...`, its
+    checkpoint layer is `model.layers.{45+i}`), so the remap is matched against these keys.
+    Every RadixAttention is listed, also one built without scale parameters (unquantized)."""
+    from sglang.srt.layers.radix_attention import RadixAttention
+
+    targets = {}
+    for mname, module in model.named_modules():
+        if not isinstance(module, RadixAttention):
+            continue
+        for scale in ("k_scale", "v_scale"):
+            where = checkpoint_name(f"{mname}.{scale}")
+            if where is not None:
+                targets[where[0] + where[1]] = f"{mname}.{scale}"
+    return targets
+
+
+def _kv_scale_param(name: str, targets: dict[str, str]) -> Optional[str]:
+    """Our parameter for checkpoint k/v-scale tensor `name`, or None. A name already in SGLang's
+    form is taken as it is (the remap would add a second `.attn`)."""
+    if name in targets:
+        return targets[name]
+    remapped = maybe_remap_kv_scale_name(name, targets)
+    return targets.get(remapped) if remapped is not None else None
 
 
 def checkpoint_sources(
@@ -241,23 +275,32 @@ def load_checkpoint(
     weights: Iterable[Tuple[str, torch.Tensor]],
     sources: dict[str, Source],
     skip: Callable[[str], bool] = lambda _name: False,
+    kv_scales: Optional[dict[str, str]] = None,
 ) -> LoadReport:
     """Load every tensor of `weights` that `sources` names into `model`; skip the names `skip`
-    accepts (tensors that belong to another model, e.g. MTP layers), record everything else."""
+    accepts (tensors that belong to another model, e.g. MTP layers), record everything else.
+    `kv_scales` (:func:`kv_scale_targets`) places the checkpoint's optional k/v scales."""
     params = dict(model.named_parameters())
+    kv_scales = kv_scales or {}
     block = getattr(model, "fp8_dequant_block", None)
     dequantizer = Fp8Dequantizer(block) if block else None
     if dequantizer is not None:
         weights = dequantizer(weights)
     rep = LoadReport(set(), set(), [], [], [])
+    ignored_kv: list[str] = []
     for name, tensor in weights:
         src = sources.get(name)
         if src is None:
             if name.endswith(_KV_SCALE_SUFFIXES) and not skip(name):
-                target = maybe_remap_kv_scale_name(name, params)
+                target = _kv_scale_param(name, kv_scales)
                 if target in params:
                     default_weight_loader(params[target], tensor)
                     rep.loaded.add(target)
+                    continue
+                if target is not None:
+                    # The attention exists but was built without FP8 KV scales (unquantized, e.g.
+                    # the CPU FP8 fallback above): its KV cache does not use them.
+                    ignored_kv.append(name)
                     continue
             if not skip(name):
                 rep.unexpected.append(name)
@@ -287,6 +330,9 @@ def load_checkpoint(
         rep.loaded.add(src.param)
     if dequantizer is not None:
         rep.misshaped += dequantizer.problems
+    if ignored_kv:
+        logger.warning("%d checkpoint k/v scales ignored (e.g. %s): the attention layers were built "
+                       "without FP8 KV scales (unquantized)", len(ignored_kv), ignored_kv[0])
     return rep
 
 
@@ -331,7 +377,8 @@ def load_step3p5_weights(model: torch.nn.Module, weights: Iterable[Tuple[str, to
 
     # Other stages' tensors leave the stream before loading (and before any FP8 dequantization).
     mine = ((k, t) for k, t in weights if not other_stage_tensor(k, n, start, end, first, last))
-    rep = load_checkpoint(model, mine, sources, skip=lambda name: _is_mtp_tensor(name, n, m))
+    rep = load_checkpoint(model, mine, sources, skip=lambda name: _is_mtp_tensor(name, n, m),
+                          kv_scales=kv_scale_targets(model, _main_checkpoint_name))
     lines = rep.problems(sources, dict(model.named_parameters()))
     if lines:
         where = "" if pp.world_size == 1 else (
