@@ -8,7 +8,10 @@ snapshot that `arg_groups/model_path_hook.handle_modelscope_paths` finds in its 
 To decide on the same checkpoint, we read it through the same functions with the same inputs
 (`--revision`, `--download-dir` for ModelScope; HF_ENDPOINT, HF_HUB_OFFLINE, HF_TOKEN and the cache
 are the libraries' own rules, since it is their code that runs). Only config.json is fetched: the
-weights stay SGLang's to download, after the policy has accepted the launch.
+weights stay SGLang's to download, after the policy has accepted the launch. The one check that
+reads more than the config, whether the checkpoint really holds the MTP layers it declares, is
+therefore made for a repo id when the weights load (`Step3p5MTP.load_weights` raises the same
+`Step35MTPError` the launcher raises for a directory).
 """
 
 from __future__ import annotations

@@ -18,10 +18,12 @@ from urllib.parse import unquote, urlparse
 
 
 class HubStandIn:
-    """`repos`: {repo_id: {revision: checkpoint directory}}; "main" is the default branch."""
+    """`repos`: {repo_id: {revision: checkpoint directory}}; "main" is the default branch. With
+    `token`, every request must carry it (`Authorization: Bearer ...`), as for a private repo."""
 
-    def __init__(self, repos: dict[str, dict[str, Path]]):
+    def __init__(self, repos: dict[str, dict[str, Path]], token: str | None = None):
         self.repos = {r: {rev: Path(d) for rev, d in revs.items()} for r, revs in repos.items()}
+        self.token = token
         self.requests: list[tuple[str, str]] = []
         hub = self
 
@@ -71,6 +73,10 @@ class HubStandIn:
 
     def _answer(self, h: BaseHTTPRequestHandler, body: bool) -> None:
         self.requests.append((h.command, h.path))
+        if self.token is not None and h.headers.get("Authorization") != f"Bearer {self.token}":
+            # What the Hub answers for a private repo without access (huggingface_hub: RepositoryNotFoundError)
+            return self._send(h, 401, b'{"error": "Invalid credentials"}',
+                              {"X-Error-Code": "RepoNotFound", "Content-Type": "application/json"}, h.command == "GET")
         parts = unquote(urlparse(h.path).path).strip("/").split("/")
         if parts[:2] == ["api", "models"] and len(parts) >= 4:
             repo = "/".join(parts[2:4])

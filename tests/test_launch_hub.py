@@ -23,6 +23,7 @@ from hub_standin import HubStandIn
 FLASH_CONFIG = Path(__file__).parent / "fixtures" / "step3p5_flash_config.json"
 PROBE = Path(__file__).parent / "launch_probe.py"
 EAGLE = {"speculative_algorithm": "EAGLE", "speculative_eagle_topk": 1}
+TOKEN = "hf_standin_token"
 
 # name -> (checkpoint, ServerArgs fields, faked platform); "broken" is served as revision "broken"
 # of the tiny repo, so the hub side also shows that --revision is the revision read.
@@ -77,23 +78,24 @@ def decisions(checkpoints, tmp_path_factory):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("HF_", "HUGGING", "TRANSFORMERS_OFFLINE", "SGLANG_STEP35", "SGLANG_EXTERNAL"))}
     home = tmp_path_factory.mktemp("hf-home")
-    with HubStandIn(repos) as hub:
+    # Private repos: the token rule is huggingface_hub's own (HF_TOKEN), for SGLang and for us.
+    with HubStandIn(repos, token=TOKEN) as hub:
         env.update(HF_ENDPOINT=hub.url, HF_HOME=str(home), HF_HUB_OFFLINE="0", HF_HUB_DISABLE_TELEMETRY="1",
-                   NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+                   HF_TOKEN=TOKEN, NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
         out = _run_probe(cases, env)
         fetched = hub.fetched_files()
-    return out, fetched
+    return out, fetched, cases, env
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_repo_id_gets_the_decisions_of_the_checkpoint_directory(decisions, name):
-    out, _ = decisions
+    out = decisions[0]
     assert out[f"hub:{name}"] == out[f"dir:{name}"]
 
 
 def test_the_decisions_are_the_policys(decisions):
     """What the equal decisions are: a refusal per refused case, EP switch on AMD, CPU defaults."""
-    out, _ = decisions
+    out = decisions[0]
     assert "Step35MTPError" in out["hub:mtp_refused"]["error"] and "--speculative-num-steps 4" in out["hub:mtp_refused"]["error"]
     assert "--pp-size 2 with --speculative-algorithm EAGLE" in out["hub:pp_refused"]["error"]
     assert "Step35ConfigError" in out["hub:invalid_config"]["error"] and "moe_layers_enum" in out["hub:invalid_config"]["error"]
@@ -104,7 +106,7 @@ def test_the_decisions_are_the_policys(decisions):
 
 
 def test_a_refused_launch_fetched_config_json_only_and_at_the_asked_revision(decisions):
-    _, fetched = decisions
+    fetched = decisions[1]
 
     def only_config(repo, revision):  # transformers pins the revision to its commit before fetching
         return [f"{repo}@{HubStandIn.commit(repo, revision)}/config.json"]
@@ -134,3 +136,14 @@ def test_modelscope_repo_id_gets_the_decisions_of_the_checkpoint_directory(check
     assert "moe_layers_enum" in out["ms:invalid_config"]["error"]
     for name in ("mtp_refused", "invalid_config"):
         assert out[f"ms:{name}"] == out[f"dir:{name}"]
+
+
+def test_offline_the_cached_config_gives_the_same_decisions(decisions):
+    """HF_HUB_OFFLINE=1 with the hub gone: the config cached by the online launch (at the revision
+    asked for) is what both SGLang and the policy read."""
+    out, _, cases, env = decisions
+    names = ("mtp_refused", "invalid_config", "window_refused")
+    offline = _run_probe([c for c in cases if c["name"].split(":")[1] in names],
+                         dict(env, HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9"))
+    for name in names:
+        assert offline[f"hub:{name}"] == out[f"dir:{name}"]
