@@ -101,7 +101,8 @@ def _attention_tables() -> list[str]:
     out += ["", "Per phase: prefill and decode may use different backends only when both read the window the "
             f"same way; **refused** pairs: {', '.join(clashes)} (`guard_window_conventions`). The MTP draft's "
             "layers take their window value from `--speculative-draft-attention-backend` when set "
-            "(`window.configured_backends(draft=True)`), so any served backend serves the draft."]
+            "(`window.configured_backends(draft=True)`): any backend above that applies the window serves the draft, "
+            "any other is refused at launch (`served.check_draft_attention`; tests/test_served_draft_attention.py)."]
     return out
 
 
