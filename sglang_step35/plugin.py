@@ -125,8 +125,10 @@ def _install_config() -> None:
 
 def _install_parsers() -> None:
     from sglang_step35.parsers import register_parsers
+    from sglang_step35.reasoning_effort import install_reasoning_effort
 
     register_parsers()
+    install_reasoning_effort()  # reasoning_effort / thinking_budget for --reasoning-parser step3p5
 
 
 def _install_cpu_support() -> None:

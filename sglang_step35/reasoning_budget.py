@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional
 
 import torch
+from sglang.srt.constrained.base_grammar_backend import BaseGrammarObject
 from sglang.srt.sampling.custom_logit_processor import CustomLogitProcessor
 
 BUDGET_KEY = "thinking_budget"
@@ -141,3 +142,112 @@ class Step35ReasoningBudget(CustomLogitProcessor):
             elif state.closed_by_budget:
                 logits[row, state.close_id] = -float("inf")
         return logits
+
+
+# -- the same budget as a grammar object (what `reasoning_effort` / `thinking_budget` use) ----
+
+_REASONING = "reasoning"
+_FORCED_CLOSE = "forced_close"  # we just forced </think>: its "\n" comes next
+_BANNED = "banned"  # after a forced close: free, except that </think> stays banned
+_FREE = "free"  # the model closed the block itself (or the prompt did): nothing to do
+_FINAL = (_BANNED, _FREE)
+
+
+def _int32(value: int) -> int:
+    """A 32-bit pattern as the signed int32 the bitmask tensor holds."""
+    return ((value + 2**31) % 2**32) - 2**31
+
+
+class Step35BudgetGrammar(BaseGrammarObject):
+    """The reasoning budget as a per-request grammar object.
+
+    Custom logit processors are not applied when SGLang verifies MTP/EAGLE drafts
+    (``eagle_sample`` applies penalties, logit bias and grammar masks only), so a processor
+    would cap nothing once MTP is on. Grammar objects are SGLang's own per-request
+    constraint: the scheduler advances them over every committed token (``accept_token``),
+    asks them for the next token's mask in normal decoding, and walks each MTP verify tree
+    through them (``accept_token`` / ``fill_vocab_mask`` / ``rollback``). The state here is a
+    function of the accepted tokens, so overlap scheduling and speculation need nothing more.
+
+    Output is the processor's: N reasoning tokens, then ``\\n</think>\\n`` (the first newline
+    skipped when the N-th token was one), then the answer with ``</think>`` banned.
+    The mask is xgrammar's token bitmask, the format of SGLang's default grammar backend, so
+    a batch may mix these objects with xgrammar grammars.
+    """
+
+    def __init__(self, prompt_ids, ids: tuple, budget: int):
+        super().__init__()
+        self.open_id, self.close_id, self.newline_id = ids
+        self.budget = budget
+        phase = _REASONING if _reasoning_open_after(prompt_ids, self.open_id, self.close_id) else _FREE
+        # (phase, reasoning tokens so far, last token): the last token decides whether the
+        # forced close needs its own newline first.
+        self.state = (phase, 0, prompt_ids[-1] if len(prompt_ids) else None)
+        self.history: List[tuple] = []  # states before each token accepted outside _FINAL
+        self.steps_in_final = 0  # tokens accepted since a _FINAL phase began (state unchanged)
+
+    def forced(self) -> Optional[int]:
+        """The only token allowed next, or None."""
+        phase, count, last = self.state
+        if phase == _FORCED_CLOSE:
+            return self.newline_id
+        if phase == _REASONING and count >= self.budget:
+            needs_newline = self.newline_id is not None and last != self.newline_id
+            return self.newline_id if needs_newline else self.close_id
+        return None
+
+    def accept_token(self, token: int) -> None:
+        self.current_token = token
+        phase, count, _ = self.state
+        if phase in _FINAL:
+            self.steps_in_final += 1
+            return
+        self.history.append(self.state)
+        if phase == _FORCED_CLOSE:
+            phase = _BANNED
+        elif token == self.close_id:
+            # Within the budget the model closed the block itself; past it, we did.
+            phase = _FREE if count < self.budget else _FORCED_CLOSE
+            if phase == _FORCED_CLOSE and self.newline_id is None:
+                phase = _BANNED
+        elif token == self.open_id and count < self.budget:
+            count = 0  # the model opened the block itself: its tag is not reasoning
+        else:
+            count += 1
+        self.state = (phase, count, token)
+
+    def rollback(self, k: int) -> None:
+        for _ in range(k):
+            if self.steps_in_final:
+                self.steps_in_final -= 1
+            else:
+                self.state = self.history.pop()
+
+    def fill_vocab_mask(self, vocab_mask: torch.Tensor, idx: int) -> None:
+        row = vocab_mask[idx]
+        token = self.forced()
+        if token is not None:
+            row.zero_()
+            row[token // 32] = _int32(1 << (token % 32))
+            return
+        row.fill_(-1)
+        if self.state[0] == _BANNED:
+            row[self.close_id // 32] = _int32(~(1 << (self.close_id % 32)) & 0xFFFFFFFF)
+
+    # The bitmask helpers are xgrammar's, as SGLang's XGrammarGrammar uses them (same
+    # functions, so mixed batches share one mask format).
+    def allocate_vocab_mask(self, vocab_size: int, batch_size: int, device) -> torch.Tensor:
+        from sglang.srt.constrained.xgrammar_backend import XGrammarGrammar
+
+        return XGrammarGrammar.allocate_vocab_mask(self, vocab_size, batch_size, device)
+
+    @staticmethod
+    def move_vocab_mask(vocab_mask: torch.Tensor, device) -> torch.Tensor:
+        from sglang.srt.constrained.xgrammar_backend import XGrammarGrammar
+
+        return XGrammarGrammar.move_vocab_mask(vocab_mask, device)
+
+    def apply_vocab_mask(self, logits: torch.Tensor, vocab_mask: torch.Tensor) -> None:
+        from sglang.srt.constrained.xgrammar_backend import XGrammarGrammar
+
+        XGrammarGrammar.apply_vocab_mask(self, logits, vocab_mask)

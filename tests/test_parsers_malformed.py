@@ -183,3 +183,16 @@ def test_malformed_soup_never_raises_loses_nothing_and_is_chunking_invariant(tex
             assert i == len(calls) - 1 and (args == "" or args.startswith("{"))
     for marker in MARKERS:
         assert out.count(marker) == text.count(marker), marker
+
+
+def test_sglang_builtin_loses_these_calls():
+    """What SGLang 0.5.23's built-in step3p5 mapping (Qwen3CoderDetector) makes of the three
+    shapes (docs/parsers.md, conventions table): the call or its arguments are lost."""
+    from sglang.srt.function_call.qwen3_coder_detector import Qwen3CoderDetector
+
+    def builtin(shape):
+        return tool_non_stream(Qwen3CoderDetector(), SHAPES[shape][0], TOOLS)
+
+    assert builtin("glued_name") == ("", [])  # no call, and the text is gone too
+    assert builtin("missing_gt") == ("", [("bash\n<parameter=command\npwd</parameter", "{}")])
+    assert builtin("doubled_prefix") == ("", [("bash", "{}")])

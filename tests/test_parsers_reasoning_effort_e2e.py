@@ -1,0 +1,97 @@
+"""``reasoning_effort`` and ``chat_template_kwargs.thinking_budget`` through ``sglang serve`` on
+the trained tiny model, with the official ``openai`` client: no processor string from the
+client and no ``--enable-custom-logit-processor`` on the server.
+
+One server of its own, with MTP-3 on (custom logit processors are never applied to MTP
+verification, which is why the budget is a grammar object) and the effort mapping set through
+``SGLANG_STEP35_REASONING_EFFORT_BUDGETS``; the plain-decoding path runs on the shared
+``served_trained`` server.
+"""
+
+import openai
+import pytest
+import requests
+from openai import OpenAI
+from transformers import AutoTokenizer
+
+from sglang_step35.reasoning_effort import ENV
+from sglang_step35.training.data import read_gsm8k
+from test_parsers_e2e import _collect
+
+pytestmark = pytest.mark.server
+
+MTP3 = ["--speculative-algorithm", "EAGLE", "--speculative-num-steps", "3", "--speculative-eagle-topk", "1",
+        "--speculative-num-draft-tokens", "4", "--enable-multi-layer-eagle"]
+MAPPING = {"low": 8, "medium": 24}
+
+
+@pytest.fixture(scope="module")
+def served_mtp(trained_dir):
+    from sglang_step35.server import SGLangServer
+
+    server = SGLangServer(
+        str(trained_dir),
+        ["--device", "cpu", "--dtype", "float32", "--max-total-tokens", "4096",
+         "--reasoning-parser", "step3p5", "--tool-call-parser", "step3p5", *MTP3],
+        env={ENV: ",".join(f"{k}={v}" for k, v in MAPPING.items())},
+    )
+    server.start()
+    yield server
+    server.stop()
+
+
+def _ask(server, stream=False, **kw):
+    client = OpenAI(base_url=server.base_url + "/v1", api_key="none")
+    request = dict(model="tiny", messages=[{"role": "user", "content": read_gsm8k("test")[0]["question"]}],
+                   max_tokens=256, temperature=0, **kw)
+    if stream:
+        return _collect(client.chat.completions.create(stream=True, **request))
+    r = client.chat.completions.create(**request)
+    msg = r.choices[0].message
+    return {"reasoning": msg.model_extra.get("reasoning_content") or "", "content": msg.content or "",
+            "finish_reason": r.choices[0].finish_reason}
+
+
+def _n_tokens(trained_dir, text):
+    return len(AutoTokenizer.from_pretrained(str(trained_dir)).encode(text, add_special_tokens=False))
+
+
+def _assert_capped(trained_dir, free, capped, budget):
+    # At most the budget, cut from the model's own reasoning, then an answer that ends by itself.
+    assert _n_tokens(trained_dir, capped["reasoning"]) <= budget, capped
+    assert free["reasoning"].startswith(capped["reasoning"])
+    assert capped["content"].strip() and "</think>" not in capped["content"], capped
+    assert capped["finish_reason"] == "stop"
+
+
+def test_effort_and_thinking_budget_cap_reasoning_with_mtp(served_mtp, trained_dir):
+    info = requests.get(served_mtp.base_url + "/get_server_info", timeout=30).json()
+    assert info["speculative_algorithm"] == "EAGLE" and not info["enable_custom_logit_processor"]
+    free = _ask(served_mtp)
+    assert _n_tokens(trained_dir, free["reasoning"]) > max(MAPPING.values()) + 8
+    # No field and an uncapped tier change nothing.
+    assert _ask(served_mtp, reasoning_effort="high") == free
+    assert _ask(served_mtp, stream=True)["reasoning"] == free["reasoning"]
+    cases = [({"reasoning_effort": "low"}, MAPPING["low"]), ({"reasoning_effort": "medium"}, MAPPING["medium"]),
+             ({"extra_body": {"chat_template_kwargs": {"thinking_budget": 16}}}, 16),
+             # SGLang's numeric effort, scaled by the default "numeric" budget (8192).
+             ({"extra_body": {"reasoning_effort": 0.002}}, 16)]
+    for kw, budget in cases:
+        capped = _ask(served_mtp, **kw)
+        _assert_capped(trained_dir, free, capped, budget)
+        streamed = _ask(served_mtp, stream=True, **kw)
+        assert (streamed["reasoning"], streamed["content"]) == (capped["reasoning"], capped["content"]), kw
+        assert streamed["finish_reason"] == "stop"
+
+
+def test_bad_thinking_budget_is_refused_by_name(served_mtp):
+    with pytest.raises(openai.BadRequestError, match="chat_template_kwargs.thinking_budget must be an integer"):
+        _ask(served_mtp, extra_body={"chat_template_kwargs": {"thinking_budget": "many"}})
+
+
+def test_thinking_budget_without_mtp(served_trained, trained_dir):
+    free = _ask(served_trained)
+    capped = _ask(served_trained, extra_body={"chat_template_kwargs": {"thinking_budget": 8}})
+    _assert_capped(trained_dir, free, capped, 8)
+    streamed = _ask(served_trained, stream=True, extra_body={"chat_template_kwargs": {"thinking_budget": 8}})
+    assert (streamed["reasoning"], streamed["content"]) == (capped["reasoning"], capped["content"])
