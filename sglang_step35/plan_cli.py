@@ -3,8 +3,8 @@
 
 Exit status: 0 for a feasible plan, 2 for an infeasible one (the reason and the nearest feasible
 plans are printed instead of a command). ``--json`` prints :meth:`Plan.to_dict` instead of text.
-The lead wires :func:`add_plan_parser` / :func:`run_plan` into the ``step35`` CLI;
-``python -m sglang_step35.plan_cli`` runs it standalone.
+``step35 plan`` (sglang_step35/cli.py) calls :func:`add_plan_parser` / :func:`run_plan`;
+``python -m sglang_step35.plan_cli`` runs the same standalone.
 """
 
 from __future__ import annotations

@@ -25,7 +25,6 @@ def _write(tmp_path, cfg):
 
 LOAD_WITH_SGLANG = """
 import sys
-{register}
 from sglang.srt.utils.hf_transformers.config import get_config
 c = get_config(sys.argv[1], trust_remote_code=False)
 print(type(c).__module__, c.num_attention_heads, len(c.layer_types), len(c.swiglu_limits), c.num_hidden_layers)
@@ -33,21 +32,22 @@ print(type(c).__module__, c.num_attention_heads, len(c.layer_types), len(c.swigl
 
 
 def test_real_flash_config_loads_unedited_through_sglang(real_cfg, tmp_path):
-    path = _write(tmp_path, real_cfg)
-    code = LOAD_WITH_SGLANG.format(register="from sglang_step35.plugin import register; register()")
-    out = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    module, heads, n_types, n_limits, n_layers = out.stdout.split()[-5:]
-    assert module == "sglang_step35.config"
+    # In this process: register() is idempotent and what every SGLang process runs first.
+    from sglang.srt.utils.hf_transformers.config import get_config
+
+    from sglang_step35.plugin import register
+
+    register()
+    c = get_config(_write(tmp_path, real_cfg), trust_remote_code=False)
+    assert type(c).__module__ == "sglang_step35.config"
     # 48-entry per-layer lists (45 + 3 MTP) are kept whole, not cropped to 45 (vllm #40000).
-    assert (int(heads), int(n_types), int(n_limits), int(n_layers)) == (64, 48, 48, 45)
+    assert (c.num_attention_heads, len(c.layer_types), len(c.swiglu_limits), c.num_hidden_layers) == (64, 48, 48, 45)
 
 
 def test_without_our_plugin_transformers_clash_breaks_sglang_loader(real_cfg, tmp_path):
     # Documents why the fix exists: SGLang 0.5.23 + transformers 5.19 alone cannot read the config.
     path = _write(tmp_path, real_cfg)
-    code = LOAD_WITH_SGLANG.format(register="")
-    out = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, timeout=300,
+    out = subprocess.run([sys.executable, "-c", LOAD_WITH_SGLANG, path], capture_output=True, text=True, timeout=300,
                          env={"SGLANG_PLUGINS": "none", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
     assert out.returncode != 0
     assert "AmbiguousGlobalPerLayerAttributeError" in out.stderr
