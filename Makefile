@@ -82,3 +82,23 @@ mtp-bench: setup
 ## GPU_CHECK_ARGS for more (e.g. GPU_CHECK_ARGS='--server-args="--tp 4 --ep 4"').
 gpu-check: setup
 	$(BIN)/python bench/gpu_check.py $(if $(DEVICE),--device $(DEVICE)) $(GPU_CHECK_ARGS)
+
+# The GPU check for the borrowed GPU machine (docs/benchmarks.md "GPU check on the borrowed machine").
+.PHONY: gpu-bundle gpu-check-here gpu-emulate
+GPU_HERE_ARGS ?=
+
+## Pack what travels to the borrowed GPU machine into build/gpu-bundle (SGLang 0.5.23's pure-Python sources
+## from its wheel, the wheels its kernel modules need that the image lacks); checks tree + bundle <= 64 MiB
+## and prints the device tool's run command and carry list.
+gpu-bundle: setup
+	$(BIN)/python scripts/prepare_gpu_bundle.py
+
+## The check itself (bench/gpu_check_here.py): on that machine `python3 bench/gpu_check_here.py --bundle require`;
+## here DEVICE=cpu runs it at tiny widths under the Triton interpreter. GPU_HERE_ARGS for more (e.g. --steps moe).
+gpu-check-here: setup
+	$(BIN)/python bench/gpu_check_here.py $(if $(DEVICE),--device $(DEVICE)) $(GPU_HERE_ARGS)
+
+## Emulate that machine's image (Python 3.12 venv with torch 2.11.0, triton 3.6.0, transformers 5.17.0 from PyPI,
+## only the image's packages, no SGLang) and run the tiny check from the bundle in it (large install: not in `make test`).
+gpu-emulate: gpu-bundle
+	$(BIN)/python scripts/gpu_emulate.py
