@@ -74,9 +74,7 @@ def test_a_step_that_fails_or_overruns_says_why_and_the_rest_go_on(tmp_path, mon
     for name, fn in (("build_write", build), ("reference_serve", serve), ("timing_ours", timing),
                      ("mtp_plain", slow), ("layers_replay", layers), ("kernels_bench", kernels)):
         monkeypatch.setattr(check, f"part_{name}", fn)
-    t0 = time.perf_counter()
     check.run()
-    assert time.perf_counter() - t0 < 15  # the 30 s sleep was cut at its 1 s budget
     assert ran == ["build", "serve", "timing", "slow", "layers", "kernels"]
     r = check.results
     assert r["build"]["status"] == "pass"
@@ -84,40 +82,44 @@ def test_a_step_that_fails_or_overruns_says_why_and_the_rest_go_on(tmp_path, mon
     assert r["timing"]["status"] == "cannot run"
     assert "server ours did not start" in r["timing"]["parts"]["ours"]["why"]
     assert r["mtp"]["status"] == "timeout" and "budget of 1 s" in r["mtp"]["parts"]["plain"]["why"]
+    assert r["mtp"]["parts"]["plain"]["seconds"] < 30  # the 30 s sleep was cut, not waited out
     assert r["layers"]["status"] == "measured"
     assert r["kernels"]["status"] == "error" and "ValueError: boom" in r["kernels"]["parts"]["bench"]["why"]
     assert all(r[s]["parts"][p]["seconds"] >= 0 for s in r for p in r[s]["parts"])
     assert r["fp8"]["status"] == "skipped" and r["fp8"]["parts"] == {}  # no part of it in this list
 
 
+# The smoke serves one checkpoint: the steps whose servers other tests already start on CPU are left to
+# them (built-in vs reference: test_parity_served.py; MTP-3 = plain: test_mtp.py, test_trained_model.py;
+# FP8 served dequantized: test_weights_loading.py; timing is a measurement, no claim on CPU). What
+# only this smoke covers: the real-width checkpoint writer (shrunk) served by `sglang serve` and
+# compared with the reference by the script's own code, the layer-replay worker and bench/kernels.py.
+SMOKE_STEPS = ["build", "reference", "layers", "kernels"]
+
+
 @pytest.mark.server
-def test_cpu_smoke_runs_every_step_end_to_end(tmp_path):
-    """`bench/gpu_check.py --device cpu`: every step at tiny widths through real `sglang serve --device cpu`
-    processes (ours, built-in, MTP-3, FP8), the reference, the layer replay worker and bench/kernels.py.
-    --budget-scale 4: the shared 2-core CI machine starts a CPU server in 30-90 s."""
+def test_cpu_smoke_runs_its_steps_end_to_end(tmp_path):
+    """`bench/gpu_check.py --device cpu --steps build,reference,layers,kernels`: the real-width writer at
+    CPU size, one real `sglang serve --device cpu` of our class against the reference (with teeth), the
+    layer replay worker and bench/kernels.py. --budget-scale 4: the shared 2-core CI machine starts a
+    CPU server in 30-90 s."""
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cpu",
-                        "--ckpt-dir", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"), "--budget-scale", "4"],
+                        "--ckpt-dir", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"), "--budget-scale", "4",
+                        "--steps", ",".join(SMOKE_STEPS)],
                        capture_output=True, text=True, timeout=1500)
     report = json.loads((tmp_path / "out" / "gpu_check_cpu.json").read_text())
     steps = report["steps"]
     status = {s: steps[s]["status"] for s in gpu_check.STEPS}
     assert r.returncode == 0, (status, r.stdout[-4000:], r.stderr[-3000:])
-    assert status == {"build": "pass", "reference": "pass", "builtin": "pass", "mtp": "pass", "fp8": "pass",
-                      "timing": "measured", "layers": "measured", "kernels": "measured"}
+    assert status == {"build": "pass", "reference": "pass", "builtin": "skipped", "mtp": "skipped",
+                      "fp8": "skipped", "timing": "skipped", "layers": "measured", "kernels": "measured"}
     ref = steps["reference"]["parts"]["compare"]
     assert ref["spec"]["decode_max"] <= 1e-4 and ref["spec"]["prefill_max"] <= 1e-4 and ref["greedy_equal_reference"]
     assert ref["sharp"] == {"window_off": True, "no_routed_clamp": True}  # the comparison has teeth
-    assert steps["builtin"]["parts"]["ours"]["status"] == "skipped"  # GPU only
-    assert steps["builtin"]["parts"]["reference"]["equal_prompts"] == 4
-    mtp = steps["mtp"]["parts"]["mtp3"]
-    assert mtp["verify_steps"] > 0 and mtp["accept_length"] > 1.0 and mtp["equal_prompts"] == mtp["of"]
-    assert steps["fp8"]["parts"]["fp8"]["our_class"]
-    assert set(steps["timing"]["parts"]["ours"]["ratio_ours_over_builtin"]) == {"b1", "b2", "b4"}
     layers = steps["layers"]["parts"]["replay"]
     assert layers["copy_gbps"] > 0 and [x["kind"] for x in layers["layers"]][-1] == "moe/full/clamp"
     assert {x["op"] for x in steps["kernels"]["parts"]["bench"]["rows"]} == {"swiglu_clamp", "head_gate", "router"}
-    for key in ("ours", "builtin", "mtp3", "fp8"):
-        assert report["servers"][key]["seconds"] > 0
+    assert set(report["servers"]) == {"ours"} and report["servers"]["ours"]["seconds"] > 0
     for s in gpu_check.STEPS:  # the stdout table: one line per step with its seconds and budget
         assert any(line.startswith(s) for line in r.stdout.splitlines()), s
     print(f"CPU smoke: {report['total_seconds']} s; " + ", ".join(f"{k} up in {v['seconds']} s"
