@@ -3,11 +3,26 @@
 The single description of the real layout (stacked routed experts [E, I, H] / [E, H, I], fp32 router
 bias, MTP layers after the main ones): the tiny builder writes exactly these tensors and the weight
 loader checks against them. No SGLang import, so it is cheap to use from the CLI and tests.
+`LAYER_RE` is the package's one pattern for a decoder layer's tensor name (layer index, rest).
+Which of our parameters each tensor feeds is the models' business: the naming tables sit next to
+`load_weights` in models/step3p5.py (shared by the MTP draft).
 """
 
 from __future__ import annotations
 
+import re
+from typing import Optional
+
 from sglang_step35.config import cfg_get, layer_spec
+
+# `model.layers.{i}.{rest}`: main and MTP layers alike (MTP layers are numbered after the main ones).
+LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
+
+
+def layer_index(name: str) -> Optional[int]:
+    """Decoder layer index of checkpoint tensor / parameter `name`, or None outside the layers."""
+    m = LAYER_RE.match(name)
+    return int(m.group(1)) if m else None
 
 
 def checkpoint_shapes(cfg, include_mtp: bool = True) -> dict[str, tuple[int, ...]]:

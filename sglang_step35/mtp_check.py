@@ -4,10 +4,10 @@ Step3p5MTP): does the checkpoint have the MTP layers `--speculative-num-steps` a
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Iterable, Optional
 
+from sglang_step35.checkpoint import layer_index
 from sglang_step35.config import cfg_get
 
 
@@ -21,13 +21,7 @@ def num_mtp_layers(cfg) -> int:
 
 def mtp_layer_ids_in_names(names: Iterable[str], num_hidden_layers: int) -> set[int]:
     """Indices >= num_hidden_layers that have at least one tensor (any nesting) among `names`."""
-    found = set()
-    pat = re.compile(r"^model\.layers\.(\d+)\.")
-    for name in names:
-        m = pat.match(name)
-        if m and int(m.group(1)) >= num_hidden_layers:
-            found.add(int(m.group(1)))
-    return found
+    return {i for i in map(layer_index, names) if i is not None and i >= num_hidden_layers}
 
 
 def checkpoint_tensor_names(model_dir) -> Optional[list[str]]:

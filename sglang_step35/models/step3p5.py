@@ -44,6 +44,7 @@ from sglang.srt.models.utils import WeightsMapper
 from sglang.srt.utils import add_prefix, make_layers
 
 from sglang_step35 import ops
+from sglang_step35.checkpoint import layer_index
 from sglang_step35.attention import model_radix_sliding_window_size, model_runner_sliding_window_size
 from sglang_step35.config import LayerSpec, layer_spec, validate
 from sglang_step35.models.weights import cpu_fp8_fallback, load_step3p5_weights
@@ -198,20 +199,6 @@ class Step35Model(nn.Module):
 
 
 class Step3p5ForCausalLM(nn.Module):
-    # A quantization_config names the modules it keeps unquantized (modules_to_not_convert /
-    # ignored_layers) as the checkpoint does; SGLang's loader maps those names with this before
-    # matching them against our module prefixes (model_loader/loader.py, apply_weight_name_mapper).
-    # The checkpoint's `share_expert` lives under our `moe`; its stacked expert tensors feed
-    # `moe.experts`. The identity entry keeps a name already in our form from being mapped twice
-    # (SGLang applies the longest matching substring only).
-    hf_to_sglang_mapper = WeightsMapper(orig_to_new_substr={
-        ".moe.share_expert": ".moe.share_expert",
-        ".share_expert": ".moe.share_expert",
-        ".moe.gate_proj": ".moe.experts",
-        ".moe.up_proj": ".moe.experts",
-        ".moe.down_proj": ".moe.experts",
-    })
-
     def __init__(self, config, quant_config: Optional[QuantizationConfig] = None, prefix: str = ""):
         super().__init__()
         validate(config, tp_size=get_parallel().attn_tp_size)
@@ -285,6 +272,49 @@ class Step3p5ForCausalLM(nn.Module):
         return self.logits_processor(
             input_ids, hidden, self.lm_head, forward_batch, hidden_states_before_norm=pre_norm
         )
+
+    # Checkpoint names -------------------------------------------------------------------------
+    # The naming tables of a Step-3.5 checkpoint, next to load_weights as in SGLang's qwen3_moe.py;
+    # Step3p5MTP uses the same ones. The loader (models/weights.py) derives what a checkpoint must
+    # hold from these and the module tree SGLang built; shapes come from sglang_step35.checkpoint.
+    #
+    # Our parameter suffix (within a decoder layer) -> the checkpoint tensors that feed it, as
+    # (checkpoint suffix, shard id). Shard ids are those SGLang's fused layers take: "q"/"k"/"v" for
+    # QKVParallelLinear, 0/1 for MergedColumnParallelLinear, "w1"/"w3"/"w2" for FusedMoE (whose
+    # checkpoint tensors are stacked [E, ...] and loaded expert by expert). Unlisted parameters are
+    # loaded from the tensor of the same name.
+    stacked_params_mapping: dict[str, list[tuple[str, Union[str, int, None]]]] = {
+        "self_attn.qkv_proj.weight": [
+            ("self_attn.q_proj.weight", "q"), ("self_attn.k_proj.weight", "k"), ("self_attn.v_proj.weight", "v")],
+        "mlp.gate_up_proj.weight": [("mlp.gate_proj.weight", 0), ("mlp.up_proj.weight", 1)],
+        "moe.share_expert.gate_up_proj.weight": [
+            ("share_expert.gate_proj.weight", 0), ("share_expert.up_proj.weight", 1)],
+        "moe.share_expert.down_proj.weight": [("share_expert.down_proj.weight", None)],
+        "moe.experts.w13_weight": [("moe.gate_proj.weight", "w1"), ("moe.up_proj.weight", "w3")],
+        "moe.experts.w2_weight": [("moe.down_proj.weight", "w2")],
+    }
+    # A quantization_config names the modules it keeps unquantized (modules_to_not_convert /
+    # ignored_layers) as the checkpoint does; SGLang's loader maps those names with this before
+    # matching them against our module prefixes (model_loader/loader.py, apply_weight_name_mapper).
+    # The checkpoint's `share_expert` lives under our `moe`; its stacked expert tensors feed
+    # `moe.experts`. The identity entry keeps a name already in our form from being mapped twice
+    # (SGLang applies the longest matching substring only).
+    hf_to_sglang_mapper = WeightsMapper(orig_to_new_substr={
+        ".moe.share_expert": ".moe.share_expert",
+        ".share_expert": ".moe.share_expert",
+        ".moe.gate_proj": ".moe.experts",
+        ".moe.up_proj": ".moe.experts",
+        ".moe.down_proj": ".moe.experts",
+    })
+    # Checkpoint tensors outside the decoder layers, by the pipeline stage that holds them.
+    first_stage_tensors = ("model.embed_tokens.weight",)
+    last_stage_tensors = ("model.norm.weight", "lm_head.weight")
+
+    def checkpoint_name(self, pname: str) -> tuple[str, str]:
+        """Our parameter -> (checkpoint prefix, suffix): decoder layers keep the checkpoint's
+        `model.layers.{i}.`, everything else is named as in the checkpoint."""
+        i = layer_index(pname)
+        return (f"model.layers.{i}.", pname[len(f"model.layers.{i}."):]) if i is not None else ("", pname)
 
     def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]) -> None:
         load_step3p5_weights(self, weights)

@@ -41,7 +41,7 @@ from sglang.srt.utils import add_prefix
 
 from sglang_step35.config import SLIDING, cfg_get
 from sglang_step35.mtp_check import Step35MTPError, check_mtp_request
-from sglang_step35.models.step3p5 import Step35DecoderLayer
+from sglang_step35.models.step3p5 import Step35DecoderLayer, Step3p5ForCausalLM
 from sglang_step35.attention import model_runner_sliding_window_size
 from sglang_step35.checkpoint import checkpoint_shapes
 from sglang_step35.models.weights import (
@@ -54,16 +54,6 @@ from sglang_step35.models.weights import (
 )
 
 logger = logging.getLogger(__name__)
-
-# Tensors of an MTP layer outside its decoder block (checkpoint suffix -> our parameter name).
-MTP_HEAD_PARAMS = {
-    "enorm.weight": "enorm.weight",
-    "hnorm.weight": "hnorm.weight",
-    "eh_proj.weight": "eh_proj.weight",
-    "shared_head.norm.weight": "shared_head_norm.weight",
-    "shared_head.output.weight": "shared_head_head.weight",
-}
-
 
 class Step3p5MTP(nn.Module):
     """MTP layer `draft_model_idx` of a Step-3.5 checkpoint as a standalone draft model."""
@@ -177,15 +167,26 @@ class Step3p5MTP(nn.Module):
             input_ids, self.shared_head_norm(y), self.shared_head_head, forward_batch, hidden_states_before_norm=y
         )
 
-    # Weights ------------------------------------------------------------------------------------
-    def _checkpoint_name(self, pname: str):
+    # Checkpoint names ---------------------------------------------------------------------------
+    # The main model's table (one table): the draft's decoder layer is a Step35DecoderLayer.
+    stacked_params_mapping = Step3p5ForCausalLM.stacked_params_mapping
+    # Our parameters outside the decoder layer -> their checkpoint suffix within the MTP layer.
+    head_params = {
+        "enorm.weight": "enorm.weight",
+        "hnorm.weight": "hnorm.weight",
+        "eh_proj.weight": "eh_proj.weight",
+        "shared_head_norm.weight": "shared_head.norm.weight",
+        "shared_head_head.weight": "shared_head.output.weight",
+    }
+
+    def checkpoint_name(self, pname: str) -> tuple[str, str]:
         """Our parameter -> (checkpoint prefix, suffix): see models/weights.py."""
         if pname == "embed_tokens.weight":
             return "model.", pname
         layer = f"model.layers.{self.layer_index}."
         if pname.startswith("layer."):
             return layer, pname[len("layer."):]
-        return layer, _HEAD_SOURCE[pname]
+        return layer, self.head_params[pname]
 
     def _normalised(self, weights):
         """The checkpoint stream with `model.layers.{L}.transformer.` nesting removed; the layer's own
@@ -212,10 +213,10 @@ class Step3p5MTP(nn.Module):
         layer = f"model.layers.{L}."
         cfg = checkpoint_view(self.config)
         layout = {k: v for k, v in checkpoint_shapes(cfg).items() if k.startswith(layer) or k == "model.embed_tokens.weight"}
-        sources = checkpoint_sources(self, layout, self._checkpoint_name)
+        sources = checkpoint_sources(self, layout, self.checkpoint_name)
         rep = load_checkpoint(
             self, self._normalised(weights), sources, skip=lambda name: not name.startswith(layer),
-            kv_scales=kv_scale_targets(self, self._checkpoint_name),
+            kv_scales=kv_scale_targets(self, self.checkpoint_name),
         )
         if not any(name.startswith(layer) for name in [*rep.seen, *rep.unexpected]):
             raise Step35MTPError(
@@ -227,10 +228,6 @@ class Step3p5MTP(nn.Module):
         lines = rep.problems(sources, dict(self.named_parameters()), allow_missing=["shared_head_head.weight"])
         if lines:
             raise Step35WeightError("\n".join([f"MTP layer model.layers.{L} does not match config.json:", *lines]))
-
-
-# Our head parameter -> its checkpoint suffix within the MTP layer.
-_HEAD_SOURCE = {ours: ckpt for ckpt, ours in MTP_HEAD_PARAMS.items()}
 
 
 EntryClass = Step3p5MTP

@@ -2,8 +2,9 @@
 
 What a checkpoint must hold is derived from the module tree that SGLang built, with whatever
 quantization method it chose per module, not from a fixed table of BF16 names: each parameter names
-the checkpoint tensors that feed it (`PARAM_SOURCES`, the one naming table), and a parameter's
-quantization shows in the tree itself. Under SGLang's block `Fp8Config` a quantized linear or MoE
+the checkpoint tensors that feed it (the model class's `stacked_params_mapping`, next to its
+`load_weights` in models/step3p5.py and shared by the MTP draft), and a parameter's quantization
+shows in the tree itself. Under SGLang's block `Fp8Config` a quantized linear or MoE
 has an FP8 `weight` plus a `weight_scale_inv` parameter, so its checkpoint tensors are the FP8
 weight and `<weight>_scale_inv` with one fp32 scale per block; a module the checkpoint's
 `quantization_config` keeps unquantized (`modules_to_not_convert` / `ignored_layers`, matched by
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional, Sequence, Tuple, Union
 
@@ -35,7 +35,7 @@ import torch
 from sglang.srt.model_loader.weight_utils import default_weight_loader, maybe_remap_kv_scale_name
 
 from sglang_step35 import fp8
-from sglang_step35.checkpoint import checkpoint_shapes
+from sglang_step35.checkpoint import checkpoint_shapes, layer_index
 
 logger = logging.getLogger(__name__)
 
@@ -44,25 +44,8 @@ class Step35WeightError(ValueError):
     """The checkpoint does not match the config; the message lists each tensor and shape."""
 
 
-# Our parameter suffix (within a decoder layer) -> the checkpoint tensors that feed it, as
-# (checkpoint suffix, shard id). Shard ids are those SGLang's fused layers take: "q"/"k"/"v" for
-# QKVParallelLinear, 0/1 for MergedColumnParallelLinear, "w1"/"w3"/"w2" for FusedMoE (whose
-# checkpoint tensors are stacked [E, ...] and loaded expert by expert). Unlisted parameters are
-# loaded from the tensor of the same name.
-PARAM_SOURCES: dict[str, list[tuple[str, Union[str, int, None]]]] = {
-    "self_attn.qkv_proj.weight": [
-        ("self_attn.q_proj.weight", "q"), ("self_attn.k_proj.weight", "k"), ("self_attn.v_proj.weight", "v")],
-    "mlp.gate_up_proj.weight": [("mlp.gate_proj.weight", 0), ("mlp.up_proj.weight", 1)],
-    "moe.share_expert.gate_up_proj.weight": [
-        ("share_expert.gate_proj.weight", 0), ("share_expert.up_proj.weight", 1)],
-    "moe.share_expert.down_proj.weight": [("share_expert.down_proj.weight", None)],
-    "moe.experts.w13_weight": [("moe.gate_proj.weight", "w1"), ("moe.up_proj.weight", "w3")],
-    "moe.experts.w2_weight": [("moe.down_proj.weight", "w2")],
-}
 _EXPERT_SHARDS = ("w1", "w2", "w3")
 _KV_SCALE_SUFFIXES = (".k_scale", ".v_scale", ".kv_scale")
-
-LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 
 
 @dataclass(frozen=True)
@@ -135,8 +118,10 @@ def checkpoint_sources(
     """Checkpoint tensor name -> Source, for every parameter of `model` that must be loaded.
 
     `checkpoint_name(param_name)` gives (checkpoint prefix, parameter suffix within it), or None for a
-    parameter that is not loaded from the checkpoint here. `layout` gives each BF16 checkpoint
-    tensor's full shape; scale shapes follow from it and the module's block size."""
+    parameter that is not loaded from the checkpoint here; the suffix is looked up in the model's
+    `stacked_params_mapping` (unlisted: the tensor of the same name). `layout` gives each BF16
+    checkpoint tensor's full shape; scale shapes follow from it and the module's block size."""
+    mapping = model.stacked_params_mapping
     modules = dict(model.named_modules())
     sources: dict[str, Source] = {}
     for pname, param in model.named_parameters():
@@ -148,7 +133,7 @@ def checkpoint_sources(
         ckpt_prefix, suffix = where
         is_scale = suffix.endswith(fp8.SCALE_SUFFIX)
         weight_suffix = suffix[: -len(fp8.SCALE_SUFFIX)] if is_scale else suffix
-        feeds = PARAM_SOURCES.get(weight_suffix, [(weight_suffix, None)])
+        feeds = mapping.get(weight_suffix, [(weight_suffix, None)])
         owner = modules[pname.rsplit(".", 1)[0]] if "." in pname else model
         for ckpt_suffix, shard in feeds:
             base = ckpt_prefix + ckpt_suffix
@@ -336,33 +321,24 @@ def load_checkpoint(
     return rep
 
 
-def _main_checkpoint_name(pname: str) -> Optional[tuple[str, str]]:
-    m = LAYER_RE.match(pname)
-    return (f"model.layers.{m.group(1)}.", m.group(2)) if m else ("", pname)
-
-
 def _is_mtp_tensor(name: str, n: int, m: int) -> bool:
     """Tensors of the `m` MTP layers stored after the `n` main ones (Step3p5MTP loads them)."""
-    match = LAYER_RE.match(name)
-    return match is not None and n <= int(match.group(1)) < n + m
+    i = layer_index(name)
+    return i is not None and n <= i < n + m
 
 
-# Checkpoint tensors outside the decoder layers, by the pipeline stage that holds them.
-FIRST_STAGE_TENSORS = ("model.embed_tokens.weight",)
-LAST_STAGE_TENSORS = ("model.norm.weight", "lm_head.weight")
-
-
-def other_stage_tensor(name: str, n: int, start: int, end: int, first: bool, last: bool) -> bool:
+def other_stage_tensor(name: str, n: int, start: int, end: int, first: bool, last: bool,
+                       first_stage_tensors: Sequence[str], last_stage_tensors: Sequence[str]) -> bool:
     """Whether checkpoint tensor `name` belongs to another pipeline stage than the one holding main
-    layers [start, end) (first / last: whether it is the first / last stage). Such tensors are
+    layers [start, end) (first / last: whether it is the first / last stage; the model class names
+    the tensors outside the layers that each of those stages holds). Such tensors are
     skipped here and checked by the stage that owns them; everything else, including any stray name
     inside this stage's layers, is this stage's to load or to report."""
-    match = LAYER_RE.match(name)
-    if match is not None:
-        i = int(match.group(1))
+    i = layer_index(name)
+    if i is not None:
         return i < n and not start <= i < end
     base = name[: -len(fp8.SCALE_SUFFIX)] if name.endswith(fp8.SCALE_SUFFIX) else name
-    return (base in FIRST_STAGE_TENSORS and not first) or (base in LAST_STAGE_TENSORS and not last)
+    return (base in first_stage_tensors and not first) or (base in last_stage_tensors and not last)
 
 
 def load_step3p5_weights(model: torch.nn.Module, weights: Iterable[Tuple[str, torch.Tensor]]) -> None:
@@ -370,15 +346,16 @@ def load_step3p5_weights(model: torch.nn.Module, weights: Iterable[Tuple[str, to
     Step3p5MTP. Under pipeline parallelism each stage loads (and checks) only its own tensors."""
     cfg = checkpoint_view(model.config)
     n, m = cfg.num_hidden_layers, int(getattr(cfg, "num_nextn_predict_layers", 0) or 0)
-    sources = checkpoint_sources(model, checkpoint_shapes(cfg, include_mtp=False), _main_checkpoint_name)
+    sources = checkpoint_sources(model, checkpoint_shapes(cfg, include_mtp=False), model.checkpoint_name)
     start, end = model.start_layer, model.end_layer
     pp = model.pp_group
     first, last = pp.is_first_rank, pp.is_last_rank
 
     # Other stages' tensors leave the stream before loading (and before any FP8 dequantization).
-    mine = ((k, t) for k, t in weights if not other_stage_tensor(k, n, start, end, first, last))
+    firsts, lasts = model.first_stage_tensors, model.last_stage_tensors
+    mine = ((k, t) for k, t in weights if not other_stage_tensor(k, n, start, end, first, last, firsts, lasts))
     rep = load_checkpoint(model, mine, sources, skip=lambda name: _is_mtp_tensor(name, n, m),
-                          kv_scales=kv_scale_targets(model, _main_checkpoint_name))
+                          kv_scales=kv_scale_targets(model, model.checkpoint_name))
     lines = rep.problems(sources, dict(model.named_parameters()))
     if lines:
         where = "" if pp.world_size == 1 else (
