@@ -133,6 +133,24 @@ def test_glued_prose_and_near_names_stay_text():
         assert every_way(text) == (text, []), text
 
 
+def test_whitespace_before_glued_prose_after_a_block_stays_content():
+    # "<function" opens a tag only as "<function=", "<function " or a declared name glued to it:
+    # the newline between a block and "<functional" prose is content, as before this recovery.
+    block = SHAPES["glued_name"][0]
+    assert every_way(block + "\n<functional prose") == ("\n<functional prose", [("bash", '{"command": "pwd"}')])
+    assert every_way(block + "\n" + block)[0] == ""  # between two blocks it is format
+
+
+def test_forwarded_unknown_tools_stay_chunking_invariant(monkeypatch):
+    # SGLANG_FORWARD_UNKNOWN_TOOLS with no tools declared: a chunk ending at "<function" after a
+    # block must not decide whether the whitespace before it is format.
+    from sglang_step35.parsers import tool_call
+
+    monkeypatch.setattr(tool_call, "_forward_unknown_tools", lambda: True)
+    text = "<function=g>\n<parameter=a>\n1\n</parameter>\n</function>\n</tool_call>\n<function=h>\n</function>"
+    assert every_way(text, tools=[]) == ("", [("g", '{"a": "1"}'), ("h", "{}")])
+
+
 def test_tag_like_text_inside_values_stays_verbatim():
     value = "grep '<functionbash>' log && echo '<function=bash' &&\n<functionget_weather>"
     text = f"<tool_call>\n<function=bash\n<parameter=command\n{value}\n</parameter>\n</function>\n</tool_call>"

@@ -69,12 +69,11 @@ def test_effort_and_thinking_budget_cap_reasoning_with_mtp(served_mtp, trained_d
     assert info["speculative_algorithm"] == "EAGLE" and not info["enable_custom_logit_processor"]
     free = _ask(served_mtp)
     assert _n_tokens(trained_dir, free["reasoning"]) > max(MAPPING.values()) + 8
-    # No field and an uncapped tier change nothing.
+    # An uncapped tier changes nothing: the same output as no field.
     assert _ask(served_mtp, reasoning_effort="high") == free
-    assert _ask(served_mtp, stream=True)["reasoning"] == free["reasoning"]
-    cases = [({"reasoning_effort": "low"}, MAPPING["low"]), ({"reasoning_effort": "medium"}, MAPPING["medium"]),
+    cases = [({"reasoning_effort": "low"}, MAPPING["low"]),
              ({"extra_body": {"chat_template_kwargs": {"thinking_budget": 16}}}, 16),
-             # SGLang's numeric effort, scaled by the default "numeric" budget (8192).
+             # SGLang's numeric effort, scaled by the default "numeric" budget (8192): 0.002 -> 16.
              ({"extra_body": {"reasoning_effort": 0.002}}, 16)]
     for kw, budget in cases:
         capped = _ask(served_mtp, **kw)

@@ -259,10 +259,11 @@ class CallScanner:
             rest = buf.lstrip()
             if not rest and not final:
                 return False
-            if not rest or _opener_at(rest, _NORMAL_TRIGGERS):
-                buf = self.pending = rest  # whitespace between or after blocks is format
-            elif not final and _is_partial(rest, _NORMAL_TRIGGERS):
+            starts = self._starts_tag(rest, final) if rest else True
+            if starts is None:
                 return False
+            if starts:
+                buf = self.pending = rest  # whitespace between or after blocks is format
             self.after_block = False
         pos, tag = find_first(buf, _NORMAL_TRIGGERS)
         if tag is None:
@@ -275,6 +276,23 @@ class CallScanner:
         self.block_raw = tag
         self.state = _BLOCK if tag == TOOL_OPEN else _FUNC_NAME
         return True
+
+    def _starts_tag(self, rest: str, final: bool) -> Optional[bool]:
+        """Whether ``rest`` starts with a tag (None: not known before more text comes).
+
+        Prose like "<functional" is not one: the whitespace before it stays content.
+        """
+        if rest.startswith((TOOL_OPEN,) + tuple(FUNC_TAG + sep for sep in FUNC_SEPARATORS)):
+            return True
+        if rest.startswith(FUNC_TAG):
+            tail = rest[len(FUNC_TAG):]
+            if not tail:  # the next character may still be "=" or " "
+                return False if final else None
+            end = _name_end(tail)
+            if end == -1:
+                return None if not final and any(n.startswith(tail) for n in self.tools) else False
+            return tail[end] in ">\n" and tail[:end] in self.tools
+        return None if not final and _is_partial(rest, _NORMAL_TRIGGERS) else False
 
     def _abandon_markup(self) -> bool:
         """The consumed markup is not a call after all: it goes back out as text."""
