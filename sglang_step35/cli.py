@@ -1,4 +1,4 @@
-"""`step35` command line: tiny checkpoints, the end-to-end demo, deployment planning."""
+"""`step35` command line: tiny checkpoints, the end-to-end demo, deployment planning, the doctor."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from sglang_step35.doctor import add_doctor_parser
 from sglang_step35.plan_cli import add_plan_parser
 
 DEFAULT_TINY_DIR = Path.home() / ".cache" / "sglang-step35" / "tiny-seed0"
@@ -167,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     add_plan_parser(sub)
+    add_doctor_parser(sub)
     return p
 
 

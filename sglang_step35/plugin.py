@@ -332,6 +332,8 @@ class Step35RegistrationError(SystemExit):
 
 
 _registration_error: Optional[Step35RegistrationError] = None
+# What register() did in this process, for `step35 doctor` (sglang_step35/touchpoints.py reads it).
+registration: dict = {}
 
 
 def register() -> None:
@@ -351,7 +353,9 @@ def register() -> None:
         _install_server_policy()
         _install_config()
         _install_parsers()
+        registration["registry_imported_before"] = "sglang.srt.models.registry" in sys.modules
         active = _install_model_package()
+        registration["model_classes"] = active
     except Exception as e:
         if not isinstance(e, UnsupportedSGLangVersion):  # that message says all; other causes need the trace
             logger.exception("sglang-step35 could not install itself")
@@ -360,4 +364,7 @@ def register() -> None:
             f"(SGLang would otherwise serve its built-in Step-3.5 classes without sglang-step35's config, parsers "
             f"and launch guards): {type(e).__name__}: {e}")
         raise _registration_error from e
-    logger.info("sglang-step35 %s active (pid %d): Step-3.5 model classes from %s", __version__, os.getpid(), active)
+    from sglang_step35.touchpoints import applied_summary
+
+    logger.info("sglang-step35 %s active (pid %d): Step-3.5 model classes from %s; %s", __version__, os.getpid(),
+                active, applied_summary())
