@@ -256,13 +256,19 @@ def budget_grammar_needed() -> Probe:
 
 
 def registry_needed() -> Probe:
+    # Source read: does SGLang's registry read the variable at module level only (at its import)? Then a
+    # process that imported it before register() (an Engine user, a test runner) needs the update.
+    from sglang.srt.models import registry
+
     from sglang_step35 import plugin
 
+    top_level = [ln for ln in inspect.getsource(registry).splitlines()
+                 if "SGLANG_EXTERNAL_MODEL_PACKAGE" in ln and not ln[:1].isspace()]
     before = plugin.registration.get("registry_imported_before")
-    if before is None:
-        return True, "register() has not run in this process"
-    return bool(before), ("SGLang's registry was imported before register() and read the variable already"
-                          if before else "SGLang's registry was imported after register(): the variable suffices")
+    here = {None: "register() has not run here", True: "imported before register() here (updated)",
+            False: "imported after register() here"}[before]
+    return bool(top_level), (f"sglang.srt.models.registry reads SGLANG_EXTERNAL_MODEL_PACKAGE "
+                             f"{'once, at import' if top_level else 'not at import'} (source read); {here}")
 
 
 def transformers_config_needed() -> Probe:
@@ -290,6 +296,15 @@ def sgl_kernel_needed() -> Probe:
     # Import the real sgl_kernel with our stand-in and overlay out of the way, then put them back.
     from sglang_step35 import plugin
 
+    cur = sys.modules.get("sgl_kernel")
+    if cur is not None and not getattr(cur, "IS_SGLANG_STEP35_STANDIN", False):
+        return False, "the real sgl_kernel is imported in this process"
+    if cur is None and plugin._OVERLAY_DIR not in sys.path:  # no stand-in here: a plain import, kept
+        try:
+            importlib.import_module("sgl_kernel")
+            return False, "the real sgl_kernel imports on this host (ran it)"
+        except Exception as e:  # noqa: BLE001 - any failure means SGLang cannot import it either
+            return True, f"the real sgl_kernel fails to import: {type(e).__name__} (ran it)"
     saved_mods = {k: v for k, v in sys.modules.items() if k == "sgl_kernel" or k.startswith("sgl_kernel.")}
     saved_path = list(sys.path)
     for k in saved_mods:
