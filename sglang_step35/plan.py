@@ -39,6 +39,8 @@ from .plan_memory import (
     MTP_SPEC,
     VOCAB_PADDING,
     kv_memory,
+    format_kv_pool,
+    kv_pool_summary,
     pad_to,
     buffer_breakdown,
     weight_breakdown,
@@ -143,6 +145,7 @@ class Plan:
     shared_expert_replicated: bool = False
     mem_fraction_static: Optional[float] = None
     swa_full_tokens_ratio: Optional[float] = None
+    kv_pool: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
     command: list[str] = field(default_factory=list)
     memory: dict[str, Any] = field(default_factory=dict)  # bytes per GPU
@@ -168,8 +171,10 @@ ASSUMPTIONS = [
     "bf16 kept for embeddings, LM heads, router (+ fp32 bias), norms, attention g_proj and MTP layers; "
     "fp8 = 1 B/weight + one fp32 scale per 128x128 block; int4 = 0.5 B/weight + one bf16 scale per 128 inputs",
     "SGLang 0.5.23 gives each MTP layer its own embedding and LM head (counted per GPU, split by TP)",
-    "KV cache bf16; full layers keep every token, sliding layers window + draft tokens per request plus one "
-    "prefill chunk; the MTP draft pool is sized like the target's full pool (sglang #17630)",
+    "KV cache bf16; full layers keep every token; the sliding layers' pool (--swa-full-tokens-ratio) holds "
+    "SGLang's compute_swa_request_cap (window + eviction interval x draft tokens + page + decode allocation "
+    "per request, two prefill chunks) plus one cached window per request; the MTP draft pool is sized like "
+    "the target's full pool (sglang #17630)",
     "buffers in the static pool: one fp32 rotary cos/sin cache per distinct (rotary dim, theta) at "
     "max_position_embeddings (SGLang's get_rope shares them across layers and the MTP drafts), and the "
     "weight+1 copy GemmaRMSNorm keeps of every norm",
@@ -393,6 +398,8 @@ def make_plan(
         return plan
 
     plan.feasible = True
+    if pp == 1:
+        plan.kv_pool = kv_pool_summary(cfg, static_pool - resident, plan.swa_full_tokens_ratio, tp, mtp)
     if nodes > 1:
         plan.assumptions.append(
             "multi-node: inter-node communication buffers fit the same per-GPU runtime reserve; node 0's "
@@ -414,7 +421,7 @@ def make_plan(
         "--max-running-requests", str(concurrency),
         "--chunked-prefill-size", str(CHUNKED_PREFILL),
         "--mem-fraction-static", f"{plan.mem_fraction_static:.2f}",
-        "--swa-full-tokens-ratio", f"{plan.swa_full_tokens_ratio:.2f}",
+        "--swa-full-tokens-ratio", f"{plan.swa_full_tokens_ratio:.3f}",
     ]  # fmt: skip
     if mtp:
         steps, drafts = MTP_SPEC[mtp]
@@ -611,7 +618,8 @@ def format_plan(p: Plan) -> str:
     lines.append(f"  {'total':30s}{_gib(m['total'])}   of {m['capacity'] / GiB:.2f} GiB")
     lines.append(
         f"  {'headroom in static pool':30s}{_gib(m['headroom'])}   "
-        f"(--mem-fraction-static {p.mem_fraction_static:.2f}, --swa-full-tokens-ratio {p.swa_full_tokens_ratio:.2f})"
+        f"(--mem-fraction-static {p.mem_fraction_static:.2f}, --swa-full-tokens-ratio {p.swa_full_tokens_ratio:.3f})"
     )
+    lines += format_kv_pool(p.kv_pool)
     lines += ["", "Assumptions:"] + [f"  - {a}" for a in p.assumptions]
     return "\n".join(lines) + "\n"

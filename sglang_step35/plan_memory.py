@@ -185,16 +185,28 @@ def mtp_kv_bytes_per_token(cfg: Mapping, tp: int, mtp: int) -> int:
     return total
 
 
+def planned_swa_ratio(cfg: Mapping, mtp: int, context: int, concurrency: int) -> float:
+    """The ``--swa-full-tokens-ratio`` a plan emits: the launch policy's rule
+    (:func:`sglang_step35.swa_ratio.plan_swa_ratio`, SGLang's compute_swa_request_cap plus a cached
+    window per request) for ``concurrency`` requests of ``context`` tokens, the plan's chunk size
+    and its MTP drafts."""
+    from .swa_ratio import plan_swa_ratio
+
+    steps, drafts = MTP_SPEC[mtp] if mtp else (None, None)
+    spec = dict(speculative_algorithm="EAGLE", speculative_num_steps=steps, speculative_eagle_topk=1,
+                speculative_num_draft_tokens=drafts) if mtp else None  # fmt: skip
+    window = int(cfg.get("sliding_window") or context)
+    return plan_swa_ratio(window=window, context_len=context, full_tokens=context * concurrency,
+                          max_running_requests=concurrency, chunked_prefill=CHUNKED_PREFILL, speculative=spec).ratio
+
+
 def kv_memory(cfg: Mapping, tp: int, mtp: int, context: int, concurrency: int, layer_ids=None) -> dict[str, Any]:
     """The KV pool SGLang allocates for the plan: the full pool holds every token of every request;
     the sliding pool is sized as swa_full_tokens_ratio x the full pool (SGLang's rule), with the
-    ratio chosen to cover each request's window + draft tokens plus one prefill chunk; the MTP draft
-    pool matches the full pool (a smaller draft pool overflowed in sglang #17630)."""
+    ratio planned by the launch policy's rule (:func:`planned_swa_ratio`); the MTP draft pool
+    matches the full pool (a smaller draft pool overflowed in sglang #17630)."""
     full_tokens = context * concurrency
-    window = int(cfg.get("sliding_window") or context)
-    draft_tokens = MTP_SPEC[mtp][1] if mtp else 0
-    swa_needed = concurrency * min(context, window + draft_tokens) + min(context, CHUNKED_PREFILL)
-    ratio = min(1.0, max(0.01, math.ceil(swa_needed / full_tokens * 100) / 100))
+    ratio = planned_swa_ratio(cfg, mtp, context, concurrency)
     kv_full = kv_bytes_per_token(cfg, tp, "full", layer_ids=layer_ids) * full_tokens
     kv_swa = kv_bytes_per_token(cfg, tp, "sliding", layer_ids=layer_ids) * math.ceil(ratio * full_tokens)
     kv_mtp = mtp_kv_bytes_per_token(cfg, tp, mtp) * full_tokens
@@ -205,3 +217,34 @@ def kv_memory(cfg: Mapping, tp: int, mtp: int, context: int, concurrency: int, l
         "kv_mtp_draft": kv_mtp,
         "kv_total": kv_full + kv_swa + kv_mtp,
     }
+
+
+REQUEST_TOKENS = 262144  # "256K-token requests": Step-3.5-Flash's max_position_embeddings
+
+
+def kv_pool_summary(cfg: Mapping, available_bytes: int, planned_ratio: float, tp: int, mtp: int) -> dict[str, Any]:
+    """Full- and SWA-pool tokens SGLang's pool configurator makes of ``available_bytes`` of KV
+    memory per GPU, at SGLang's default ratio and at the planned one, with the number of
+    REQUEST_TOKENS-token requests the full pool holds (:func:`sglang_step35.swa_ratio.pool_tokens`)."""
+    from .swa_ratio import SGLANG_DEFAULT_RATIO, pool_tokens
+
+    out: dict[str, Any] = {"available_bytes": int(available_bytes), "request_tokens": REQUEST_TOKENS}
+    for name, ratio in (("sglang_default", SGLANG_DEFAULT_RATIO), ("planned", planned_ratio)):
+        full, swa = pool_tokens(cfg, available_bytes, ratio, tp=tp, mtp_layers=mtp)
+        out[name] = {"swa_full_tokens_ratio": ratio, "full_tokens": full, "swa_tokens": swa,
+                     "requests": full // REQUEST_TOKENS}  # fmt: skip
+    return out
+
+
+def format_kv_pool(k: Mapping[str, Any]) -> list[str]:
+    """``step35 plan`` lines for :func:`kv_pool_summary` (none when empty: pipeline plans)."""
+    if not k:
+        return []
+    lines = ["", f"KV pool per GPU (SGLang's HybridSWAPoolConfigurator on the {k['available_bytes'] / 2**30:.2f} GiB "
+                 "left for KV):"]  # fmt: skip
+    for name, label in (("sglang_default", "SGLang's default"), ("planned", "planned")):
+        r = k[name]
+        lines.append(f"  --swa-full-tokens-ratio {r['swa_full_tokens_ratio']:.3f} ({label}): "
+                     f"{r['full_tokens']:,} full-pool tokens, {r['swa_tokens']:,} SWA tokens = "
+                     f"{r['requests']} requests of {k['request_tokens'] // 1024}K tokens")  # fmt: skip
+    return lines

@@ -132,6 +132,7 @@ def _install_parsers() -> None:
 
 
 def _install_cpu_support() -> None:
+    from sglang_step35.cpu import swa_attention
     from sglang_step35.cpu.standin import install_torch_ops_namespace, make_module
 
     # Spawned SGLang processes inherit sys.path: the overlay makes `import sgl_kernel` find the
@@ -148,6 +149,9 @@ def _install_cpu_support() -> None:
     HookRegistry.register(
         "sglang.srt.distributed.parallel_state.init_model_parallel_group", _gloo_only_groups, HookType.AROUND
     )
+    # torch_native reads sliding layers' KV at full-pool slots: translate them (cpu/swa_attention.py).
+    HookRegistry.register("sglang.srt.model_executor.model_runner_components.attention_backend_setup."
+                          "_build_full_attention_backend_from_str", swa_attention.build_attention_backend, HookType.AROUND)
 
 
 def _gloo_only_groups(original, *args, **kwargs):
@@ -195,6 +199,10 @@ def apply_server_policy(server_args, *args, **kwargs):
     backend choice (windows must be honoured), and the MoE layout guard (no expert split a backend
     cannot run). Explicit user flags win unless they would silently give wrong results."""
     if getattr(server_args, "_resolution_finished", False):
+        return None
+    from sglang_step35.swa_ratio import apply_swa_ratio_policy, resolving_placeholder
+
+    if resolving_placeholder():  # SGLang's placeholder ServerArgs our ratio policy has it resolve
         return None
     from sglang_step35.hub import launch_config
 
@@ -258,6 +266,7 @@ def apply_server_policy(server_args, *args, **kwargs):
         logger.warning("%s", decision.message)
     elif decision.action == "refuse":
         raise ValueError(decision.message)
+    apply_swa_ratio_policy(server_args, cfg)  # hybrid SWA pool: planned ratio, or HiCache's cost named
     return None
 
 
@@ -283,15 +292,6 @@ def _cpu_server_defaults(server_args) -> None:
     )
     if binding and "SGLANG_CPU_OMP_THREADS_BIND" not in os.environ:
         os.environ["SGLANG_CPU_OMP_THREADS_BIND"] = binding  # inherited by the spawned TP ranks
-    if getattr(server_args, "attention_backend", None) == "torch_native" and not getattr(
-        server_args, "disable_hybrid_swa_memory", False
-    ):
-        # SGLang 0.5.23's torch_native backend writes sliding layers' KV at SWA-pool slots but reads
-        # it through req_to_token (full-pool slots). Both agree only until the SWA pool frees
-        # out-of-window tokens; then sliding layers read other tokens' KV or crash the scheduler
-        # (tests/test_swa_pool_cpu.py). One pool keeps slot indices identical for every layer.
-        server_args.disable_hybrid_swa_memory = True
-        logger.info("CPU torch_native attention: hybrid SWA KV pool disabled (SGLang reads it with full-pool slots)")
 
 
 def check_sglang_version(installed: Optional[str] = None) -> None:

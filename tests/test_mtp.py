@@ -34,6 +34,11 @@ MTP3 = ["--speculative-algorithm", "EAGLE", "--speculative-num-steps", "3", "--s
         "--speculative-num-draft-tokens", "4", "--enable-multi-layer-eagle"]
 MTP1 = ["--speculative-algorithm", "EAGLE", "--speculative-num-steps", "1", "--speculative-eagle-topk", "1",
         "--speculative-num-draft-tokens", "2"]
+# MTP-3 runs on SGLang's hybrid SWA pool with the sliding layers' pool an eighth of the full one
+# (512 slots for 4 concurrent requests plus chunks and drafts: admission and retraction under SWA
+# pressure, the draft's own SWA pool); plain decoding runs at the planned ratio.
+SMALL_SWA = ["--swa-full-tokens-ratio", "0.125"]
+SWA_POOL_LINE = "Use sliding window memory pool. full_layer_tokens=4096, swa_layer_tokens="
 
 
 def _prompts() -> list[str]:
@@ -111,7 +116,7 @@ def baseline(mtp_dir):
 def mtp3(mtp_dir, baseline):  # baseline first: never two servers at once
     # SGLANG_ENABLE_SPEC_V2 is not read by SGLang 0.5.23 (EAGLE always runs the v2 worker; on CPU
     # without overlap): set here so the flag users copy from guides is shown to be harmless.
-    return _serve_and_run(mtp_dir, MTP3, spec=True, env={"SGLANG_ENABLE_SPEC_V2": "1"})
+    return _serve_and_run(mtp_dir, MTP3 + SMALL_SWA, spec=True, env={"SGLANG_ENABLE_SPEC_V2": "1"})
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +149,14 @@ def _totals(spec):
 def test_baseline_is_plain_decoding(baseline):
     assert "spec_verify_ct" not in baseline["bs1"][0]["meta_info"] or not baseline["bs1"][0]["meta_info"]["spec_verify_ct"]
     assert all(len(r["output_ids"]) == MAX_NEW for r in baseline["bs1"] + baseline["bs4"])
+    assert SWA_POOL_LINE in baseline["log"]  # the hybrid pool, as on GPUs (torch_native: cpu/swa_attention.py)
+    # The planned ratio (swa_ratio.py): one line, and the placeholder SGLang resolves for it is no launch.
+    assert baseline["log"].count("Step-3.5 hybrid SWA KV pool: --swa-full-tokens-ratio") == 1
+    assert "config.json of dummy" not in baseline["log"]
+
+
+def test_mtp3_ran_on_a_small_hybrid_swa_pool(mtp3):
+    assert SWA_POOL_LINE + "512" in mtp3["log"]
 
 
 def test_mtp3_greedy_output_equals_plain_decoding(mtp3, baseline):
