@@ -33,7 +33,7 @@ class Touchpoint:
     kind: str  # hook | registry | env | overlay | torch.ops | server-arg | process
     target: str  # what in SGLang / transformers it touches
     why: str
-    doc_rows: tuple[tuple[str, str], ...]  # (docs/integration.md section, first code span of the row)
+    doc_rows: tuple[tuple[str, str], ...]  # (docs/integration.md section, row's first code span up to '(')
     applied: Callable[[], Probe]
     needed: Callable[[], Probe]
     scope: str = "all"  # all | cpu (GPU-less hosts only) | amd
@@ -49,6 +49,10 @@ _CPU_ATTN_TARGET = ("sglang.srt.model_executor.model_runner_components.attention
 
 def _hook(name, target, why, needed, scope="all") -> Touchpoint:
     return Touchpoint(name, "hook", target, why, ((H, target),), probes.hook_applied(target), needed, scope)
+
+
+def _state(name, kind, target, why, row, applied, needed, scope="all") -> Touchpoint:
+    return Touchpoint(name, kind, target, why, (row,), applied, needed, scope)
 
 
 def _launch(name, field, why, needed, scope="all", kind="server-arg", section=A) -> Touchpoint:
@@ -77,32 +81,35 @@ TOUCHPOINTS: tuple[Touchpoint, ...] = (
                "our Step3p5ForCausalLM / Step3p5MTP replace SGLang's",
                ((R, "SGLANG_EXTERNAL_MODEL_PACKAGE=sglang_step35.models"), (E, "SGLANG_EXTERNAL_MODEL_PACKAGE")),
                probes.model_package_applied, probes.always("our model classes (product)")),
-    Touchpoint("model-registry-update", "registry", "sglang.srt.models.registry.ModelRegistry.models",
-               "the registry reads the variable once, at import", ((R, "ModelRegistry.models"),),
-               probes.registry_applied, probes.registry_needed),
-    Touchpoint("step3p5-autoconfig", "registry", "transformers AutoConfig 'step3p5'",
-               "transformers maps step3p5 to a config that raises AmbiguousGlobalPerLayerAttributeError",
-               ((R, 'AutoConfig.register("step3p5", Step35Config)'),), probes.config_applied, probes.transformers_config_needed),
-    Touchpoint("step3p5-sglang-config-registry", "registry", "sglang.srt.utils.hf_transformers.common._CONFIG_REGISTRY",
-               "SGLang re-reads configs of its registered model types with that class",
-               ((R, '_CONFIG_REGISTRY["step3p5"]'),), probes.sglang_config_registry_applied, probes.transformers_config_needed),
-    Touchpoint("step3p5-parsers", "registry", "ReasoningParser.DetectorMap / FunctionCallParser.ToolCallParserEnum",
-               "--reasoning-parser / --tool-call-parser step3p5", ((R, 'ReasoningParser.DetectorMap["step3p5"]'),),
-               probes.parsers_applied, probes.always("our parsers (product)")),
-    Touchpoint("sgl-kernel-standin", "overlay", "sys.modules['sgl_kernel'], sys.path overlay",
-               "SGLang imports the CUDA-only sgl_kernel", ((R, 'sys.modules["sgl_kernel"]'),),
-               probes.overlay_applied, probes.sgl_kernel_needed, "cpu"),
-    Touchpoint("sgl-kernel-torch-ops", "torch.ops", "torch.ops.sgl_kernel",
-               "SGLang's CPU engine calls torch.ops.sgl_kernel.*_cpu", ((R, "torch.ops.sgl_kernel"),),
-               probes.torch_ops_applied, probes.sgl_kernel_needed, "cpu"),
-    Touchpoint("logger", "process", "logging.getLogger('sglang_step35')",
-               "our one line per process must survive SGLang's logging setup", ((R, "sglang_step35"),),
-               probes.logger_applied, probes.logger_needed),
-    Touchpoint("registration-stops-process", "process", "sglang.srt.plugins.load_plugins",
-               "a failed register() must stop the process, not leave SGLang's built-in classes serving",
-               ((R, "Step35RegistrationError"),), probes.registration_error_applied, probes.load_plugins_needed),
-    Touchpoint("cpu-engine-env", "env", "SGLANG_USE_CPU_ENGINE=1", "SGLang's CPU engine is off unless set",
-               ((E, "SGLANG_USE_CPU_ENGINE=1"),), probes.env_is("SGLANG_USE_CPU_ENGINE", "1"), probes.cpu_engine_needed, "cpu"),
+    # name, kind, target, why, (section, row), applied, needed[, scope]
+    *(_state(*row) for row in (
+        ("model-registry-update", "registry", "sglang.srt.models.registry.ModelRegistry.models",
+         "the registry reads the variable once, at import", (R, "ModelRegistry.models"),
+         probes.registry_applied, probes.registry_needed),
+        ("step3p5-autoconfig", "registry", "transformers AutoConfig 'step3p5'",
+         "transformers maps step3p5 to a config that raises AmbiguousGlobalPerLayerAttributeError",
+         (R, "AutoConfig.register"), probes.config_applied, probes.transformers_config_needed),
+        ("step3p5-sglang-config-registry", "registry", "sglang.srt.utils.hf_transformers.common._CONFIG_REGISTRY",
+         "SGLang re-reads configs of its registered model types with that class", (R, '_CONFIG_REGISTRY["step3p5"]'),
+         probes.sglang_config_registry_applied, probes.transformers_config_needed),
+        ("step3p5-parsers", "registry", "ReasoningParser.DetectorMap / FunctionCallParser.ToolCallParserEnum",
+         "--reasoning-parser / --tool-call-parser step3p5", (R, 'ReasoningParser.DetectorMap["step3p5"]'),
+         probes.parsers_applied, probes.always("our parsers (product)")),
+        ("sgl-kernel-standin", "overlay", "sys.modules['sgl_kernel'], sys.path overlay",
+         "SGLang imports the CUDA-only sgl_kernel", (R, 'sys.modules["sgl_kernel"]'),
+         probes.overlay_applied, probes.sgl_kernel_needed, "cpu"),
+        ("sgl-kernel-torch-ops", "torch.ops", "torch.ops.sgl_kernel",
+         "SGLang's CPU engine calls torch.ops.sgl_kernel.*_cpu", (R, "torch.ops.sgl_kernel"),
+         probes.torch_ops_applied, probes.sgl_kernel_needed, "cpu"),
+        ("logger", "process", "logging.getLogger('sglang_step35')",
+         "our one line per process must survive SGLang's logging setup", (R, "sglang_step35"),
+         probes.logger_applied, probes.logger_needed),
+        ("registration-stops-process", "process", "sglang.srt.plugins.load_plugins",
+         "a failed register() must stop the process, not leave SGLang's built-in classes serving",
+         (R, "Step35RegistrationError"), probes.registration_error_applied, probes.load_plugins_needed),
+        ("cpu-engine-env", "env", "SGLANG_USE_CPU_ENGINE=1", "SGLang's CPU engine is off unless set",
+         (E, "SGLANG_USE_CPU_ENGINE=1"), probes.env_is("SGLANG_USE_CPU_ENGINE", "1"), probes.cpu_engine_needed, "cpu"),
+    )),
     _launch("cpu-thread-binding", "SGLANG_CPU_OMP_THREADS_BIND", "one core share per TP x PP rank",
             probes.thread_bind_needed, "cpu", "env", E),
     _launch("aiter-unified-attention", "SGLANG_USE_AITER_UNIFIED_ATTN=1", "AITER's unified attention honours windows",
@@ -126,9 +133,10 @@ READ_ONLY_ROWS: dict[tuple[str, str], str] = {
     (R, "hub.launch_config"): "the policy reads a repo id's config.json; nothing is installed",
     (R, "Step35Config.num_attention_heads_per_layer"): "a property of our config class that SGLang reads",
     (R, "Step35BudgetGrammar"): "a grammar object SGLang drives; installed by the reasoning-budget-grammar hook",
-    (R, "HybridSWAPoolConfigurator(kvc).calculate_pool_sizes(available_bytes, page_size)"): "step35 plan only",
+    (R, "HybridSWAPoolConfigurator"): "step35 plan only",
     (R, "MOE_RUNNER_BACKEND_CHOICES"): "read by the allow-list",
-    (R, "get_exec().moe.ep_num_redundant_experts"): "read at model construction",
+    (R, "get_exec"): "read at model construction",
+    (R, "fused_moe"): "make gpu-check-here calls SGLang's kernels and glue; nothing installed",
     (R, "HookRegistry._hooks"): "read by step35 doctor",
 }
 

@@ -20,7 +20,7 @@ SECTIONS = (touchpoints.H, touchpoints.R, touchpoints.E, touchpoints.A)
 
 
 def doc_rows():
-    """(section, first code span of the first cell, second cell) of every table row, per section."""
+    """(section, first code span of the first cell up to its first '(', second cell) of every table row."""
     rows, section = [], None
     for line in DOC.read_text().splitlines():
         if line.startswith("## "):
@@ -32,7 +32,7 @@ def doc_rows():
         span = re.search(r"`([^`]+)`", cells[0])
         if cells[0] in ("Target in SGLang 0.5.23", "What", "Variable", "Argument") or span is None:
             continue  # header rows; "—" rows (a warning, a refusal) install nothing
-        rows.append((section, span.group(1), cells[1]))
+        rows.append((section, span.group(1).split("(")[0], cells[1]))
     return rows
 
 
