@@ -113,6 +113,23 @@ def test_needed_probes_follow_the_upstream_behaviour(loaded, monkeypatch):
     assert not any(_needed(n) for n in probed[:4])
 
 
+def test_report_names_what_can_be_deleted_and_a_wrong_sglang(loaded, monkeypatch):
+    from sglang.srt.distributed import parallel_state
+
+    from sglang_step35 import doctor
+
+    def pynccl_off_for_gloo(group_ranks, local_rank, backend, use_pynccl=None, **kw):
+        return parallel_state.GroupCoordinator(use_pynccl=backend != "gloo" if use_pynccl is None else use_pynccl)
+
+    monkeypatch.setattr(parallel_state, "init_model_parallel_group", pynccl_off_for_gloo)
+    monkeypatch.setattr(doctor, "version", lambda dist: "0.5.99")
+    text = doctor.format_report(doctor.report(None))
+    assert "SGLang 0.5.99: NOT the supported 0.5.23" in text
+    deletable = next(ln for ln in text.splitlines() if ln.startswith("not needed on this SGLang"))
+    assert "gloo-only-groups" in deletable and "step3p5-autoconfig" not in deletable
+    assert "launch policy for" not in text  # no command line, no decisions
+
+
 def test_launch_decisions_are_the_policy_s(loaded, monkeypatch):
     from sglang.srt.server_args import ServerArgs
 
