@@ -111,7 +111,7 @@ def _pp_mtp_table() -> list[str]:
 
     return ["", "#### Pipeline parallelism and MTP", "",
             "| setting | verdict | why / verified by |", "|---|---|---|",
-            "| `--pp-size N` (N <= layers) | served | tests/test_pp_cpu.py, tests/test_plan_multinode.py |",
+            "| `--pp-size N` (N <= layers) | served | tests/test_parallel_served.py, tests/test_pp_cpu.py, tests/test_plan_multinode.py |",
             f"| `--pp-size N` with MTP (`--speculative-algorithm EAGLE`) | **refused** (`parallel_guard`) | {_cell(PP_MTP_REASON)} |",
             "| MTP 1-3 drafts (`Step3p5MTP`, ours) | served | tests/test_mtp.py |",
             "| `--enable-dp-attention` | **refused** (`guard_moe_layout`) | our attention, embeddings and MoE block "

@@ -215,9 +215,11 @@ ROWS: tuple[Row, ...] = (
         "tests/test_fp8_moe_gpu_contract.py, tests/test_fp8_moe_aiter_contract.py"),
     Row(QUANT, ("fp8-block",), ("cpu",), True, "dequantized to the server dtype at load (no AMX FP8 kernels)",
         "tests/test_weights_loading.py, tests/test_fp8_dequant.py"),
-    Row(QUANT, ("fp8-per-tensor", "int4"), GPUS, True,
-        "SGLang's Fp8MoEMethod / MoeWNA16 on Triton, clamp from gemm1_clamp_limit",
-        "none: no contract test yet (served as before this table; unverified)"),
+    Row(QUANT, ("fp8-per-tensor", "int4"), PLATFORMS, False,
+        "no test verifies Step's router and SwiGLU clamp through SGLang's per-tensor Fp8MoEMethod (online "
+        "`--quantization fp8` of BF16 weights) or MoeWNA16 (AWQ/GPTQ int4) with our layers (issue #25)",
+        "tests/test_served_moe.py::test_unverified_quantizations_are_refused_at_launch_and_construction",
+        "serve the BF16 or the block-FP8 (128x128, Step-3.5-Flash-FP8) checkpoint without --quantization"),
     # --- expert-parallel load balancing ---
     Row(REDUNDANT, ("0",), PLATFORMS, True, "one physical slot per logical expert", _CONTRACT),
     Row(REDUNDANT, ("N > 0",), PLATFORMS, False,

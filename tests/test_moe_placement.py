@@ -150,11 +150,22 @@ def test_guard_accepts_platform_objects():
     assert guard_moe_layout({"tp_size": 4}, CFG, "cuda").action == "ok"  # triton bf16 runs N=320
 
 
+FP8_CFG = dict(CFG, quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]})
+
+
 def test_guard_fp8_tp4_switches_to_ep4_and_replicates_the_shared_expert():
-    d = guard_moe_layout({"tp_size": 4, "quantization": "fp8"}, CFG, "cuda")
+    d = guard_moe_layout({"tp_size": 4, "quantization": "fp8"}, FP8_CFG, "cuda")
     assert d.action == "switch_to_ep" and d.ep_size == 4 and "N=320" in d.message
-    ok = guard_moe_layout({"tp_size": 4, "ep_size": 4, "quantization": "fp8"}, CFG, "cuda")
+    ok = guard_moe_layout({"tp_size": 4, "ep_size": 4}, FP8_CFG, "cuda")
     assert ok.action == "ok" and "shared expert replicated" in ok.message
+
+
+def test_guard_reads_quantization_flag_as_sglang_builds_it():
+    """`--quantization fp8` on the BF16 checkpoint is SGLang's online per-tensor FP8 (refused: no
+    contract test); on the FP8 checkpoint the checkpoint's 128x128 blocks decide."""
+    d = guard_moe_layout({"tp_size": 4, "ep_size": 4, "quantization": "fp8"}, CFG, "cuda")
+    assert d.action == "refuse" and "fp8-per-tensor experts" in d.message
+    assert guard_moe_layout({"tp_size": 4, "ep_size": 4, "quantization": "fp8"}, FP8_CFG, "cuda").action == "ok"
 
 
 def test_guard_reads_fp8_from_the_checkpoint_config():
@@ -171,19 +182,21 @@ def test_guard_reads_fp8_from_the_checkpoint_config():
 @pytest.mark.parametrize("quant", ["bf16", "fp8"])
 @pytest.mark.parametrize("platform,a2a", [("cuda", "deepep"), ("rocm", "mori")])
 def test_guard_refuses_all_to_all_on_clamped_layers_with_the_command_to_use(platform, a2a, quant):
-    args = {"tp_size": 8, "ep_size": 8, "moe_a2a_backend": a2a, "quantization": quant}
-    d = guard_moe_layout(args, CFG, platform, aiter=False)
+    args = {"tp_size": 8, "ep_size": 8, "moe_a2a_backend": a2a}
+    cfg = FP8_CFG if quant == "fp8" else CFG
+    d = guard_moe_layout(args, cfg, platform, aiter=False)
     assert d.action == "refuse" and "43, 44" in d.message
     assert "relaunch without --moe-a2a-backend: --tp 8 --ep 8" in d.message and d.flags == ("--tp 8", "--ep 8")
     if a2a == "deepep":
         assert "DeepGEMM" in d.message and "min(silu(gate), L)" in d.message
     # The command it names passes.
-    assert guard_moe_layout({**args, "moe_a2a_backend": "none"}, CFG, platform, aiter=False).action == "ok"
+    assert guard_moe_layout({**args, "moe_a2a_backend": "none"}, cfg, platform, aiter=False).action == "ok"
 
 
 def test_guard_serves_all_to_all_where_no_layer_clamps():
     cfg = dict(CFG, swiglu_limits=[0.0] * len(CFG["swiglu_limits"]))
-    d = guard_moe_layout({"tp_size": 8, "ep_size": 8, "moe_a2a_backend": "deepep", "quantization": "fp8"}, cfg, "cuda")
+    d = guard_moe_layout({"tp_size": 8, "ep_size": 8, "moe_a2a_backend": "deepep"},
+                         dict(cfg, quantization_config=FP8_CFG["quantization_config"]), "cuda")
     assert d.action == "ok" and "shared expert replicated" in d.message
     assert guard_moe_layout({"tp_size": 4, "ep_size": 4, "moe_a2a_backend": "mori"}, cfg, "rocm").action == "ok"
 

@@ -1,7 +1,7 @@
 """Server-free checks of the parity oracle (tests/reference) and of the math the served tests rely on:
 the reference's llama3 rope against transformers' independent implementation, the sliding-window
 boundary, the MTP chain, block-FP8 quantization, and tensor-parallel sharding of every Step-3.5 block
-(simulated ranks, in seconds; the served `--tp 2` run is tests/test_parity_tp_cpu.py).
+(simulated ranks, in seconds; the served `--tp 2` run is tests/test_parallel_served.py).
 """
 
 from __future__ import annotations

@@ -337,6 +337,13 @@ def sglang_parser():
     return parser
 
 
+CHECKPOINT_CFG = {
+    "bf16": CFG,
+    "fp8": dict(CFG, quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]}),
+    "int4": dict(CFG, quantization_config={"quant_method": "awq", "bits": 4, "group_size": 128}),
+}
+
+
 def test_planned_commands_parse_with_sglang_and_pass_the_guard(sglang_parser):
     checked = 0
     for gpu, spec in GPUS.items():
@@ -352,9 +359,10 @@ def test_planned_commands_parse_with_sglang_and_pass_the_guard(sglang_parser):
                     assert ns.mem_fraction_static == p.mem_fraction_static
                     if mtp:
                         assert ns.speculative_num_steps == 3 and ns.enable_multi_layer_eagle
-                    ns.quantization = quant if quant != "bf16" else None
+                    # The planned command names the checkpoint, which carries its quantization_config.
                     decision = guard_moe_layout(
-                        ns, CFG, "rocm" if spec.vendor == "amd" else "cuda", aiter=p.env.get("SGLANG_USE_AITER") == "1"
+                        ns, CHECKPOINT_CFG[quant], "rocm" if spec.vendor == "amd" else "cuda",
+                        aiter=p.env.get("SGLANG_USE_AITER") == "1",
                     )
                     assert decision.action == "ok", (gpu, n, quant, decision.message)
                     checked += 1

@@ -48,8 +48,10 @@ def _parse(parser, plan_obj, command):
     # SGLang's own checks for these sizes (validation_hook.check_server_args) and GPU count
     assert (ns.tp_size * ns.pp_size) % ns.nnodes == 0
     assert ns.tp_size * ns.pp_size == plan_obj.num_gpus * plan_obj.nodes
-    ns.quantization = plan_obj.quant if plan_obj.quant != "bf16" else None
-    decision = guard_moe_layout(ns, CFG, "cuda")
+    # The command names the checkpoint, which carries its quantization_config (no --quantization flag).
+    qc = {"fp8": {"quant_method": "fp8", "weight_block_size": [128, 128]},
+          "int4": {"quant_method": "awq", "bits": 4, "group_size": 128}}.get(plan_obj.quant)
+    decision = guard_moe_layout(ns, dict(CFG, quantization_config=qc) if qc else CFG, "cuda")
     assert decision.action == "ok", decision.message
     return ns
 

@@ -1,6 +1,6 @@
-"""Pipeline parallel: `--pp-size 2` and `--pp-size 2 --tp 2` on CPU serve the logprobs of one rank
-and of the reference (fp32, 1e-4, the TP test's tolerance); each stage builds and loads only its
-layers; the launch guard refuses what SGLang 0.5.23 cannot run with Step-3.5 under PP.
+"""Pipeline parallel in process: each stage builds and loads only its layers and together they give the
+reference's logits; the launch guard refuses what SGLang 0.5.23 cannot run with Step-3.5 under PP.
+Served `--pp-size 2` and `--pp-size 2 --tp 2`: test_parallel_served.py.
 
 The tiny model has 5 main layers: SGLang's even split (get_pp_indices) gives stage 0 layers 0-1 (the
 dense ones, and the embedding) and stage 1 layers 2-4 (the MoE ones, the clamped last layer, norm
@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from reference import Step35Reference
-from reference.serving import assert_layouts_agree, serve_parallel_layouts
 from sglang_step35.parallel_guard import PipelineParallelError, guard_pipeline_parallel
 from sglang_step35.tiny import write_tiny_checkpoint
 
@@ -188,36 +185,3 @@ def test_sglang_itself_cannot_run_step_mtp_under_pp(cfg):
     os.environ.pop("SGLANG_PP_LAYER_PARTITION", None)
     for n, pp in ((5, 2), (45, 4), (45, 3)):
         assert [(r.start, r.stop) for r in pp_stage_layers(n, pp)] == [get_pp_indices(n, k, pp) for k in range(pp)]
-
-
-# --- served ------------------------------------------------------------------------------------------
-
-
-def _omp_bind(ranks: int) -> str:
-    """SGLANG_CPU_OMP_THREADS_BIND giving each of `ranks` ranks an equal share of our cores."""
-    cores = sorted(os.sched_getaffinity(0))
-    per = max(1, len(cores) // ranks)
-    return "|".join(",".join(str(c) for c in (cores[r * per:(r + 1) * per] or cores[-1:])) for r in range(ranks))
-
-
-LAYOUTS = {"pp1": ["--pp-size", "1"], "pp2": ["--pp-size", "2"], "pp2-tp2": ["--pp-size", "2", "--tp", "2"]}
-RANKS = {"pp1": 1, "pp2": 2, "pp2-tp2": 4}
-
-
-@pytest.mark.server
-def test_pp2_and_pp2_tp2_logprobs_equal_one_rank_and_the_reference(ckpt):
-    ref = Step35Reference(ckpt)
-    V = int(ref.cfg["vocab_size"])
-    rng = random.Random(5)
-    # Longer than the sliding window (16): stage 1's sliding layers run past it on the relayed states.
-    prompt = [rng.randrange(20, V) for _ in range(40)]
-    # The plugin splits the cores between TP ranks only (plugin._cpu_thread_binding); without an
-    # explicit binding SGLang asserts one NUMA node per rank for the 2 PP ranks.
-    runs = serve_parallel_layouts(ckpt, LAYOUTS, prompt, 12, V,
-                                  env_for=lambda name: {"SGLANG_CPU_OMP_THREADS_BIND": _omp_bind(RANKS[name])}
-                                  if RANKS[name] > 1 else {})  # fmt: skip
-    for name, (_, log) in runs.items():
-        # Two stages really served (SGLang tags each scheduler's lines with its PP rank, and TP rank).
-        assert ("PP1] Load weight end" in log) == (name == "pp2"), name
-        assert ("PP1 TP1] Load weight end" in log) == (name == "pp2-tp2"), name
-    assert_layouts_agree(runs, "pp1", ref, prompt, V, FP32_TOL)

@@ -113,6 +113,19 @@ def parse_quant(value: Any) -> QuantSpec:
     raise Step35ConfigError(f"cannot read a quantization from {value!r}")
 
 
+def launch_quant(flag: Any, checkpoint_config: Any) -> QuantSpec:
+    """What SGLang will build for ``--quantization flag`` on a checkpoint with ``checkpoint_config``:
+    the checkpoint's own quantization_config when it has one (SGLang reads it; the flag only has to
+    agree), else the flag as SGLang's *online* quantization of BF16 weights — for ``fp8`` that is
+    Fp8Config without ``weight_block_size``, i.e. per-tensor FP8, not the 128x128 blocks of an FP8
+    checkpoint (reading the flag as block FP8 let an unverified per-tensor MoE through the guard)."""
+    if checkpoint_config:
+        return parse_quant(checkpoint_config)
+    if flag in ("fp8", "w8a8_fp8"):
+        return QuantSpec("fp8", 8)
+    return parse_quant(flag)
+
+
 def quant_spec_of(quant_config: Any) -> QuantSpec:
     """The QuantSpec of an SGLang ``QuantizationConfig`` (None = unquantized) as the model holds it."""
     if quant_config is None:
@@ -398,7 +411,7 @@ def guard_moe_layout(server_args_like: Any, hf_config: Any, platform: Any, *, ai
     runner = _get(server_args_like, "moe_runner_backend")
     backend = effective_moe_backend(runner, vendor)
     a2a = _a2a_name(_get(server_args_like, "moe_a2a_backend"))
-    quant = parse_quant(_get(server_args_like, "quantization") or _get(hf_config, "quantization_config"))
+    quant = launch_quant(_get(server_args_like, "quantization"), _get(hf_config, "quantization_config"))
     E = int(_get(hf_config, "moe_num_experts"))
     inter = int(_get(hf_config, "moe_intermediate_size"))
     clamped = clamped_moe_layers(hf_config)
