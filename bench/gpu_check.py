@@ -5,7 +5,7 @@ depth (`step35 tiny --real-width`: the 3 dense layers, --moe-layers MoE layers e
 clamped like 43/44, the 3 MTP layers; built into --ckpt-dir on first use, reused after):
 
     build      write the BF16 checkpoint, its FP8 copy and a no-clamp variant (config only)
-    reference  ours vs the plain-PyTorch reference (tests/reference) on the GPU: max |Δ logprob| of
+    reference  ours vs the plain-PyTorch reference (sglang_step35/reference.py) on the GPU: max |Δ logprob| of
                each next token over a prompt longer than the sliding window, then decode steps
     builtin    ours vs SGLang's built-in Step3p5ForCausalLM, clamps zeroed, inside the window: greedy equal
     mtp        MTP-3 (multi-layer EAGLE, draft CUDA graphs): greedy output == plain decoding, accept length
@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-for p in (ROOT, ROOT / "bench", ROOT / "tests"):  # run from a checkout; bench/ and tests/reference helpers
+for p in (ROOT, ROOT / "bench"):  # run from a checkout; bench/ helpers
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
@@ -240,8 +240,8 @@ class Check:
     def part_reference_compare(self, _deadline):
         import torch
 
-        from reference import Step35Reference
-        from reference.serving import full_sequence, max_abs_diff, reference_token_logprobs, served_token_logprobs
+        from sglang_step35.reference import Step35Reference
+        from sglang_step35.served_logprobs import full_sequence, max_abs_diff, reference_token_logprobs, served_token_logprobs
 
         if "ref_resp" not in self.data:
             raise CannotRun("no served logprobs (reference/serve did not finish)")
@@ -274,8 +274,8 @@ class Check:
         equal at every step <=> the built-in's greedy output is the reference's."""
         import torch
 
-        from reference import Step35Reference
-        from reference.serving import full_sequence
+        from sglang_step35.reference import Step35Reference
+        from sglang_step35.served_logprobs import full_sequence
 
         if "builtin_greedy" not in self.data:
             raise CannotRun("no built-in outputs (builtin/builtin did not finish)")
@@ -373,7 +373,7 @@ class Check:
 
     # ---- fp8 ----
     def part_fp8_bf16(self, deadline):
-        from reference.serving import full_sequence, served_token_logprobs
+        from sglang_step35.served_logprobs import full_sequence, served_token_logprobs
 
         s = self.sz()
         prompt = prompt_ids(300, s["fp8_prompt"])

@@ -4,7 +4,7 @@ decoding in bf16 the way our layer does on a GPU (Gemma RMSNorm, fused QKV, per-
 partial RoPE with llama3 scaling on full layers, KV written to the cache then SGLang's Triton decode
 attention with the triton backend's window rail, our Triton head gate, our router + SGLang's fused MoE
 on this EP4 rank's 72 experts, our SwiGLU clamp on the shared expert / dense MLP), against the fp32
-plain-PyTorch reference (tests/reference/step35_ref.py, loaded by path) over the whole sequence, with
+plain-PyTorch reference (sglang_step35/reference.py, loaded by path) over the whole sequence, with
 other ranks' experts zeroed there (this rank's partial sum, before the EP all-reduce). The decode step
 is captured and replayed as a CUDA graph (a host sync or an allocation outside the pool fails the
 capture, which is reported); decode batch 1/16/64 timings."""
@@ -31,7 +31,7 @@ LAYERS = {"dense": 0, "moe": 3, "moe_clamped": 44}
 def load_reference():
     name = "gpu_here_step35_ref"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / "reference" / "step35_ref.py")
+        spec = importlib.util.spec_from_file_location(name, ROOT / "sglang_step35" / "reference.py")
         mod = importlib.util.module_from_spec(spec)
         sys.modules[name] = mod
         spec.loader.exec_module(mod)

@@ -3,8 +3,8 @@
 - :mod:`.placement` — which EP rank holds which routed expert (SGLang's contiguous-block layout).
 - :mod:`.layout` — whether TP may split the experts for a given backend/quantization, and the
   runtime guard :func:`guard_moe_layout` that the plugin calls before SGLang builds the model.
-The plain-torch reference of EP dispatch/combine semantics the tests use lives with the other test
-references, in tests/reference/ep_reference.py.
+The plain-torch reference of EP dispatch/combine semantics the tests use is
+tests/reference/ep_reference.py (its expert math: sglang_step35/reference.py).
 """
 
 from .layout import Decision, LayoutVerdict, check_moe_layout, guard_moe_layout

@@ -146,7 +146,7 @@ def warm_start_mtp(model: TrainableStep35) -> None:
                 src = "model.norm.weight"
             else:
                 continue
-            model.w(name).copy_(model.w(src))
+            model.w[name].copy_(model.w[src])
 
 
 def train_mtp(model: TrainableStep35, batches, steps: int, lr: float, log: dict, progress: bool) -> None:

@@ -17,7 +17,8 @@ every (token, chosen expert) pair to the expert's owner, the owner returns ``wei
 and *combine* sums the returns on the token's source rank — complete, so no all-reduce follows;
 each rank adds the replicated shared expert to its own tokens (once), and the slices are gathered.
 
-SwiGLU follows Step's clamp: ``act = min(silu(gate), L)``, ``up = clamp(up, -L, L)`` when L > 0.
+The expert math (router, clamped SwiGLU, the routed sum) is the plain model's
+(:mod:`sglang_step35.reference`); this module adds the EP placement, messages and reductions.
 This module is a specification and a test oracle, not a fast path.
 """
 
@@ -27,19 +28,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from sglang_step35.moe.placement import ExpertPlacement, place_experts
+from sglang_step35.reference import route as _route
+from sglang_step35.reference import routed_experts, swiglu  # swiglu: the tests take it from here too
 
-
-def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, limit: float = 0.0):
-    """Step's (clamped) SwiGLU: weights are [I, H], [I, H], [H, I]."""
-    gate = F.silu(x @ w_gate.T)
-    up = x @ w_up.T
-    if limit and limit > 0:
-        gate = gate.clamp(max=limit)  # clamped from above only
-        up = up.clamp(min=-limit, max=limit)
-    return (gate * up) @ w_down.T
 
 
 @dataclass
@@ -102,11 +95,7 @@ class MoEWeights:
 
 def route(x: torch.Tensor, w: MoEWeights) -> tuple[torch.Tensor, torch.Tensor]:
     """Step routing: sigmoid scores, top-k of ``scores + bias``, unbiased weights renormalized x scale."""
-    ct = torch.promote_types(x.dtype, torch.float32)  # Step's router runs in fp32 (need_fp32_gate)
-    scores = torch.sigmoid(x.to(ct) @ w.router.T.to(ct))
-    ids = torch.topk(scores + w.router_bias.to(scores.dtype), w.top_k, dim=-1).indices
-    weights = scores.gather(-1, ids)
-    weights = weights / weights.sum(-1, keepdim=True) * w.scaling
+    ids, weights = _route(x, w.router, w.router_bias, w.top_k, w.scaling)
     return ids, weights.to(x.dtype)
 
 
@@ -118,15 +107,7 @@ def routed_partial(
     x: torch.Tensor, w: MoEWeights, ids: torch.Tensor, weights: torch.Tensor, local: Optional[range] = None
 ) -> torch.Tensor:
     """Sum of ``weight * expert(x)`` over the chosen experts that are in ``local`` (all when None)."""
-    out = torch.zeros_like(x)
-    experts = range(w.num_experts) if local is None else local
-    for e in experts:
-        token_idx, slot = (ids == e).nonzero(as_tuple=True)
-        if token_idx.numel() == 0:
-            continue  # no token chose e: this rank does no work for it
-        y = swiglu(x[token_idx], w.gate[e], w.up[e], w.down[e], w.limit)
-        out.index_add_(0, token_idx, y * weights[token_idx, slot].unsqueeze(-1))
-    return out
+    return routed_experts(x, w.gate, w.up, w.down, ids, weights, w.limit, local).to(x.dtype)
 
 
 def moe_forward(x: torch.Tensor, w: MoEWeights) -> torch.Tensor:
