@@ -148,9 +148,22 @@ def _kv_bytes(cfg: Mapping, tp: int) -> tuple[int, int]:
     return kv_bytes_per_token(cfg, tp, "full"), kv_bytes_per_token(cfg, tp, "sliding")
 
 
-def _server_plan(server_args, cfg: Mapping) -> SwaRatioPlan:
+def _server_spec(server_args, cfg: Mapping) -> Optional[dict]:
     spec = {k: getattr(server_args, k, None) for k in ("speculative_algorithm", "speculative_num_steps",
                                                           "speculative_eagle_topk", "speculative_num_draft_tokens")}
+    if not spec["speculative_algorithm"]:
+        return None
+    if spec["speculative_algorithm"] == "EAGLE":
+        # Flags left unset are resolved by SGLang later; for Step's MTP they are the chain of the
+        # checkpoint's MTP layers (steps = layers, top-k 1, steps + 1 draft tokens).
+        steps = spec["speculative_num_steps"] or int(cfg.get("num_nextn_predict_layers") or 1)
+        spec["speculative_num_steps"] = steps
+        spec["speculative_eagle_topk"] = spec["speculative_eagle_topk"] or 1
+        spec["speculative_num_draft_tokens"] = spec["speculative_num_draft_tokens"] or steps + 1
+    return spec
+
+
+def _server_plan(server_args, cfg: Mapping) -> SwaRatioPlan:
     dp = int(getattr(server_args, "dp_size", 1) or 1) if getattr(server_args, "enable_dp_attention", False) else 1
     return plan_swa_ratio(
         window=int(cfg["sliding_window"]),
@@ -161,8 +174,19 @@ def _server_plan(server_args, cfg: Mapping) -> SwaRatioPlan:
         chunked_prefill=getattr(server_args, "chunked_prefill_size", None),
         attn_dp_size=dp,
         disable_overlap_schedule=bool(getattr(server_args, "disable_overlap_schedule", False)),
-        speculative=spec if spec["speculative_algorithm"] else None,
+        speculative=_server_spec(server_args, cfg),
     )
+
+
+def _planned(server_args, cfg: Mapping) -> Optional[SwaRatioPlan]:
+    try:
+        return _server_plan(server_args, cfg)
+    except (TypeError, ValueError) as e:  # settings SGLang's request cap cannot size before resolution
+        logger.warning("--swa-full-tokens-ratio not planned: SGLang's compute_swa_request_cap cannot size the SWA "
+                       "pool for these flags before SGLang resolves them (%s: %s); SGLang's default %.1f stays. "
+                       "Give --swa-full-tokens-ratio, or the speculative flags in full.",
+                       type(e).__name__, e, SGLANG_DEFAULT_RATIO)  # fmt: skip
+        return None
 
 
 def apply_swa_ratio_policy(server_args, cfg: Mapping) -> Optional[SwaRatioPlan]:
@@ -177,7 +201,9 @@ def apply_swa_ratio_policy(server_args, cfg: Mapping) -> Optional[SwaRatioPlan]:
         # SGLang 0.5.23 resets the ratio to 1.0 and turns the hybrid pool off for Step under HiCache
         # (_step3p_overrides); HiCache's host tier is worth it for some agent workloads, so the
         # launch goes on, but the user learns the price in numbers.
-        plan = _server_plan(server_args, cfg)
+        plan = _planned(server_args, cfg)
+        if plan is None:
+            return None
         logger.warning(
             "--enable-hierarchical-cache on Step-3.5: SGLang 0.5.23 turns the hybrid SWA KV pool off for "
             "this model, so all %d sliding layers keep every token: %.1f KiB of GPU KV per token instead of "
@@ -192,7 +218,9 @@ def apply_swa_ratio_policy(server_args, cfg: Mapping) -> Optional[SwaRatioPlan]:
         return None
     if getattr(server_args, "swa_full_tokens_ratio", None) is not None:
         return None  # the user's value wins
-    plan = _server_plan(server_args, cfg)
+    plan = _planned(server_args, cfg)
+    if plan is None:
+        return None
     server_args.swa_full_tokens_ratio = plan.ratio
     logger.info(
         "Step-3.5 hybrid SWA KV pool: --swa-full-tokens-ratio %.3f planned (SWA slots needed: %d = SGLang's "

@@ -168,3 +168,26 @@ def test_planned_command_ratio_covers_sglangs_need_for_its_requests():
     need = _sglang_need(512, 1, 16, 8192, MTP3) + 16 * (512 + 1)
     assert p.swa_full_tokens_ratio * 65536 * 16 >= need
     assert math.isclose(p.swa_full_tokens_ratio, math.ceil(need / (65536 * 16) * 1000) / 1000)
+
+
+def test_mtp_flags_left_to_sglang_are_planned_as_the_checkpoints_mtp_chain(tmp_path, monkeypatch, step_log):
+    monkeypatch.setattr(plugin, "has_accelerator", lambda: True)
+    monkeypatch.setattr("sglang_step35.attention.detect_platform", lambda: None)
+    args = _server_args(tmp_path, chunked_prefill_size=8192, speculative_algorithm="EAGLE", speculative_num_steps=None,
+                        speculative_eagle_topk=None, speculative_num_draft_tokens=None)  # fmt: skip
+    monkeypatch.setattr("sglang_step35.mtp_check.check_mtp_request", lambda *a, **k: None)  # no weights here
+    plugin.apply_server_policy(args)
+    expected = swa_ratio.plan_swa_ratio(window=512, context_len=262144, chunked_prefill=8192, speculative=MTP3)
+    assert args.swa_full_tokens_ratio == expected.ratio
+
+
+def test_flags_sglang_cannot_size_leave_its_default_with_a_warning(tmp_path, monkeypatch, step_log):
+    monkeypatch.setattr(plugin, "has_accelerator", lambda: True)
+    monkeypatch.setattr("sglang_step35.attention.detect_platform", lambda: None)
+    args = _server_args(tmp_path, chunked_prefill_size=8192, speculative_algorithm="NGRAM", speculative_num_steps=None,
+                        speculative_eagle_topk=None, speculative_num_draft_tokens=None)  # fmt: skip
+    monkeypatch.setattr("sglang_step35.mtp_check.check_mtp_request", lambda *a, **k: None)
+    plugin.apply_server_policy(args)
+    assert args.swa_full_tokens_ratio is None
+    warned = [m for m in step_log if "--swa-full-tokens-ratio not planned" in m]
+    assert len(warned) == 1 and "SGLang's default 0.8 stays" in warned[0]
