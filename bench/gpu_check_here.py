@@ -52,11 +52,11 @@ from gpu_here_common import CAPTURE_FAILED, CONFIG, CannotRun, activate_bundle  
 # step -> (GPU budget s, CPU budget s, required). GPU sum 400 s: inside 7 minutes on an H100 with the
 # process starts (imports ~10 s each), Triton compilation and CUDA-graph capture included.
 BUDGETS = {
-    "kernels": (50, 120, True),
-    "moe": (100, 240, True),
+    "kernels": (45, 120, True),
+    "moe": (120, 240, True),
     "attention": (60, 180, True),
     "layers": (150, 300, True),
-    "model": (40, 120, False),
+    "model": (25, 120, False),
 }
 STEPS = list(BUDGETS)
 

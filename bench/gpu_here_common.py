@@ -166,6 +166,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def init_world_of_one() -> None:
+    """World-size-1 process group and SGLang's model-parallel groups (its layers read them even at
+    TP 1): what sglang.test.layer_ut_utils.init_single_process_dist does, written out because that
+    module imports sglang.test.test_utils -> sglang.benchmark -> `datasets`, absent on the image."""
+    import torch
+
+    for k, v in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())), ("RANK", "0"),
+                 ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        os.environ.setdefault(k, v)
+    from sglang.srt.distributed import parallel_state
+    from sglang.srt.runtime_context import SpawnRanks, get_parallel, publish, reset_context
+    from sglang.srt.server_args import ServerArgs
+
+    if not torch.distributed.is_initialized():
+        parallel_state.init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo")
+    if not parallel_state.model_parallel_is_initialized():
+        # sglang.test.test_utils.publish_build_topology: publish a TP/EP/PP-1 topology, keep WORLD.
+        reset_context()
+        publish(ServerArgs(model_path="dummy", tp_size=1, ep_size=1, pp_size=1), role="test",
+                ranks=SpawnRanks(world_rank=0))
+        if parallel_state._WORLD is not None:
+            get_parallel().override_permanently(world_group=parallel_state._WORLD)
+        parallel_state.initialize_model_parallel(backend="gloo")
+
+
 @contextlib.contextmanager
 def sglang_kernels(device: str):
     """World-size-1 SGLang process state and SGLang's Triton kernel modules imported with portable
@@ -181,13 +206,12 @@ def sglang_kernels(device: str):
     with stack:
         with _cuda_probe_hidden():
             from sglang.srt.runtime_context import get_context
-            from sglang.test.layer_ut_utils import init_single_process_dist
 
             mods = {n: importlib.import_module(n) for n in (FUSED_MOE, ALIGN, MOE_KERNELS, DECODE, EXTEND)}
             import sglang.kernels.ops.quantization.fp8_kernel as fp8_kernel
             from sglang.srt.layers.moe.moe_runner import MoeRunnerConfig
             from sglang.srt.layers.moe.topk import StandardTopKOutput
-        init_single_process_dist(master_port=_free_port())
+        init_world_of_one()
         override = get_context().override_server_args(device=device)
         override.install()
         stack.callback(override.restore)

@@ -29,7 +29,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / "build" / "gpu-emulate" / "venv"
 PINS = ["torch==2.11.0", "triton==3.6.0", "transformers==5.17.0", "torchvision==0.26.0"]
-IMAGE_EXTRAS = ["numpy", "safetensors", "psutil", "requests", "pillow", "aiohttp", "attrs", "sentencepiece"]
+# numpy < 2.4: the image has 2.5.2, but Triton 3.6's interpreter (what the emulation runs instead of a
+# GPU) fails from numpy 2.4 on ("only 0-dimensional arrays can be converted to Python scalars": `int()`
+# of a size-1 array as a loop bound in SGLang's decode kernel); compiled kernels never take that path.
+IMAGE_EXTRAS = ["numpy<2.4", "safetensors", "psutil", "requests", "pillow", "aiohttp", "attrs", "einops",
+                "sentencepiece"]
 STAMP_KEY = " ".join(PINS + IMAGE_EXTRAS)
 
 

@@ -35,12 +35,16 @@ LIMIT = 64 * 2**20
 # imports never reach (the diffusion runtime, the Rust extensions' folder).
 EXCLUDE_PREFIXES = ("sglang/multimodal_gen/", "sglang/srt/rust_extensions/")
 EXCLUDE_SUFFIXES = (".so", ".pyc")
-# Packages that `import sglang.srt.layers.moe.moe_runner.triton_utils.fused_moe` and the Triton attention
-# modules reach at module level and that the image lacks (KINDS.md package list; found with
-# `make gpu-emulate`, whose venv holds only the image's packages). Pinned for a reproducible bundle.
+# Packages that `import sglang.srt.layers.moe.moe_runner.triton_utils.fused_moe`, `...moe.topk`, the Triton
+# attention modules and `ServerArgs` reach at module level and that the image lacks (KINDS.md package
+# list; found one by one with `make gpu-emulate`, whose venv holds only the image's packages); versions
+# as SGLang 0.5.23 pins them where it does (openai, compressed-tensors, apache-tvm-ffi). SGLang's model
+# runtime needs more (uvicorn, ...): the check's optional `model` step reports the first one missing.
 CARRIED = ["orjson==3.13.0", "pybase64==1.5.1", "starlette==1.10.0", "msgspec==0.23.0", "pydantic==2.14.4",
            "pydantic-core==2.50.5", "typing-inspection==0.4.5", "annotated-types==0.8.0", "pyzmq==27.3.0",
-           "ipython==9.19.1", "traitlets==5.16.1"]
+           "ipython==9.19.1", "traitlets==5.16.1", "dill==0.4.1", "apache-tvm-ffi==0.1.11",
+           "compressed-tensors==0.18.0", "loguru==0.7.3", "gguf==0.19.0", "openai==2.8.0", "sniffio==1.3.1",
+           "distro==1.9.0", "jiter==0.19.0", "partial-json-parser==0.2.1.1.post7"]
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64"]
 
