@@ -45,17 +45,38 @@ def trained_dir():
     return TRAINED_TINY_DIR
 
 
+# The trained checkpoint's servers: fp32, so plain and MTP decoding round alike (the MTP tests compare
+# them token for token), with the step3p5 parsers; one of each per session, shared by every file.
+TRAINED_SERVER_ARGS = ["--device", "cpu", "--dtype", "float32", "--max-total-tokens", "4096",
+                       "--reasoning-parser", "step3p5", "--tool-call-parser", "step3p5"]
+MTP3_ARGS = ["--speculative-algorithm", "EAGLE", "--speculative-num-steps", "3", "--speculative-eagle-topk", "1",
+             "--speculative-num-draft-tokens", "4", "--enable-multi-layer-eagle"]
+# The effort -> reasoning-token mapping the MTP server runs with (tests/test_parsers_reasoning_effort_e2e.py).
+REASONING_EFFORT_BUDGETS = {"low": 8, "medium": 24}
+
+
 @pytest.fixture(scope="session")
 def served_trained(trained_dir):
     """The trained checkpoint behind plain `sglang serve --device cpu` with the step3p5 parsers."""
     from sglang_step35.server import SGLangServer
 
-    server = SGLangServer(
-        str(trained_dir),
-        ["--device", "cpu", "--reasoning-parser", "step3p5", "--tool-call-parser", "step3p5",
-         # lets tests force the model's output text (tests/reference/forced_output.py) to drive the parsers
-         "--enable-custom-logit-processor"],
-    )
+    # --enable-custom-logit-processor lets tests force the model's output text
+    # (tests/reference/forced_output.py) to drive the parsers.
+    server = SGLangServer(str(trained_dir), [*TRAINED_SERVER_ARGS, "--enable-custom-logit-processor"])
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def served_trained_mtp3(trained_dir):
+    """The same server with MTP-3 (multi-layer EAGLE) and no custom logit processors, the reasoning
+    effort mapping set through its environment variable."""
+    from sglang_step35.reasoning_effort import ENV
+    from sglang_step35.server import SGLangServer
+
+    server = SGLangServer(str(trained_dir), [*TRAINED_SERVER_ARGS, *MTP3_ARGS],
+                          env={ENV: ",".join(f"{k}={v}" for k, v in REASONING_EFFORT_BUDGETS.items())})
     server.start()
     yield server
     server.stop()

@@ -2,9 +2,9 @@
 the trained tiny model, with the official ``openai`` client: no processor string from the
 client and no ``--enable-custom-logit-processor`` on the server.
 
-One server of its own, with MTP-3 on (custom logit processors are never applied to MTP
-verification, which is why the budget is a grammar object) and the effort mapping set through
-``SGLANG_STEP35_REASONING_EFFORT_BUDGETS``; the plain-decoding path runs on the shared
+The session's MTP-3 server (``served_trained_mtp3``: custom logit processors are never applied to MTP
+verification, which is why the budget is a grammar object; the effort mapping set through
+``SGLANG_STEP35_REASONING_EFFORT_BUDGETS``); the plain-decoding path runs on the shared
 ``served_trained`` server.
 """
 
@@ -14,30 +14,13 @@ import requests
 from openai import OpenAI
 from transformers import AutoTokenizer
 
-from sglang_step35.reasoning_effort import ENV
+from conftest import REASONING_EFFORT_BUDGETS
 from sglang_step35.training.data import read_gsm8k
 from test_parsers_e2e import _collect
 
 pytestmark = pytest.mark.server
 
-MTP3 = ["--speculative-algorithm", "EAGLE", "--speculative-num-steps", "3", "--speculative-eagle-topk", "1",
-        "--speculative-num-draft-tokens", "4", "--enable-multi-layer-eagle"]
-MAPPING = {"low": 8, "medium": 24}
-
-
-@pytest.fixture(scope="module")
-def served_mtp(trained_dir):
-    from sglang_step35.server import SGLangServer
-
-    server = SGLangServer(
-        str(trained_dir),
-        ["--device", "cpu", "--dtype", "float32", "--max-total-tokens", "4096",
-         "--reasoning-parser", "step3p5", "--tool-call-parser", "step3p5", *MTP3],
-        env={ENV: ",".join(f"{k}={v}" for k, v in MAPPING.items())},
-    )
-    server.start()
-    yield server
-    server.stop()
+MAPPING = REASONING_EFFORT_BUDGETS
 
 
 def _ask(server, stream=False, **kw):
@@ -64,28 +47,28 @@ def _assert_capped(trained_dir, free, capped, budget):
     assert capped["finish_reason"] == "stop"
 
 
-def test_effort_and_thinking_budget_cap_reasoning_with_mtp(served_mtp, trained_dir):
-    info = requests.get(served_mtp.base_url + "/get_server_info", timeout=30).json()
+def test_effort_and_thinking_budget_cap_reasoning_with_mtp(served_trained_mtp3, trained_dir):
+    info = requests.get(served_trained_mtp3.base_url + "/get_server_info", timeout=30).json()
     assert info["speculative_algorithm"] == "EAGLE" and not info["enable_custom_logit_processor"]
-    free = _ask(served_mtp)
+    free = _ask(served_trained_mtp3)
     assert _n_tokens(trained_dir, free["reasoning"]) > max(MAPPING.values()) + 8
     # An uncapped tier changes nothing: the same output as no field.
-    assert _ask(served_mtp, reasoning_effort="high") == free
+    assert _ask(served_trained_mtp3, reasoning_effort="high") == free
     cases = [({"reasoning_effort": "low"}, MAPPING["low"]),
              ({"extra_body": {"chat_template_kwargs": {"thinking_budget": 16}}}, 16),
              # SGLang's numeric effort, scaled by the default "numeric" budget (8192): 0.002 -> 16.
              ({"extra_body": {"reasoning_effort": 0.002}}, 16)]
     for kw, budget in cases:
-        capped = _ask(served_mtp, **kw)
+        capped = _ask(served_trained_mtp3, **kw)
         _assert_capped(trained_dir, free, capped, budget)
-        streamed = _ask(served_mtp, stream=True, **kw)
+        streamed = _ask(served_trained_mtp3, stream=True, **kw)
         assert (streamed["reasoning"], streamed["content"]) == (capped["reasoning"], capped["content"]), kw
         assert streamed["finish_reason"] == "stop"
 
 
-def test_bad_thinking_budget_is_refused_by_name(served_mtp):
+def test_bad_thinking_budget_is_refused_by_name(served_trained_mtp3):
     with pytest.raises(openai.BadRequestError, match="chat_template_kwargs.thinking_budget must be an integer"):
-        _ask(served_mtp, extra_body={"chat_template_kwargs": {"thinking_budget": "many"}})
+        _ask(served_trained_mtp3, extra_body={"chat_template_kwargs": {"thinking_budget": "many"}})
 
 
 def test_thinking_budget_without_mtp(served_trained, trained_dir):

@@ -80,26 +80,22 @@ def test_tool_call_stream_equals_non_stream(served_trained):
 
 
 @pytest.mark.server
-def test_trained_mtp_layers_get_drafts_accepted_without_changing_output(trained_dir):
+def test_trained_mtp_layers_get_drafts_accepted_without_changing_output(trained_dir, served_trained,
+                                                                       served_trained_mtp3):
     """MTP-3 vs plain decoding on the trained checkpoint (fp32, so the two paths round alike): same
     greedy text, and the trained MTP layers' drafts are accepted (random MTP layers: length ~1.0)."""
     import requests
 
     from sglang_step35.mtp_check import mtp_acceptance
-    from sglang_step35.server import SGLangServer
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(trained_dir))
     prompts = [tok.apply_chat_template([{"role": "user", "content": r["question"]}], tokenize=False,
                                        add_generation_prompt=True) for r in read_gsm8k("test")[20:23]]
-    mtp3 = ["--speculative-algorithm", "EAGLE", "--speculative-num-steps", "3", "--speculative-eagle-topk", "1",
-            "--speculative-num-draft-tokens", "4", "--enable-multi-layer-eagle"]
     outs = {}
-    for name, extra in (("plain", []), ("mtp3", mtp3)):
-        with SGLangServer(str(trained_dir), ["--device", "cpu", "--max-total-tokens", "4096", "--dtype", "float32",
-                                              *extra]) as server:
-            outs[name] = [requests.post(server.base_url + "/generate", timeout=600, json={
-                "text": p, "sampling_params": {"max_new_tokens": 160, "temperature": 0}}).json() for p in prompts]
+    for name, server in (("plain", served_trained), ("mtp3", served_trained_mtp3)):
+        outs[name] = [requests.post(server.base_url + "/generate", timeout=600, json={
+            "text": p, "sampling_params": {"max_new_tokens": 160, "temperature": 0}}).json() for p in prompts]
     assert [o["text"] for o in outs["mtp3"]] == [o["text"] for o in outs["plain"]]
     hist: list[int] = []
     for o in outs["mtp3"]:
