@@ -368,8 +368,42 @@ def rocm_fp8_activation_quant():
 ALIGN_MODULE = "sglang.srt.layers.moe.moe_runner.triton_utils.moe_align_block_size"
 
 
+def sglang_world_of_one() -> None:
+    """register() (as every SGLang process runs it first) and a world-size-1 torch.distributed +
+    SGLang model-parallel state, the one in-process layers need. Idempotent. The port is a free one:
+    two test runs on one host would collide on a fixed port (SGLang's helper keeps the first
+    MASTER_PORT of the process)."""
+    from sglang.test.layer_ut_utils import init_single_process_dist
+
+    from sglang_step35.plugin import register
+    from sglang_step35.server import free_port
+
+    register()
+    init_single_process_dist(master_port=free_port())
+
+
 @contextlib.contextmanager
-def sglang_gpu_moe_path(master_port: int, extra_kernels=()):
+def gpu_like_build_state(device: str = "cuda"):
+    """World-size-1 SGLang state with SGLang's server args on CPU while our platform probe answers
+    `device` (SGLang's own stays CPU): what building our class as on a GPU needs."""
+    import pytest
+
+    mp = pytest.MonkeyPatch()
+    sglang_world_of_one()
+    from sglang.srt.runtime_context import get_context
+
+    override = get_context().override_server_args(device="cpu")
+    override.install()
+    fake_platform_probe(mp, device)
+    try:
+        yield mp
+    finally:
+        override.restore()
+        mp.undo()
+
+
+@contextlib.contextmanager
+def sglang_gpu_moe_path(extra_kernels=()):
     """World-size-1 SGLang process state plus what SGLang's GPU MoE path needs on CPU tensors:
     Triton under the interpreter (SGLang's fused-MoE kernel, our router, `extra_kernels` as
     (module, kernel) pairs), the CUDA-only align / fused-experts ops as pure-torch CPU kernels, the
@@ -381,12 +415,7 @@ def sglang_gpu_moe_path(master_port: int, extra_kernels=()):
 
     mp = pytest.MonkeyPatch()
     mp.setenv("TRITON_INTERPRET", "1")
-    from sglang_step35.plugin import register
-
-    register()
-    from sglang.test.layer_ut_utils import init_single_process_dist
-
-    init_single_process_dist(master_port=master_port)
+    sglang_world_of_one()
     from sglang.srt.runtime_context import get_context
 
     override = get_context().override_server_args(device="cpu")

@@ -4,18 +4,16 @@ import copy
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from sglang_step35.config import Step35ConfigError, layer_spec, validate
+from sglang_step35.config import Step35ConfigError, layer_spec, read_config, validate
 
-FIXTURE = Path(__file__).parent / "fixtures" / "step3p5_flash_config.json"
 
 
 @pytest.fixture
 def real_cfg():
-    return json.loads(FIXTURE.read_text())
+    return read_config()  # Step-3.5-Flash's config.json, shipped in the package
 
 
 def _write(tmp_path, cfg):

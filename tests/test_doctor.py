@@ -15,7 +15,7 @@ from sglang_step35 import touchpoints
 from sglang_step35.tiny import TRAINED_TINY_DIR
 
 DOC = Path(__file__).parent.parent / "docs" / "integration.md"
-FLASH = Path(__file__).parent / "fixtures" / "step3p5_flash_config.json"
+FLASH = Path(__file__).resolve().parents[1] / "sglang_step35" / "data" / "step3p5_flash_config.json"
 SECTIONS = (touchpoints.H, touchpoints.R, touchpoints.E, touchpoints.A)
 
 

@@ -31,21 +31,8 @@ import gpu_contract
 @pytest.fixture(scope="module")
 def gpu_like_build():
     """World-size-1 SGLang state; our platform probe answers "cuda" (SGLang's stays CPU)."""
-    mp = pytest.MonkeyPatch()
-    from sglang_step35.plugin import register
-
-    register()
-    from sglang.test.layer_ut_utils import init_single_process_dist
-
-    init_single_process_dist(master_port=29733)
-    from sglang.srt.runtime_context import get_context
-
-    override = get_context().override_server_args(device="cpu")
-    override.install()
-    gpu_contract.fake_platform_probe(mp, "cuda")
-    yield
-    override.restore()
-    mp.undo()
+    with gpu_contract.gpu_like_build_state("cuda"):
+        yield
 
 
 build = gpu_contract.build_like_sglang

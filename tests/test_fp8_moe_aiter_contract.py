@@ -43,7 +43,7 @@ CLAMPED, UNCLAMPED = 4, (2, 3)  # the FP8 tiny's MoE layers; 4 carries swiglu_li
 @pytest.fixture(scope="module")
 def rocm_aiter_path():
     """World-size-1 SGLang state; SGLang's fp8 module and our probe both see ROCm with AITER."""
-    with gpu_contract.sglang_gpu_moe_path(29739) as mp:  # first: register() installs the CPU sgl_kernel
+    with gpu_contract.sglang_gpu_moe_path() as mp:  # first: register() installs the CPU sgl_kernel
         from sglang.srt.layers.quantization import fp8 as sglang_fp8
 
         import sglang_step35.models.step3p5_moe as moe_mod

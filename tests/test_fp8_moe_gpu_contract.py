@@ -72,7 +72,7 @@ WIDE_SPEC = dataclasses.replace(FP8_TINY_SPEC, hidden_size=256, moe_intermediate
 @pytest.fixture(scope="module")
 def fp8_cuda_path():
     """World-size-1 SGLang state; our platform probe answers "cuda"; SGLang's GPU MoE path on CPU."""
-    with gpu_contract.sglang_gpu_moe_path(29737) as mp:
+    with gpu_contract.sglang_gpu_moe_path() as mp:
         gpu_contract.fake_platform_probe(mp, "cuda")
         with gpu_contract.cuda_fp8_activation_quant(sm90=True):
             yield

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from hub_standin import HubStandIn
 
-FLASH_CONFIG = Path(__file__).parent / "fixtures" / "step3p5_flash_config.json"
+FLASH_CONFIG = Path(__file__).resolve().parents[1] / "sglang_step35" / "data" / "step3p5_flash_config.json"
 PROBE = Path(__file__).parent / "launch_probe.py"
 EAGLE = {"speculative_algorithm": "EAGLE", "speculative_eagle_topk": 1}
 TOKEN = "hf_standin_token"

@@ -16,19 +16,16 @@ import pytest
 from sglang_step35.attention.window import keys_seen, radix_sliding_window_size, runner_sliding_window_size
 from sglang_step35.config import SLIDING
 from sglang_step35.tiny import write_tiny_checkpoint
+import gpu_contract
 
 BACKENDS = ["torch_native", "triton", "flashinfer", "fa3", "aiter"]
 
 
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory):
-    from sglang.test.layer_ut_utils import init_single_process_dist
-
     from sglang_step35.config import Step35Config
-    from sglang_step35.plugin import register
 
-    register()
-    init_single_process_dist(master_port=29737)
+    gpu_contract.sglang_world_of_one()
     ckpt = write_tiny_checkpoint(tmp_path_factory.mktemp("window"), seed=0)
     return Step35Config(**json.loads((ckpt / "config.json").read_text()))
 

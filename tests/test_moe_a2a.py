@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from reference.ep_reference import MoEWeights, a2a_moe_forward, moe_forward, route, routed_partial, shared_expert
+import gpu_contract
 
 
 @pytest.mark.parametrize("ep", [2, 4, 8])
@@ -44,12 +45,7 @@ H, E, INTER, S, K, TP = 16, 4, 8, 8, 2, 2
 
 @pytest.fixture(scope="module")
 def sglang_state():
-    from sglang_step35.plugin import register
-
-    register()
-    from sglang.test.layer_ut_utils import init_single_process_dist
-
-    init_single_process_dist(master_port=29747)
+    gpu_contract.sglang_world_of_one()
 
 
 def _config():

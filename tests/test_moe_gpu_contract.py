@@ -32,7 +32,7 @@ TOL = dict(atol=2e-3, rtol=2e-3)
 def sglang_gpu_path():
     """World-size-1 SGLang process state plus what SGLang's GPU MoE path needs on CPU tensors."""
     with gpu_contract.sglang_gpu_moe_path(
-        29731, extra_kernels=[("kernels_cuda.swiglu_clamp", "_swiglu_clamp_kernel")]
+        extra_kernels=[("kernels_cuda.swiglu_clamp", "_swiglu_clamp_kernel")]
     ):
         yield
 

@@ -8,8 +8,6 @@ every rank) must be detected.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -28,8 +26,9 @@ from reference.ep_reference import (
     swiglu,
 )
 from sglang_step35.moe.layout import FP8_BLOCK128, moe_block_layout, parse_quant
+from sglang_step35.config import read_config
 
-CFG = json.loads((Path(__file__).parent / "fixtures" / "step3p5_flash_config.json").read_text())
+CFG = read_config()  # Step-3.5-Flash
 
 
 # ---------------------------------------------------------------- placement

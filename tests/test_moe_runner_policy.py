@@ -3,15 +3,14 @@ layers run where on each platform, and the combinations it refuses."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import pytest
 
 from sglang_step35.config import layer_spec, moe_layer_ids
 from sglang_step35.moe.runner import RoutedRunner, routed_plan
+from sglang_step35.config import read_config
 
-FLASH = json.loads((Path(__file__).parent / "fixtures" / "step3p5_flash_config.json").read_text())
+FLASH = read_config()  # Step-3.5-Flash
 
 
 def _runners(**kw):

@@ -25,8 +25,7 @@ from sglang_step35.plan_memory import (
 from sglang_step35.plan_cli import add_plan_parser, main as plan_main, run_plan
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURE = ROOT / "tests" / "fixtures" / "step3p5_flash_config.json"
-CFG = json.loads(FIXTURE.read_text())
+CFG = read_config()  # Step-3.5-Flash
 KiB = 1024
 
 

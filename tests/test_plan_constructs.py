@@ -26,6 +26,7 @@ from sglang_step35.fp8 import QUANTIZATION_CONFIG
 from sglang_step35.config import read_config
 from sglang_step35.plan import GPUS, make_plan
 from sglang_step35.plan_memory import buffer_breakdown, weight_breakdown
+import gpu_contract
 
 KEEP = [0, 3, 43, 44]  # dense, MoE, the clamped MoE layers
 
@@ -73,12 +74,7 @@ def test_the_matrix_covers_both_vendors_quantizations_and_mtp():
 
 @pytest.fixture(scope="module")
 def sglang_state():
-    from sglang_step35.plugin import register
-
-    register()
-    from sglang.test.layer_ut_utils import init_single_process_dist
-
-    init_single_process_dist(master_port=29745)
+    gpu_contract.sglang_world_of_one()
 
 
 def _component(name: str) -> str:

@@ -21,6 +21,7 @@ from sglang_step35.parallel_guard import pp_stage_layers
 from sglang_step35.plan import format_plan, make_plan, model_class_pp_refusal, plan_argv
 from sglang_step35.plan_memory import buffer_breakdown, weight_breakdown
 from sglang_step35.plan_cli import main as plan_main
+import gpu_contract
 
 CFG = read_config()
 MULTI_NODE = [  # (gpu, GPUs per node, quant, mtp, nodes)
@@ -91,12 +92,7 @@ def test_one_node_of_a100_40gb_bf16_is_infeasible_and_two_nodes_are_suggested():
 
 @pytest.fixture(scope="module")
 def sglang_state():
-    from sglang_step35.plugin import register
-
-    register()
-    from sglang.test.layer_ut_utils import init_single_process_dist
-
-    init_single_process_dist(master_port=29763)
+    gpu_contract.sglang_world_of_one()
 
 
 @pytest.mark.parametrize("gpu,n,quant,mtp,nodes", [MULTI_NODE[0], MULTI_NODE[1]])

@@ -71,7 +71,9 @@ def test_cpu_defaults_fill_only_what_the_user_left_unset():
 def _step_args(tmp_path, **kw):
     import json as _json
 
-    cfg = _json.loads((__import__("pathlib").Path(__file__).parent / "fixtures" / "step3p5_flash_config.json").read_text())
+    from sglang_step35.config import read_config
+
+    cfg = read_config()  # Step-3.5-Flash
     (tmp_path / "config.json").write_text(_json.dumps(cfg))
     base = dict(model_path=str(tmp_path), device=None, attention_backend=None, max_total_tokens=None,
                 tp_size=4, ep_size=1, moe_runner_backend=None, moe_a2a_backend=None, quantization=None)

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from sglang_step35.parallel_guard import PipelineParallelError, guard_pipeline_parallel
 from sglang_step35.tiny import write_tiny_checkpoint
+import gpu_contract
 
 FP32_TOL = 1e-4
 STAGES = {0: (0, 2), 1: (2, 5)}  # get_pp_indices(5, rank, 2)
@@ -31,13 +32,9 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cfg(ckpt):
-    from sglang.test.layer_ut_utils import init_single_process_dist
-
     from sglang_step35.config import Step35Config
-    from sglang_step35.plugin import register
 
-    register()
-    init_single_process_dist(master_port=29751)
+    gpu_contract.sglang_world_of_one()
     return Step35Config(**json.loads((ckpt / "config.json").read_text()))
 
 

@@ -25,9 +25,10 @@ import gpu_contract
 from reference import Step35Reference
 from sglang_step35 import served
 from sglang_step35.tiny import TinySpec, write_tiny_checkpoint
+from sglang_step35.config import read_config
 
 TOL = dict(atol=2e-3, rtol=2e-3)  # as tests/test_moe_gpu_contract.py (Triton's accumulation order)
-FLASH = json.loads((Path(__file__).parent / "fixtures" / "step3p5_flash_config.json").read_text())
+FLASH = read_config()  # Step-3.5-Flash
 RUNNERS = served.sglang_moe_runner_backends()
 PLATFORM_OF = {"nvidia": "cuda", "amd": "rocm", "cpu": "cpu"}
 
@@ -186,7 +187,7 @@ def test_a2a_rows():
 
 @pytest.fixture(scope="module")
 def sglang_gpu_path():
-    with gpu_contract.sglang_gpu_moe_path(29771) as mp:
+    with gpu_contract.sglang_gpu_moe_path() as mp:
         yield mp
 
 

@@ -7,6 +7,7 @@ questions and the held-out tool requests (cities, people and numbers absent from
 
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from openai import OpenAI
@@ -34,24 +35,33 @@ def test_embedded_checkpoint_is_the_recipe_output_and_small():
 @pytest.mark.server
 def test_gsm8k_answers_close_reasoning_and_end_in_hash_line(served_trained):
     rows = read_gsm8k("test")[:10]
-    good = 0
-    for row in rows:
-        msg = _client(served_trained).chat.completions.create(
+
+    def ask(row):
+        return _client(served_trained).chat.completions.create(
             model="tiny", messages=[{"role": "user", "content": row["question"]}], max_tokens=384,
             temperature=0).choices[0].message
-        reasoning = (msg.model_extra or {}).get("reasoning_content") or ""
-        good += bool(reasoning.strip()) and "</think>" not in (msg.content or "") \
-            and bool(HASH_LINE.search(msg.content or ""))
+
+    good = 0
+    with ThreadPoolExecutor(len(rows)) as pool:  # one batch on the server, as a client fleet sends them
+        for msg in pool.map(ask, rows):
+            reasoning = (msg.model_extra or {}).get("reasoning_content") or ""
+            good += bool(reasoning.strip()) and "</think>" not in (msg.content or "") \
+                and bool(HASH_LINE.search(msg.content or ""))
     assert good >= 9, f"{good}/10 answers closed the think block and gave a #### line"
 
 
 @pytest.mark.server
 def test_held_out_tool_prompts_give_parsed_calls(served_trained):
     prompts = tool_prompts(held_out=True)[:12]
-    names = []
-    for p in prompts:
-        r = _client(served_trained).chat.completions.create(
+
+    def ask(p):
+        return _client(served_trained).chat.completions.create(
             model="tiny", messages=p.messages, tools=TOOLS, max_tokens=96, temperature=0)
+
+    names = []
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        responses = list(pool.map(ask, prompts))
+    for p, r in zip(prompts, responses):
         msg = r.choices[0].message
         assert msg.tool_calls, f"no parsed call for {p.messages[0]['content']!r}: {msg.content!r}"
         assert r.choices[0].finish_reason == "tool_calls"

@@ -1,6 +1,7 @@
 """Weight loading through a real `sglang serve --device cpu`: a checkpoint that does not match its
 config fails start-up with ONE Step35WeightError naming every bad tensor with expected/actual shapes,
-and a block-FP8 checkpoint (Step-3.5-Flash-FP8 layout, `step35 tiny --fp8`) serves on CPU.
+and a block-FP8 checkpoint (Step-3.5-Flash-FP8 layout, `step35 tiny --fp8`) serves on CPU; stopping
+the server leaves none of its processes behind.
 
 SGLang 0.5.23's FP8 methods assert AMX on CPU (sglang/srt/layers/quantization/fp8.py: "Fp8LinearMethod
 on CPU requires that CPU has AMX support"); our model then builds unquantized and the loader
@@ -12,6 +13,7 @@ FP8 model (bf16: SGLang allows no fp32 with fp8) must match the reference on the
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -88,6 +90,9 @@ def test_fp8_checkpoint_serves_on_cpu_dequantized_at_load(fp8_pair):
     with SGLangServer(str(fp8_dir), [*CPU_ARGS, "--dtype", "bfloat16"], startup_timeout=240) as server:
         log = server.log_text()
         resp = generate(server, prompt, 12, V)
+        pgid = server.proc.pid  # its own process group (SGLangServer starts a new session)
+    # A clean shutdown stops every server process: no scheduler or detokenizer left behind.
+    assert _live_processes_in_group(pgid) == []
     assert OUR_CLASS_LINE in log and "dequantizing FP8 weights at load" in log
     seq = full_sequence(prompt, resp)
     got = served_logprobs(resp, V)
@@ -104,3 +109,16 @@ def test_fp8_checkpoint_serves_on_cpu_dequantized_at_load(fp8_pair):
 def _kl(p_log: torch.Tensor, q_log: torch.Tensor) -> float:
     p_log, q_log = p_log.double(), q_log.double()
     return float((p_log.exp() * (p_log - q_log)).sum(-1).mean())
+
+
+def _live_processes_in_group(pgid):
+    live = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[2]) == pgid and stat[0] != "Z":  # zombies are dead, awaiting their reaper
+                live.append(int(d))
+    return live
