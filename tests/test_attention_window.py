@@ -298,6 +298,7 @@ def test_triton_decode_follows_the_runner_value_not_the_layer(triton_kernels):
     assert decode == _expected(SEQ - 1, W - 1)
 
 
+@pytest.mark.sglang_pin
 def test_triton_backend_hands_these_values_to_its_kernels():
     from sglang.srt.layers.attention import triton_backend as tb
 
@@ -334,6 +335,7 @@ def _amx_seen(layer_value: int) -> tuple[list[set[int]], set[int]]:
     return extend, _seen(o[0])
 
 
+@pytest.mark.sglang_pin
 def test_intel_amx_runs_window_keys():
     from sglang.srt.layers.attention.intel_amx_backend import IntelAMXAttnBackend
 
@@ -366,6 +368,7 @@ def _flashinfer_decode_kv_len(runner_value: int, seq_len: int) -> int:
     return int(lens[0])
 
 
+@pytest.mark.sglang_pin
 def test_flashinfer_decode_attends_runner_plus_one():
     from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
 
@@ -379,6 +382,7 @@ def test_flashinfer_decode_attends_runner_plus_one():
     assert _flashinfer_decode_kv_len(512, seq) == 513
 
 
+@pytest.mark.sglang_pin
 def test_flashinfer_prefill_contract():
     from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend, FlashInferIndicesUpdaterPrefill
 
@@ -402,6 +406,7 @@ def test_flashinfer_prefill_contract():
 
 
 # --- fa3 / fa4: window tuple from the backend source, flash-attn's documented window --------------------
+@pytest.mark.sglang_pin
 def test_flash_attention_contract():
     fa = "srt/layers/attention/flashattention_backend.py"
     assert "(layer.sliding_window_size, 0 if causal else layer.sliding_window_size)" in _method_src(
@@ -418,6 +423,7 @@ def test_flash_attention_contract():
 
 
 # --- trtllm_mha: window_left on every call, window_left + 1 in the launcher ------------------------------
+@pytest.mark.sglang_pin
 def test_trtllm_mha_contract():
     for method in ("forward_extend", "forward_decode"):
         src = _method_src("srt/layers/attention/trtllm_mha_backend.py", "TRTLLMHAAttnBackend", method)
@@ -431,6 +437,7 @@ def test_trtllm_mha_contract():
 
 
 # --- aiter: (S - 1, 0) into unified_attention, which adds one --------------------------------------------
+@pytest.mark.sglang_pin
 def test_aiter_contract():
     def aiter(method):
         return _method_src("srt/layers/attention/aiter_backend.py", "AiterAttnBackend", method)
@@ -490,6 +497,7 @@ def test_aiter_paths_off_the_unified_kernel_are_refused(env, topk, match):
     guard_window_conventions("triton", env=env, speculative_eagle_topk=topk)  # not an aiter matter
 
 
+@pytest.mark.sglang_pin
 def test_aiter_refusals_match_its_source():
     src = _method_src("srt/layers/attention/aiter_backend.py", "AiterAttnBackend", "forward_extend")
     # CK prefill (and the 5D path that reuses its window tuple) reads S as flash-attn's left window.
