@@ -11,20 +11,9 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from sglang_step35.config import Step35ConfigError
 from sglang_step35.moe import check_moe_layout, guard_moe_layout, place_experts, valid_ep_sizes
-from reference.ep_reference import (
-    MoEWeights,
-    diagnose_ep_output,
-    ep_moe_forward,
-    ep_rank_partials,
-    moe_forward,
-    route,
-    shared_expert,
-    swiglu,
-)
 from sglang_step35.moe.layout import FP8_BLOCK128, moe_block_layout, parse_quant
 from sglang_step35.config import read_config
 
@@ -229,71 +218,3 @@ def test_guard_uneven_experts_refused_with_nearest_sizes():
 def test_guard_ok_for_seed_layouts():
     assert guard_moe_layout({"tp_size": 4, "ep_size": 4}, CFG, "cuda").action == "ok"
     assert guard_moe_layout({"tp_size": 4, "ep_size": 4}, CFG, "rocm").action == "ok"
-
-
-# ---------------------------------------------------------------- simulated EP dispatch / combine
-
-
-@pytest.fixture(scope="module")
-def moe():
-    return MoEWeights.random(num_experts=8, top_k=2, hidden=16, intermediate=12, shared=12, seed=0)
-
-
-@pytest.fixture(scope="module")
-def x():
-    return torch.randn(64, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2
-
-
-def test_clamp_is_active_on_this_data(moe, x):
-    # Otherwise the EP tests would not cover the clamped SwiGLU of layers 43/44.
-    e = 0
-    clamped = swiglu(x, moe.gate[e], moe.up[e], moe.down[e], moe.limit)
-    plain = swiglu(x, moe.gate[e], moe.up[e], moe.down[e], 0.0)
-    assert not torch.allclose(clamped, plain)
-
-
-def test_routing_uses_bias_for_selection_only(moe, x):
-    ids, w = route(x, moe)
-    scores = torch.sigmoid(x @ moe.router.T)
-    assert torch.allclose(w, scores.gather(-1, ids) / scores.gather(-1, ids).sum(-1, keepdim=True) * moe.scaling)
-    assert torch.allclose(w.sum(-1), torch.full((x.shape[0],), moe.scaling, dtype=x.dtype))
-    no_bias_ids = torch.topk(scores, moe.top_k, dim=-1).indices
-    assert not torch.equal(ids.sort(-1).values, no_bias_ids.sort(-1).values)  # the bias changes choices here
-
-
-@pytest.mark.parametrize("ep", [1, 2, 4, 8])
-def test_ep_combine_equals_ep1(moe, x, ep):
-    ref = moe_forward(x, moe)
-    out = ep_moe_forward(x, moe, ep)
-    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-    assert diagnose_ep_output(out, ref, shared_expert(x, moe)) == "ok"
-
-
-def test_rank_partials_are_zero_for_tokens_routed_elsewhere(moe, x):
-    placement = place_experts(8, 4)
-    ids, _ = route(x, moe)
-    partials = ep_rank_partials(x, moe, placement)
-    for r, part in enumerate(partials):
-        local = torch.isin(ids, torch.tensor(list(placement.local_experts(r)))).any(-1)
-        assert torch.all(part[~local] == 0)
-        assert torch.all(part[local].abs().sum(-1) > 0)
-        assert 0 < local.sum() < x.shape[0]  # the test data exercises both cases on every rank
-
-
-@pytest.mark.parametrize("ep", [2, 4, 8])
-def test_shared_expert_on_every_rank_is_detected(moe, x, ep):
-    ref = moe_forward(x, moe)
-    bad = ep_moe_forward(x, moe, ep, shared_on_every_rank=True)
-    assert not torch.allclose(bad, ref, atol=1e-6)
-    assert diagnose_ep_output(bad, ref, shared_expert(x, moe)) == f"shared expert added {ep} times"
-
-
-def test_diagnose_reports_unrelated_errors_as_mismatch(moe, x):
-    ref = moe_forward(x, moe)
-    noisy = ref + 1e-3 * torch.randn(ref.shape, generator=torch.Generator().manual_seed(2), dtype=ref.dtype)
-    assert diagnose_ep_output(noisy, ref, shared_expert(x, moe)) == "mismatch"
-
-
-def test_uneven_simulated_ep_refused(moe, x):
-    with pytest.raises(Step35ConfigError):
-        ep_moe_forward(x, moe, 3)
