@@ -172,9 +172,11 @@ def init_world_of_one() -> None:
     module imports sglang.test.test_utils -> sglang.benchmark -> `datasets`, absent on the image."""
     import torch
 
-    for k, v in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())), ("RANK", "0"),
-                 ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+    for k, v in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
         os.environ.setdefault(k, v)
+    # A port of our own: a MASTER_PORT inherited from a parent (a test runner with its own world of
+    # one) is already taken by that parent.
+    os.environ["MASTER_PORT"] = str(_free_port())
     from sglang.srt.distributed import parallel_state
     from sglang.srt.runtime_context import SpawnRanks, get_parallel, publish, reset_context
     from sglang.srt.server_args import ServerArgs

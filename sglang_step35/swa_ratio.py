@@ -292,7 +292,12 @@ def pool_tokens(cfg: Mapping, available_bytes: int, ratio: float, *, tp: int = 1
     # built groups: one group stand-in of `tp` ranks (also where a process built a 1-rank group).
     group = SimpleNamespace(world_size=tp, rank_in_group=0, ranks=list(range(tp)), unique_name="tp",
                             cpu_group=None, device_group=None)  # fmt: skip
+    # The widths too, not only the groups: a process that already published a topology (SGLang's
+    # world-of-one set-up stamps tp = attn_tp = moe_tp = 1) would otherwise fail SGLang's topology
+    # check (tp_size == attn_tp_size * ..., group width == configured width).
+    widths = dict(tp_size=tp, attn_tp_size=tp, attn_dp_size=1, attn_cp_size=1, moe_tp_size=tp, moe_ep_size=1,
+                  moe_dp_size=1)
     with _published(swa_full_tokens_ratio=ratio, tp_size=tp), \
-            get_parallel().override(tp_group=group, attn_tp_group=group):  # fmt: skip
+            get_parallel().override(tp_group=group, attn_tp_group=group, **widths):  # fmt: skip
         sizes = HybridSWAPoolConfigurator(kvc).calculate_pool_sizes(int(available_bytes), page_size)
     return int(sizes.full_max_total_num_tokens), int(sizes.swa_max_total_num_tokens)

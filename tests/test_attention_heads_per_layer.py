@@ -69,6 +69,37 @@ def test_a_stated_per_layer_list_must_agree_with_the_layers():
         Step35Config(**raw, num_attention_heads_per_layer=[64] * len(heads))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _undo_the_kits_import_time_override():
+    """Importing SGLang's attention kit enters `get_parallel().override(attn_tp_size=1, ...)` at module
+    level and never leaves it (sglang/test/kits/attention_unittest/attention_methods/dense_attention.py),
+    so every later test in the process would see attention-TP width 1 whatever its tp_size. Leave it
+    after this module's tests."""
+    from sglang.test.kits.attention_unittest.attention_methods import dense_attention as da
+
+    yield
+    da._parallel_override.__exit__(None, None, None)
+
+
+@pytest.fixture(autouse=True)
+def _restore_published_server_args(monkeypatch):
+    """SGLang's attention kit (MockModelRunner) publishes its server args for the test and never
+    restores them; undo that, so later tests in the process see its own state (no published config)."""
+    from sglang.test.kits.attention_unittest.attention_methods import dense_attention as da
+
+    runners = []
+    init = da.MockModelRunner.__init__
+
+    def recording(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        runners.append(self)
+
+    monkeypatch.setattr(da.MockModelRunner, "__init__", recording)
+    yield
+    for runner in reversed(runners):
+        runner._server_args_override.restore()
+
+
 def _runner(case, model_config):
     from sglang.test.kits.attention_unittest.attention_methods import dense_attention as da
 
