@@ -8,7 +8,7 @@ exactly those constants onto it) - neither is Step-3.5's ``min(silu(gate), L) * 
 plain activation dropped GSM8K from ~0.85 to ~0.55 elsewhere (vllm #36193, #39436; ROCm/aiter
 #2484); the fix that worked was a Triton fallback for the clamped layers only (43 and 44 in
 Step-3.5-Flash) while every unclamped layer keeps AITER. That rule lives in
-``sglang_step35.moe.runner`` (the one home of "which runner serves which layer"); this module only
+``sglang_step35.moe.policy`` (the one home of "which runner serves which layer"); this module only
 reports, in ``aiter_capabilities``, what the installed AITER offers.
 
 Importing this module never imports AITER; only ``aiter_capabilities()`` does, once, on demand

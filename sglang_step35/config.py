@@ -143,17 +143,21 @@ class LayerSpec:
 
 
 def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
-    """Read `key` from a config dict or config object without tripping transformers' attribute hooks."""
+    """`key` of a dict or an object (a config, ServerArgs, a namespace), `default` where it is missing
+    or None, without tripping transformers' attribute hooks. The package's one "attribute or key"
+    reader: the config, the MoE launch guard and the PP guard all read through it."""
     # collections.abc.Mapping, not typing.Mapping: the planner calls this ~10^6 times per grid of
     # plans and typing's isinstance hook made it half of `step35 plan`'s time.
     if isinstance(cfg, Mapping):
-        return cfg.get(key, default)
-    if key in cfg.__dict__:
-        return cfg.__dict__[key]
-    try:  # properties such as PretrainedConfig.rope_scaling
-        return getattr(cfg, key, default)
-    except RuntimeError:  # transformers' AmbiguousGlobalPerLayerAttributeError
-        return default
+        value = cfg.get(key)
+    elif key in cfg.__dict__:
+        value = cfg.__dict__[key]
+    else:
+        try:  # properties such as PretrainedConfig.rope_scaling
+            value = getattr(cfg, key, None)
+        except RuntimeError:  # transformers' AmbiguousGlobalPerLayerAttributeError
+            value = None
+    return default if value is None else value
 
 
 def moe_layer_ids(cfg: Any) -> set[int]:

@@ -46,14 +46,9 @@ from .plan_memory import (
     weight_breakdown,
 )
 from .config import Step35ConfigError, read_config, validate
-from .moe.layout import (
-    QUANTS,
-    check_moe_layout,
-    clamped_moe_layers,
-    effective_moe_backend,
-    moe_block_layout,
-    recommended_layout,
-)
+from .moe.layout import check_moe_layout, moe_block_layout, recommended_layout
+from .moe.policy import clamped_moe_layers, effective_moe_backend
+from .moe.quant import QUANTS
 
 GB = 10**9  # GPU memory is sold in decimal gigabytes
 GiB = 2**30

@@ -11,7 +11,7 @@ import math
 from typing import Any, Mapping
 
 from .config import layer_spec, moe_layer_ids
-from .moe.layout import BF16, QUANTS, QuantSpec
+from .moe.quant import BF16, QUANTS, QuantSpec
 
 # (draft steps, draft tokens) per MTP depth, top-k 1: a chain of `steps` MTP layers proposes
 # `steps` tokens and the target verifies steps + 1 positions.

@@ -237,7 +237,7 @@ def apply_server_policy(server_args, *args, **kwargs):
     from sglang_step35.attention import choose_attention_backend, detect_platform, guard_window_conventions
     from sglang_step35.config import SLIDING
     from sglang_step35 import served
-    from sglang_step35.moe.layout import guard_moe_layout
+    from sglang_step35.moe.policy import guard_moe_layout
 
     platform = detect_platform() if has_accelerator() else None
     if platform is not None:

@@ -10,11 +10,11 @@ router and SwiGLU clamp there, and the test that verifies it through its contrac
 serves is refused by name (allow-list: a value SGLang adds later is refused until a row serves it).
 
 Who asks it, so a refusal happens wherever a model can be started:
-- the launch policy: :func:`sglang_step35.moe.layout.guard_moe_layout` (``plugin.apply_server_policy``
+- the launch policy: :func:`sglang_step35.moe.policy.guard_moe_layout` (``plugin.apply_server_policy``
   calls it before SGLang resolves its arguments) takes :func:`refusals` of the user's flags;
 - model construction (``Engine(...)``, anything else that skips the CLI, and values SGLang resolved
   itself, e.g. ``auto`` -> ``deep_gemm`` under ``--moe-a2a-backend pplx``): ``Step35MoE`` builds each
-  layer through :func:`sglang_step35.moe.runner.routed_plan`, which raises :class:`NotServedError`
+  layer through :func:`sglang_step35.moe.policy.routed_plan`, which raises :class:`NotServedError`
   from :func:`refusals` of SGLang's runtime values;
 - ``step35 plan`` (:func:`sglang_step35.plan.make_plan`) for every command it emits.
 
@@ -242,8 +242,8 @@ ROWS: tuple[Row, ...] = (
 
 
 def quant_label(quant: Any) -> str:
-    """'bf16' | 'fp8-block' | 'fp8-per-tensor' | 'int4' from anything moe.layout.parse_quant reads."""
-    from sglang_step35.moe.layout import parse_quant
+    """'bf16' | 'fp8-block' | 'fp8-per-tensor' | 'int4' from anything moe.quant.parse_quant reads."""
+    from sglang_step35.moe.quant import parse_quant
 
     q = parse_quant(quant)
     if q.name == "fp8":

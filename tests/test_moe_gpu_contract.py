@@ -3,7 +3,7 @@
 SGLang's CPU engine takes other branches than a GPU (TopK.forward_native, moe_forward_native), which
 is how a TopK never bound to its runner, an in-place fused MoE overwriting the shared expert's
 input and a host-syncing expert loop all stayed invisible. Here the model is built as on a GPU
-(platform faked for our runner policy: `sglang_step35.moe.runner`), its MoE layers dispatch like
+(platform faked for our runner policy: `sglang_step35.moe.policy`), its MoE layers dispatch like
 CUDA (`forward_cuda` of SGLang's TopK and MoE method) and SGLang's own Triton fused-MoE kernels run
 on CPU tensors under TRITON_INTERPRET=1 (tests/gpu_contract.py supplies the CUDA-only helpers).
 

@@ -14,7 +14,8 @@ import pytest
 
 from sglang_step35.config import Step35ConfigError
 from sglang_step35.moe import check_moe_layout, guard_moe_layout, place_experts, valid_ep_sizes
-from sglang_step35.moe.layout import FP8_BLOCK128, moe_block_layout, parse_quant
+from sglang_step35.moe.layout import moe_block_layout
+from sglang_step35.moe.quant import FP8_BLOCK128, parse_quant
 from sglang_step35.config import read_config
 
 CFG = read_config()  # Step-3.5-Flash

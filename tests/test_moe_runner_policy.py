@@ -1,4 +1,4 @@
-"""The runner-per-layer policy (`sglang_step35.moe.runner`) on Step-3.5-Flash's real config: which
+"""The runner-per-layer policy (`sglang_step35.moe.policy`) on Step-3.5-Flash's real config: which
 layers run where on each platform, and the combinations it refuses."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from sglang_step35.config import layer_spec, moe_layer_ids
-from sglang_step35.moe.runner import RoutedRunner, routed_plan
+from sglang_step35.moe.policy import RoutedRunner, routed_plan
 from sglang_step35.config import read_config
 
 FLASH = read_config()  # Step-3.5-Flash

@@ -218,7 +218,8 @@ def test_fp8_on_amd_is_planned_under_aiter():
     so the plan is feasible; a per-tensor FP8 checkpoint has no such fallback and is refused."""
     p = make_plan("mi355x", 4, "fp8")
     assert p.feasible and p.command and not p.problems
-    from sglang_step35.moe.layout import QuantSpec, clamp_runner_refusal
+    from sglang_step35.moe.policy import clamp_runner_refusal
+    from sglang_step35.moe.quant import QuantSpec
 
     why = clamp_runner_refusal(vendor="amd", quant=QuantSpec("fp8", 8), aiter=True, runner_backend=None,
                                clamped_layers=(43, 44))

@@ -150,8 +150,8 @@ def test_unverified_quantizations_are_refused_at_launch_and_construction(launch_
     while the block-FP8 checkpoint (its own quantization_config) stays served."""
     from sglang.srt.layers.quantization.fp8 import Fp8Config
 
-    from sglang_step35.moe.layout import quant_spec_of
-    from sglang_step35.moe.runner import routed_plan
+    from sglang_step35.moe.policy import routed_plan
+    from sglang_step35.moe.quant import quant_spec_of
 
     for platform in served.GPUS:
         with pytest.raises(ValueError, match=r"fp8-per-tensor experts no test verifies .*without --quantization"):
@@ -174,7 +174,7 @@ def test_unverified_quantizations_are_refused_at_launch_and_construction(launch_
 
 
 def test_a2a_rows():
-    """The all-to-all rows that moved here from moe.layout.a2a_refusal, on the vendor that lacks each."""
+    """The all-to-all rows that moved here from moe.policy.a2a_refusal, on the vendor that lacks each."""
     amd = served.refusal(served.A2A, served.Setting("amd", moe_a2a_backend="deepep"))
     assert amd.startswith("--moe-a2a-backend deepep does not run on amd GPUs (use mori)")
     assert served.refusal(served.A2A, served.Setting("amd", moe_a2a_backend="mori")) is None

@@ -2,7 +2,7 @@
 
 Why this exists: SGLang 0.5.23's CPU MoE (`moe_forward_native`) ignores `gemm1_clamp_limit` and
 indexes with the -1 ids of non-local experts under EP. So on CPU the clamped layers (43-44 in
-Step-3.5-Flash), and every layer under EP, run this loop (`sglang_step35.moe.runner` decides).
+Step-3.5-Flash), and every layer under EP, run this loop (`sglang_step35.moe.policy` decides).
 It syncs with the host (`unique().tolist()`, `nonzero`), so it must never run on a GPU path that
 SGLang captures in a CUDA graph; GPUs use FusedMoE with the clamp passed in. Works under EP (only
 local experts) and TP (partial intermediate; the caller all-reduces).

@@ -15,7 +15,7 @@ Where the MoE block's tokens and shared expert live is decided by one rule,
   there is no all-reduce; the replicated shared expert runs on the same slice; the slices are
   all-gathered back (``attn_tp_gather``) for the decoder layer, which holds every token. Clamped
   layers follow the same contract; whether their runner keeps Step's clamp there is
-  :func:`sglang_step35.moe.layout.a2a_refusal`'s question (today: no, so they are refused).
+  :func:`sglang_step35.moe.policy.a2a_refusal`'s question (today: no, so they are refused).
 
 Split out of ``step3p5.py`` so this layout lives next to the code it governs.
 """
@@ -42,14 +42,10 @@ from sglang.srt.utils import add_prefix
 from sglang_step35 import ops
 from sglang_step35.config import LayerSpec
 from sglang_step35.models.expert_compute import experts_forward_loop
-from sglang_step35.moe.layout import moe_block_layout, quant_spec_of
-from sglang_step35.moe.runner import (
-    RoutedRunner,
-    aiter_moe_active,
-    clamp_honouring_method,
-    current_device,
-    routed_plan,
-)
+from sglang_step35.moe.layout import moe_block_layout
+from sglang_step35.moe.policy import RoutedRunner, routed_plan
+from sglang_step35.moe.quant import quant_spec_of
+from sglang_step35.moe.runner import aiter_moe_active, clamp_honouring_method, current_device
 
 
 def expert_location_settings() -> dict:
@@ -153,7 +149,7 @@ class Step35MoE(nn.Module):
             intermediate_size=config.moe_intermediate_size,
             quant_config=quant_config,
             reduce_results=False,
-            # SGLang's Triton runner applies Step's clamp itself (see moe/runner.py).
+            # SGLang's Triton runner applies Step's clamp itself (see moe/policy.py).
             gemm1_clamp_limit=self.swiglu_limit if self.swiglu_limit > 0 else None,
             quant_method=clamp_honouring_method(quant_config) if self.plan.runner is RoutedRunner.FUSED_TRITON else None,
             prefix=add_prefix("experts", prefix),
