@@ -232,3 +232,24 @@ def test_dequantizers_name_missing_and_misshaped_parts(tiny):
     dq.feed("model.layers.0.self_attn.k_proj.weight_scale", out["model.layers.0.self_attn.k_proj.weight_scale"])
     assert dq.problems() == [f"{q}.weight: MXFP4 weight without {q}.weight_scale",
                              "model.layers.0.self_attn.k_proj.weight_scale: scale without its MXFP4 weight"]
+
+
+@pytest.mark.parametrize("fmt,name", [(nvfp4, "nvfp4"), (nvfp4, "modelopt-mixed"), (mxfp4, "mxfp4")])
+def test_checkpoint_shape_states_every_written_tensor(tiny, fmt, name):
+    """What the loader checks a tensor against (None only where the leaf alone cannot tell: the
+    weight and weight_scale of a MIXED_PRECISION module, FP8 or NVFP4)."""
+    cfg, w = tiny
+    out, extra = fmt.write_checkpoint_tensors(w, cfg, name)
+    qc = extra["quantization_config"]
+    checked = 0
+    for k, t in out.items():
+        if k in w and t.dtype == w[k].dtype:
+            continue  # kept BF16
+        module, leaf = k.rsplit(".", 1)
+        want = fmt.checkpoint_shape(leaf, tuple(w[module + ".weight"].shape), qc)
+        if want is None:
+            assert name == "modelopt-mixed" and leaf in ("weight", "weight_scale"), k
+            continue
+        assert tuple(t.shape) == want, k
+        checked += 1
+    assert checked > 50

@@ -111,6 +111,17 @@ def _quantized(name: str, n: int) -> bool:
     return name[: -len(".weight")].rsplit(".", 1)[-1] in _QUANTIZED
 
 
+def checkpoint_shape(leaf: str, bf16_shape: tuple, quantization_config: dict) -> Optional[tuple]:  # noqa: ARG001
+    """Shape of the checkpoint tensor `<module>.<leaf>` whose BF16 weight has `bf16_shape` ([..., N, K];
+    None: not a tensor of this format)."""
+    *lead, n, k = bf16_shape
+    if leaf == "weight":
+        return (*lead, n, k // 2)
+    if leaf == "weight_scale":
+        return (*lead, n, k // GROUP)
+    return None
+
+
 def write_checkpoint_tensors(weights: dict[str, torch.Tensor], cfg: dict, name: str) -> tuple[dict, dict]:
     """BF16 Step-3.5 tensors -> Quark's MXFP4 export."""
     if name not in NAMES:

@@ -169,6 +169,23 @@ def _nominal_input_scale(layer: int) -> torch.Tensor:
     return torch.tensor(8.0 * (1.0 + layer / 16) / (e2m1.E2M1_MAX * E4M3_MAX), dtype=torch.float32)
 
 
+def checkpoint_shape(leaf: str, bf16_shape: tuple, quantization_config: dict) -> Optional[tuple]:
+    """Shape of the checkpoint tensor `<module>.<leaf>` whose BF16 weight has `bf16_shape` ([..., N, K];
+    None: not a tensor of this format, or not knowable from the leaf alone: in a MIXED_PRECISION
+    checkpoint `weight` / `weight_scale` depend on the module's algorithm, FP8 or NVFP4)."""
+    *lead, n, k = bf16_shape
+    if leaf in ("weight_scale_2", "input_scale"):
+        return tuple(lead)  # one per expert for stacked experts, a scalar for a Linear
+    if str(_section(quantization_config).get("quant_algo", "")).upper() != "NVFP4":
+        return None
+    group = int(_section(quantization_config).get("group_size") or GROUP)
+    if leaf == "weight":
+        return (*lead, n, k // 2)
+    if leaf == "weight_scale":
+        return (*lead, n, k // group)
+    return None
+
+
 # ---------------------------------------------------------------- writer
 def write_checkpoint_tensors(weights: dict[str, torch.Tensor], cfg: dict, name: str) -> tuple[dict, dict]:
     """BF16 Step-3.5 tensors -> the ModelOpt export `name` ("nvfp4" or "modelopt-mixed")."""
