@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 
 from parser_corpus import (
     TOOLS,
-    TYPE_ALIASES,
     as_objects,
     build_corpus,
     split_at,
@@ -125,13 +124,7 @@ def test_schema_typing_search(key, raw, value):
     assert parse(text)[1] == [("search", {key: value})]
 
 
-@pytest.mark.parametrize("declared, raw, value", TYPE_ALIASES)
-def test_type_aliases_outside_json_schema(declared, raw, value):
-    tool = Tool(function=Function(name="f", parameters={"type": "object", "properties": {"v": {"type": declared}}}))
-    text = f"<tool_call>\n<function=f>\n<parameter=v>\n{raw}\n</parameter>\n</function>\n</tool_call>"
-    (_, calls) = parse(text, [tool])
-    assert calls == [("f", {"v": value})]
-    assert type(calls[0][1]["v"]) is type(value)
+# The alias table (parser_corpus.TYPE_ALIASES) is asserted once, in test_parsers_differential.py.
 
 
 @pytest.mark.parametrize("raw, value", [("null", None), ("1.5", 1.5), ("x", "x")])
