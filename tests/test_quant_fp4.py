@@ -253,3 +253,22 @@ def test_checkpoint_shape_states_every_written_tensor(tiny, fmt, name):
         assert tuple(t.shape) == want, k
         checked += 1
     assert checked > 50
+
+
+def test_sglangs_own_fp4_readers_read_our_tensors_as_we_do():
+    """SGLang's reference dequantizers (what its load-time conversions use) decode our exports to the
+    same numbers: `dequantize_nvfp4` (ModelOpt / Quark NVFP4, low nibble first) and the Quark MXFP4
+    linear's `_dequant_mxfp4_to_bf16`."""
+    from sglang.srt.layers.quantization.dequantization import dequantize_nvfp4
+    from sglang.srt.layers.quantization.quark.schemes.quark_w4a4_mxfp4 import _dequant_mxfp4_to_bf16
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(4, 16, 64, generator=g)
+    s2 = nvfp4.global_scale(w.abs().amax(dim=(-2, -1)))
+    q, bs = nvfp4.quantize(w, s2)
+    theirs = dequantize_nvfp4(q, bs, s2.reshape(4, 1, 1), out_dtype=torch.float32)
+    # Same numbers up to one fp32 rounding: SGLang rounds block * global scale first, we round once
+    # (e2m1 * E4M3 block scale is exact in fp32).
+    assert torch.allclose(theirs, nvfp4.dequantize(q, bs, s2), rtol=2e-7, atol=0)
+    qm, sm = mxfp4.quantize(w[0])
+    assert torch.equal(_dequant_mxfp4_to_bf16(qm, sm), mxfp4.dequantize(qm, sm).to(torch.bfloat16))
