@@ -14,7 +14,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from sglang_step35.plan import GPUS, format_plan, make_plan
+from sglang_step35.plan import make_plan
+from sglang_step35.plan_hardware import GPUS
+from sglang_step35.plan_render import format_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "deploy.md"

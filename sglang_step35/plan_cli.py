@@ -2,7 +2,7 @@
 (one node, several nodes per replica, or replicas behind sglang_router).
 
 Exit status: 0 for a feasible plan, 2 for an infeasible one (the reason and the nearest feasible
-plans are printed instead of a command). ``--json`` prints :meth:`Plan.to_dict` instead of text.
+plans are printed instead of a command). ``--json`` prints :func:`~.plan_render.plan_dict` instead of text.
 ``step35 plan`` (sglang_step35/cli.py) calls :func:`add_plan_parser` / :func:`run_plan`;
 ``python -m sglang_step35.plan_cli`` runs the same standalone.
 """
@@ -16,7 +16,10 @@ from typing import Optional, Sequence
 
 from .config import Step35ConfigError
 from .config import read_config
-from .plan import GPUS, QUANTS, format_plan, make_plan
+from .moe.quant import QUANTS
+from .plan import make_plan
+from .plan_hardware import GPUS
+from .plan_render import format_plan, plan_dict
 from .plan_memory import MTP_SPEC
 
 EXIT_INFEASIBLE = 2
@@ -67,7 +70,7 @@ def run_plan(args: argparse.Namespace) -> int:
         print(f"step35 plan: config {args.config or '(built-in)'} cannot be planned: {e}", file=sys.stderr)
         return EXIT_INFEASIBLE
     if args.json:
-        print(json.dumps(plan.to_dict(), indent=2))
+        print(json.dumps(plan_dict(plan), indent=2))
     else:
         sys.stdout.write(format_plan(plan))
     return 0 if plan.feasible else EXIT_INFEASIBLE

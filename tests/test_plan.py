@@ -14,7 +14,10 @@ import pytest
 
 from sglang_step35.moe import guard_moe_layout
 from sglang_step35.config import read_config
-from sglang_step35.plan import GPUS, QUANTS, GiB, format_plan, make_plan
+from sglang_step35.moe.quant import QUANTS
+from sglang_step35.plan import make_plan
+from sglang_step35.plan_hardware import GPUS, GiB
+from sglang_step35.plan_render import format_plan
 from sglang_step35.plan_memory import (
     buffer_breakdown,
     kv_bytes_per_token,

@@ -24,7 +24,8 @@ import torch
 
 from sglang_step35.fp8 import QUANTIZATION_CONFIG
 from sglang_step35.config import read_config
-from sglang_step35.plan import GPUS, make_plan
+from sglang_step35.plan import make_plan
+from sglang_step35.plan_hardware import GPUS
 from sglang_step35.plan_memory import buffer_breakdown, weight_breakdown
 import gpu_contract
 

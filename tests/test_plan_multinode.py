@@ -18,7 +18,8 @@ import pytest
 from sglang_step35.moe import guard_moe_layout
 from sglang_step35.config import read_config
 from sglang_step35.parallel_guard import pp_stage_layers
-from sglang_step35.plan import format_plan, make_plan, model_class_pp_refusal, plan_argv
+from sglang_step35.plan import make_plan, model_class_pp_refusal
+from sglang_step35.plan_render import format_plan, plan_argv
 from sglang_step35.plan_memory import buffer_breakdown, weight_breakdown
 from sglang_step35.plan_cli import main as plan_main
 import gpu_contract

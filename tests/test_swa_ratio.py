@@ -12,7 +12,8 @@ import pytest
 
 from sglang_step35 import plugin, swa_ratio
 from sglang_step35.config import read_config
-from sglang_step35.plan import format_plan, make_plan
+from sglang_step35.plan import make_plan
+from sglang_step35.plan_render import format_plan
 from sglang_step35.plan_memory import REQUEST_TOKENS, kv_bytes_per_token
 
 FLASH = read_config()
