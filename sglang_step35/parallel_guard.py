@@ -29,11 +29,6 @@ class PipelineParallelError(ValueError):
     """A --pp-size layout Step-3.5 cannot be served with; the message says what to use instead."""
 
 
-def _arg(server_args: Any, name: str, default: Any = None) -> Any:
-    value = server_args.get(name) if isinstance(server_args, Mapping) else getattr(server_args, name, None)
-    return default if value is None else value
-
-
 PP_MTP_REASON = (
     "SGLang 0.5.23 runs Step-3.5's MTP only as multi-layer EAGLE (it sets --enable-multi-layer-eagle for "
     "Step3p5ForCausalLM), and its pipeline parallelism supports only single-layer EAGLE "
@@ -54,18 +49,18 @@ def guard_pipeline_parallel(server_args: Any, cfg: Any, env: Mapping[str, str] =
     """Raise PipelineParallelError if `server_args` (ServerArgs or a mapping: pp_size, tp_size,
     speculative_algorithm) ask for pipeline parallelism Step-3.5 (`cfg`: config dict or object)
     cannot run; return None otherwise (also for --pp-size 1). Changes nothing."""
-    pp = int(_arg(server_args, "pp_size", 1))
+    pp = int(cfg_get(server_args, "pp_size", 1))
     if pp <= 1:
         return
     n = int(cfg_get(cfg, "num_hidden_layers"))
     m = int(cfg_get(cfg, "num_nextn_predict_layers", 0) or 0)
-    tp = int(_arg(server_args, "tp_size", 1))
+    tp = int(cfg_get(server_args, "tp_size", 1))
     if pp > n:
         raise PipelineParallelError(
             f"--pp-size {pp}: this Step-3.5 checkpoint has {n} decoder layers, so at most --pp-size {n} "
             f"(every pipeline stage needs at least one layer; the {m} MTP layers are not pipelined). "
             f"Use --pp-size {n} or fewer, and --tp for the remaining GPUs")
-    spec = _arg(server_args, "speculative_algorithm")
+    spec = cfg_get(server_args, "speculative_algorithm")
     why = pp_mtp_refusal(
         pp, f"--speculative-algorithm {spec}" if spec else None,
         drop=f"Drop --speculative-algorithm to serve with --pp-size {pp}",
