@@ -7,6 +7,7 @@ up through its entry point like in any deployment.
 from __future__ import annotations
 
 import os
+import random
 import shlex
 import signal
 import socket
@@ -20,8 +21,29 @@ from typing import Callable, Optional, Sequence, Union
 import requests
 
 
+# Ports handed to a server that binds them later come from below the kernel's ephemeral range
+# (bind(0) and outgoing connections only get ports from there up) and below SGLang's own 22000-29999
+# (its dist-init ports): a CPU server may take minutes to bind, and a bind(0) port could be taken by
+# another connection (a second test worker's server, a client) in between ("address already in use").
+_PORT_RANGE = (12000, 21999)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A free TCP port on 127.0.0.1 that nothing else on the host is handed in the meantime."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral_low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    low, high = _PORT_RANGE[0], min(_PORT_RANGE[1], ephemeral_low - 1)
+    for port in random.sample(range(low, high + 1), min(64, max(0, high - low + 1))):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # no such range on this host: any free port
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
