@@ -4,6 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST := $(BIN)/python -m pytest
+# pytest-xdist workers: a 2-core CI runner spends much of a server test waiting on its `sglang serve`;
+# tests sharing a server run on one worker (xdist groups, tests/conftest.py). WORKERS=0: one process.
+WORKERS ?= 2
+XDIST := $(if $(filter 0,$(WORKERS)),-p no:xdist,-n $(WORKERS) --dist loadgroup)
 
 .PHONY: setup demo lint test test-fast fuzz clean
 
@@ -23,13 +27,14 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check .
 
-## The whole CI suite: lint, then unit, kernels under TRITON_INTERPRET, servers on CPU.
+## The whole CI suite: lint, then unit, kernels under TRITON_INTERPRET, servers on CPU (--durations: where
+## the time goes).
 test: setup lint
-	$(PYTEST) -q -ra --durations=15 tests
+	$(PYTEST) -q -ra $(XDIST) --durations=25 tests
 
 ## Unit tests only (no `sglang serve` processes).
 test-fast: setup
-	$(PYTEST) -q -ra -m "not server" tests
+	$(PYTEST) -q -ra $(XDIST) -m "not server" tests
 
 ## Long parser fuzzing run (>= 10,000 cases); not part of `make test`.
 fuzz: setup

@@ -1,4 +1,10 @@
-"""Shared fixtures: tiny checkpoints and `sglang serve` processes (one per configuration per session)."""
+"""Shared fixtures: tiny checkpoints and `sglang serve` processes (one per configuration per session).
+
+`make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`). A session-scoped
+server fixture lives in one worker process, so every test that uses it is put into that server's
+xdist group (SERVER_GROUPS): the server starts once per run, not once per worker. A `server` test
+without a shared server is grouped by module, so module-scoped servers start once as well.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +12,13 @@ import os
 
 import pytest
 
-from sglang_step35.plugin import has_accelerator
+from sglang_step35.platform import current_platform
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # What plugin.register() sets in every SGLang process on a GPU-less machine, set before any test
 # module imports SGLang: SGLang reads it at import time (module-level `_is_cpu = is_cpu()`), so
 # in-process layer tests (test_moe_gpu_contract) see the same platform as a served model.
-if not has_accelerator():
+if not current_platform().has_accelerator:
     os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
 
 # Servers the tests start unpickle test-support classes sent with requests (the forced-output logit
@@ -43,6 +49,46 @@ def tiny_dir(tmp_path_factory):
 def trained_dir():
     """The embedded trained tiny checkpoint (`step35 tiny OUT --trained`): writes GSM8K solutions and tool calls."""
     return TRAINED_TINY_DIR
+
+
+def _xdist_group(item) -> str | None:
+    shared = {SERVER_GROUPS[name] for name in item.fixturenames if name in SERVER_GROUPS}
+    if len(shared) > 1:
+        raise pytest.UsageError(f"{item.nodeid} uses servers of the xdist groups {sorted(shared)}: one test, one "
+                                "group (merge the groups in tests/conftest.py SERVER_GROUPS)")
+    if shared:
+        return shared.pop()
+    module = getattr(item, "module", None)
+    return module.__name__ if module is not None and item.get_closest_marker("server") else None
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook turns the groups into scopes
+def pytest_collection_modifyitems(config, items):
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None and (group := _xdist_group(item)):
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+# The tiny seed-0 checkpoint in fp32 behind plain `sglang serve`: the parity reference comparisons,
+# the one-rank run the parallel layouts are compared with, and the hybrid SWA pool under load all
+# read this one server. Its SWA pool is a quarter of a 2048-token full pool, so the load test runs
+# under SWA pressure (tests/test_swa_pool_cpu.py).
+TINY_FP32_FULL_TOKENS, TINY_FP32_SWA_RATIO = 2048, 0.25
+TINY_FP32_ARGS = ["--device", "cpu", "--dtype", "float32", "--max-total-tokens", str(TINY_FP32_FULL_TOKENS),
+                  "--swa-full-tokens-ratio", str(TINY_FP32_SWA_RATIO), "--skip-server-warmup"]
+
+
+@pytest.fixture(scope="session")
+def served_tiny(tiny_dir):
+    """`tiny_dir` behind `sglang serve` (TINY_FP32_ARGS)."""
+    from sglang_step35.server import SGLangServer
+
+    server = SGLangServer(str(tiny_dir), TINY_FP32_ARGS)
+    server.start()
+    yield server
+    server.stop()
 
 
 # The trained checkpoint's servers: fp32, so plain and MTP decoding round alike (the MTP tests compare
@@ -80,3 +126,9 @@ def served_trained_mtp3(trained_dir):
     server.start()
     yield server
     server.stop()
+
+
+# Session-scoped server fixture -> the xdist group of every test using it (a test using two of these
+# servers needs them in one group).
+SERVER_GROUPS = {"served_tiny": "served-tiny-fp32", "served_trained": "served-trained",
+                 "served_trained_mtp3": "served-trained"}

@@ -1,6 +1,7 @@
 """Tensor, expert and pipeline parallel on CPU, served: `--tp 2`, `--tp 2 --ep 2`, `--pp-size 2` and
 `--pp-size 2 --tp 2` decode the tokens of one rank, with logprobs within 1e-4 of one rank's and of the
-reference (fp32). One module-scoped set of runs: the one-rank server is started once for both checks.
+reference (fp32). One module-scoped set of runs; the one-rank run is the session's shared tiny server
+(conftest `served_tiny`).
 
 SGLang 0.5.23 alone cannot start `--tp 2` on CPU: `init_model_parallel_group`
 (sglang/srt/distributed/parallel_state.py) turns pynccl on for CPU groups and `PyNcclCommunicator`
@@ -22,7 +23,7 @@ import random
 import pytest
 
 from reference import Step35Reference
-from reference.serving import assert_layouts_agree, serve_parallel_layouts
+from reference.serving import assert_layouts_agree, generate, serve_parallel_layouts
 
 pytestmark = pytest.mark.server
 
@@ -41,19 +42,20 @@ def _omp_bind(ranks: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_dir):
+def runs(tiny_dir, served_tiny):
     """name -> (greedy response, server log) for one rank and every parallel layout, same prompt."""
     ref = Step35Reference(tiny_dir)
     V = int(ref.cfg["vocab_size"])
     rng = random.Random(4)
     # Longer than the sliding window (16): sliding layers run past it, on PP stage 1 on relayed states.
     prompt = [rng.randrange(20, V) for _ in range(40)]
-    layouts = {ONE_RANK: [], **TP_LAYOUTS, **PP_LAYOUTS}
-    # The plugin splits the cores between TP ranks only (plugin._cpu_thread_binding); without an
+    layouts = {**TP_LAYOUTS, **PP_LAYOUTS}
+    # The plugin splits the cores between TP ranks only (platform.cpu.cpu_thread_binding); without an
     # explicit binding SGLang asserts one NUMA node per rank for the 2 PP ranks.
     served = serve_parallel_layouts(tiny_dir, layouts, prompt, 12, V,
                                     env_for=lambda name: {"SGLANG_CPU_OMP_THREADS_BIND": _omp_bind(RANKS[name])}
                                     if name in PP_LAYOUTS else {})  # fmt: skip
+    served[ONE_RANK] = (generate(served_tiny, prompt, 12, V), served_tiny.log_text())
     return served, ref, prompt, V
 
 

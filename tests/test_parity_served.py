@@ -14,7 +14,8 @@ Checkpoints (tiny, real layout, built per session):
   trigger on the last layer (routed 0.5, shared 1.0).
 - B: seed 3, 6 layers, window 128, MQA (8q/1kv full, 4q/1kv sliding), top-3 of 8 experts, one dense
   layer, no clamps -> SGLang's built-in computes the same function inside the window.
-Servers are started one at a time, in test order (each configuration once): ~6 starts.
+Our model in fp32 on A is the session's shared tiny server (conftest `served_tiny`); this module
+starts the other four configurations one at a time, in test order (each once).
 """
 
 from __future__ import annotations
@@ -51,15 +52,15 @@ BF16_TOL = 0.1
 # fp32 tolerance), so the negative checks cannot pass by noise.
 DIFFERENT = 1e-2
 
-SPEC_A = TinySpec()
+SPEC_A = TinySpec()  # conftest's tiny_dir
 SPEC_B = TinySpec(num_hidden_layers=6, sliding_window=128, full_heads=8, sliding_heads=4, kv_heads=1,
                   num_dense_layers=1, top_k=3, moe_intermediate_size=48, routed_limit=0.0, shared_limit=0.0)
 BUILTIN_ENV = {"SGLANG_STEP35_USE_BUILTIN_MODEL": "1"}
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    a = write_tiny_checkpoint(tmp_path_factory.mktemp("parity-A"), seed=0, spec=SPEC_A)
+def ckpts(tiny_dir, tmp_path_factory):
+    a = tiny_dir  # SPEC_A, seed 0: the checkpoint of the shared `served_tiny` server
     b = write_tiny_checkpoint(tmp_path_factory.mktemp("parity-B"), seed=3, spec=SPEC_B)
     # A without its MTP layers (re-quantized checkpoints sometimes drop them): the target model must
     # neither need nor mind them. Served in bf16 below.
@@ -80,7 +81,6 @@ def servers(ckpts):
     # One server at a time (CPU CI); tests sharing a configuration are grouped so each starts once.
     fp32, bf16 = [*CPU_ARGS, "--dtype", "float32"], [*CPU_ARGS, "--dtype", "bfloat16"]
     pool = ServerPool({
-        "A-ours-fp32": (lambda: ckpts["A"], fp32, None),
         "A-ours-bf16": (lambda: ckpts["A-no-mtp"], bf16, None),
         "A-builtin-fp32": (lambda: ckpts["A"], fp32, BUILTIN_ENV),
         "B-ours-fp32": (lambda: ckpts["B"], fp32, None),
@@ -115,9 +115,9 @@ def _vocab(ref: Step35Reference) -> int:
 
 
 # --- A: our model, fp32 ------------------------------------------------------------------------------
-def test_ours_fp32_prefill_and_decode_past_window(servers, refs):
+def test_ours_fp32_prefill_and_decode_past_window(served_tiny, refs):
     """Prompt 40 + 24 decode steps = 4x the window of 16: every sliding layer masks old keys."""
-    server, ref = servers.get("A-ours-fp32"), refs("A")
+    server, ref = served_tiny, refs("A")
     assert OUR_CLASS_LINE in server.log_text()
     V = _vocab(ref)
     prompt = _prompt(1, 40, V)
@@ -137,8 +137,8 @@ def test_ours_fp32_prefill_and_decode_past_window(servers, refs):
     assert max_abs_diff(got, refs("A", routed_clamp=False).logprobs(seq[:-1])) > DIFFERENT
 
 
-def test_ours_fp32_concurrent_batch_of_different_lengths(servers, refs):
-    server, ref = servers.get("A-ours-fp32"), refs("A")
+def test_ours_fp32_concurrent_batch_of_different_lengths(served_tiny, refs):
+    server, ref = served_tiny, refs("A")
     V = _vocab(ref)
     jobs = [(_prompt(10 + i, n, V), m) for i, (n, m) in enumerate([(5, 30), (17, 12), (33, 20), (50, 8), (9, 40)])]
     log_before = len(server.log_text())
@@ -153,9 +153,9 @@ def test_ours_fp32_concurrent_batch_of_different_lengths(servers, refs):
     assert max(prefill_batch_sizes(log)) > 1 or max(running_during_prefill(log)) > 0, log[-2000:]
 
 
-def test_ours_fp32_radix_prefix_hit_gives_same_logprobs(servers, refs):
+def test_ours_fp32_radix_prefix_hit_gives_same_logprobs(served_tiny, refs):
     """A 40-token shared prefix (> window) served from the radix cache, then recomputed after a flush."""
-    server, ref = servers.get("A-ours-fp32"), refs("A")
+    server, ref = served_tiny, refs("A")
     V = _vocab(ref)
     prefix = _prompt(20, 40, V)
     generate(server, prefix, 4, V, logprob_start_len=-1, top_logprobs=False)  # populate the cache

@@ -11,7 +11,8 @@ The scenario: concurrent requests sharing a long prefix (radix-cache hits, SWA r
 each decoding far past window + SGLang's SWA eviction interval (out-of-window slots freed mid-
 request), with an SWA pool a quarter of the full pool's size, far smaller than the requests hold
 together (admission and retraction under SWA pressure); a second wave reuses the pool. Every output
-token equals the plain-PyTorch reference's greedy choice and every request completes.
+token equals the plain-PyTorch reference's greedy choice and every request completes. The server is
+the session's shared tiny fp32 one (conftest `served_tiny`, whose pools are sized for this test).
 """
 
 import re
@@ -21,8 +22,8 @@ import pytest
 import requests
 import torch
 
+from conftest import TINY_FP32_FULL_TOKENS, TINY_FP32_SWA_RATIO
 from reference import Step35Reference
-from sglang_step35.server import SGLangServer
 
 pytestmark = pytest.mark.server
 
@@ -30,7 +31,7 @@ pytestmark = pytest.mark.server
 # (SGLANG_SWA_EVICTION_INTERVAL), so 160 new tokens cross it. 8 x 280 tokens in flight need ~1,100
 # SWA slots before eviction; the pool has 512.
 N_REQ, PREFIX, SUFFIX, NEW = 8, 96, 24, 160
-FULL_TOKENS, SWA_RATIO = 2048, 0.25
+FULL_TOKENS, SWA_RATIO = TINY_FP32_FULL_TOKENS, TINY_FP32_SWA_RATIO
 
 
 def _greedy(server, ids):
@@ -40,18 +41,15 @@ def _greedy(server, ids):
     return r.json()["output_ids"]
 
 
-def test_concurrent_requests_past_the_window_on_a_small_swa_pool_match_the_reference(tiny_dir):
+def test_concurrent_requests_past_the_window_on_a_small_swa_pool_match_the_reference(tiny_dir, served_tiny):
     g = torch.Generator().manual_seed(1)
     prefix = torch.randint(20, 900, (PREFIX,), generator=g).tolist()
     prompts = [prefix + torch.randint(20, 900, (SUFFIX,), generator=g).tolist() for _ in range(N_REQ)]
-    server = SGLangServer(str(tiny_dir), ["--device", "cpu", "--dtype", "float32",
-                                          "--max-total-tokens", str(FULL_TOKENS),
-                                          "--swa-full-tokens-ratio", str(SWA_RATIO)])  # fmt: skip
-    with server:
-        with ThreadPoolExecutor(N_REQ) as pool:
-            outs = list(pool.map(lambda p: _greedy(server, p), prompts))
-            outs2 = list(pool.map(lambda p: _greedy(server, p), prompts))  # second wave on a reused pool
-        log = server.log_text()
+    server = served_tiny
+    with ThreadPoolExecutor(N_REQ) as pool:
+        outs = list(pool.map(lambda p: _greedy(server, p), prompts))
+        outs2 = list(pool.map(lambda p: _greedy(server, p), prompts))  # second wave on a reused pool
+    log = server.log_text()
     # The hybrid pool really ran, at the small size asked for.
     pools = re.search(r"Use sliding window memory pool\. full_layer_tokens=(\d+), swa_layer_tokens=(\d+)", log)
     assert pools, "SGLang did not build the hybrid SWA pool"
