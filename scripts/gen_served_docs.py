@@ -122,7 +122,7 @@ def render_section() -> str:
     """The generated section, markers included."""
     out = [BEGIN, "## Served combinations (the allow-list)", "",
            "One home, `sglang_step35/served.py`: the launch policy (`guard_moe_layout`, called by "
-           "`plugin.apply_server_policy`), model construction (`Step35MoE`, so `Engine(...)` is covered) and "
+           "`launch.apply_server_policy`), model construction (`Step35MoE`, so `Engine(...)` is covered) and "
            "`step35 plan` consult it. The first matching row decides; anything no row serves is refused by "
            "name, with what to use instead. Step-3.5-Flash's SwiGLU-clamped MoE layers are 43 and 44."]
     out += _moe_tables() + _attention_tables() + _pp_mtp_table()

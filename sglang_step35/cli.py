@@ -90,13 +90,13 @@ def ensure_tiny(path: Path = DEFAULT_TINY_DIR, seed: int = 0) -> Path:
 def cmd_demo(args: argparse.Namespace) -> int:
     from openai import OpenAI
 
-    from sglang_step35.plugin import has_accelerator
+    from sglang_step35.platform import current_platform
     from sglang_step35.server import SGLangServer
     from sglang_step35.tiny import TRAINED_TINY_DIR
 
     model = Path(args.model) if args.model else TRAINED_TINY_DIR
     server_args = ["--reasoning-parser", "step3p5", "--tool-call-parser", "step3p5"]
-    server_args += ["--device", "cpu"] if not has_accelerator() else []
+    server_args += ["--device", "cpu"] if not current_platform().has_accelerator else []
     print(f"[demo] starting: sglang serve --model-path {model} {' '.join(server_args)}", flush=True)
     with SGLangServer(str(model), server_args) as server:
         client = OpenAI(base_url=server.base_url + "/v1", api_key="none")

@@ -1,13 +1,13 @@
 """`step35 doctor [--json] [-- <sglang serve args>]`: what sglang-step35 does on this node, and why.
 
 Reports the SGLang version (and whether it is the supported one), the platform as the launch policy
-probes it (`attention.detect_platform`), every touchpoint of `sglang_step35/touchpoints.py` with
+probes it (`platform.current_platform`), every touchpoint of `sglang_step35/touchpoints.py` with
 whether it applied in this process and whether the installed SGLang still needs it, and, for a
 `sglang serve` command line, what the launch policy decided.
 
 The process loads plugins the way SGLang does (`sglang.srt.plugins.load_plugins()`: our `register()`,
 then `HookRegistry.apply_hooks()`), so "applied" is measured, not assumed. The decisions run only
-our policy (`plugin.apply_server_policy`) on the record SGLang's own parser builds: `resolve_once()`
+our policy (`launch.apply_server_policy`) on the record SGLang's own parser builds: `resolve_once()`
 would add SGLang's resolution on top and hide which field was ours. Fields the policy changed, the
 variables it set (restored afterwards) and the error it raised are reported.
 """
@@ -35,13 +35,11 @@ def sglang_info() -> dict:
 
 
 def platform_info() -> dict:
-    from sglang_step35.attention import detect_platform
-    from sglang_step35.plugin import has_accelerator
+    from sglang_step35.platform import current_platform
 
-    p = detect_platform()
-    arch = p.gcn_arch if p.kind == "amd" else (f"sm{p.sm}" if p.kind == "nvidia" else None)
-    return {"kind": p.kind, "arch": arch, "device_name": p.device_name, "aiter": p.aiter_available,
-            "flashinfer": p.flashinfer_available, "accelerator": has_accelerator()}
+    p = current_platform()
+    return {"kind": p.kind, "arch": p.arch, "device_name": p.device_name, "aiter": p.aiter_available,
+            "use_aiter": p.aiter, "flashinfer": p.flashinfer_available, "accelerator": p.has_accelerator}
 
 
 def load_plugins() -> dict:
@@ -73,7 +71,7 @@ def launch_decisions(argv: list[str]) -> dict:
     """What the launch policy decides for `sglang serve ARGV`: changed fields, variables set, error."""
     from sglang.srt.arg_groups.arg_utils import record_fields
 
-    from sglang_step35 import plugin
+    from sglang_step35 import launch
 
     out: dict = {"argv": list(argv), "changed": {}, "env": {}, "error": None}
     err = io.StringIO()
@@ -87,7 +85,7 @@ def launch_decisions(argv: list[str]) -> dict:
     before = {f: getattr(args, f, None) for f in fields}
     env_before = dict(os.environ)
     try:
-        plugin.apply_server_policy(args)
+        launch.apply_server_policy(args)
     except Exception as e:  # noqa: BLE001 - the refusal is the decision being reported
         out["error"] = f"{type(e).__name__}: {e}"
     finally:

@@ -11,9 +11,9 @@ dispatching entry point:
   sigmoid(logits) + bias, weight by the unbiased scores (renormalised, then scaled);
   returns (weights fp32 [T, k], ids int32 [T, k]); ties go to the lowest expert index.
 
-Dispatch is by the tensor's device: CUDA tensors on a CUDA build -> ``kernels_cuda``, on a ROCm
-build -> ``kernels_rocm`` (same Triton bodies, AMD launch configs), anything else -> the torch
-reference. ``impl=`` forces one ("torch", "cuda", "rocm"): benchmarks use it for A/B runs and tests
+Dispatch is by the tensor's device and the platform (``sglang_step35.platform``): device tensors on
+NVIDIA -> ``kernels_cuda``, on AMD -> ``kernels_rocm`` (same Triton bodies, AMD launch configs),
+anything else -> the torch reference. ``impl=`` forces one ("torch", "cuda", "rocm"): benchmarks use it for A/B runs and tests
 use it to run the Triton path on CPU tensors under ``TRITON_INTERPRET=1``. The argument checks are
 shared with the kernels (``kernels_cuda._common``), so importing this module imports triton, which
 is harmless without a GPU; nothing is compiled until a Triton path runs.
@@ -32,10 +32,12 @@ Impl = Literal["torch", "cuda", "rocm"]
 
 
 def backend_for(t: torch.Tensor) -> Impl:
-    """Which implementation serves tensors on ``t``'s device."""
+    """Which implementation serves tensors on ``t``'s device (the platform's kernels for device
+    tensors: ROCm builds of torch expose HIP devices as "cuda" too)."""
     if t.device.type == "cuda":
-        # ROCm builds of torch expose HIP devices as "cuda"; torch.version.hip tells them apart.
-        return "rocm" if torch.version.hip else "cuda"
+        from sglang_step35.platform import current_platform  # noqa: PLC0415 - cached after the first call
+
+        return current_platform().kernel_impl
     return "torch"
 
 

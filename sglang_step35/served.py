@@ -10,7 +10,7 @@ router and SwiGLU clamp there, and the test that verifies it through its contrac
 serves is refused by name (allow-list: a value SGLang adds later is refused until a row serves it).
 
 Who asks it, so a refusal happens wherever a model can be started:
-- the launch policy: :func:`sglang_step35.moe.policy.guard_moe_layout` (``plugin.apply_server_policy``
+- the launch policy: :func:`sglang_step35.moe.policy.guard_moe_layout` (``launch.apply_server_policy``
   calls it before SGLang resolves its arguments) takes :func:`refusals` of the user's flags;
 - model construction (``Engine(...)``, anything else that skips the CLI, and values SGLang resolved
   itself, e.g. ``auto`` -> ``deep_gemm`` under ``--moe-a2a-backend pplx``): ``Step35MoE`` builds each
@@ -317,8 +317,9 @@ def check_draft_attention(server_args: Any, cfg: Any, platform: Any = None) -> N
     backend (``attention.window.configured_backends(draft=True)``), so the rule is the one the target's
     backends pass (:func:`sglang_step35.attention.window.radix_sliding_window_size`); without this the
     draft's construction would fail in the scheduler instead of the launcher. ``platform``: the
-    launcher's :class:`~sglang_step35.attention.select.PlatformInfo` (None: CPU), for the alternatives."""
-    from sglang_step35.attention.select import NO_WINDOW, window_capable_backends, PlatformInfo
+    launcher's :class:`~sglang_step35.platform.Platform` (None: CPU), for the alternatives."""
+    from sglang_step35.attention.select import NO_WINDOW, window_capable_backends
+    from sglang_step35.platform import Platform
     from sglang_step35.attention.window import radix_sliding_window_size
     from sglang_step35.config import SLIDING, cfg_get
 
@@ -335,5 +336,5 @@ def check_draft_attention(server_args: Any, cfg: Any, platform: Any = None) -> N
         raise ValueError(
             f"--speculative-draft-attention-backend {backend} cannot serve the sliding-window layers of "
             f"Step-3.5's MTP draft ({why}); drop the flag (the draft then uses the target's backend) or use "
-            f"one that applies the window: {', '.join(window_capable_backends(platform or PlatformInfo('cpu')))}"
+            f"one that applies the window: {', '.join(window_capable_backends(platform or Platform('cpu')))}"
         ) from None

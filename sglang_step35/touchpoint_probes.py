@@ -105,11 +105,11 @@ def parsers_applied() -> Probe:
 
 
 def overlay_applied() -> Probe:
-    from sglang_step35 import plugin
+    from sglang_step35.platform.cpu import OVERLAY_DIR
 
     mod = sys.modules.get("sgl_kernel")
     standin = bool(getattr(mod, "IS_SGLANG_STEP35_STANDIN", False))
-    on_path = plugin._OVERLAY_DIR in sys.path
+    on_path = OVERLAY_DIR in sys.path
     return standin and on_path, f"sys.modules['sgl_kernel'] is the stand-in: {standin}; overlay on sys.path: {on_path}"
 
 
@@ -294,12 +294,12 @@ def transformers_config_needed() -> Probe:
 
 def sgl_kernel_needed() -> Probe:
     # Import the real sgl_kernel with our stand-in and overlay out of the way, then put them back.
-    from sglang_step35 import plugin
+    from sglang_step35.platform.cpu import OVERLAY_DIR
 
     cur = sys.modules.get("sgl_kernel")
     if cur is not None and not getattr(cur, "IS_SGLANG_STEP35_STANDIN", False):
         return False, "the real sgl_kernel is imported in this process"
-    if cur is None and plugin._OVERLAY_DIR not in sys.path:  # no stand-in here: a plain import, kept
+    if cur is None and OVERLAY_DIR not in sys.path:  # no stand-in here: a plain import, kept
         try:
             importlib.import_module("sgl_kernel")
             return False, "the real sgl_kernel imports on this host (ran it)"
@@ -309,7 +309,7 @@ def sgl_kernel_needed() -> Probe:
     saved_path = list(sys.path)
     for k in saved_mods:
         del sys.modules[k]
-    sys.path[:] = [p for p in sys.path if p != plugin._OVERLAY_DIR]
+    sys.path[:] = [p for p in sys.path if p != OVERLAY_DIR]
     try:
         importlib.import_module("sgl_kernel")
         result = False, "the real sgl_kernel imports on this host (ran it)"

@@ -143,13 +143,9 @@ READ_ONLY_ROWS: dict[tuple[str, str], str] = {
 
 def platform_scope() -> str:
     """This host in Touchpoint.scope's vocabulary (the probe the launch policy uses)."""
-    from sglang_step35.plugin import has_accelerator
+    from sglang_step35.platform import current_platform
 
-    if not has_accelerator():
-        return "cpu"
-    from sglang_step35.attention import detect_platform
-
-    return detect_platform().kind  # nvidia | amd
+    return current_platform().kind  # cpu | nvidia | amd
 
 
 def in_scope(tp: Touchpoint, host: str) -> bool:

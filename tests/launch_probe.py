@@ -4,8 +4,8 @@ Usage: python launch_probe.py CASES_JSON. Each case: {"name", "model_path", "arg
 fields, "platform": null | "amd" | "nvidia"}. For each, `ServerArgs(...).resolve_once()` runs after
 `sglang.srt.plugins.load_plugins()` (as `sglang serve` does); the outcome is the error it raised (the
 model path replaced by <MODEL>) and the server-argument fields the launch policy decides. A faked
-platform replaces the accelerator probe and `attention.detect_platform` for that case only, as
-tests/test_plugin.py does in process.
+platform is `sglang_step35.platform.forced` for that case only, as tests/test_launch_policy.py does
+in process.
 """
 
 import json
@@ -20,17 +20,14 @@ def main(cases):
     load_plugins()
     from sglang.srt.server_args import ServerArgs
 
-    from sglang_step35 import attention, plugin
-    from sglang_step35.attention import PlatformInfo
+    from sglang_step35 import platform
+    from sglang_step35.platform import Platform
 
-    platforms = {"amd": PlatformInfo(kind="amd", gcn_arch="gfx942", aiter_available=True),
-                 "nvidia": PlatformInfo(kind="nvidia", compute_capability=(9, 0))}
+    platforms = {"amd": Platform(kind="amd", gcn_arch="gfx942", aiter_available=True),
+                 "nvidia": Platform(kind="nvidia", compute_capability=(9, 0))}
     out = {}
     for case in cases:
-        real = plugin.has_accelerator, attention.detect_platform
-        fake = platforms.get(case.get("platform"))
-        if fake is not None:
-            plugin.has_accelerator, attention.detect_platform = (lambda: True), (lambda fake=fake: fake)
+        platform.forced = platforms.get(case.get("platform"))
         try:
             args = ServerArgs(model_path=case["model_path"], **case.get("args", {}))
             try:
@@ -40,7 +37,7 @@ def main(cases):
                 error = f"{type(e).__name__}: {e}".replace(case["model_path"], "<MODEL>")
             out[case["name"]] = {"error": error, **{f: getattr(args, f, None) for f in FIELDS}}
         finally:
-            plugin.has_accelerator, attention.detect_platform = real
+            platform.forced = None
     print("LAUNCH-DECISIONS " + json.dumps(out))
 
 

@@ -1,4 +1,4 @@
-"""Attention-backend selection for Step-3.5 on faked platforms, and the side-effect-free probe.
+"""Attention-backend selection for Step-3.5 on faked platforms (the probe: tests/test_platform.py).
 
 The property that matters most (sglang #18970): no path - default or explicit flag - may hand a
 model with sliding-window layers to a backend that ignores the window.
@@ -6,33 +6,29 @@ model with sliding-window layers to a backend that ignores the window.
 
 from __future__ import annotations
 
-import types
-
 import pytest
 
-from sglang_step35.attention import select
 from sglang_step35.attention.select import (
     NO_WINDOW,
     WINDOW_CAPABLE,
     Choice,
-    PlatformInfo,
     choose_attention_backend,
-    detect_platform,
     window_capable_backends,
 )
+from sglang_step35.platform import Platform
 
-CPU = PlatformInfo("cpu")
-H100 = PlatformInfo("nvidia", compute_capability=(9, 0), device_name="NVIDIA H100 80GB HBM3")
-B200 = PlatformInfo("nvidia", compute_capability=(10, 0), device_name="NVIDIA B200")
-B300 = PlatformInfo("nvidia", compute_capability=(10, 3))
-RTX_PRO_6000 = PlatformInfo("nvidia", compute_capability=(12, 0))
-A100_FI = PlatformInfo("nvidia", compute_capability=(8, 0), flashinfer_available=True)
-A100 = PlatformInfo("nvidia", compute_capability=(8, 0))
-L40S = PlatformInfo("nvidia", compute_capability=(8, 9), flashinfer_available=True)
-V100 = PlatformInfo("nvidia", compute_capability=(7, 0), flashinfer_available=True)
-MI300X = PlatformInfo("amd", gcn_arch="gfx942", aiter_available=True)
-MI325X_NO_AITER = PlatformInfo("amd", gcn_arch="gfx942", aiter_available=False)
-MI355X = PlatformInfo("amd", gcn_arch="gfx950", aiter_available=True)
+CPU = Platform("cpu")
+H100 = Platform("nvidia", compute_capability=(9, 0), device_name="NVIDIA H100 80GB HBM3")
+B200 = Platform("nvidia", compute_capability=(10, 0), device_name="NVIDIA B200")
+B300 = Platform("nvidia", compute_capability=(10, 3))
+RTX_PRO_6000 = Platform("nvidia", compute_capability=(12, 0))
+A100_FI = Platform("nvidia", compute_capability=(8, 0), flashinfer_available=True)
+A100 = Platform("nvidia", compute_capability=(8, 0))
+L40S = Platform("nvidia", compute_capability=(8, 9), flashinfer_available=True)
+V100 = Platform("nvidia", compute_capability=(7, 0), flashinfer_available=True)
+MI300X = Platform("amd", gcn_arch="gfx942", aiter_available=True)
+MI325X_NO_AITER = Platform("amd", gcn_arch="gfx942", aiter_available=False)
+MI355X = Platform("amd", gcn_arch="gfx950", aiter_available=True)
 ALL = [CPU, H100, B200, B300, RTX_PRO_6000, A100_FI, A100, L40S, V100, MI300X, MI325X_NO_AITER, MI355X]
 
 
@@ -120,95 +116,3 @@ def test_flag_wins_for_models_without_sliding_layers():
 
 def test_capability_tables_are_disjoint():
     assert not set(WINDOW_CAPABLE) & set(NO_WINDOW)
-
-
-def test_platform_info_validation_and_properties():
-    with pytest.raises(ValueError):
-        PlatformInfo("tpu")
-    with pytest.raises(ValueError):
-        PlatformInfo("nvidia")
-    assert H100.is_hopper and not H100.is_blackwell and H100.sm == 90
-    assert RTX_PRO_6000.is_blackwell and B300.sm == 103
-    assert CPU.sm == 0 and not MI300X.is_hopper
-
-
-# --- detect_platform with faked torch / NVML / sysfs -------------------------------------------------
-def _fake_torch(*, cuda=None, hip=None, available=False, initialized=False, cc=(9, 0), name="GPU", gcn="gfx942:sramecc+:xnack-"):
-    calls = []
-
-    def record(fn_name, value):
-        def fn(*a, **k):
-            calls.append(fn_name)
-            return value
-
-        return fn
-
-    cuda_mod = types.SimpleNamespace(
-        is_available=record("is_available", available),
-        is_initialized=record("is_initialized", initialized),
-        get_device_capability=record("get_device_capability", cc),
-        get_device_name=record("get_device_name", name),
-        get_device_properties=record("get_device_properties", types.SimpleNamespace(gcnArchName=gcn)),
-    )
-    return types.SimpleNamespace(version=types.SimpleNamespace(cuda=cuda, hip=hip), cuda=cuda_mod), calls
-
-
-def test_detect_cpu_only_build():
-    torch_mod, calls = _fake_torch(cuda=None, hip=None)
-    assert detect_platform(torch_mod) == PlatformInfo("cpu")
-
-
-def test_detect_cuda_build_without_gpu_is_cpu():
-    torch_mod, _ = _fake_torch(cuda="12.8", available=False)
-    assert detect_platform(torch_mod).kind == "cpu"
-
-
-def test_detect_nvidia_prefers_nvml_and_does_not_touch_the_device(monkeypatch):
-    monkeypatch.setattr(select, "_nvml_capability_and_name", lambda: ((10, 0), "NVIDIA B200"))
-    torch_mod, calls = _fake_torch(cuda="12.8", available=True, initialized=False)
-    info = detect_platform(torch_mod)
-    assert info.compute_capability == (10, 0) and info.device_name == "NVIDIA B200"
-    # no call that would create a CUDA context
-    assert "get_device_capability" not in calls and "get_device_properties" not in calls
-    assert choose_attention_backend(info, None, True).backend == "fa4"
-
-
-def test_detect_nvidia_falls_back_to_torch_without_nvml(monkeypatch):
-    monkeypatch.setattr(select, "_nvml_capability_and_name", lambda: (None, ""))
-    torch_mod, calls = _fake_torch(cuda="12.4", available=True, cc=(9, 0), name="NVIDIA H200")
-    info = detect_platform(torch_mod)
-    assert info.compute_capability == (9, 0) and info.device_name == "NVIDIA H200"
-
-
-def _kfd(tmp_path, versions):
-    for i, v in enumerate(versions):
-        node = tmp_path / str(i)
-        node.mkdir()
-        (node / "properties").write_text(f"cpu_cores_count 0\ngfx_target_version {v}\nsimd_count 0\n")
-    return str(tmp_path)
-
-
-def test_detect_amd_from_sysfs_without_initialising_hip(tmp_path):
-    torch_mod, calls = _fake_torch(hip="6.4", available=True, initialized=False)
-    info = detect_platform(torch_mod, kfd_nodes=_kfd(tmp_path, [0, 90500]))  # node 0 is the CPU
-    assert info.kind == "amd" and info.gcn_arch == "gfx950"
-    assert "get_device_properties" not in calls
-
-
-def test_detect_amd_falls_back_to_torch_when_initialised(tmp_path):
-    torch_mod, _ = _fake_torch(hip="6.4", available=True, initialized=True)
-    info = detect_platform(torch_mod, kfd_nodes=str(tmp_path / "missing"))
-    assert info.gcn_arch == "gfx942"
-
-
-@pytest.mark.parametrize("version,name", [(90402, "gfx942"), (90500, "gfx950"), (90010, "gfx90a"), (110000, "gfx1100")])
-def test_gfx_name(version, name):
-    assert select.gfx_name(version) == name
-
-
-def test_detect_platform_on_this_machine_is_consistent():
-    import torch
-
-    info = detect_platform()
-    expected = "cpu" if not torch.cuda.is_available() else ("amd" if torch.version.hip else "nvidia")
-    assert info.kind == expected

@@ -158,12 +158,9 @@ def test_launch_decisions_are_the_policy_s(loaded, monkeypatch):
 
 
 def test_launch_decisions_on_a_faked_amd_node(loaded, tmp_path, monkeypatch):
-    from sglang_step35 import doctor, plugin
-    from sglang_step35.attention import PlatformInfo
+    from sglang_step35 import doctor, platform
 
-    monkeypatch.setattr(plugin, "has_accelerator", lambda: True)
-    monkeypatch.setattr("sglang_step35.attention.detect_platform",
-                        lambda: PlatformInfo(kind="amd", gcn_arch="gfx942", aiter_available=True))
+    monkeypatch.setattr(platform, "forced", platform.Platform(kind="amd", gcn_arch="gfx942", aiter_available=True))
     monkeypatch.delenv("SGLANG_USE_AITER_UNIFIED_ATTN", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     (tmp_path / "config.json").write_text(FLASH.read_text())

@@ -1,11 +1,11 @@
-"""Plugin registration: entry point, idempotence, model-class switch, CPU support, parsers."""
+"""Plugin registration: entry point, idempotence, model-class switch, CPU support, parsers, version check
+(the launch policy it installs: tests/test_launch_policy.py)."""
 
 import json
 import os
 import subprocess
 import sys
 from importlib.metadata import entry_points
-from types import SimpleNamespace
 
 from sglang_step35 import plugin
 
@@ -58,105 +58,6 @@ def test_builtin_switch_keeps_sglang_model_classes_but_everything_else():
     assert "sglang.srt.models.step3p5 (built-in" in log
 
 
-def test_cpu_defaults_fill_only_what_the_user_left_unset():
-    args = SimpleNamespace(device=None, attention_backend=None, max_total_tokens=None, sleep_on_idle=False)
-    plugin._cpu_server_defaults(args)
-    assert (args.device, args.attention_backend, args.max_total_tokens) == ("cpu", "torch_native", 16384)
-    assert args.sleep_on_idle
-    user = SimpleNamespace(device="cpu", attention_backend="triton", max_total_tokens=4096)
-    plugin._cpu_server_defaults(user)
-    assert (user.attention_backend, user.max_total_tokens) == ("triton", 4096)
-
-
-def _step_args(tmp_path, **kw):
-    import json as _json
-
-    from sglang_step35.config import read_config
-
-    cfg = read_config()  # Step-3.5-Flash
-    (tmp_path / "config.json").write_text(_json.dumps(cfg))
-    base = dict(model_path=str(tmp_path), device=None, attention_backend=None, max_total_tokens=None,
-                tp_size=4, ep_size=1, moe_runner_backend=None, moe_a2a_backend=None, quantization=None)
-    base.update(kw)
-    return SimpleNamespace(**base)
-
-
-def test_cpu_defaults_reach_step_models_only(tmp_path, monkeypatch):
-    """On a GPU-less host another model keeps SGLang's own defaults (the CPU engine register()
-    installs is all it needs); a Step-3.5 launch gets ours."""
-    monkeypatch.setattr(plugin, "has_accelerator", lambda: False)
-    monkeypatch.setenv("SGLANG_CPU_OMP_THREADS_BIND", "unset-by-test")  # restored (removed) afterwards
-    monkeypatch.delenv("SGLANG_CPU_OMP_THREADS_BIND")
-    monkeypatch.setattr(plugin.os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
-    unset = dict(device=None, attention_backend=None, max_total_tokens=None, sleep_on_idle=False, tp_size=2, pp_size=1)
-    llama = tmp_path / "llama"
-    llama.mkdir()
-    (llama / "config.json").write_text('{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}')
-    other = SimpleNamespace(model_path=str(llama), **unset)
-    plugin.apply_server_policy(other)
-    assert vars(other) == dict(model_path=str(llama), **unset)
-    assert "SGLANG_CPU_OMP_THREADS_BIND" not in os.environ
-    (tmp_path / "step").mkdir()
-    step = _step_args(tmp_path / "step", **unset)
-    plugin.apply_server_policy(step)
-    assert (step.device, step.attention_backend, step.max_total_tokens, step.sleep_on_idle) == (
-        "cpu", "torch_native", 16384, True)
-    assert os.environ["SGLANG_CPU_OMP_THREADS_BIND"] == "0,1|2,3"
-
-
-def test_server_policy_on_amd_picks_aiter_and_switches_tp4_to_ep4(tmp_path, monkeypatch):
-    from sglang_step35.attention import PlatformInfo
-
-    monkeypatch.setattr(plugin, "has_accelerator", lambda: True)
-    monkeypatch.setattr("sglang_step35.attention.detect_platform",
-                        lambda: PlatformInfo(kind="amd", gcn_arch="gfx942", aiter_available=True))
-    monkeypatch.setenv("SGLANG_USE_AITER_UNIFIED_ATTN", "unset-by-test")  # restored (removed) afterwards
-    monkeypatch.delenv("SGLANG_USE_AITER_UNIFIED_ATTN")
-    args = _step_args(tmp_path)
-    plugin.apply_server_policy(args)
-    assert args.attention_backend == "aiter"
-    assert os.environ.get("SGLANG_USE_AITER_UNIFIED_ATTN") == "1"
-    assert args.ep_size == 4  # N=320 per GPU is not runnable by AITER; whole experts per GPU are
-
-
-def test_server_policy_refuses_a_backend_that_ignores_sliding_windows(tmp_path, monkeypatch):
-    import pytest
-
-    from sglang_step35.attention import PlatformInfo
-
-    monkeypatch.setattr(plugin, "has_accelerator", lambda: True)
-    monkeypatch.setattr("sglang_step35.attention.detect_platform",
-                        lambda: PlatformInfo(kind="nvidia", compute_capability=(9, 0)))
-    with pytest.raises(ValueError, match="flex_attention"):
-        plugin.apply_server_policy(_step_args(tmp_path, attention_backend="flex_attention", ep_size=4))
-    args = _step_args(tmp_path, ep_size=4)
-    plugin.apply_server_policy(args)
-    assert args.attention_backend == "fa3" and args.ep_size == 4
-
-
-def test_server_policy_leaves_other_models_alone(tmp_path, monkeypatch):
-    monkeypatch.setattr(plugin, "has_accelerator", lambda: True)
-    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
-    args = SimpleNamespace(model_path=str(tmp_path), attention_backend=None, tp_size=4, ep_size=1)
-    plugin.apply_server_policy(args)
-    assert args.attention_backend is None and args.ep_size == 1
-
-
-def test_server_policy_refuses_prefill_and_decode_backends_of_different_window_conventions(tmp_path, monkeypatch):
-    import pytest
-
-    from sglang_step35.attention import PlatformInfo
-
-    monkeypatch.setattr(plugin, "has_accelerator", lambda: True)
-    monkeypatch.setattr("sglang_step35.attention.detect_platform",
-                        lambda: PlatformInfo(kind="amd", gcn_arch="gfx942", aiter_available=True))
-    mixed = _step_args(tmp_path, ep_size=4, prefill_attention_backend="aiter", decode_attention_backend="triton")
-    with pytest.raises(ValueError, match="--prefill-attention-backend aiter and --decode-attention-backend triton"):
-        plugin.apply_server_policy(mixed)
-    same = _step_args(tmp_path, ep_size=4, prefill_attention_backend="triton", decode_attention_backend="triton")
-    plugin.apply_server_policy(same)
-
-
 def test_register_refuses_another_sglang_version_unless_allowed(monkeypatch):
     import pytest
 
@@ -166,20 +67,3 @@ def test_register_refuses_another_sglang_version_unless_allowed(monkeypatch):
         plugin.check_sglang_version("0.5.24")
     monkeypatch.setenv(plugin.ALLOW_VERSION_ENV, "1")
     plugin.check_sglang_version("0.5.24")  # a warning, not an error
-
-
-def test_server_policy_refuses_pipeline_parallel_with_mtp_and_binds_cores_per_stage(tmp_path, monkeypatch):
-    import pytest
-
-    monkeypatch.setattr(plugin, "has_accelerator", lambda: False)
-    # setenv first so that the value the policy writes is removed again afterwards (delenv of an
-    # absent variable records nothing to restore): later servers in this process must not inherit it.
-    monkeypatch.setenv("SGLANG_CPU_OMP_THREADS_BIND", "unset-by-test")
-    monkeypatch.delenv("SGLANG_CPU_OMP_THREADS_BIND")
-    monkeypatch.setattr(plugin.os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
-    bad = _step_args(tmp_path, tp_size=1, pp_size=2, speculative_algorithm="EAGLE", speculative_num_steps=3)
-    with pytest.raises(ValueError, match="--pp-size 2 with --speculative-algorithm EAGLE"):
-        plugin.apply_server_policy(bad)
-    ok = _step_args(tmp_path, tp_size=1, pp_size=2)
-    plugin.apply_server_policy(ok)
-    assert os.environ["SGLANG_CPU_OMP_THREADS_BIND"] == "0,1|2,3"  # one share per pipeline stage

@@ -1,6 +1,6 @@
 """The MTP draft's attention backend at launch: `--speculative-draft-attention-backend` is judged by
 the same window rule as the target's backends (sglang_step35.served.check_draft_attention, called by
-plugin.apply_server_policy), so a backend that ignores the window stops the launch, not the scheduler."""
+launch.apply_server_policy), so a backend that ignores the window stops the launch, not the scheduler."""
 
 from __future__ import annotations
 
@@ -19,16 +19,13 @@ def _launch(ckpt, monkeypatch, draft_backend):
     resolve_once runs it on)."""
     from sglang.srt.server_args import ServerArgs
 
-    import sglang_step35.attention as attention
-    from sglang_step35 import plugin
-    from sglang_step35.attention.select import PlatformInfo
+    from sglang_step35 import launch, platform
 
-    monkeypatch.setattr(plugin, "has_accelerator", lambda: True)
-    monkeypatch.setattr(attention, "detect_platform", lambda: PlatformInfo("nvidia", compute_capability=(9, 0)))
+    monkeypatch.setattr(platform, "forced", platform.Platform("nvidia", compute_capability=(9, 0)))
     args = ServerArgs(model_path=str(ckpt), speculative_algorithm="EAGLE", speculative_num_steps=3,
                       speculative_eagle_topk=1, speculative_num_draft_tokens=4,
                       speculative_draft_attention_backend=draft_backend)
-    plugin.apply_server_policy(args)
+    launch.apply_server_policy(args)
     return args
 
 

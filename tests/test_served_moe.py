@@ -79,22 +79,21 @@ def launch_ckpts(ckpt, aiter_ckpt):
 
 
 def _launch(ckpts, monkeypatch, platform: str, **flags):
-    """`plugin.apply_server_policy` (the hook SGLang runs before resolving its arguments) on a real
+    """`launch.apply_server_policy` (the hook SGLang runs before resolving its arguments) on a real
     ServerArgs, on a faked `platform` ("nvidia"/"amd"; AITER importable on AMD)."""
     from sglang.srt.server_args import ServerArgs
 
-    import sglang_step35.attention as attention
-    from sglang_step35 import plugin
-    from sglang_step35.attention.select import PlatformInfo
+    import sglang_step35.platform as platform_mod
+    from sglang_step35 import launch
+    from sglang_step35.platform import Platform
 
-    info = {"nvidia": PlatformInfo("nvidia", compute_capability=(9, 0)),
-            "amd": PlatformInfo("amd", gcn_arch="gfx942", aiter_available=True)}[platform]
-    monkeypatch.setattr(plugin, "has_accelerator", lambda: True)
-    monkeypatch.setattr(attention, "detect_platform", lambda: info)
+    info = {"nvidia": Platform("nvidia", compute_capability=(9, 0)),
+            "amd": Platform("amd", gcn_arch="gfx942", aiter_available=True)}[platform]
+    monkeypatch.setattr(platform_mod, "forced", info)
     for k in ("SGLANG_USE_AITER_UNIFIED_ATTN",):
         monkeypatch.setenv(k, "1")
     args = ServerArgs(model_path=str(ckpts[platform]), **flags)
-    plugin.apply_server_policy(args)
+    launch.apply_server_policy(args)
     return args
 
 

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from sglang_step35 import plugin, swa_ratio
+from sglang_step35 import launch, platform, plugin, swa_ratio
 from sglang_step35.config import read_config
 from sglang_step35.plan import make_plan
 from sglang_step35.plan_render import format_plan
@@ -18,6 +18,7 @@ from sglang_step35.plan_memory import REQUEST_TOKENS, kv_bytes_per_token
 
 FLASH = read_config()
 plugin.register()  # SGLang's pool code imports sgl_kernel: our stand-in on a GPU-less machine
+HOPPER = platform.Platform("nvidia", compute_capability=(9, 0))  # the launches below name fa3 on cuda
 MTP3 = dict(speculative_algorithm="EAGLE", speculative_num_steps=3, speculative_eagle_topk=1,
             speculative_num_draft_tokens=4)  # fmt: skip
 
@@ -89,10 +90,9 @@ def _server_args(tmp_path, **kw):
 
 
 def test_launch_policy_sets_the_ratio_with_one_log_line(tmp_path, monkeypatch, step_log):
-    monkeypatch.setattr(plugin, "has_accelerator", lambda: True)
-    monkeypatch.setattr("sglang_step35.attention.detect_platform", lambda: None)
+    monkeypatch.setattr(platform, "forced", HOPPER)
     args = _server_args(tmp_path, chunked_prefill_size=8192)
-    plugin.apply_server_policy(args)
+    launch.apply_server_policy(args)
     expected = swa_ratio.plan_swa_ratio(window=512, context_len=262144, chunked_prefill=8192)
     assert args.swa_full_tokens_ratio == expected.ratio < 0.8
     lines = [m for m in step_log if "--swa-full-tokens-ratio" in m]
@@ -103,19 +103,17 @@ def test_launch_policy_sets_the_ratio_with_one_log_line(tmp_path, monkeypatch, s
 
 
 def test_the_users_ratio_wins(tmp_path, monkeypatch, step_log):
-    monkeypatch.setattr(plugin, "has_accelerator", lambda: True)
-    monkeypatch.setattr("sglang_step35.attention.detect_platform", lambda: None)
+    monkeypatch.setattr(platform, "forced", HOPPER)
     args = _server_args(tmp_path, swa_full_tokens_ratio=0.5)
-    plugin.apply_server_policy(args)
+    launch.apply_server_policy(args)
     assert args.swa_full_tokens_ratio == 0.5
     assert not [m for m in step_log if "--swa-full-tokens-ratio" in m]
 
 
 def test_hierarchical_cache_is_accepted_with_its_cost_named(tmp_path, monkeypatch, step_log):
-    monkeypatch.setattr(plugin, "has_accelerator", lambda: True)
-    monkeypatch.setattr("sglang_step35.attention.detect_platform", lambda: None)
+    monkeypatch.setattr(platform, "forced", HOPPER)
     args = _server_args(tmp_path, enable_hierarchical_cache=True, chunked_prefill_size=8192)
-    plugin.apply_server_policy(args)
+    launch.apply_server_policy(args)
     assert args.swa_full_tokens_ratio is None  # SGLang's Step override sets 1.0 and drops the hybrid pool
     warned = [m for m in step_log if "--enable-hierarchical-cache" in m]
     assert len(warned) == 1
@@ -172,23 +170,21 @@ def test_planned_command_ratio_covers_sglangs_need_for_its_requests():
 
 
 def test_mtp_flags_left_to_sglang_are_planned_as_the_checkpoints_mtp_chain(tmp_path, monkeypatch, step_log):
-    monkeypatch.setattr(plugin, "has_accelerator", lambda: True)
-    monkeypatch.setattr("sglang_step35.attention.detect_platform", lambda: None)
+    monkeypatch.setattr(platform, "forced", HOPPER)
     args = _server_args(tmp_path, chunked_prefill_size=8192, speculative_algorithm="EAGLE", speculative_num_steps=None,
                         speculative_eagle_topk=None, speculative_num_draft_tokens=None)  # fmt: skip
     monkeypatch.setattr("sglang_step35.mtp_check.check_mtp_request", lambda *a, **k: None)  # no weights here
-    plugin.apply_server_policy(args)
+    launch.apply_server_policy(args)
     expected = swa_ratio.plan_swa_ratio(window=512, context_len=262144, chunked_prefill=8192, speculative=MTP3)
     assert args.swa_full_tokens_ratio == expected.ratio
 
 
 def test_flags_sglang_cannot_size_leave_its_default_with_a_warning(tmp_path, monkeypatch, step_log):
-    monkeypatch.setattr(plugin, "has_accelerator", lambda: True)
-    monkeypatch.setattr("sglang_step35.attention.detect_platform", lambda: None)
+    monkeypatch.setattr(platform, "forced", HOPPER)
     args = _server_args(tmp_path, chunked_prefill_size=8192, speculative_algorithm="NGRAM", speculative_num_steps=None,
                         speculative_eagle_topk=None, speculative_num_draft_tokens=None)  # fmt: skip
     monkeypatch.setattr("sglang_step35.mtp_check.check_mtp_request", lambda *a, **k: None)
-    plugin.apply_server_policy(args)
+    launch.apply_server_policy(args)
     assert args.swa_full_tokens_ratio is None
     warned = [m for m in step_log if "--swa-full-tokens-ratio not planned" in m]
     assert len(warned) == 1 and "SGLang's default 0.8 stays" in warned[0]

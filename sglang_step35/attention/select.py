@@ -1,4 +1,4 @@
-"""Attention-backend selection for Step-3.5 (pure policy + a side-effect-free platform probe).
+"""Attention-backend selection for Step-3.5 (pure policy over :class:`sglang_step35.platform.Platform`).
 
 Step-3.5 mixes full-attention layers with sliding-window layers (window 512, 3 sliding : 1 full).
 A backend that ignores the window does not crash: it silently attends to the whole context and the
@@ -8,20 +8,20 @@ implementation applies the window. The capability table was read from the 0.5.23
 (``sglang/srt/layers/attention/*``, ``arg_groups/model_override_base.py``, ``arg_groups/overrides.py``);
 each entry says where.
 
-``choose_attention_backend`` is pure: it takes a :class:`PlatformInfo` and returns a :class:`Choice`.
-``detect_platform`` builds the PlatformInfo without creating a CUDA/HIP context (NVML / sysfs first),
-because SGLang forks scheduler processes after argument resolution and an early context poisons
-``fork()``.
+``choose_attention_backend`` is pure: it takes a :class:`~sglang_step35.platform.Platform` (the
+launch policy passes ``current_platform()``, the planner ``platform.for_arch``) and returns a
+:class:`Choice`.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping
+from typing import Mapping
 
-PlatformKind = Literal["cpu", "nvidia", "amd"]
+from sglang_step35.platform import Platform
+
+PlatformInfo = Platform  # the planner's name until plan.py asks sglang_step35.platform.for_arch
 
 # --- What SGLang 0.5.23 does with sliding windows, per MHA attention backend -----------------------
 # Backends that apply ``layer.sliding_window_size`` on every prefill/decode path:
@@ -71,46 +71,6 @@ _AITER_UNIFIED_ENV = {"SGLANG_USE_AITER_UNIFIED_ATTN": "1"}
 
 
 @dataclass(frozen=True)
-class PlatformInfo:
-    """What the selection needs to know about the accelerator.
-
-    ``compute_capability`` is (major, minor) on NVIDIA: (9, 0) Hopper, (10, 0)/(10, 3) datacenter
-    Blackwell (B200/GB200/B300), (12, 0) consumer/workstation Blackwell, (8, x) Ampere/Ada.
-    ``gcn_arch`` is the AMD target: gfx942 (MI300X/MI325X), gfx950 (MI350X/MI355X).
-    """
-
-    kind: PlatformKind
-    compute_capability: tuple[int, int] | None = None
-    gcn_arch: str | None = None
-    aiter_available: bool = False
-    flashinfer_available: bool = False
-    device_name: str = ""
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("cpu", "nvidia", "amd"):
-            raise ValueError(f"unknown platform kind {self.kind!r}")
-        if self.kind == "nvidia" and self.compute_capability is None:
-            raise ValueError("nvidia PlatformInfo needs compute_capability=(major, minor)")
-
-    @property
-    def sm(self) -> int:
-        """Compute capability as SGLang writes it (90, 100, 120...); 0 off NVIDIA."""
-        if self.kind != "nvidia" or self.compute_capability is None:
-            return 0
-        major, minor = self.compute_capability
-        return major * 10 + minor
-
-    @property
-    def is_hopper(self) -> bool:
-        return self.kind == "nvidia" and self.sm // 10 == 9
-
-    @property
-    def is_blackwell(self) -> bool:
-        # Same major set as sglang.srt.utils.common.is_blackwell: sm100/103, sm110, sm120/121.
-        return self.kind == "nvidia" and self.sm // 10 in (10, 11, 12)
-
-
-@dataclass(frozen=True)
 class Choice:
     backend: str
     reason: str
@@ -118,7 +78,7 @@ class Choice:
     env: Mapping[str, str] = field(default_factory=dict)
 
 
-def window_capable_backends(platform: PlatformInfo) -> list[str]:
+def window_capable_backends(platform: Platform) -> list[str]:
     """Sliding-window-honouring backends that run on ``platform``, best first."""
     if platform.kind == "cpu":
         return ["torch_native", "intel_amx"]
@@ -139,7 +99,7 @@ def window_capable_backends(platform: PlatformInfo) -> list[str]:
     return names
 
 
-def choose_attention_backend(platform: PlatformInfo, user_choice: str | None, has_sliding_layers: bool) -> Choice:
+def choose_attention_backend(platform: Platform, user_choice: str | None, has_sliding_layers: bool) -> Choice:
     """Pick the attention backend for a Step-3.5 model.
 
     An explicit ``user_choice`` wins, except when the model has sliding-window layers and the
@@ -184,7 +144,7 @@ def choose_attention_backend(platform: PlatformInfo, user_choice: str | None, ha
     return Choice("triton", f"NVIDIA sm{platform.sm}: triton (flashinfer not installed or unsupported)")
 
 
-def _check_user_choice(platform: PlatformInfo, backend: str, has_sliding_layers: bool) -> Choice:
+def _check_user_choice(platform: Platform, backend: str, has_sliding_layers: bool) -> Choice:
     if not has_sliding_layers:
         return Choice(backend, "explicit --attention-backend (model has no sliding-window layers)")
     if backend in WINDOW_CAPABLE:
@@ -260,91 +220,3 @@ def guard_window_conventions(
                 "leaves the unified kernel for extend_attention_fwd, which applies no sliding window; use "
                 "--speculative-eagle-topk 1 or --attention-backend triton."
             )
-
-
-# --- platform detection ------------------------------------------------------------------------------
-_KFD_NODES = "/sys/class/kfd/kfd/topology/nodes"
-
-
-def detect_platform(torch_module: Any = None, kfd_nodes: str = _KFD_NODES) -> PlatformInfo:
-    """Describe the local accelerator without initialising a CUDA/HIP context.
-
-    NVIDIA: compute capability from NVML (what SGLang's get_device_sm does before torch.cuda is
-    initialised), falling back to torch only if torch already owns a context. AMD: the gfx target
-    from the KFD topology in sysfs. AITER / FlashInfer availability is checked with
-    ``importlib.util.find_spec`` rather than importing them (AITER's import can start JIT builds).
-    ``torch_module`` is injectable for tests.
-    """
-    if torch_module is None:
-        import torch as torch_module  # noqa: PLC0415 - keep module import cheap
-
-    aiter = _module_present("aiter")
-    flashinfer = _module_present("flashinfer")
-    if getattr(torch_module.version, "hip", None):
-        if not torch_module.cuda.is_available():
-            return PlatformInfo("cpu")
-        arch = _gfx_arch_from_sysfs(kfd_nodes)
-        if arch is None and torch_module.cuda.is_initialized():
-            arch = torch_module.cuda.get_device_properties(0).gcnArchName.split(":")[0]
-        return PlatformInfo("amd", gcn_arch=arch, aiter_available=aiter, device_name=arch or "")
-    if getattr(torch_module.version, "cuda", None) and torch_module.cuda.is_available():
-        cc, name = _nvml_capability_and_name()
-        if cc is None or torch_module.cuda.is_initialized():
-            cc = tuple(torch_module.cuda.get_device_capability(0))
-            name = torch_module.cuda.get_device_name(0)
-        return PlatformInfo("nvidia", compute_capability=cc, flashinfer_available=flashinfer, device_name=name or "")
-    return PlatformInfo("cpu")
-
-
-def _module_present(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def _nvml_capability_and_name() -> tuple[tuple[int, int] | None, str]:
-    try:
-        import pynvml  # noqa: PLC0415 - optional (nvidia-ml-py)
-
-        pynvml.nvmlInit()
-        try:
-            handle = pynvml.nvmlDeviceGetHandleByIndex(_first_visible_index())
-            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
-            name = pynvml.nvmlDeviceGetName(handle)
-            return (int(major), int(minor)), name.decode() if isinstance(name, bytes) else str(name)
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # noqa: BLE001 - NVML missing or unusable: caller falls back to torch
-        return None, ""
-
-
-def _first_visible_index() -> int:
-    # NVML ignores CUDA_VISIBLE_DEVICES; honour a leading integer entry (UUIDs: fall back to 0).
-    first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
-    return int(first) if first.isdigit() else 0
-
-
-def gfx_name(target_version: int) -> str:
-    """KFD ``gfx_target_version`` (major*10000 + minor*100 + stepping) -> 'gfx942' style name."""
-    major, rest = divmod(int(target_version), 10000)
-    minor, stepping = divmod(rest, 100)
-    return f"gfx{major}{minor:x}{stepping:x}"
-
-
-def _gfx_arch_from_sysfs(kfd_nodes: str) -> str | None:
-    try:
-        nodes = sorted(os.listdir(kfd_nodes))
-    except OSError:
-        return None
-    for node in nodes:
-        try:
-            with open(os.path.join(kfd_nodes, node, "properties")) as f:
-                for line in f:
-                    key, _, value = line.partition(" ")
-                    # CPU nodes report gfx_target_version 0.
-                    if key == "gfx_target_version" and int(value) > 0:
-                        return gfx_name(int(value))
-        except (OSError, ValueError):
-            continue
-    return None
