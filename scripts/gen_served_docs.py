@@ -6,7 +6,7 @@
 
 The MoE rows come from :data:`sglang_step35.served.ROWS` (with every value SGLang accepts for each
 flag), the attention rows from the rules in :mod:`sglang_step35.attention.select` and
-:mod:`sglang_step35.attention.window`, the PP / MTP rows from :mod:`sglang_step35.parallel_guard`:
+:mod:`sglang_step35.attention.window`, the PP / MTP rows from :mod:`sglang_step35.launch.parallel_guard`:
 the doc restates no rule. tests/test_served_docs.py checks that the committed section equals
 :func:`render`.
 """
@@ -74,8 +74,9 @@ def _moe_tables() -> list[str]:
 
 def _attention_tables() -> list[str]:
     from sglang_step35.attention.select import (
-        NO_WINDOW, WINDOW_CAPABLE, PlatformInfo, choose_attention_backend, window_capable_backends,
+        NO_WINDOW, WINDOW_CAPABLE, choose_attention_backend, window_capable_backends,
     )
+    from sglang_step35.platform import Platform
     from sglang_step35.attention.window import CONVENTIONS, same_window_convention
 
     out = ["", "#### Attention backends (`--attention-backend`, `--prefill-attention-backend`, "
@@ -85,7 +86,7 @@ def _attention_tables() -> list[str]:
            "tests/test_attention_select.py and tests/test_attention_window.py.", "",
            "| platform | default (no flag) | also served |", "|---|---|---|"]
     for name, kw in ATTENTION_PLATFORMS:
-        p = PlatformInfo(**kw)
+        p = Platform(**kw)
         default = choose_attention_backend(p, None, True).backend
         others = [b for b in window_capable_backends(p) if b != default]
         out.append(f"| {name} | `{default}` | {', '.join(f'`{b}`' for b in others) or '-'} |")
@@ -107,7 +108,7 @@ def _attention_tables() -> list[str]:
 
 
 def _pp_mtp_table() -> list[str]:
-    from sglang_step35.parallel_guard import PP_MTP_REASON
+    from sglang_step35.launch.parallel_guard import PP_MTP_REASON
 
     return ["", "#### Pipeline parallelism and MTP", "",
             "| setting | verdict | why / verified by |", "|---|---|---|",

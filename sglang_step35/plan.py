@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 from . import served
-from .parallel_guard import pp_mtp_refusal, pp_stage_layers
+from .launch.parallel_guard import pp_mtp_refusal, pp_stage_layers
+from .platform import for_arch
 from .plan_memory import (
     CHUNKED_PREFILL,
     MTP_SPEC,
@@ -119,7 +120,7 @@ def model_class_pp_refusal(pp_size: int, mtp: int) -> Optional[str]:
 
     The single gate every pipeline-parallel plan passes: Step3p5ForCausalLM takes part in SGLang's
     pipeline (its forward takes ``pp_proxy_tensors``), but not with MTP drafts -- the launch guard's
-    rule (:func:`sglang_step35.parallel_guard.pp_mtp_refusal`), worded with the planner's flags."""
+    rule (:func:`sglang_step35.launch.parallel_guard.pp_mtp_refusal`), worded with the planner's flags."""
     return pp_mtp_refusal(pp_size, f"--mtp {mtp}" if mtp else None, pp_flag="--pp",
                           drop=f"use --mtp 0 with --pp {pp_size}",
                           keep=f"keep --mtp {mtp} with --pp 1 and the GPUs in tensor/expert parallel")
@@ -252,7 +253,7 @@ def check_request(plan: Plan, cfg: Mapping, max_ctx: int) -> list[str]:
         # (sglang_step35.served): the default runner, no all-to-all backend, no EPLB; the AMD plans
         # run SGLANG_USE_AITER=1 (set by emit_commands).
         problems += served.refusals(served.Setting(
-            g.vendor, quant=served.quant_label(QUANTS[plan.quant]), aiter=g.vendor == "amd",
+            g.vendor, quant=served.quant_label(QUANTS[plan.quant]), aiter=for_arch(g.arch).aiter,
             clamped_layers=clamped_moe_layers(cfg),
         ))
     return problems

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from .plan_hardware import GPUS
 from .plan_memory import CHUNKED_PREFILL, MTP_SPEC
+from .platform import for_arch
 
 if TYPE_CHECKING:
     from .plan import Plan
@@ -71,7 +72,7 @@ def emit_commands(plan: Plan) -> None:
             "multi-node: inter-node communication buffers fit the same per-GPU runtime reserve; node 0's "
             f"port {DIST_INIT_PORT} reachable from the other nodes"
         )
-    if g.vendor == "amd":
+    if for_arch(g.arch).aiter:  # the platform the plan targets (sglang_step35.platform.for_arch)
         plan.env["SGLANG_USE_AITER"] = "1"  # AITER attention + MoE kernels (what the AMD seeds run)
     cmd = serve_command(plan)
     for r in range(replicas):

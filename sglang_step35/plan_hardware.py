@@ -38,24 +38,14 @@ GPUS: dict[str, GpuSpec] = {
     )
 }
 
-# The platform each GPU architecture stands for when the planner asks the attention rule
-# (sglang_step35.attention.select, the same function the launch hook calls): a deployment node has
-# SGLang's default kernels installed (flashinfer on NVIDIA, AITER on AMD).
-_ARCH_PLATFORM = {
-    "ampere": dict(kind="nvidia", compute_capability=(8, 0), flashinfer_available=True),
-    "ada": dict(kind="nvidia", compute_capability=(8, 9), flashinfer_available=True),
-    "hopper": dict(kind="nvidia", compute_capability=(9, 0), flashinfer_available=True),
-    "blackwell": dict(kind="nvidia", compute_capability=(10, 0), flashinfer_available=True),
-    "cdna3": dict(kind="amd", gcn_arch="gfx942", aiter_available=True),
-    "cdna4": dict(kind="amd", gcn_arch="gfx950", aiter_available=True),
-}
-
-
 def attention_backend_for(arch: str) -> str:
-    """The attention backend the launch hook would pick on `arch` for Step-3.5 (sliding layers)."""
-    from sglang_step35.attention.select import PlatformInfo, choose_attention_backend
+    """The attention backend the launch hook would pick on `arch` for Step-3.5 (sliding layers): the
+    same rule (sglang_step35.attention.select) on the platform a node of `arch` presents
+    (sglang_step35.platform.for_arch: SGLang's default kernels installed, flashinfer / AITER)."""
+    from sglang_step35.attention.select import choose_attention_backend
+    from sglang_step35.platform import for_arch
 
-    return choose_attention_backend(PlatformInfo(**_ARCH_PLATFORM[arch]), None, True).backend
+    return choose_attention_backend(for_arch(arch), None, True).backend
 
 
 # Block-FP8 needs FP8 tensor cores (sm89+); Ampere has none. Not planned there.

@@ -22,7 +22,7 @@ The other axes of a served combination have their own homes, which the rendered 
 docs/correctness.md reads rather than restates (``scripts/gen_served_docs.py``): attention backends
 per phase (prefill, decode, draft) in :mod:`sglang_step35.attention.select` and
 :mod:`sglang_step35.attention.window`, pipeline parallelism and MTP in
-:mod:`sglang_step35.parallel_guard` and :mod:`sglang_step35.mtp_check`.
+:mod:`sglang_step35.launch.parallel_guard` and :mod:`sglang_step35.mtp_check`.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import pytest
 
 from sglang_step35.moe import guard_moe_layout
 from sglang_step35.config import read_config
-from sglang_step35.parallel_guard import pp_stage_layers
+from sglang_step35.launch.parallel_guard import pp_stage_layers
 from sglang_step35.plan import make_plan, model_class_pp_refusal
 from sglang_step35.plan_render import format_plan, plan_argv
 from sglang_step35.plan_memory import buffer_breakdown, weight_breakdown
@@ -129,7 +129,7 @@ def test_pp_gate_admits_our_class_and_refuses_pp_with_mtp():
     """PP plans are emitted exactly when SGLang would admit our class (model_runner.support_pp:
     forward takes pp_proxy_tensors), and never with MTP (the launch guard's rule)."""
     from sglang_step35.models.step3p5 import Step3p5ForCausalLM
-    from sglang_step35.parallel_guard import PP_MTP_REASON, PipelineParallelError, guard_pipeline_parallel
+    from sglang_step35.launch.parallel_guard import PP_MTP_REASON, PipelineParallelError, guard_pipeline_parallel
 
     assert "pp_proxy_tensors" in inspect.signature(Step3p5ForCausalLM.forward).parameters
     assert model_class_pp_refusal(2, 0) is None and model_class_pp_refusal(1, 3) is None

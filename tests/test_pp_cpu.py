@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sglang_step35.parallel_guard import PipelineParallelError, guard_pipeline_parallel
+from sglang_step35.launch.parallel_guard import PipelineParallelError, guard_pipeline_parallel
 from sglang_step35.tiny import write_tiny_checkpoint
 import gpu_contract
 
@@ -161,7 +161,7 @@ def test_sglang_itself_cannot_run_step_mtp_under_pp(cfg):
     from sglang.srt.arg_groups import overrides
     from sglang.srt.arg_groups.validation_hook import check_pipeline_parallel_compat
 
-    from sglang_step35.parallel_guard import pp_stage_layers
+    from sglang_step35.launch.parallel_guard import pp_stage_layers
 
     view = SimpleNamespace(speculative_algorithm="EAGLE", attention_backend="torch_native",
                            enable_hierarchical_cache=False)  # fmt: skip

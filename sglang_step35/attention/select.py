@@ -21,8 +21,6 @@ from typing import Mapping
 
 from sglang_step35.platform import Platform
 
-PlatformInfo = Platform  # the planner's name until plan.py asks sglang_step35.platform.for_arch
-
 # --- What SGLang 0.5.23 does with sliding windows, per MHA attention backend -----------------------
 # Backends that apply ``layer.sliding_window_size`` on every prefill/decode path:
 WINDOW_CAPABLE: dict[str, str] = {

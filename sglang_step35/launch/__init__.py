@@ -3,7 +3,7 @@
 :func:`install` puts two hooks in SGLang (``register()`` calls it): :func:`apply_server_policy`
 before ``ServerArgs.resolve_once`` and, for MTP on CPU, :func:`~sglang_step35.platform.cpu.keep_cpu_spec_attention`
 around SGLang's platform fallbacks. The policy is the ordered list :data:`~.policy.STEPS` of named
-steps (:mod:`.policy`), each a function of one :class:`~.policy.Launch`; :mod:`sglang_step35.parallel_guard`
+steps (:mod:`.policy`), each a function of one :class:`~.policy.Launch`; :mod:`.parallel_guard`
 holds the pipeline-parallel rules its PP step applies.
 """
 

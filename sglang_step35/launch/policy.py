@@ -58,8 +58,8 @@ def read_config(launch: Launch) -> None:
 
 
 def pipeline_parallel(launch: Launch) -> None:
-    """Refuse a --pp-size layout Step-3.5 cannot be served with (:mod:`sglang_step35.parallel_guard`)."""
-    from sglang_step35.parallel_guard import guard_pipeline_parallel
+    """Refuse a --pp-size layout Step-3.5 cannot be served with (:mod:`.parallel_guard`)."""
+    from sglang_step35.launch.parallel_guard import guard_pipeline_parallel
 
     guard_pipeline_parallel(launch.server_args, launch.cfg)
 
