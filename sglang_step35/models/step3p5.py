@@ -24,11 +24,14 @@ SGLang 0.5.23 cannot run Step's (multi-layer) EAGLE under PP, which `parallel_gu
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Iterable, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
+from sglang.srt.layers.layer_boundary import append_stages, declare_attn, declare_ffn
+from sglang.srt.layers.layer_boundary.residual import batch as residual_batch
 from sglang.srt.layers.layernorm import GemmaRMSNorm
 from sglang.srt.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from sglang.srt.layers.logits_processor import LogitsProcessor
@@ -48,7 +51,7 @@ from sglang_step35.checkpoint import layer_index
 from sglang_step35.attention import model_radix_sliding_window_size, model_runner_sliding_window_size
 from sglang_step35.config import LayerSpec, layer_spec, validate
 from sglang_step35.models.weights import cpu_fp8_fallback, load_step3p5_weights
-from sglang_step35.models.step3p5_moe import Step35MLP, Step35MoE
+from sglang_step35.models.step3p5_moe import Step35MLP, Step35MoE, moe_leaves_sum
 
 logger = logging.getLogger(__name__)  # under "sglang_step35", whose handler plugin.py installs
 
@@ -70,8 +73,10 @@ class Step35Attention(nn.Module):
             H, self.head_dim, spec.num_heads, spec.num_kv_heads, bias=False, quant_config=quant_config,
             prefix=add_prefix("qkv_proj", prefix),
         )
+        # reduce_results=False: the attention's sum is left to SGLang's layer boundary (declare_attn's
+        # ALWAYS_PARTIAL), which completes it fused with the residual add + post-attention norm.
         self.o_proj = RowParallelLinear(
-            spec.num_heads * self.head_dim, H, bias=False, quant_config=quant_config,
+            spec.num_heads * self.head_dim, H, bias=False, quant_config=quant_config, reduce_results=False,
             prefix=add_prefix("o_proj", prefix),
         )
         # One gate logit per query head, split with the heads under TP.
@@ -136,16 +141,50 @@ class Step35DecoderLayer(nn.Module):
         )
         self.is_moe = spec.is_moe
         if spec.is_moe:
-            self.moe = Step35MoE(config, spec, quant_config, prefix=add_prefix("moe", prefix))
+            self.moe = Step35MoE(config, spec, quant_config, prefix=add_prefix("moe", prefix), in_layer_boundary=True)
         else:
+            # reduce_results=False: the boundary completes the dense FFN's TP sum (see stage_facts).
             self.mlp = Step35MLP(
-                H, config.intermediate_size, spec.swiglu_limit_shared, quant_config, prefix=add_prefix("mlp", prefix)
+                H, config.intermediate_size, spec.swiglu_limit_shared, quant_config, reduce_results=False,
+                prefix=add_prefix("mlp", prefix),
             )
+        # The residual stream between stages is SGLang's (layer_boundary): each norm reads
+        # `norm(x, residual)` -> (normed, x + residual), SGLang's fused add + RMSNorm, and where the
+        # previous stage left a TP sum, the all-reduce fusions (--enable-flashinfer-allreduce-fusion,
+        # AITER's) complete it in the same kernel. Gemma-form norms ((1 + w), fp32 math) as before.
+        attn, ffn = self.stage_facts(config, quant_config, layer_id)
+        self.attn_boundary, self.ffn_boundary = append_stages(
+            (attn, self.input_layernorm), (ffn, self.post_attention_layernorm)
+        )
+
+    @staticmethod
+    def stage_facts(config, quant_config: Optional[QuantizationConfig], layer_id: int):
+        """The stages layer `layer_id` declares, without building it: SGLang's make_layers binds a
+        neighbouring pipeline stage's layers from this (and checks each built layer against it).
+        Attention: its o_proj sum is always left to the FFN's input (ALWAYS_PARTIAL). FFN: the dense
+        SwiGLU leaves its TP sum to the boundary; the MoE block does where `moe_leaves_sum` says."""
+        def sparse(i: int) -> bool:
+            return i < int(config.num_hidden_layers) and layer_spec(config, i).is_moe
+
+        is_moe = sparse(layer_id)
+        return (
+            declare_attn(),
+            declare_ffn(
+                sparse=is_moe, next_layer_sparse=sparse(layer_id + 1),
+                output_complete=is_moe and not moe_leaves_sum(config, quant_config),
+            ),
+        )
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
-        h = x + self.self_attn(positions, self.input_layernorm(x), forward_batch)
-        normed = self.post_attention_layernorm(h)
-        return h + (self.moe(normed) if self.is_moe else self.mlp(normed))
+        """x: this layer's input as the residual stream (forward_batch.residual_stream) holds it; the
+        output likewise (the FFN's contribution, its residual add deferred to the next norm)."""
+        h = self.attn_boundary.prepare(x, forward_batch)
+        if h.shape[0] != 0:
+            h = self.self_attn(positions, h, forward_batch)
+        h = self.attn_boundary.finish(h, forward_batch)
+        h = self.ffn_boundary.prepare(h, forward_batch)
+        h = self.moe(h) if self.is_moe else self.mlp(h)
+        return self.ffn_boundary.finish(h, forward_batch)
 
 
 class Step35Model(nn.Module):
@@ -167,6 +206,7 @@ class Step35Model(nn.Module):
             pp_rank=self.pp_group.rank_in_group,
             pp_size=self.pp_group.world_size,
             prefix=add_prefix("layers", prefix),
+            stage_facts=partial(Step35DecoderLayer.stage_facts, config, quant_config),
         )
         if self.pp_group.is_last_rank:
             self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -185,17 +225,24 @@ class Step35Model(nn.Module):
         Any other stage: the proxy tensors for the next one."""
         if self.pp_group.is_first_rank:
             h = self.embed_tokens(input_ids) if input_embeds is None else input_embeds
+            residual_batch.start(forward_batch)
         else:
             if pp_proxy_tensors is None:
                 raise RuntimeError(
                     f"Step35Model pipeline stage {self.pp_group.rank_in_group} (layers "
                     f"{self.start_layer}-{self.end_layer - 1}) got no pp_proxy_tensors from the previous stage")
-            h = pp_proxy_tensors["hidden_states"]
+            # hidden_states + residual, as residual_batch.to_pp sent them.
+            h = self.layers[self.start_layer].attn_boundary.from_pp(pp_proxy_tensors, forward_batch)
         for i in range(self.start_layer, self.end_layer):
             h = self.layers[i](positions, h, forward_batch)
         if not self.pp_group.is_last_rank:
-            return PPProxyTensors({"hidden_states": h})
-        return self.norm(h), h
+            return residual_batch.to_pp(h, forward_batch)
+        h = residual_batch.complete_output(h, forward_batch)
+        # The pre-norm state (output + residual) only where the logits processor keeps it: a batch
+        # that captures hidden states (MTP/EAGLE drafting, --return-hidden-states).
+        mode = getattr(forward_batch, "capture_hidden_mode", None)
+        pre_norm = residual_batch.snapshot(h, forward_batch) if mode is not None and mode.need_capture() else None
+        return residual_batch.final_norm(h, forward_batch, self.norm), pre_norm
 
 
 class Step3p5ForCausalLM(nn.Module):

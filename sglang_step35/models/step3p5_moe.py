@@ -33,6 +33,7 @@ from sglang.srt.layers.activation import SiluAndMul
 from sglang.srt.layers.layer_boundary.adapters.attention import attn_tp_gather, attn_tp_slice
 from sglang.srt.layers.linear import MergedColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from sglang.srt.layers.moe import get_moe_a2a_backend, get_moe_runner_backend
+from sglang.srt.layers.moe.utils import post_experts_reduction_group
 from sglang.srt.layers.moe.ep_moe.layer import get_moe_impl_class
 from sglang.srt.layers.moe.topk import TopK
 from sglang.srt.layers.quantization.base_config import QuantizationConfig
@@ -62,6 +63,32 @@ def expert_location_settings() -> dict:
         enable_eplb=bool(moe.enable_eplb),
         init_expert_location=str(moe.init_expert_location or "trivial"),
     )
+
+
+def leaves_sum_to_boundary(layout, tp_size: int) -> bool:
+    """Whether the MoE block, inside our decoder layer, hands SGLang's layer boundary its partial
+    sum (declared with `declare_ffn(output_complete=False)`), so the boundary completes it, fused
+    with the next residual add + RMSNorm where `--enable-flashinfer-allreduce-fusion` / AITER's
+    fusion apply. Only where that sum is one all-reduce of (routed + TP-split shared expert) over
+    exactly the TP ranks, the group SGLang's boundary reduces an MoE output over
+    (`post_experts_reduction_group`). Otherwise (a2a combine already complete, a replicated shared
+    expert added after the sum, EP and MoE-TP reduced in two groups, TP 1) the block completes its
+    own output and the boundary owes nothing."""
+    if tp_size == 1 or layout.routed_output_complete or layout.shared_expert_replicated:
+        return False
+    parallel = get_parallel()
+    return parallel.moe_dp_size == 1 and post_experts_reduction_group().world_size == tp_size
+
+
+def moe_leaves_sum(config, quant_config: Optional[QuantizationConfig]) -> bool:
+    """`leaves_sum_to_boundary` for a config, without building the block: the decoder layer's stage
+    declaration (which other pipeline ranks rebuild from the config alone) needs it."""
+    tp_size = get_parallel().tp_size
+    layout = moe_block_layout(
+        a2a_backend=get_moe_a2a_backend(), quant=quant_spec_of(quant_config),
+        share_expert_dim=int(config.share_expert_dim), tp_size=tp_size,
+    )
+    return leaves_sum_to_boundary(layout, tp_size)
 
 
 class Step35MLP(nn.Module):
@@ -101,9 +128,16 @@ class Step35MLP(nn.Module):
 class Step35MoE(nn.Module):
     """Routed experts (sigmoid router, bias for selection only) + the always-on shared expert."""
 
-    def __init__(self, config, spec: LayerSpec, quant_config: Optional[QuantizationConfig], prefix: str = ""):
+    def __init__(
+        self, config, spec: LayerSpec, quant_config: Optional[QuantizationConfig], prefix: str = "",
+        in_layer_boundary: bool = False,
+    ):
         super().__init__()
         self.tp_size = get_parallel().tp_size
+        # in_layer_boundary: built by our decoder layer, whose SGLang FFN boundary hands the block this
+        # rank's rows (attn_tp_slice under a2a, gathered back at its exit) and takes its sum where
+        # `leaves_sum_to_boundary` says so. Standalone, the block slices and sums itself.
+        self.in_layer_boundary = in_layer_boundary
         self.num_experts = int(config.moe_num_experts)
         self.top_k = int(config.moe_top_k)
         self.scaling = float(getattr(config, "moe_router_scaling_factor", 1.0) or 1.0)
@@ -132,6 +166,7 @@ class Step35MoE(nn.Module):
             share_expert_dim=int(config.share_expert_dim), tp_size=self.tp_size,
         )
         self.attn_tp_size = get_parallel().attn_tp_size
+        self.leaves_sum = in_layer_boundary and leaves_sum_to_boundary(self.layout, self.tp_size)
         runner_backend = get_moe_runner_backend()
         # The allow-list (sglang_step35.served) judges the values SGLang resolved, not only the flags
         # the launch guard saw: Engine(...) skips the CLI, and SGLang may pick a runner itself.
@@ -191,6 +226,8 @@ class Step35MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Every token in, every token out (the decoder layer holds them all on every TP rank)."""
+        if self.in_layer_boundary:
+            return self._block(x)  # the boundary already chose this rank's rows (see __init__)
         # Under a2a SGLang pads batches to a multiple of attention TP (require_attn_tp_gather ->
         # prepare_mlp_sync_batch / the CUDA-graph batch alignment); a batch that is not (SGLang's
         # --disable-attn-tp-gather) stays whole, as SGLang's UNPADDED boundary keeps it: every rank
@@ -214,6 +251,8 @@ class Step35MoE(nn.Module):
             routed = experts_forward_loop(self.experts, x, topk_output, self.swiglu_limit)
         if self.layout.routed_output_complete or self.tp_size == 1:
             return routed + shared  # the a2a combine summed every expert; the shared expert is whole
+        if self.leaves_sum:
+            return routed + shared  # a partial sum: the layer boundary completes it (leaves_sum_to_boundary)
         if self.layout.shared_expert_replicated:
             # Whole on every rank: added after the sum, or the all-reduce would count it tp_size times.
             return tensor_model_parallel_all_reduce(routed) + shared

@@ -31,6 +31,8 @@ from typing import Iterable, Optional, Tuple
 import torch
 from torch import nn
 
+from sglang.srt.layers.layer_boundary import layer_stack
+from sglang.srt.layers.layer_boundary.residual import batch as residual_batch
 from sglang.srt.layers.layernorm import GemmaRMSNorm
 from sglang.srt.layers.linear import ReplicatedLinear
 from sglang.srt.layers.logits_processor import LogitsProcessor
@@ -105,10 +107,13 @@ class Step3p5MTP(nn.Module):
         # SwiGLU (MTP indices are outside moe_layers_enum) with the clamp at that index.
         # Prefixed with the checkpoint's name for the layer: SGLang matches the quantization_config's
         # modules_to_not_convert against it (an MTP layer kept in BF16 is built unquantized).
-        self.layer = Step35DecoderLayer(
-            config, self.layer_index, quant_config, prefix=add_prefix(f"model.layers.{self.layer_index}", prefix),
-            draft=True,
-        )
+        # Its own one-layer stack of SGLang's stage boundaries (the layer's stages bind when it closes):
+        # the layer's output then ends at shared_head_norm, fused add + norm as in the main model.
+        with layer_stack():
+            self.layer = Step35DecoderLayer(
+                config, self.layer_index, quant_config, prefix=add_prefix(f"model.layers.{self.layer_index}", prefix),
+                draft=True,
+            )
         assert not self.layer.is_moe, "MTP layers use the dense SwiGLU"
         # The draft runner's KV pool holds this one layer at local id 0 (see module docstring).
         self.layer.self_attn.attn.layer_id = 0
@@ -161,10 +166,13 @@ class Step3p5MTP(nn.Module):
                 f"{h_prev.shape[0]} previous hidden states"
             )
         z, _ = self.eh_proj(torch.cat([self.enorm(e), self.hnorm(h_prev.to(e.dtype))], dim=-1))
-        y = self.layer(positions, z, forward_batch)
-        # The logits use the head-normed state; the next MTP layer gets y itself (chain, #18564).
+        residual_batch.start(forward_batch)
+        y = residual_batch.complete_output(self.layer(positions, z, forward_batch), forward_batch)
+        # The logits use the head-normed state; the next MTP layer gets y (pre-norm) itself (chain, #18564).
+        pre_norm = residual_batch.snapshot(y, forward_batch)
+        normed = residual_batch.final_norm(y, forward_batch, self.shared_head_norm)
         return self.logits_processor(
-            input_ids, self.shared_head_norm(y), self.shared_head_head, forward_batch, hidden_states_before_norm=y
+            input_ids, normed, self.shared_head_head, forward_batch, hidden_states_before_norm=pre_norm
         )
 
     # Checkpoint names ---------------------------------------------------------------------------
