@@ -44,7 +44,7 @@ clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
 
 # bench and gsm8k are also directory names: without .PHONY make would call them up to date.
-.PHONY: bench gsm8k train-tiny tiny-eval mtp-bench gpu-check
+.PHONY: bench gsm8k train-tiny tiny-eval mtp-bench gpu-check bench-agent kv-capacity
 TRAINED_OUT ?= build/tiny-trained
 MTP_ARGS ?=
 SCALE ?=
@@ -55,6 +55,7 @@ PORT ?= 30000
 GSM8K_ARGS ?=
 DEVICE ?=
 GPU_CHECK_ARGS ?=
+AGENT_ARGS ?=
 
 ## Serving benchmark: the seed's low/medium/high bench_serving scenarios, our model vs SGLang's built-in
 ## on the same checkpoint (tiny on CPU, scaled to a few minutes). SCALE=1 for the full sizes; BENCH_ARGS
@@ -80,6 +81,18 @@ tiny-eval: setup
 ## MTP accept length and tok/s, no spec vs MTP-1 vs MTP-3 (default: the trained tiny checkpoint on CPU).
 mtp-bench: setup
 	$(BIN)/python bench/mtp.py $(MTP_ARGS)
+
+## Agent sessions (bench/agent_sessions.py, docs/benchmarks.md section 7): concurrent sessions x turns with tool
+## calls; per turn the cached share of the prompt (--enable-cache-report) and TTFT, for the hybrid SWA pool at the
+## planned ratio, at SGLang's 0.8, one pool and with SGLang's session radix cache; steady and parked sessions.
+## Default: the trained tiny checkpoint on CPU; AGENT_ARGS for more (e.g. AGENT_ARGS="--base-url http://host:30000").
+bench-agent: setup
+	$(BIN)/python bench/agent_sessions.py $(AGENT_ARGS)
+
+## Step-3.5-Flash KV tokens per GiB at SGLang's default vs the planned --swa-full-tokens-ratio, from SGLang's
+## HybridSWAPoolConfigurator (bench/kv_capacity.py); prints and writes bench/out/kv_capacity.json.
+kv-capacity: setup
+	$(BIN)/python bench/kv_capacity.py
 
 ## One-GPU check of the GPU path on real-width layers (bench/gpu_check.py, docs/benchmarks.md): reference
 ## logprobs, built-in greedy, MTP-3, FP8, timing, roofline, kernels; 7 min budget on an H200 (checkpoint built
