@@ -14,6 +14,7 @@ What a GPU has that this machine lacks, each replaced by the smallest pure-torch
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 
 import torch
@@ -452,18 +453,15 @@ def sglang_gpu_moe_path(extra_kernels=()):
         mp.undo()
 
 
-def fake_platform_probe(mp, device: str = "cuda") -> None:
-    """Our platform probe (`moe/runner.current_device`, and every model module that imported it)
-    answers `device`; SGLang's own probes stay those of this CPU machine."""
-    import sys
+def fake_platform_probe(mp, device: str = "cuda", aiter: bool = False) -> None:
+    """Our one platform probe (`sglang_step35.platform.current_platform`) answers `device` ("cuda":
+    an H100, "rocm": an MI300X with SGLang's AITER switch `aiter`, "cpu"); SGLang's own probes stay
+    those of this CPU machine."""
+    from sglang_step35 import platform
 
-    import sglang_step35.models.step3p5  # noqa: F401  (load every module that imports the probe)
-    import sglang_step35.models.step3p5_mtp  # noqa: F401
-    from sglang_step35.moe import runner
-
-    for mod in [runner, *[m for k, m in sys.modules.items() if k.startswith("sglang_step35.models.")]]:
-        if hasattr(mod, "current_device"):
-            mp.setattr(mod, "current_device", lambda: device)
+    kind = platform.kind_of(device)
+    fake = {"nvidia": platform.for_arch("hopper"), "amd": platform.for_arch("cdna3"), "cpu": platform.Platform("cpu")}[kind]
+    mp.setattr(platform, "forced", dataclasses.replace(fake, use_aiter=aiter))
 
 
 def build_like_sglang(ckpt, draft_idx=None):

@@ -46,10 +46,7 @@ def rocm_aiter_path():
     with gpu_contract.sglang_gpu_moe_path() as mp:  # first: register() installs the CPU sgl_kernel
         from sglang.srt.layers.quantization import fp8 as sglang_fp8
 
-        import sglang_step35.models.step3p5_moe as moe_mod
-
-        gpu_contract.fake_platform_probe(mp, "rocm")
-        mp.setattr(moe_mod, "aiter_moe_active", lambda: True)
+        gpu_contract.fake_platform_probe(mp, "rocm", aiter=True)
         mp.setattr(sglang_fp8, "_is_hip", True)
         mp.setattr(sglang_fp8, "_use_aiter", True)
         mp.setattr(sglang_fp8, "_is_cpu", False)

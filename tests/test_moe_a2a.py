@@ -61,8 +61,7 @@ def _build_rank(rank: int, monkeypatch, cfg, w: MoEWeights):
     import sglang_step35.models.step3p5_moe as moe_mod
     from sglang_step35.config import layer_spec, moe_layer_ids
 
-    monkeypatch.setattr(moe_mod, "current_device", lambda: "cuda")
-    monkeypatch.setattr(moe_mod, "aiter_moe_active", lambda: False)
+    gpu_contract.fake_platform_probe(monkeypatch, "cuda")
     # SGLang's DeepEP dispatcher needs GPUs; the experts' forward is replaced below.
     monkeypatch.setattr(fused_layer, "create_moe_dispatcher", lambda *a, **k: None)
     layer = sorted(moe_layer_ids(cfg))[0]

@@ -40,11 +40,9 @@ def sglang_gpu_path():
 def _build(ckpt, mp: pytest.MonkeyPatch, device: str, aiter: bool = False):
     """Step3p5ForCausalLM built as on `device` ("cuda"/"rocm"/"cpu"), fp32, checkpoint loaded."""
     import sglang_step35.models.step3p5 as model_mod
-    import sglang_step35.models.step3p5_moe as moe_mod
     from sglang_step35.config import Step35Config
 
-    mp.setattr(moe_mod, "current_device", lambda: device)
-    mp.setattr(moe_mod, "aiter_moe_active", lambda: aiter)
+    gpu_contract.fake_platform_probe(mp, device, aiter)
     cfg = Step35Config(**json.loads((ckpt / "config.json").read_text()))
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)

@@ -133,16 +133,18 @@ def _bytes_by_component(named_params) -> dict[str, int]:
 def _build(plan, rank: int, monkeypatch, pp_rank: int = 0):
     """Our Step3p5ForCausalLM (+ one Step3p5MTP per draft step) as TP rank `rank` of pipeline stage
     `pp_rank` of `plan` builds it."""
+    import dataclasses
+
     import sglang_step35.models.step3p5 as model_mod
-    import sglang_step35.models.step3p5_moe as moe_mod
     from sglang.srt.layers.quantization.fp8 import Fp8Config
+    from sglang_step35 import platform
     from sglang.srt.runtime_context import get_context, get_parallel
     from sglang_step35.config import Step35Config
     from sglang_step35.models.step3p5_mtp import Step3p5MTP
 
-    amd = GPUS[plan.gpu].vendor == "amd"
-    monkeypatch.setattr(moe_mod, "current_device", lambda: "rocm" if amd else "cuda")
-    monkeypatch.setattr(moe_mod, "aiter_moe_active", lambda: plan.env.get("SGLANG_USE_AITER") == "1")
+    # The node the plan targets, as the one platform probe would report it, with the plan's AITER switch.
+    node = platform.for_arch(GPUS[plan.gpu].arch)
+    monkeypatch.setattr(platform, "forced", dataclasses.replace(node, use_aiter=plan.env.get("SGLANG_USE_AITER") == "1"))
     # On a GPU the CPU-only dequantize fallback never applies: SGLang's Fp8Config stays active.
     monkeypatch.setattr(model_mod, "cpu_fp8_fallback", lambda *a, **k: None)
     # Rotary caches as on CUDA/HIP: fp32 (SGLang casts them to the model dtype only on other

@@ -201,12 +201,10 @@ def built_with(sglang_gpu_path, ckpt, monkeypatch):
         from sglang.srt.runtime_context import get_context
 
         import sglang_step35.models.step3p5 as model_mod
-        import sglang_step35.models.step3p5_moe as moe_mod
         from sglang_step35.config import Step35Config
 
         ckpt_dir = ckpt_dir or ckpt
-        gpu_contract.fake_platform_probe(monkeypatch, device)
-        monkeypatch.setattr(moe_mod, "aiter_moe_active", lambda: aiter)
+        gpu_contract.fake_platform_probe(monkeypatch, device, aiter)
         flags = get_flags().moe
         for name in ("runner_backend", "a2a_backend", "speculative_runner_backend", "speculative_a2a_backend"):
             monkeypatch.setattr(flags, name, getattr(flags, name))  # restored after the test

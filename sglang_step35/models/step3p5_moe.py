@@ -46,7 +46,8 @@ from sglang_step35.models.expert_compute import experts_forward_loop
 from sglang_step35.moe.layout import moe_block_layout
 from sglang_step35.moe.policy import RoutedRunner, routed_plan
 from sglang_step35.moe.quant import quant_spec_of
-from sglang_step35.moe.runner import aiter_moe_active, clamp_honouring_method, current_device
+from sglang_step35.moe.runner import clamp_honouring_method
+from sglang_step35.platform import current_platform
 
 
 def expert_location_settings() -> dict:
@@ -170,9 +171,10 @@ class Step35MoE(nn.Module):
         runner_backend = get_moe_runner_backend()
         # The allow-list (sglang_step35.served) judges the values SGLang resolved, not only the flags
         # the launch guard saw: Engine(...) skips the CLI, and SGLang may pick a runner itself.
+        platform = current_platform()  # the launcher's probe; its AITER switch is SGLang's (unquant._use_aiter)
         self.plan = routed_plan(
-            self.swiglu_limit, device=current_device(), ep_size=get_parallel().moe_ep_size,
-            aiter=aiter_moe_active(), quant=quant_spec_of(quant_config), a2a_backend=self.layout.a2a_backend,
+            self.swiglu_limit, device=platform.device, ep_size=get_parallel().moe_ep_size,
+            aiter=platform.aiter, quant=quant_spec_of(quant_config), a2a_backend=self.layout.a2a_backend,
             runner_backend=getattr(runner_backend, "value", runner_backend), layer_id=spec.index,
             **expert_location_settings(),
         )

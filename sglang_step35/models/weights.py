@@ -197,9 +197,9 @@ def cpu_fp8_fallback(quant_config) -> Optional[list]:
     block = getattr(quant_config, "weight_block_size", None)
     from sglang.srt.utils import cpu_has_amx_support
 
-    from sglang_step35.moe.runner import current_device
+    from sglang_step35.platform import current_platform
 
-    if not block or current_device() != "cpu" or cpu_has_amx_support():
+    if not block or current_platform().has_accelerator or cpu_has_amx_support():
         return None
     logger.warning(
         "block-FP8 checkpoint on a CPU without AMX (SGLang's FP8 kernels need AMX): dequantizing FP8 "

@@ -73,7 +73,7 @@ def routed_plan(
 ) -> RoutedPlan:
     """The runner of one MoE layer.
 
-    ``device``: "cuda", "rocm" or "cpu" (see :func:`current_device`); ``aiter``: SGLang's AITER MoE
+    ``device``: "cuda", "rocm" or "cpu" (``Platform.device`` of :func:`sglang_step35.platform.current_platform`); ``aiter``: SGLang's AITER MoE
     is active (``SGLANG_USE_AITER=1`` on ROCm); ``quant``: the experts' quantization (anything
     ``moe.quant.parse_quant`` reads; default: block FP8 if ``quantized`` else BF16);
     ``a2a_backend`` / ``runner_backend`` / ``ep_num_redundant_experts`` / ``enable_eplb`` /
@@ -123,22 +123,6 @@ class Decision:
 
 
 
-def platform_vendor(platform: Any) -> str:
-    """'amd', 'nvidia' or 'cpu' from a string ("rocm", "hip", "cuda", "mi300x", ...) or a platform object."""
-    if isinstance(platform, str):
-        p = platform.lower()
-        if p in ("rocm", "hip", "amd") or p.startswith("mi3"):
-            return "amd"
-        if p == "cpu":
-            return "cpu"
-        return "nvidia"
-    for attr, vendor in (("is_hip", "amd"), ("is_rocm", "amd"), ("is_cuda", "nvidia"), ("is_cpu", "cpu")):
-        probe = getattr(platform, attr, None)
-        if probe is not None and (probe() if callable(probe) else probe):
-            return vendor
-    raise ValueError(f"cannot tell the platform vendor from {platform!r}")
-
-
 def effective_moe_backend(requested: Optional[str], vendor: str) -> str:
     """The MoE kernel family whose rule applies. ``auto`` on ROCm is judged as AITER — the backend
     the AMD seed deployments run and the stricter of the two ROCm choices."""
@@ -179,12 +163,6 @@ def a2a_refusal(a2a_backend: Any, *, vendor: str, quant: Any, clamped_layers: tu
     return served.refusal(served.A2A, setting)
 
 
-def _aiter_switch(vendor: str) -> bool:
-    import os
-
-    return vendor == "amd" and os.environ.get("SGLANG_USE_AITER", "0").lower() in ("1", "true", "yes")
-
-
 def guard_moe_layout(server_args_like: Any, hf_config: Any, platform: Any, *, aiter: Optional[bool] = None) -> Decision:
     """Decide, before the model is built, whether the server args give Step-3.5 a MoE it serves.
 
@@ -192,14 +170,18 @@ def guard_moe_layout(server_args_like: Any, hf_config: Any, platform: Any, *, ai
     ``moe_runner_backend``, ``moe_a2a_backend``, ``quantization``, ``moe_dense_tp_size``,
     ``enable_dp_attention`` (attributes or mapping keys; missing ones take SGLang's defaults).
     ``hf_config``: the Step config (object or dict); its ``quantization_config`` is used when
-    ``quantization`` is unset. ``platform``: "cuda" / "rocm" / "cpu" or an object with ``is_hip()``
-    / ``is_cuda()``. ``aiter``: SGLang's AITER switch (default: ``SGLANG_USE_AITER`` on AMD).
+    ``quantization`` is unset. ``platform``: a :class:`~sglang_step35.platform.Platform`, its kind,
+    "cuda" / "rocm" or an object with ``is_hip()`` / ``is_cuda()`` (:func:`sglang_step35.platform.kind_of`).
+    ``aiter``: SGLang's AITER switch (default: ``SGLANG_USE_AITER`` on AMD, read as SGLang reads it).
     Changes nothing; reads nothing else.
     """
     if not moe_layer_ids(hf_config) or not cfg_get(hf_config, "moe_num_experts"):
         return Decision("ok", "step35: no MoE layers; nothing to check")
-    vendor = platform_vendor(platform)
-    aiter = _aiter_switch(vendor) if aiter is None else bool(aiter)
+    from sglang_step35.platform import kind_of
+    from sglang_step35.platform.rocm import aiter_switch
+
+    vendor = kind_of(platform)
+    aiter = aiter_switch(vendor) if aiter is None else bool(aiter)
     tp = int(cfg_get(server_args_like, "tp_size", 1))
     ep = int(cfg_get(server_args_like, "ep_size", cfg_get(server_args_like, "moe_ep_size", 1)))
     runner = cfg_get(server_args_like, "moe_runner_backend")

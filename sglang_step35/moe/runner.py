@@ -1,8 +1,9 @@
 """The SGLang MoE method subclasses that keep a SwiGLU-clamped Step-3.5 layer on SGLang's Triton
-runner under ``SGLANG_USE_AITER=1`` (AITER's CK MoE has no clamped SwiGLU), the method a
-:attr:`~.policy.RoutedRunner.FUSED_TRITON` layer gets per quantization, and the platform probes
-the model reads (SGLang's own ``is_cuda``/``is_hip`` and its AITER MoE switch). Which runner a
-layer gets, and why, is decided in :mod:`.policy`.
+runner under ``SGLANG_USE_AITER=1`` (AITER's CK MoE has no clamped SwiGLU), and the method a
+:attr:`~.policy.RoutedRunner.FUSED_TRITON` layer gets per quantization. Which runner a layer gets,
+and why, is decided in :mod:`.policy`, on the platform :func:`sglang_step35.platform.current_platform`
+reports. These subclass SGLang's methods, so they import SGLang; ``platform/rocm.py`` (the AITER
+switch) stays importable without it for the planner.
 """
 
 from __future__ import annotations
@@ -13,24 +14,6 @@ from sglang.srt.layers.moe.moe_runner import MoeRunner
 from sglang.srt.layers.moe.utils import MoeRunnerBackend
 from sglang.srt.layers.quantization.fp8 import Fp8Config, Fp8MoEMethod
 from sglang.srt.layers.quantization.unquant import UnquantizedFusedMoEMethod
-
-
-def current_device() -> str:
-    """The platform SGLang runs on, with SGLang's own probes."""
-    from sglang.srt.utils import is_cuda, is_hip
-
-    if is_hip():
-        return "rocm"
-    if is_cuda():
-        return "cuda"
-    return "cpu"
-
-
-def aiter_moe_active() -> bool:
-    """SGLang's AITER MoE switch, read where SGLang reads it (``unquant._use_aiter``)."""
-    from sglang.srt.layers.quantization import unquant
-
-    return bool(unquant._use_aiter)
 
 
 class ClampHonouringMoEMethod(UnquantizedFusedMoEMethod):
