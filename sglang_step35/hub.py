@@ -1,7 +1,7 @@
 """The config.json of a hub repo id, fetched the way SGLang 0.5.23 fetches it moments later.
 
 `sglang serve --model-path stepfun-ai/Step-3.5-Flash` names a repo, not a directory. The launch
-policy (`plugin.apply_server_policy`) runs before SGLang's own argument resolution, which then reads
+policy (`launch.apply_server_policy`) runs before SGLang's own argument resolution, which then reads
 the config itself: `ModelConfig` -> `get_config` -> `AutoConfig.from_pretrained(model, revision=...)`
 (transformers' `PretrainedConfig.get_config_dict`), or, with `SGLANG_USE_MODELSCOPE`, the ModelScope
 snapshot that `arg_groups/model_path_hook.handle_modelscope_paths` finds in its cache or downloads.

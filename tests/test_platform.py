@@ -169,3 +169,18 @@ def test_forced_platform_reaches_ops_dispatch_and_the_doctor(monkeypatch):
     assert (info["kind"], info["arch"], info["accelerator"]) == ("amd", "gfx942", True)
     monkeypatch.setattr(platform, "forced", H100)
     assert doctor.platform_info()["arch"] == "sm90" and ops.backend_for(on_device) == "cuda"
+
+
+@pytest.mark.parametrize("value,sglang_aiter", [("1", True), ("TRUE", True), ("yes", False), ("0", False)])
+def test_launch_guard_judges_the_aiter_switch_sglang_will_build(value, sglang_aiter, monkeypatch):
+    """The MoE launch guard reads SGLANG_USE_AITER through the same rule: "yes" (which SGLang's unquant
+    reads as off) no longer gets the AITER verdict the model would never run."""
+    from sglang_step35.config import read_config
+    from sglang_step35.moe import guard_moe_layout
+
+    per_tensor = dict(read_config(), quantization_config={"quant_method": "fp8"})
+    args = {"tp_size": 4, "ep_size": 4}
+    monkeypatch.setenv("SGLANG_USE_AITER", value)
+    decided = guard_moe_layout(args, per_tensor, "rocm").message
+    assert decided == guard_moe_layout(args, per_tensor, "rocm", aiter=sglang_aiter).message
+    assert decided != guard_moe_layout(args, per_tensor, "rocm", aiter=not sglang_aiter).message

@@ -5,7 +5,7 @@ read from SGLang, so a value it adds fails here until a row judges it), and for 
 the Step model is built as on a GPU and routes with Step's sigmoid + bias router and SwiGLU clamp
 through the runner's contract (SGLang's Triton fused MoE under TRITON_INTERPRET=1, as
 tests/test_moe_gpu_contract.py runs it, against the plain-PyTorch reference), or the launch policy
-(`plugin.apply_server_policy` on a real `ServerArgs`, platform faked) and the model construction (SGLang's
+(`launch.apply_server_policy` on a real `ServerArgs`, platform faked) and the model construction (SGLang's
 published runtime values) both refuse it by name.
 """
 
