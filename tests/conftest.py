@@ -3,7 +3,8 @@
 `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`). A session-scoped
 server fixture lives in one worker process, so every test that uses it is put into that server's
 xdist group (SERVER_GROUPS): the server starts once per run, not once per worker. A `server` test
-without a shared server is grouped by module, so module-scoped servers start once as well.
+without a shared server is grouped by module, so module-scoped servers start once as well. Explicit
+`@pytest.mark.xdist_group` marks win. Groups reach the scheduler through tests/xdist_groups.py.
 """
 
 from __future__ import annotations
@@ -69,6 +70,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("xdist_group") is None and (group := _xdist_group(item)):
             item.add_marker(pytest.mark.xdist_group(group))
+
+
+def pytest_configure(config):
+    if config.pluginmanager.hasplugin("xdist"):
+        # The groups reach xdist's scheduler on every pytest (tests/xdist_groups.py says why).
+        from xdist_groups import XdistGroups
+
+        config.pluginmanager.register(XdistGroups(config), "sglang-step35-xdist-groups")
 
 
 # The tiny seed-0 checkpoint in fp32 behind plain `sglang serve`: the parity reference comparisons,
