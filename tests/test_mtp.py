@@ -193,8 +193,7 @@ def test_mtp1_greedy_output_equals_plain_decoding_with_nested_checkpoint(mtp1, b
 
 def test_too_many_steps_fails_fast_naming_both_numbers(mtp_dir, mtp1):
     server = SGLangServer(str(mtp_dir), COMMON + MTP3[:2] + ["--speculative-num-steps", "4", "--speculative-eagle-topk",
-                                                            "1", "--speculative-num-draft-tokens", "5"],
-                          startup_timeout=120)
+                                                            "1", "--speculative-num-draft-tokens", "5"])
     with pytest.raises(RuntimeError):
         server.start()
     log = server.log_text()

@@ -61,7 +61,7 @@ def test_malformed_config_fails_at_launch_with_one_named_error(tiny_dir, tmp_pat
     cfg = json.loads((bad / "config.json").read_text())
     cfg["moe_layers_enum"] = "2,3,4,9"  # layer 9 does not exist
     (bad / "config.json").write_text(json.dumps(cfg))
-    server = SGLangServer(str(bad), ["--device", "cpu"], startup_timeout=180)
+    server = SGLangServer(str(bad), ["--device", "cpu"])
     with pytest.raises(RuntimeError, match="exited with code"):
         server.start()
     log = server.log_text()

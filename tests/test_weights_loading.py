@@ -56,7 +56,7 @@ def test_mismatched_checkpoint_fails_with_one_error_listing_every_tensor(tiny_di
     ckpt = _copy_with(tiny_dir, tmp_path / "broken", edit)
     e, i, h = load_file(str(tiny_dir / "model.safetensors"))[MISSHAPED].shape
     kv_shape = list(load_file(str(tiny_dir / "model.safetensors"))[MISSING].shape)
-    server = SGLangServer(str(ckpt), CPU_ARGS, startup_timeout=240)
+    server = SGLangServer(str(ckpt), CPU_ARGS)
     with pytest.raises(RuntimeError, match="exited with code"):
         server.start()
     server.stop()
@@ -87,7 +87,7 @@ def test_fp8_checkpoint_serves_on_cpu_dequantized_at_load(fp8_pair):
     prompt = [(53 * i + 7) % 900 + 20 for i in range(30)]
     # bf16: SGLang refuses fp32 for quant method fp8 ("torch.float32 is not supported for
     # quantization method fp8"), before our model is built.
-    with SGLangServer(str(fp8_dir), [*CPU_ARGS, "--dtype", "bfloat16"], startup_timeout=240) as server:
+    with SGLangServer(str(fp8_dir), [*CPU_ARGS, "--dtype", "bfloat16"]) as server:
         log = server.log_text()
         resp = generate(server, prompt, 12, V)
         pgid = server.proc.pid  # its own process group (SGLangServer starts a new session)
