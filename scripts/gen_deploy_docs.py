@@ -45,6 +45,74 @@ MULTI = [
 ]
 
 
+# The 8- and 4-bit exports (issue #25, `step35 tiny --quant` names) and the GPUs each has kernels on.
+FORMATS = [
+    ("w8a8-int8", ("h100", "h200", "b200", "mi300x", "mi355x")),
+    ("w4a16", ("h100", "h200", "b200", "mi300x", "mi355x")),
+    ("w4a16-g32", ("h100", "h200")),
+    ("nvfp4", ("h100", "h200", "b200")),
+    ("mxfp4", ("mi300x", "mi355x")),
+]
+
+
+def _smallest_fit(gpu: str, quant: str):
+    """The plan on the fewest GPUs (1, 2, 4, 8) whose weights + KV for one full-context request fit,
+    served or refused by the allow-list (None: not even 8 fit)."""
+    for n in (1, 2, 4, 8):
+        plan = make_plan(gpu, n, quant, suggest=False)
+        if plan.feasible or (plan.problems and all(x.startswith("refused: ") for x in plan.problems)):
+            return plan
+    return None
+
+
+def _formats() -> list[str]:
+    out = [
+        "# 8- and 4-bit checkpoints",
+        "",
+        "`step35 plan --quant NAME` plans the formats `step35 tiny --quant` writes, with each format's bytes",
+        "(sglang_step35/moe/quant.py) and the TP splits SGLang's kernels for it can run (a split they cannot",
+        "run is refused by name, or fixed by EP = TP where that keeps whole experts). Whether a format is",
+        "served on a platform is the allow-list's answer (sglang_step35/served.py, docs/correctness.md);",
+        "a refused format's plan still says how many GPUs it would take. No official Step-3.5-Flash",
+        "checkpoint exists in these formats: the commands read your export from `$STEP35_CHECKPOINT`.",
+        "",
+        "| format | GPU | fewest GPUs (full 262,144-token context) | layout | requests at full context | allow-list |",
+        "|---|---|---|---|---|---|",
+    ]
+    reasons: dict[str, str] = {}
+    examples = []
+    for quant, gpus in FORMATS:
+        for gpu in gpus:
+            plan = _smallest_fit(gpu, quant)
+            if plan is None:
+                out.append(f"| {quant} | {GPUS[gpu].name} | more than 8 | - | - | - |")
+                continue
+            status = "served" if plan.feasible else "refused (below)"
+            for x in plan.problems:
+                reasons[f"{quant} on {GPUS[gpu].vendor}"] = x.removeprefix("refused: ")
+            out.append(f"| {quant} | {GPUS[gpu].name} | {plan.num_gpus} | TP {plan.tp}, EP {plan.ep} | "
+                       f"{plan.concurrency} | {status} |")
+            if gpu in ("h200", "mi300x") and not any(e[1] == quant for e in examples):
+                examples.append((gpu, quant, plan))
+    if reasons:
+        out += ["", "Refused (the allow-list's words):", ""]
+        out += [f"- {k}: {v}" for k, v in reasons.items()]
+    out.append("")
+    for gpu, quant, plan in examples:
+        plan = make_plan(gpu, plan.num_gpus, quant)  # with the nearest served alternatives
+        out += [
+            f"## {plan.num_gpus}x {GPUS[gpu].name}, {quant}",
+            "",
+            f"`step35 plan --gpu {gpu} --num-gpus {plan.num_gpus} --quant {quant}`",
+            "",
+            "```text",
+            format_plan(plan).rstrip("\n"),
+            "```",
+            "",
+        ]
+    return out
+
+
 def _flags(extra: dict) -> str:
     return "".join(f" --{k.replace('_', '-')} {v}" for k, v in extra.items())
 
@@ -99,6 +167,7 @@ def render() -> str:
     ]
     for gpu, n, quant, mtp, extra, why in MULTI:
         out += _section(gpu, n, quant, mtp, extra, why)
+    out += _formats()
     return "\n".join(out)
 
 

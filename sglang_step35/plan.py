@@ -54,8 +54,8 @@ from .config import Step35ConfigError, read_config, validate
 from .moe.layout import check_moe_layout, moe_block_layout, recommended_layout
 from .moe.policy import clamped_moe_layers, effective_moe_backend
 from .moe.quant import QUANTS
-from .plan_commands import emit_commands
-from .plan_hardware import GB, GPUS, MAX_GPUS_PER_NODE, NO_FP8_ARCHS, GiB, GpuSpec, attention_backend_for
+from .plan_commands import CHECKPOINT_VAR, emit_commands
+from .plan_hardware import GB, GPUS, MAX_GPUS_PER_NODE, GiB, GpuSpec, attention_backend_for, format_refusal
 
 # ----------------------------------------------------------------------------------------------
 # Plan
@@ -115,6 +115,19 @@ ASSUMPTIONS = [
 ]
 
 
+# What each format beyond bf16 / fp8 / int4 stores (moe/quant.py's QuantSpec), stated in its plans.
+FORMAT_NOTES = {
+    "w8a8-int8": "w8a8-int8 = 1 B/weight + one fp32 scale per output channel (activations quantized per token "
+                 "at run time)",
+    "w4a16": "w4a16 = 0.5 B/weight (int4, 8 per int32) + one bf16 scale per 128 inputs, symmetric (AWQ/GPTQ "
+             "checkpoints add a packed 4-bit zero point per group)",
+    "w4a16-g32": "w4a16-g32 = 0.5 B/weight (int4, 8 per int32) + one bf16 scale per 32 inputs, symmetric",
+    "nvfp4": "nvfp4 = 0.5 B/weight (fp4 e2m1) + one fp8-e4m3 scale per 16 inputs + fp32 weight_scale_2 and "
+             "input_scale per weight (ModelOpt MIXED_PRECISION keeps some dense layers FP8: counted as NVFP4)",
+    "mxfp4": "mxfp4 = 0.5 B/weight (fp4 e2m1) + one e8m0 scale per 32 inputs",
+}
+
+
 def model_class_pp_refusal(pp_size: int, mtp: int) -> Optional[str]:
     """Why our model class cannot serve ``--pp-size pp_size`` (with ``mtp`` drafts), or None.
 
@@ -160,8 +173,9 @@ def make_plan(
     max_position_embeddings; ``concurrency`` (requests at full context, per replica) defaults to
     as many as fit in memory on every pipeline stage.
 
-    Four named steps, each stopping the plan with its problems: :func:`check_request`,
-    :func:`choose_layout`, :func:`fit_memory`, :func:`emit_commands`.
+    Named steps, each stopping the plan with its problems: :func:`check_request`, then
+    :func:`choose_layout` and :func:`fit_memory` (also for a format the allow-list refuses,
+    :func:`served_refusals`, so its plan still says what it would take), :func:`emit_commands`.
     """
     cfg = read_config() if cfg is None else cfg
     max_ctx = int(cfg.get("max_position_embeddings") or cfg.get("max_seq_len"))
@@ -169,11 +183,19 @@ def make_plan(
     plan = Plan(gpu, num_gpus, quant, mtp, context, concurrency or 0, feasible=False, assumptions=list(ASSUMPTIONS),
                 nodes=nodes, pp=pp, replicas=replicas, replicas_per_node=replicas_per_node)  # fmt: skip
     plan.auto_concurrency = concurrency is None
+    if quant in FORMAT_NOTES:
+        plan.assumptions += [FORMAT_NOTES[quant], f"--model-path {CHECKPOINT_VAR}: your {quant} export of "
+                             f"Step-3.5-Flash (no official one; `step35 tiny --quant {quant.split('-g')[0]}` writes a "
+                             "small one in the same layout)"]
     plan.problems += check_request(plan, cfg, max_ctx)
+    refused = [] if plan.problems else served_refusals(plan, cfg)
     if not plan.problems:
         plan.problems += choose_layout(plan, cfg)
     if not plan.problems:
         plan.problems += fit_memory(plan, cfg)
+    if refused:
+        plan.feasible = False
+        plan.problems += refused
     if plan.problems:
         if suggest:
             from .plan_render import nearest_feasible  # presentation builds on make_plan, not the reverse
@@ -235,10 +257,9 @@ def check_request(plan: Plan, cfg: Mapping, max_ctx: int) -> list[str]:
     n_mtp = int(cfg.get("num_nextn_predict_layers") or 0)
     if mtp and (mtp not in MTP_SPEC or mtp > n_mtp):
         problems.append(f"--mtp {mtp}: the config has {n_mtp} MTP layer(s); use one of {[m for m in MTP_SPEC if m <= n_mtp] or [0]}")
-    if plan.quant == "fp8" and g.arch in NO_FP8_ARCHS:
-        problems.append(
-            f"--quant fp8 on {g.name} ({g.arch}): no FP8 tensor cores for the block-FP8 checkpoint; use --quant bf16"
-        )
+    no_kernel = format_refusal(plan.quant, g)
+    if no_kernel:
+        problems.append(no_kernel)
     if not problems and pp > 1:
         why = model_class_pp_refusal(pp, mtp)
         if why:
@@ -248,15 +269,21 @@ def check_request(plan: Plan, cfg: Mapping, max_ctx: int) -> list[str]:
             validate(cfg, tp)
         except Step35ConfigError as e:
             problems.append(f"--tp {tp}: {e}")
-    if not problems:
-        # What the command below runs, judged by the allow-list the launch guard and the model ask
-        # (sglang_step35.served): the default runner, no all-to-all backend, no EPLB; the AMD plans
-        # run SGLANG_USE_AITER=1 (set by emit_commands).
-        problems += served.refusals(served.Setting(
-            g.vendor, quant=served.quant_label(QUANTS[plan.quant]), aiter=for_arch(g.arch).aiter,
-            clamped_layers=clamped_moe_layers(cfg),
-        ))
     return problems
+
+
+def served_refusals(plan: Plan, cfg: Mapping) -> list[str]:
+    """Step 1b: "refused: <reason>" for each setting of the command outside the allow-list the launch
+    guard and the model ask (:mod:`sglang_step35.served`, not a list of our own): the default
+    runner, no all-to-all backend, no EPLB, the format's experts; the AMD plans run
+    SGLANG_USE_AITER=1 (set by emit_commands). The layout and memory are still planned, so a refused
+    format says how many GPUs it would take."""
+    g = GPUS[plan.gpu]
+    found = served.refusals(served.Setting(
+        g.vendor, quant=served.quant_label(QUANTS[plan.quant]), aiter=for_arch(g.arch).aiter,
+        clamped_layers=clamped_moe_layers(cfg),
+    ))
+    return [f"refused: {why}" for why in found]
 
 
 def choose_layout(plan: Plan, cfg: Mapping) -> list[str]:

@@ -18,6 +18,8 @@ MODEL_PATHS = {
     "fp8": "stepfun-ai/Step-3.5-Flash-FP8",
     "int4": "stepfun-ai/Step-3.5-Flash-Int4",
 }
+# Formats without an official Step-3.5-Flash checkpoint: the user's export, a shell variable to set.
+CHECKPOINT_VAR = "$STEP35_CHECKPOINT"
 SERVER_PORT = 30000  # each replica's HTTP port (SGLang's default), on its node 0
 DIST_INIT_PORT = 5000  # the torch.distributed rendezvous port on a replica's node 0
 ROUTER_PORT = 8000
@@ -35,7 +37,7 @@ def _host(replica: int, node: int, replicas: int, replicas_per_node: int = 1) ->
 
 def serve_command(plan: Plan) -> list[str]:
     """The ``sglang serve`` words every node of every replica shares."""
-    cmd = ["sglang", "serve", "--model-path", MODEL_PATHS[plan.quant], "--tp", str(plan.tp), "--ep", str(plan.ep)]
+    cmd = ["sglang", "serve", "--model-path", MODEL_PATHS.get(plan.quant, CHECKPOINT_VAR), "--tp", str(plan.tp), "--ep", str(plan.ep)]
     if plan.pp > 1:
         # SGLang's pipeline refuses the overlap scheduler (check_pipeline_parallel_compat).
         cmd += ["--pp-size", str(plan.pp), "--disable-overlap-schedule"]

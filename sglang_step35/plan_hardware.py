@@ -51,4 +51,22 @@ def attention_backend_for(arch: str) -> str:
 # Block-FP8 needs FP8 tensor cores (sm89+); Ampere has none. Not planned there.
 NO_FP8_ARCHS = frozenset({"ampere"})
 
+# The vendor whose kernels SGLang 0.5.23 has for a format's experts (others: none at all).
+# ModelOpt NVFP4: Marlin (sm80-sm90), FlashInfer TRT-LLM / CUTLASS (sm100) — CUDA only
+# (quantization/modelopt_quant.py: ModelOptNvFp4FusedMoEMethod). Quark MXFP4 (AMD's exports):
+# AITER only (quantization/quark/schemes/quark_w4a4_mxfp4_moe.py).
+FORMAT_VENDOR = {"nvfp4": ("nvidia", "SGLang's ModelOpt NVFP4 MoE kernels (Marlin, FlashInfer, CUTLASS) are CUDA only"),
+                 "mxfp4": ("amd", "SGLang's Quark MXFP4 MoE runs on AITER (ROCm) only")}
+
+
+def format_refusal(quant: str, gpu: GpuSpec) -> str | None:
+    """Why ``gpu`` has no kernels for ``quant`` weights, or None (whether the format is *served*
+    there is the allow-list's question, :mod:`sglang_step35.served`)."""
+    if quant == "fp8" and gpu.arch in NO_FP8_ARCHS:
+        return f"--quant fp8 on {gpu.name} ({gpu.arch}): no FP8 tensor cores for the block-FP8 checkpoint; use --quant bf16"
+    vendor, why = FORMAT_VENDOR.get(quant, (gpu.vendor, ""))
+    if vendor != gpu.vendor:
+        return f"--quant {quant} on {gpu.name} ({gpu.vendor}): {why}"
+    return None
+
 MAX_GPUS_PER_NODE = 8  # GPUs one node holds; more GPUs are more nodes (--nodes)

@@ -45,7 +45,8 @@ def _attention_bytes(cfg: Mapping, index: int, tp: int, q: QuantSpec) -> int:
     h = int(cfg["hidden_size"])
     q_out = s.num_heads // tp * s.head_dim
     kv_out = max(1, s.num_kv_heads // tp) * s.head_dim  # KV heads replicated when kv_heads < tp
-    qkv = q.linear_bytes(q_out + 2 * kv_out, h)
+    # One linear_bytes per checkpoint tensor (SGLang keeps per-shard scales of fused q/k/v).
+    qkv = q.linear_bytes(q_out, h) + 2 * q.linear_bytes(kv_out, h)
     o = q.linear_bytes(h, q_out)
     g_proj = BF16.linear_bytes(s.num_heads // tp, h)
     qk_norm = 2 * s.head_dim * 2
@@ -55,7 +56,8 @@ def _attention_bytes(cfg: Mapping, index: int, tp: int, q: QuantSpec) -> int:
 
 
 def _mlp_bytes(hidden: int, inter_local: int, q: QuantSpec) -> int:
-    return q.linear_bytes(2 * inter_local, hidden) + q.linear_bytes(hidden, inter_local)
+    # gate, up and down as the checkpoint stores them (per-shard scales of the fused gate_up).
+    return 2 * q.linear_bytes(inter_local, hidden) + q.linear_bytes(hidden, inter_local)
 
 
 def weight_breakdown(

@@ -17,7 +17,8 @@ from .plan_memory import format_kv_pool
 
 def nearest_feasible(plan: Plan, cfg: Mapping) -> list[dict[str, Any]]:
     """Nearest feasible plans, one per kind of change: more GPUs, cheaper weights, shorter
-    context, fewer concurrent requests (each keeps every other setting)."""
+    context, fewer concurrent requests (each keeps every other setting); for a format the
+    allow-list refuses, the nearest served format."""
     base = dict(gpu=plan.gpu, num_gpus=plan.num_gpus, quant=plan.quant, mtp=plan.mtp, context=plan.context,
                 nodes=plan.nodes, pp=plan.pp, replicas=plan.replicas, replicas_per_node=plan.replicas_per_node,
                 concurrency=None if plan.auto_concurrency else plan.concurrency)  # fmt: skip
@@ -41,6 +42,11 @@ def nearest_feasible(plan: Plan, cfg: Mapping) -> list[dict[str, Any]]:
     while conc > 1:
         conc //= 2
         tries.append((f"serve {conc} concurrent requests", {"concurrency": conc}))
+    if any(x.startswith("refused: ") for x in plan.problems):
+        # Only another format changes the allow-list's answer: the served ones, on these GPUs or more.
+        counts = sorted({n for n in (plan.num_gpus, 2, 4, 8) if n >= plan.num_gpus})
+        tries = [(f"use --quant {qn}" + (f" on {n} GPUs" if n != plan.num_gpus else ""), {"quant": qn, "num_gpus": n})
+                 for qn in ("fp8", "bf16") if qn != plan.quant for n in counts]
     out, kinds = [], set()
     for label, change in tries:
         kind = next(iter(change))
@@ -124,6 +130,12 @@ def format_plan(p: Plan) -> str:
     if not p.feasible:
         lines.append("INFEASIBLE:")
         lines += [f"  - {x}" for x in p.problems]
+        if p.memory and all(x.startswith("refused: ") for x in p.problems):
+            # Only the allow-list stands in the way: say what the format would take.
+            m = p.memory
+            lines += ["", f"Fits if it were served: TP {p.tp}, EP {p.ep}; per GPU {m['weights_total'] / GiB:.2f} GiB "
+                          f"weights + {m['kv_total'] / GiB:.2f} GiB KV ({p.concurrency} x {p.context:,} tokens), "
+                          f"headroom {m['headroom'] / GiB:.2f} GiB of the {m['static_pool'] / GiB:.2f} GiB static pool"]
         if p.suggestions:
             lines += ["", "Nearest feasible plans:"]
             for s in p.suggestions:

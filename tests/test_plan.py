@@ -14,7 +14,6 @@ import pytest
 
 from sglang_step35.moe import guard_moe_layout
 from sglang_step35.config import read_config
-from sglang_step35.moe.quant import QUANTS
 from sglang_step35.plan import make_plan
 from sglang_step35.plan_hardware import GPUS, GiB
 from sglang_step35.plan_render import format_plan
@@ -29,6 +28,9 @@ from sglang_step35.plan_cli import add_plan_parser, main as plan_main, run_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 CFG = read_config()  # Step-3.5-Flash
+# The formats with a published Step-3.5-Flash checkpoint; the 8- and 4-bit exports are planned in
+# tests/test_plan_quant.py (their commands, bytes and the allow-list's answer).
+CLASSIC = ("bf16", "fp8", "int4")
 KiB = 1024
 
 
@@ -157,7 +159,7 @@ def test_buffers_are_counted_in_the_static_pool():
     assert not over.feasible and "weights + buffers + KV" in over.problems[0]
     for gpu in GPUS:
         for n in (1, 2, 4, 8):
-            for quant in QUANTS:
+            for quant in CLASSIC:
                 for mtp in (0, 3):
                     p = make_plan(gpu, n, quant, mtp=mtp)
                     if p.feasible:
@@ -238,7 +240,7 @@ def test_router_counted_in_fp32_as_the_model_builds_it():
 def test_amd_is_always_ep_equals_tp():
     for gpu in (g for g in GPUS if GPUS[g].vendor == "amd"):
         for n in (1, 2, 4, 8):
-            for quant in QUANTS:
+            for quant in CLASSIC:
                 p = make_plan(gpu, n, quant, context=32768)
                 if p.feasible:
                     assert p.ep == p.tp and p.env == {"SGLANG_USE_AITER": "1"}
@@ -351,7 +353,7 @@ def test_planned_commands_parse_with_sglang_and_pass_the_guard(sglang_parser):
     checked = 0
     for gpu, spec in GPUS.items():
         for n in (1, 2, 4, 8):
-            for quant in QUANTS:
+            for quant in CLASSIC:
                 for mtp in (0, 3):
                     p = make_plan(gpu, n, quant, mtp=mtp, context=65536)
                     if not p.feasible:

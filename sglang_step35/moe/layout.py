@@ -130,8 +130,8 @@ def _split(width: int, parts: int, q: QuantSpec, what: str) -> tuple[Optional[in
     n = width // parts
     m = q.split_multiple
     if parts > 1 and n % m:
-        unit = "block" if q.block else "group"
-        return n, [f"{q.name}: {what} {width}/{parts} = {n} per GPU is not a multiple of {m} ({unit} size)"]
+        why = q.split_note or ("block size" if q.block else "group size")
+        return n, [f"{q.name}: {what} {width}/{parts} = {n} per GPU is not a multiple of {m} ({why})"]
     return n, []
 
 
