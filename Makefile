@@ -82,6 +82,11 @@ tiny-eval: setup
 mtp-bench: setup
 	$(BIN)/python bench/mtp.py $(MTP_ARGS)
 
+## Ops per decoder layer in one decode token, ours vs SGLang's built-in (torch.profiler on CPU at
+## Step-3.5-Flash's width, 16 experts built; bench/ops_per_layer.py, ~4 min, ~3 GB). OPS_ARGS for more.
+bench-ops: setup
+	$(BIN)/python bench/ops_per_layer.py $(OPS_ARGS)
+
 ## Agent sessions (bench/agent_sessions.py, docs/benchmarks.md section 7): concurrent sessions x turns with tool
 ## calls; per turn the cached share of the prompt (--enable-cache-report) and TTFT, for the hybrid SWA pool at the
 ## planned ratio, at SGLang's 0.8, one pool and with SGLang's session radix cache; steady and parked sessions.

@@ -142,6 +142,12 @@ def test_main_model_prefill_and_decode_equal_the_reference_through_fused_add_nor
 
     model = _build(Step3p5ForCausalLM, cfg)
     model.load_weights(_fp32(load_file(str(ckpt / "model.safetensors"))))
+    from sglang.srt.layers.layernorm import GemmaRMSNorm
+
+    # The weight the fused and all-reduce-fused kernels read (1 + w) follows the loaded weight.
+    for name, m in model.named_modules():
+        if isinstance(m, GemmaRMSNorm):
+            torch.testing.assert_close(m.gemma_weight, m.weight + 1, rtol=0, atol=0, msg=name)
     for i, layer in enumerate(model.model.layers):
         _plain_attention(layer, cfg, i)
     head = model.lm_head.weight
