@@ -117,6 +117,8 @@ _REFUSED_RUNNERS = "tests/test_served_moe.py::test_refused_runner_backend_is_ref
 _AUTO = "use --moe-runner-backend auto (or triton on GPUs), which SGLang's Triton runner serves with Step's clamp"
 _NO_A2A = ("drop --moe-a2a-backend: SGLang's standard dispatcher serves every layout, the shared expert replicated "
            "where TP would cut its quantization blocks")
+_FP4_REFUSED = "tests/test_quant_fp4_load.py::test_fp4_experts_are_refused_on_gpus_by_name"
+_FP4_INSTEAD = "serve the BF16 or the block-FP8 (128x128, Step-3.5-Flash-FP8) checkpoint"
 _UNVERIFIED_KERNEL = "unverified with Step's sigmoid + bias router and min(silu(gate), L) * clamp(up, ±L) clamp"
 
 ROWS: tuple[Row, ...] = (
@@ -220,6 +222,25 @@ ROWS: tuple[Row, ...] = (
         "`--quantization fp8` of BF16 weights) or MoeWNA16 (AWQ/GPTQ int4) with our layers (issue #25)",
         "tests/test_served_moe.py::test_unverified_quantizations_are_refused_at_launch_and_construction",
         "serve the BF16 or the block-FP8 (128x128, Step-3.5-Flash-FP8) checkpoint without --quantization"),
+    # FP4 experts: SGLang 0.5.23 has CUDA / CK kernels only (read from its code, issue #25).
+    Row(QUANT, ("nvfp4",), ("nvidia",), False,
+        "on the SwiGLU-clamped layers {layers}: SGLang's ModelOpt NVFP4 MoE would drop or change Step's "
+        "min(silu(gate), L) * clamp(up, ±L) on every kernel it has — Marlin (auto on sm80-sm90) passes a clamp only "
+        "with a GPT-OSS gemm1_alpha (moe_runner/marlin.py), FlashInfer TRT-LLM (auto on Blackwell) and CUTLASS clamp "
+        "the raw gate before silu (GPT-OSS style), CuTe DSL has no clamp",
+        _FP4_REFUSED, _FP4_INSTEAD, when="clamped"),
+    Row(QUANT, ("mxfp4",), ("amd",), False,
+        "on the SwiGLU-clamped layers {layers}: SGLang's Quark MXFP4 MoE runs only on AITER, which gets "
+        "swiglu_limit 0 for Step's clamp (aiter_swiglu_oai_limit takes only GPT-OSS's gemm1_alpha), and our "
+        "per-layer Triton fallback cannot run MXFP4 weights",
+        _FP4_REFUSED, _FP4_INSTEAD, when="clamped"),
+    Row(QUANT, ("nvfp4", "mxfp4"), GPUS, False,
+        "run on SGLang's CUDA / CK FP4 kernels only (ModelOpt NVFP4: Marlin, FlashInfer; Quark MXFP4: AITER, "
+        "ROCm only), which no test here verifies with Step's sigmoid + bias router",
+        _FP4_REFUSED, _FP4_INSTEAD),
+    Row(QUANT, ("nvfp4", "mxfp4"), ("cpu",), True,
+        "dequantized to the server dtype at load (SGLang's FP4 kernels need a GPU; sglang_step35/quant)",
+        "tests/test_quant_served.py, tests/test_quant_fp4_load.py"),
     # --- expert-parallel load balancing ---
     Row(REDUNDANT, ("0",), PLATFORMS, True, "one physical slot per logical expert", _CONTRACT),
     Row(REDUNDANT, ("N > 0",), PLATFORMS, False,
@@ -242,7 +263,7 @@ ROWS: tuple[Row, ...] = (
 
 
 def quant_label(quant: Any) -> str:
-    """'bf16' | 'fp8-block' | 'fp8-per-tensor' | 'int4' from anything moe.quant.parse_quant reads."""
+    """'bf16' | 'fp8-block' | 'fp8-per-tensor' | 'int4' | 'nvfp4' | 'mxfp4' (...) from anything moe.quant.parse_quant reads."""
     from sglang_step35.moe.quant import parse_quant
 
     q = parse_quant(quant)

@@ -27,6 +27,8 @@ import torch
 
 from sglang_step35.quant import e2m1
 
+# g_proj gets SGLang's method for this format, which reads the config (Quark's `exclude` says whether g_proj is quantized).
+G_PROJ_BY_CONFIG = True
 NAMES = ("mxfp4",)
 GROUP = 32
 E8M0_BIAS = 127

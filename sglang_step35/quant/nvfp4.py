@@ -40,6 +40,8 @@ import torch
 
 from sglang_step35.quant import e2m1
 
+# g_proj gets SGLang's method for this format, which reads the config (ModelOpt's `ignore` / `quantized_layers` say whether g_proj is quantized).
+G_PROJ_BY_CONFIG = True
 NAMES = ("nvfp4", "modelopt-mixed")
 GROUP = 16
 FP8_DTYPE = torch.float8_e4m3fn
