@@ -22,8 +22,13 @@ def cmd_tiny(args: argparse.Namespace) -> int:
     if args.moe_layers is not None or args.experts is not None or args.dry_run:
         print("step35 tiny: --moe-layers, --experts and --dry-run go with --real-width", file=sys.stderr)
         return 2
-    if args.trained and (args.fp8 or args.seed is not None):
-        print("step35 tiny: --trained copies the one embedded trained checkpoint; it takes no --seed or --fp8",
+    if args.fp8:
+        if args.quant not in (None, "fp8"):
+            print(f"step35 tiny: --fp8 is --quant fp8; it excludes --quant {args.quant}", file=sys.stderr)
+            return 2
+        args.quant = "fp8"
+    if args.trained and (args.quant or args.seed is not None):
+        print("step35 tiny: --trained copies the one embedded trained checkpoint; it takes no --seed or --quant",
               file=sys.stderr)
         return 2
     what = "trained" if args.trained else f"seed {args.seed or 0}"
@@ -31,7 +36,7 @@ def cmd_tiny(args: argparse.Namespace) -> int:
         if args.trained:
             out = write_trained_checkpoint(args.out)
         else:
-            out = write_tiny_checkpoint(args.out, seed=args.seed or 0, fp8=args.fp8)
+            out = write_tiny_checkpoint(args.out, seed=args.seed or 0, quant=args.quant)
         bar.update(1)
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"wrote {out} ({size / 1e6:.1f} MB): {', '.join(sorted(p.name for p in out.iterdir()))}")
@@ -48,6 +53,11 @@ def cmd_tiny_real(args: argparse.Namespace) -> int:
     if args.trained:
         print("step35 tiny: --trained and --real-width exclude each other", file=sys.stderr)
         return 2
+    if args.quant not in (None, "fp8"):
+        print(f"step35 tiny: --real-width writes BF16 or FP8 (--fp8) only, not --quant {args.quant}; "
+              "use --quant without --real-width", file=sys.stderr)
+        return 2
+    args.fp8 = args.fp8 or args.quant == "fp8"
     moe_layers = 3 if args.moe_layers is None else args.moe_layers
     try:
         cfg, src = real_width_config(moe_layers, args.experts)
@@ -137,7 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the embedded trained checkpoint (GSM8K + tool calls, `step35 train-tiny`)")
     t.add_argument("--seed", type=int, default=None, help="seed of the random weights (default 0)")
     t.add_argument("--fp8", action="store_true",
-                   help="write the Step-3.5-Flash-FP8 layout (128x128 block FP8 e4m3 + weight_scale_inv)")
+                   help="write the Step-3.5-Flash-FP8 layout (128x128 block FP8 e4m3 + weight_scale_inv); "
+                        "= --quant fp8")
+    from sglang_step35.quant import tiny_names
+
+    t.add_argument("--quant", choices=tiny_names(), default=None,
+                   help="write the tiny checkpoint in this quantized format's real tensor names and config "
+                        "(block-aligned sizes; sglang_step35/quant)")
     t.add_argument("--real-width", action="store_true",
                    help="Step-3.5-Flash's real widths (from the shipped config) at reduced depth: the dense layers, "
                         "--moe-layers MoE layers (the last one clamped like 43/44) and the 3 MTP layers; "

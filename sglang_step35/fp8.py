@@ -118,3 +118,78 @@ def dequantize_checkpoint(weights: dict[str, torch.Tensor], dtype: torch.dtype =
         else:
             out[name] = t
     return out
+
+
+# --- registry interface (sglang_step35.quant) ------------------------------------------------------
+NAMES = ("fp8",)
+
+
+def matches(quantization_config: dict) -> bool:
+    """Block FP8 (Step-3.5-Flash-FP8, DeepSeek-V3 style): quant_method fp8 with a weight_block_size.
+    Per-tensor / per-channel FP8 is not this format (served.py refuses it by name)."""
+    return (str(quantization_config.get("quant_method", "")).lower() == "fp8"
+            and bool(quantization_config.get("weight_block_size")))
+
+
+def block_problems(shapes: dict, block: Sequence[int] = BLOCK) -> list[str]:
+    """Quantized tensors among `shapes` (name -> BF16 shape) whose [N, K] are not whole blocks."""
+    return [f"{k} {list(s)}" for k, s in shapes.items()
+            if is_quantized_name(k) and (s[-2] % block[0] or s[-1] % block[1])]
+
+
+def write_checkpoint_tensors(weights: dict[str, torch.Tensor], cfg: dict, name: str) -> tuple[dict, dict]:  # noqa: ARG001 (registry signature)
+    """BF16 Step-3.5 tensors -> block FP8 (see module notes); ValueError names partial blocks, which
+    SGLang's Fp8Config cannot build on a GPU ("... is not divisible by weight quantization block_n")."""
+    if name not in NAMES:
+        raise ValueError(f"fp8 format: unknown name {name!r}; use one of {NAMES}")
+    bad = block_problems({k: tuple(t.shape) for k, t in weights.items()})
+    if bad:
+        raise ValueError("FP8 checkpoint: these projections are not whole 128x128 blocks, so SGLang's "
+                         "Fp8Config could not build them on a GPU (use FP8_TINY_SPEC sizes): " + ", ".join(bad))
+    return quantize_checkpoint(weights), {"quantization_config": dict(QUANTIZATION_CONFIG)}
+
+
+def checkpoint_shape(leaf: str, bf16_shape: tuple, quantization_config: dict):
+    """Shape of `<module>.<leaf>` for a module whose BF16 weight has `bf16_shape` (None: not ours)."""
+    if leaf == "weight":
+        return tuple(bf16_shape)
+    if leaf == "weight" + SCALE_SUFFIX:
+        return scale_shape(bf16_shape, quantization_config.get("weight_block_size") or BLOCK)
+    return None
+
+
+class Dequantizer:
+    """CPU path: pairs each FP8 `X.weight` with its `X.weight_scale_inv` (either order in the stream),
+    yields the fp32 weight under `X.weight`; records unpaired / mis-shaped scales."""
+
+    def __init__(self, quantization_config: dict):
+        self.block = tuple(quantization_config.get("weight_block_size") or BLOCK)
+        self._w: dict[str, torch.Tensor] = {}
+        self._s: dict[str, torch.Tensor] = {}
+        self._problems: list[str] = []
+
+    def _pair(self, name: str, q: torch.Tensor, scale: torch.Tensor) -> list:
+        try:
+            return [(name, dequantize_block(q, scale, torch.float32, self.block))]
+        except ValueError as e:
+            self._problems.append(f"{name}{SCALE_SUFFIX}: {e}")
+            return []
+
+    def feed(self, name: str, t: torch.Tensor) -> list:
+        if name.endswith(SCALE_SUFFIX):
+            base = name[: -len(SCALE_SUFFIX)]
+            if base in self._w:
+                return self._pair(base, self._w.pop(base), t)
+            self._s[base] = t
+            return []
+        if t.dtype == FP8_DTYPE:
+            if name in self._s:
+                return self._pair(name, t, self._s.pop(name))
+            self._w[name] = t
+            return []
+        return [(name, t)]
+
+    def problems(self) -> list[str]:
+        return (self._problems
+                + [f"{k}: FP8 weight without {k}{SCALE_SUFFIX}" for k in sorted(self._w)]
+                + [f"{k}{SCALE_SUFFIX}: scale without its FP8 weight" for k in sorted(self._s)])

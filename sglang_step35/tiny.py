@@ -129,15 +129,16 @@ FP8_TINY_SPEC = TinySpec(
 )
 
 
+# Every quantized tiny (`step35 tiny --quant NAME`) uses these sizes: whole 128-wide blocks / groups in
+# every projection, as the formats' GPU kernels require at construction.
+QUANT_TINY_SPEC = FP8_TINY_SPEC
+
+
 def fp8_block_problems(cfg: dict, block: tuple[int, int] = (128, 128)) -> list[str]:
     """Quantized checkpoint tensors of `cfg` whose [N, K] are not whole blocks (empty: FP8-servable at TP1)."""
-    from sglang_step35.fp8 import is_quantized_name
+    from sglang_step35.fp8 import block_problems
 
-    problems = []
-    for name, shape in checkpoint_shapes(cfg).items():
-        if is_quantized_name(name) and (shape[-2] % block[0] or shape[-1] % block[1]):
-            problems.append(f"{name} {list(shape)}")
-    return problems
+    return block_problems(checkpoint_shapes(cfg), block)
 
 
 def tiny_config(spec: TinySpec, vocab_size: int, special_ids: dict[str, int]) -> dict:
@@ -277,33 +278,39 @@ def write_tiny_checkpoint(
     spec: Optional[TinySpec] = None,
     corpus: Optional[list[str]] = None,
     fp8: bool = False,
+    quant: Optional[str] = None,
 ) -> Path:
     """Write config.json, model.safetensors, tokenizer files and generation_config.json to `out`.
 
-    `fp8=True` writes the Step-3.5-Flash-FP8 layout instead (same seed and spec -> same bf16 weights,
-    then 128x128 block FP8 e4m3 with `weight_scale_inv`, see `sglang_step35.fp8`),
-    with FP8_TINY_SPEC sizes by default, whose projections are whole blocks as SGLang's FP8 layers need;
-    a `spec` with partial blocks is refused (such a checkpoint could never load on a GPU)."""
+    `quant` (a name of `sglang_step35.quant.tiny_names()`, e.g. "fp8", "w8a8-int8") writes that
+    format's layout instead: same seed and spec -> same bf16 weights, then the format module's
+    `write_checkpoint_tensors` (its tensor names, quantization_config and side files), with
+    QUANT_TINY_SPEC sizes by default, whose projections are whole blocks as the formats' GPU layers
+    need; the format refuses a `spec` it could not serve. `fp8=True` is `quant="fp8"`
+    (Step-3.5-Flash-FP8: 128x128 block FP8 e4m3 with `weight_scale_inv`)."""
     from safetensors.torch import save_file
 
-    spec = spec or (FP8_TINY_SPEC if fp8 else TinySpec())
+    if fp8:
+        if quant not in (None, "fp8"):
+            raise ValueError(f"fp8=True and quant={quant!r} exclude each other")
+        quant = "fp8"
+    fmt = None
+    if quant is not None:
+        from sglang_step35.quant import format_for_tiny
+
+        fmt = format_for_tiny(quant)
+    spec = spec or (QUANT_TINY_SPEC if fmt else TinySpec())
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(spec.vocab_size, corpus if corpus is not None else default_corpus())
     special_ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     cfg = tiny_config(spec, tok.get_vocab_size(), special_ids)
     weights = tiny_weights(cfg, seed, spec.init_std)
-    if fp8:
-        from sglang_step35.fp8 import QUANTIZATION_CONFIG, quantize_checkpoint
-
-        bad = fp8_block_problems(cfg)
-        if bad:
-            raise ValueError("FP8 tiny checkpoint: these projections are not whole 128x128 blocks, so "
-                             "SGLang's Fp8Config could not build them on a GPU (use FP8_TINY_SPEC sizes): "
-                             + ", ".join(bad))
-
-        weights = quantize_checkpoint(weights)
-        cfg["quantization_config"] = dict(QUANTIZATION_CONFIG)
+    if fmt is not None:
+        weights, extra = fmt.write_checkpoint_tensors(weights, cfg, quant)
+        cfg["quantization_config"] = extra["quantization_config"]
+        for fname, content in extra.get("files", {}).items():
+            (out / fname).write_text(json.dumps(content, indent=2) + "\n")
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (out / "generation_config.json").write_text(

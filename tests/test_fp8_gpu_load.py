@@ -116,7 +116,7 @@ def test_fp8_tiny_loads_under_sglangs_fp8config_main_and_mtp(gpu_like_build, fp8
 
     w = load_file(str(fp8_ckpt / "model.safetensors"))
     model, qc = build(fp8_ckpt)
-    assert isinstance(qc, Fp8Config) and model.fp8_dequant_block is None  # the GPU path, no fallback
+    assert isinstance(qc, Fp8Config) and model.cpu_dequant is None  # the GPU path, no fallback
     model.load_weights(w.items())
     fp8_params = assert_every_param_written(model, w, _main_name)
     # What is FP8 follows the checkpoint: attention and MLP projections, shared and routed experts.

@@ -211,7 +211,7 @@ def test_post_load_cuda_branch_keeps_fp8_weights_and_the_triton_runner(fp8_case)
     from sglang.srt.layers.quantization.fp8 import Fp8Config, Fp8MoEMethod
 
     model, cfg, raw = fp8_case["model"], fp8_case["cfg"], fp8_case["raw"]
-    assert isinstance(fp8_case["qc"], Fp8Config) and model.fp8_dequant_block is None
+    assert isinstance(fp8_case["qc"], Fp8Config) and model.cpu_dequant is None
     layers = gpu_contract.moe_layers(model)
     assert [i for i, _ in layers] == [2, 3, 4] and _limit(cfg, 4) and not _limit(cfg, 2) and not _limit(cfg, 3)
     for i, moe in layers:

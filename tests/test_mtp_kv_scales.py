@@ -102,7 +102,7 @@ def test_cpu_fp8_fallback_ignores_kv_scales_of_its_unquantized_attention(gpu_lik
         gpu_contract.fake_platform_probe(mp, "cpu")
         model, _ = gpu_contract.build_like_sglang(fp8_ckpt)
         mtp, _ = gpu_contract.build_like_sglang(fp8_ckpt, draft_idx=1)
-    if model.fp8_dequant_block is None:
+    if model.cpu_dequant is None:
         pytest.skip("this CPU has AMX: SGLang's FP8 methods run, no fallback")
     assert not any(name.endswith("_scale") for name, _ in mtp.named_parameters())
     weights, _ = _with_kv_scales(w, model.config.num_hidden_layers)

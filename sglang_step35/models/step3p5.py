@@ -50,7 +50,8 @@ from sglang_step35 import ops
 from sglang_step35.checkpoint import layer_index
 from sglang_step35.attention import model_radix_sliding_window_size, model_runner_sliding_window_size
 from sglang_step35.config import LayerSpec, layer_spec, validate
-from sglang_step35.models.weights import cpu_fp8_fallback, load_step3p5_weights
+from sglang_step35.models.weights import cpu_dequant_fallback, load_step3p5_weights, refuse_unservable_quant
+from sglang_step35.quant import g_proj_quant_config
 from sglang_step35.models.step3p5_moe import Step35MLP, Step35MoE, moe_leaves_sum
 
 logger = logging.getLogger(__name__)  # under "sglang_step35", whose handler plugin.py installs
@@ -79,9 +80,11 @@ class Step35Attention(nn.Module):
             spec.num_heads * self.head_dim, H, bias=False, quant_config=quant_config, reduce_results=False,
             prefix=add_prefix("o_proj", prefix),
         )
-        # One gate logit per query head, split with the heads under TP.
+        # One gate logit per query head, split with the heads under TP. Quantized only where the
+        # checkpoint's format quantizes it (sglang_step35.quant.g_proj_quant_config).
         self.g_proj = ColumnParallelLinear(
-            H, spec.num_heads, bias=False, quant_config=None, prefix=add_prefix("g_proj", prefix)
+            H, spec.num_heads, bias=False, quant_config=g_proj_quant_config(quant_config, config),
+            prefix=add_prefix("g_proj", prefix),
         )
         self.use_gate = bool(getattr(config, "use_head_wise_attn_gate", True))
         self.q_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
@@ -250,11 +253,12 @@ class Step3p5ForCausalLM(nn.Module):
         super().__init__()
         validate(config, tp_size=get_parallel().attn_tp_size)
         self.config = config
-        # Block-FP8 on a CPU without AMX: SGLang's FP8 methods cannot run; build unquantized and let
-        # the loader dequantize (see models/weights.py).
-        self.fp8_dequant_block = cpu_fp8_fallback(quant_config)
-        if self.fp8_dequant_block is not None:
+        # A quantized checkpoint whose SGLang kernels cannot run here (block FP8 on a CPU without AMX,
+        # W8A8-INT8, ... on any CPU): build unquantized and let the loader dequantize (models/weights.py).
+        self.cpu_dequant = cpu_dequant_fallback(quant_config, config)
+        if self.cpu_dequant is not None:
             quant_config = None
+        refuse_unservable_quant(quant_config, config)
         self.quant_config = quant_config
         self.pp_group = get_parallel().pp_group
         self.model = Step35Model(config, quant_config, prefix=add_prefix("model", prefix))
@@ -340,6 +344,12 @@ class Step3p5ForCausalLM(nn.Module):
         "moe.experts.w13_weight": [("moe.gate_proj.weight", "w1"), ("moe.up_proj.weight", "w3")],
         "moe.experts.w2_weight": [("moe.down_proj.weight", "w2")],
     }
+    # Our fused modules -> the checkpoint modules they hold. SGLang hands this to the quantization
+    # config (model_loader/loader.py _get_quantization_config -> get_quant_config sets
+    # `packed_modules_mapping`), whose per-layer lookups (compressed-tensors / w8a8_int8 `ignore`,
+    # ModelOpt's per-layer lists, Quark's layer configs) resolve `qkv_proj` / `gate_up_proj` through
+    # their `q/k/v_proj` / `gate/up_proj` names; without it they never match (vllm #41892).
+    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
     # A quantization_config names the modules it keeps unquantized (modules_to_not_convert /
     # ignored_layers) as the checkpoint does; SGLang's loader maps those names with this before
     # matching them against our module prefixes (model_loader/loader.py, apply_weight_name_mapper).

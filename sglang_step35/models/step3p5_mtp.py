@@ -50,9 +50,11 @@ from sglang_step35.models.weights import (
     Step35WeightError,
     checkpoint_sources,
     checkpoint_view,
-    cpu_fp8_fallback,
+    cpu_dequant_fallback,
     kv_scale_targets,
     load_checkpoint,
+    quant_format_of,
+    refuse_unservable_quant,
 )
 
 logger = logging.getLogger(__name__)
@@ -69,10 +71,12 @@ class Step3p5MTP(nn.Module):
     ):
         super().__init__()
         self.config = config
-        # Block-FP8 on a CPU without AMX: built unquantized, dequantized at load (models/weights.py).
-        self.fp8_dequant_block = cpu_fp8_fallback(quant_config)
-        if self.fp8_dequant_block is not None:
+        # A quantized checkpoint whose SGLang kernels cannot run here (CPU): built unquantized,
+        # dequantized at load (models/weights.py).
+        self.cpu_dequant = cpu_dequant_fallback(quant_config, config)
+        if self.cpu_dequant is not None:
             quant_config = None
+        refuse_unservable_quant(quant_config, config)
         self.quant_config = quant_config
         # Plain (single-layer) EAGLE passes no index: it drafts with the first MTP layer.
         self.draft_model_idx = 0 if draft_model_idx is None else int(draft_model_idx)
@@ -119,12 +123,8 @@ class Step3p5MTP(nn.Module):
         self.layer.self_attn.attn.layer_id = 0
         self.runner_sliding_window = model_runner_sliding_window_size(int(config.sliding_window), draft=True)
         self.shared_head_norm = GemmaRMSNorm(H, config.rms_norm_eps)
-        # Prefixed with its checkpoint name too: ModelOpt's / Quark's exclude lists name checkpoint
-        # modules (`model.layers.45.*`, `model.layers.45.shared_head.output`), and ModelOpt quantizes
-        # a ParallelLMHead its list does not exclude.
         self.shared_head_head = ParallelLMHead(
-            config.vocab_size, H, quant_config=quant_config,
-            prefix=add_prefix(f"model.layers.{self.layer_index}.shared_head.output", prefix),
+            config.vocab_size, H, quant_config=quant_config, prefix=add_prefix("shared_head.head", prefix)
         )
         self.logits_processor = LogitsProcessor(config)
         self._head_from_target = False
@@ -182,6 +182,7 @@ class Step3p5MTP(nn.Module):
     # Checkpoint names ---------------------------------------------------------------------------
     # The main model's table (one table): the draft's decoder layer is a Step35DecoderLayer.
     stacked_params_mapping = Step3p5ForCausalLM.stacked_params_mapping
+    packed_modules_mapping = Step3p5ForCausalLM.packed_modules_mapping  # SGLang reads it off the draft's class
     # Our parameters outside the decoder layer -> their checkpoint suffix within the MTP layer.
     head_params = {
         "enorm.weight": "enorm.weight",
@@ -225,7 +226,7 @@ class Step3p5MTP(nn.Module):
         layer = f"model.layers.{L}."
         cfg = checkpoint_view(self.config)
         layout = {k: v for k, v in checkpoint_shapes(cfg).items() if k.startswith(layer) or k == "model.embed_tokens.weight"}
-        sources = checkpoint_sources(self, layout, self.checkpoint_name)
+        sources = checkpoint_sources(self, layout, self.checkpoint_name, *quant_format_of(self))
         rep = load_checkpoint(
             self, self._normalised(weights), sources, skip=lambda name: not name.startswith(layer),
             kv_scales=kv_scale_targets(self, self.checkpoint_name),

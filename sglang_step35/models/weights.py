@@ -16,25 +16,32 @@ naming (`kv_scale_targets`), so the MTP draft's layer takes its checkpoint layer
 Loading collects every problem — missing, unexpected, mis-shaped and wrong-precision tensors — and
 raises one error listing them all.
 
-Block-FP8 checkpoints (Step-3.5-Flash-FP8) on a CPU without AMX: SGLang 0.5.23's Fp8LinearMethod /
-Fp8MoEMethod assert AMX on CPU in `process_weights_after_loading` (`sglang/srt/layers/quantization/
-fp8.py`, "Fp8LinearMethod on CPU requires that CPU has AMX support"), so there the model is built
-unquantized (`cpu_fp8_fallback`) and each FP8 weight is dequantized with its `weight_scale_inv`
-while loading (`sglang_step35.fp8`). Everywhere else SGLang's FP8 methods run as they are.
+Other formats (sglang_step35.quant: W8A8-INT8, ...) load the same way: a quantized module's
+parameters (`weight`, `weight_scale`, ..., experts' `w13_<leaf>` / `w2_<leaf>`) are fed by the
+checkpoint tensors `<module>.<leaf>` (experts: `moe.{gate,up,down}_proj.<leaf>`), stacked [E, ...] or
+per expert (`moe.experts.E.gate_proj.<leaf>`, as LLM Compressor exports them); the format module
+gives each tensor's shape.
+
+On a CPU, SGLang's kernels for these formats do not run (its FP8 methods assert AMX in
+`process_weights_after_loading`, "Fp8LinearMethod on CPU requires that CPU has AMX support"; its
+W8A8-INT8 ones need AMX or Arm64), so there the model is built unquantized (`cpu_dequant_fallback`)
+and the format's `Dequantizer` turns each quantized weight back into fp32 while loading. Block FP8 on
+an AMX CPU and everything on GPUs keep SGLang's methods as they are.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Optional, Sequence, Tuple, Union
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 
 from sglang.srt.model_loader.weight_utils import default_weight_loader, maybe_remap_kv_scale_name
 
-from sglang_step35 import fp8
+from sglang_step35 import fp8, quant
 from sglang_step35.checkpoint import checkpoint_shapes, layer_index
 
 logger = logging.getLogger(__name__)
@@ -46,6 +53,11 @@ class Step35WeightError(ValueError):
 
 _EXPERT_SHARDS = ("w1", "w2", "w3")
 _KV_SCALE_SUFFIXES = (".k_scale", ".v_scale", ".kv_scale")
+# Dtypes of quantized weights (FP8, INT8, packed INT4/FP4 words): a checkpoint weight in one of them
+# feeds only a module SGLang built quantized, a floating one only an unquantized module.
+_QUANTIZED_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2, torch.int8, torch.uint8, torch.int32)
+# One expert's tensor as LLM Compressor / ModelOpt export them: model.layers.N.moe.experts.E.gate_proj.<leaf>.
+_PER_EXPERT = re.compile(r"^(.*\.moe\.)experts\.(\d+)\.((?:gate|up|down)_proj\..+)$")
 
 
 @dataclass(frozen=True)
@@ -54,8 +66,9 @@ class Source:
 
     param: str  # our parameter name
     shard: Union[str, int, None]
-    shape: tuple[int, ...]  # full checkpoint shape
-    quantized: bool  # the target is an FP8 weight (expects float8_e4m3fn) or its scale
+    shape: Optional[tuple[int, ...]]  # full checkpoint shape (None: the format does not say; SGLang's loader checks)
+    quantized: bool  # the target parameter is a quantized weight (expects a _QUANTIZED_DTYPES tensor)
+    leaf: str = "weight"  # the checkpoint tensor's last name part (weight, weight_scale_inv, weight_scale, ...)
 
     @property
     def per_expert(self) -> bool:
@@ -64,6 +77,23 @@ class Source:
 
 def param_is_fp8(param: torch.Tensor) -> bool:
     return param.dtype == fp8.FP8_DTYPE
+
+
+def derived_after_loading(name: str) -> bool:
+    """Parameters a quantization method creates and recomputes in `process_weights_after_loading`
+    from loaded ones, which no checkpoint holds: ModelOpt NVFP4 MoE's `w13_blockscale_swizzled` /
+    `w2_blockscale_swizzled` (the kernels' swizzled copy of `w*_weight_scale`; SGLang's built-in
+    Step-3.5 loader skips them too)."""
+    return name.endswith("_blockscale_swizzled")
+
+
+def is_quantized_dtype(dtype: torch.dtype) -> bool:
+    return dtype in _QUANTIZED_DTYPES
+
+
+def _kind(dtype: torch.dtype) -> str:
+    """How an error names a quantized parameter's storage."""
+    return {torch.float8_e4m3fn: "FP8", torch.float8_e5m2: "FP8", torch.int8: "INT8"}.get(dtype, "packed quantized")
 
 
 def _block_of(module: torch.nn.Module) -> tuple[int, int]:
@@ -110,102 +140,121 @@ def _kv_scale_param(name: str, targets: dict[str, str]) -> Optional[str]:
     return targets.get(remapped) if remapped is not None else None
 
 
+def _feeds(mapping: dict, suffix: str) -> tuple[str, list[tuple[str, Union[str, int, None]]]]:
+    """(leaf, [(checkpoint suffix, shard)]) for our parameter `suffix` (within a decoder layer).
+
+    `stacked_params_mapping` is keyed by each fused module's `weight`; any other parameter of the same
+    module (a quantization method's `weight_scale`, `weight_scale_inv`, `input_scale`, ...) is fed by
+    the same checkpoint modules' tensor of that name. Experts: `moe.experts.w13_<leaf>` <-
+    `moe.{gate,up}_proj.<leaf>`, `w2_<leaf>` <- `moe.down_proj.<leaf>` (SGLang's FusedMoE naming)."""
+    module, _, leaf = suffix.rpartition(".")
+    m = re.match(r"^(.*\bexperts\.)(w13|w2)_(.+)$", suffix)
+    if m:
+        key, leaf = f"{m.group(1)}{m.group(2)}_weight", m.group(3)
+    else:
+        key = f"{module}.weight" if module else "weight"
+    if key not in mapping:
+        return leaf, [(suffix, None)]
+    return leaf, [(c[: -len("weight")] + leaf, shard) for c, shard in mapping[key]]
+
+
 def checkpoint_sources(
     model: torch.nn.Module,
     layout: dict[str, tuple[int, ...]],
     checkpoint_name: Callable[[str], Optional[tuple[str, str]]],
+    fmt=None,
+    quantization_config: Optional[dict] = None,
 ) -> dict[str, Source]:
     """Checkpoint tensor name -> Source, for every parameter of `model` that must be loaded.
 
     `checkpoint_name(param_name)` gives (checkpoint prefix, parameter suffix within it), or None for a
     parameter that is not loaded from the checkpoint here; the suffix is looked up in the model's
     `stacked_params_mapping` (unlisted: the tensor of the same name). `layout` gives each BF16
-    checkpoint tensor's full shape; scale shapes follow from it and the module's block size."""
+    checkpoint tensor's full shape; quantized tensors' shapes follow from it and the format module
+    `fmt` (sglang_step35.quant; FP8 scales from the module's block size)."""
     mapping = model.stacked_params_mapping
     modules = dict(model.named_modules())
     sources: dict[str, Source] = {}
     for pname, param in model.named_parameters():
-        if getattr(param, "_skip_weight_check", False):
+        if getattr(param, "_skip_weight_check", False) or derived_after_loading(pname):
             continue  # k_scale / v_scale: optional (see kv-scale handling in load_checkpoint)
         where = checkpoint_name(pname)
         if where is None:
             continue
         ckpt_prefix, suffix = where
-        is_scale = suffix.endswith(fp8.SCALE_SUFFIX)
-        weight_suffix = suffix[: -len(fp8.SCALE_SUFFIX)] if is_scale else suffix
-        feeds = mapping.get(weight_suffix, [(weight_suffix, None)])
+        leaf, feeds = _feeds(mapping, suffix)
         owner = modules[pname.rsplit(".", 1)[0]] if "." in pname else model
         for ckpt_suffix, shard in feeds:
-            base = ckpt_prefix + ckpt_suffix
+            name = ckpt_prefix + ckpt_suffix
+            # A BF16 tensor (weight, norm, router bias) is in the layout; a quantization method's extra
+            # tensor (`<module>.weight_scale`, ...) is sized from its module's BF16 weight.
+            base = name if name in layout else name[: -len(leaf)] + "weight"
             if base not in layout:
                 raise Step35WeightError(
-                    f"parameter {pname} maps to checkpoint tensor {base}, which a Step-3.5 checkpoint for "
+                    f"parameter {pname} maps to checkpoint tensor {name}, which a Step-3.5 checkpoint for "
                     "this config does not have (model and layout disagree)")
-            if is_scale:
-                sources[base + fp8.SCALE_SUFFIX] = Source(pname, shard, fp8.scale_shape(layout[base], _block_of(owner)), True)
+            if base == name and fmt is not None and is_quantized_dtype(param.dtype):
+                # A quantized weight's own shape is the format's (packed FP4: [..., N, K/2]).
+                shape = fmt.checkpoint_shape(leaf, layout[base], quantization_config or {})
+            elif base == name:
+                shape = layout[base]
+            elif leaf == "weight" + fp8.SCALE_SUFFIX:
+                shape = fp8.scale_shape(layout[base], _block_of(owner))
             else:
-                sources[base] = Source(pname, shard, layout[base], param_is_fp8(param))
+                shape = fmt.checkpoint_shape(leaf, layout[base], quantization_config or {}) if fmt else None
+            sources[name] = Source(pname, shard, shape, leaf == "weight" and is_quantized_dtype(param.dtype), leaf)
     return sources
 
 
-class Fp8Dequantizer:
-    """Pairs each FP8 `X.weight` with its `X.weight_scale_inv` (either order in the stream), yields the
-    dequantized fp32 weight under `X.weight`, and records unpaired / mis-shaped scales."""
-
-    def __init__(self, block: Sequence[int]):
-        self.block = tuple(block)
-        self.problems: list[str] = []
-
-    def _pair(self, name: str, q: torch.Tensor, scale: torch.Tensor):
-        try:
-            return fp8.dequantize_block(q, scale, torch.float32, self.block)
-        except ValueError as e:
-            self.problems.append(f"{name}{fp8.SCALE_SUFFIX}: {e}")
-            return None
-
-    def __call__(self, weights: Iterable[Tuple[str, torch.Tensor]]) -> Iterator[Tuple[str, torch.Tensor]]:
-        pending_w: dict[str, torch.Tensor] = {}
-        pending_s: dict[str, torch.Tensor] = {}
-        for name, t in weights:
-            if name.endswith(fp8.SCALE_SUFFIX):
-                base = name[: -len(fp8.SCALE_SUFFIX)]
-                if base in pending_w:
-                    w = self._pair(base, pending_w.pop(base), t)
-                    if w is not None:
-                        yield base, w
-                else:
-                    pending_s[base] = t
-            elif t.dtype == fp8.FP8_DTYPE:
-                if name in pending_s:
-                    w = self._pair(name, t, pending_s.pop(name))
-                    if w is not None:
-                        yield name, w
-                else:
-                    pending_w[name] = t
-            else:
-                yield name, t
-        self.problems += [f"{k}: FP8 weight without {k}{fp8.SCALE_SUFFIX}" for k in sorted(pending_w)]
-        self.problems += [f"{k}{fp8.SCALE_SUFFIX}: scale without its FP8 weight" for k in sorted(pending_s)]
-
-
-def cpu_fp8_fallback(quant_config) -> Optional[list]:
-    """The FP8 block size to dequantize at load, when `quant_config` is block FP8 and SGLang's FP8
-    methods cannot run on this platform (a CPU engine without AMX); None otherwise (keep SGLang's
-    FP8 path)."""
-    if quant_config is None or quant_config.get_name() != "fp8":
+def cpu_dequant_fallback(quant_config, hf_config) -> Optional[dict]:
+    """The checkpoint's quantization_config when the model must be built unquantized and the loader
+    must dequantize (a registered format whose SGLang kernels cannot run here: on a CPU, any format
+    but block FP8 on an AMX CPU); None otherwise (SGLang's quantization methods run as they are)."""
+    if quant_config is None:
         return None
-    block = getattr(quant_config, "weight_block_size", None)
-    from sglang.srt.utils import cpu_has_amx_support
-
     from sglang_step35.platform import current_platform
 
-    if not block or current_platform().has_accelerator or cpu_has_amx_support():
+    if current_platform().has_accelerator:
         return None
+    qc = quant.checkpoint_quantization_config(hf_config)
+    fmt = quant.format_for(qc)
+    if fmt is None:
+        return None  # not a checkpoint format of ours: SGLang's method, judged by the allow-list
+    if fmt is fp8:
+        from sglang.srt.utils import cpu_has_amx_support
+
+        if cpu_has_amx_support():
+            return None
+    label = fmt.NAMES[0].upper()
     logger.warning(
-        "block-FP8 checkpoint on a CPU without AMX (SGLang's FP8 kernels need AMX): dequantizing FP8 "
-        "weights at load; the model runs unquantized in the server dtype"
-    )
-    return list(block)
+        "%s checkpoint on a CPU (SGLang's kernels for it need a GPU%s): dequantizing %s weights at "
+        "load; the model runs unquantized in the server dtype", label, " or AMX" if fmt is fp8 else "", label)
+    return qc
+
+
+def refuse_unservable_quant(quant_config, hf_config) -> None:
+    """At construction, on the path where SGLang's quantization method runs (not the CPU dequant
+    fallback): a registered format whose module names problems with the method SGLang chose
+    (`method_problems`) is refused with them, before SGLang's own layers fail less clearly."""
+    if quant_config is None:
+        return
+    qc = quant.checkpoint_quantization_config(hf_config)
+    fmt = quant.format_for(qc)
+    check = getattr(fmt, "method_problems", None)
+    problems = check(qc, str(quant_config.get_name()).lower()) if check else []
+    if problems:
+        from sglang_step35.config import Step35ConfigError
+
+        raise Step35ConfigError(f"{fmt.NAMES[0]} checkpoint cannot be served as built: " + "; ".join(problems))
+
+
+def quant_format_of(model: torch.nn.Module) -> tuple:
+    """(format module, quantization_config) of the checkpoint `model` was built for with SGLang's
+    quantization methods; (None, None) for BF16 or the CPU dequant fallback (built unquantized)."""
+    if getattr(model, "cpu_dequant", None) or getattr(model, "quant_config", None) is None:
+        return None, None
+    qc = quant.checkpoint_quantization_config(model.config)
+    return quant.format_for(qc), qc
 
 
 def checkpoint_view(cfg):
@@ -231,6 +280,7 @@ class LoadReport:
     unexpected: list
     misshaped: list
     precision: list
+    experts_seen: dict = field(default_factory=dict)  # stacked name -> experts given per expert
 
     def problems(self, sources: dict[str, Source], params: dict, allow_missing: Iterable[str] = ()) -> list[str]:
         allow = set(allow_missing)
@@ -242,13 +292,26 @@ class LoadReport:
         if self.unexpected:
             lines.append("unexpected tensors (not in a Step-3.5 checkpoint for this config and quantization):\n  "
                          + "\n  ".join(sorted(self.unexpected)))
-        missing_tensors = sorted(k for k in sources if k not in self.seen and sources[k].param not in allow)
-        if missing_tensors:
-            lines.append("missing tensors:\n  " + "\n  ".join(
-                f"{k}: expected {list(sources[k].shape)}" for k in missing_tensors))
+        missing = []
+        for k in sorted(sources):
+            src = sources[k]
+            if k in self.seen or src.param in allow:
+                continue
+            got = self.experts_seen.get(k)
+            if got is None:
+                missing.append(f"{k}: expected {list(src.shape) if src.shape is not None else 'a tensor'}")
+                continue
+            n = src.shape[0] if src.shape is not None else None
+            if n is not None and len(got) < n:
+                gone = sorted(set(range(n)) - got)
+                stem = k.replace(".moe.", ".moe.experts.{E}.", 1)
+                missing.append(f"{stem}: experts {gone} missing (per-expert tensors of {k})")
+        if missing:
+            lines.append("missing tensors:\n  " + "\n  ".join(missing))
         missing_params = sorted(
             k for k, p in params.items()
-            if k not in self.loaded and k not in allow and not getattr(p, "_skip_weight_check", False))
+            if k not in self.loaded and k not in allow and not getattr(p, "_skip_weight_check", False)
+            and not derived_after_loading(k))
         if missing_params:
             lines.append("parameters never loaded (tensors missing from the checkpoint):\n  "
                          + "\n  ".join(missing_params))
@@ -267,14 +330,23 @@ def load_checkpoint(
     `kv_scales` (:func:`kv_scale_targets`) places the checkpoint's optional k/v scales."""
     params = dict(model.named_parameters())
     kv_scales = kv_scales or {}
-    block = getattr(model, "fp8_dequant_block", None)
-    dequantizer = Fp8Dequantizer(block) if block else None
+    qc = getattr(model, "cpu_dequant", None)
+    dequantizer = quant.format_for(qc).Dequantizer(qc) if qc else None
     if dequantizer is not None:
-        weights = dequantizer(weights)
+        weights = (out for name, t in weights for out in dequantizer.feed(name, t))
     rep = LoadReport(set(), set(), [], [], [])
     ignored_kv: list[str] = []
     for name, tensor in weights:
-        src = sources.get(name)
+        src, expert = sources.get(name), None
+        if src is None:
+            m = _PER_EXPERT.match(name)
+            stacked = f"{m.group(1)}{m.group(3)}" if m else None
+            if stacked in sources and sources[stacked].per_expert:
+                src, expert = sources[stacked], int(m.group(2))
+                if src.shape is not None and expert >= src.shape[0]:
+                    rep.unexpected.append(f"{name} (the config has {src.shape[0]} experts)")
+                    continue
+                name_for_report, name = name, stacked
         if src is None:
             if name.endswith(_KV_SCALE_SUFFIXES) and not skip(name):
                 target = _kv_scale_param(name, kv_scales)
@@ -284,37 +356,49 @@ def load_checkpoint(
                     continue
                 if target is not None:
                     # The attention exists but was built without FP8 KV scales (unquantized, e.g.
-                    # the CPU FP8 fallback above): its KV cache does not use them.
+                    # the CPU dequant fallback above): its KV cache does not use them.
                     ignored_kv.append(name)
                     continue
             if not skip(name):
                 rep.unexpected.append(name)
             continue
-        rep.seen.add(name)
-        if tuple(tensor.shape) != src.shape:
-            rep.misshaped.append(f"{name}: expected {list(src.shape)}, got {list(tensor.shape)}")
+        shown = name if expert is None else name_for_report
+        want = src.shape if expert is None or src.shape is None else src.shape[1:]
+        if expert is None:
+            rep.seen.add(name)
+        else:
+            rep.experts_seen.setdefault(name, set()).add(expert)
+        if want is not None and tuple(tensor.shape) != want:
+            rep.misshaped.append(f"{shown}: expected {list(want)}, got {list(tensor.shape)}")
             continue
-        is_scale = name.endswith(fp8.SCALE_SUFFIX)
-        if not is_scale and (tensor.dtype == fp8.FP8_DTYPE) != src.quantized:
+        if src.leaf == "weight" and is_quantized_dtype(tensor.dtype) != src.quantized:
             rep.precision.append(
-                f"{name}: {str(tensor.dtype).removeprefix('torch.')}, but {src.param} is "
-                + ("FP8 (the checkpoint's quantization_config quantizes this module; list it in "
-                   "modules_to_not_convert if the checkpoint keeps it in BF16)" if src.quantized else
+                f"{shown}: {str(tensor.dtype).removeprefix('torch.')}, but {src.param} is "
+                + (f"{_kind(params[src.param].dtype)} (the checkpoint's quantization_config quantizes this module; list it in "
+                   "modules_to_not_convert / ignore if the checkpoint keeps it in BF16)" if src.quantized else
                    "unquantized (the checkpoint's quantization_config lists this module as not converted, "
-                   "yet the tensor is FP8)"))
+                   "yet the tensor is quantized)"))
             continue
         param = params[src.param]
         loader = getattr(param, "weight_loader", default_weight_loader)
-        if src.per_expert:
-            for e in range(tensor.shape[0]):
-                loader(param, tensor[e], src.param, shard_id=src.shard, expert_id=e)
-        elif src.shard is not None:
-            loader(param, tensor, src.shard)
-        else:
-            loader(param, tensor)
+        try:
+            if expert is not None:
+                loader(param, tensor, src.param, shard_id=src.shard, expert_id=expert)
+            elif src.per_expert:
+                for e in range(tensor.shape[0]):
+                    loader(param, tensor[e], src.param, shard_id=src.shard, expert_id=e)
+            elif src.shard is not None:
+                loader(param, tensor, src.shard)
+            else:
+                loader(param, tensor)
+        except (AssertionError, RuntimeError, ValueError) as e:
+            # A shape the format module does not state (src.shape None) is checked by SGLang's loader.
+            rep.misshaped.append(f"{shown}: {list(tensor.shape)} does not fit {src.param} "
+                                 f"{list(param.shape)} ({type(e).__name__}: {e})")
+            continue
         rep.loaded.add(src.param)
     if dequantizer is not None:
-        rep.misshaped += dequantizer.problems
+        rep.misshaped += dequantizer.problems()
     if ignored_kv:
         logger.warning("%d checkpoint k/v scales ignored (e.g. %s): the attention layers were built "
                        "without FP8 KV scales (unquantized)", len(ignored_kv), ignored_kv[0])
@@ -337,7 +421,7 @@ def other_stage_tensor(name: str, n: int, start: int, end: int, first: bool, las
     i = layer_index(name)
     if i is not None:
         return i < n and not start <= i < end
-    base = name[: -len(fp8.SCALE_SUFFIX)] if name.endswith(fp8.SCALE_SUFFIX) else name
+    base = name.rsplit(".", 1)[0] + ".weight" if "." in name else name  # lm_head.weight_scale -> lm_head.weight
     return (base in first_stage_tensors and not first) or (base in last_stage_tensors and not last)
 
 
@@ -346,7 +430,8 @@ def load_step3p5_weights(model: torch.nn.Module, weights: Iterable[Tuple[str, to
     Step3p5MTP. Under pipeline parallelism each stage loads (and checks) only its own tensors."""
     cfg = checkpoint_view(model.config)
     n, m = cfg.num_hidden_layers, int(getattr(cfg, "num_nextn_predict_layers", 0) or 0)
-    sources = checkpoint_sources(model, checkpoint_shapes(cfg, include_mtp=False), model.checkpoint_name)
+    sources = checkpoint_sources(model, checkpoint_shapes(cfg, include_mtp=False), model.checkpoint_name,
+                                 *quant_format_of(model))
     start, end = model.start_layer, model.end_layer
     pp = model.pp_group
     first, last = pp.is_first_rank, pp.is_last_rank

@@ -1,0 +1,87 @@
+"""Registry of the quantized checkpoint formats Step-3.5 loads (issue #25).
+
+One SGLang-free module per format, written from the format's public specification (interface:
+/work/notes/quant_interface.md, restated here). Each exports
+- ``NAMES``: the ``step35 tiny --quant`` names it writes;
+- ``matches(quantization_config) -> bool``: whether a checkpoint's quantization_config (config.json's,
+  or ModelOpt's hf_quant_config.json) is this format;
+- ``write_checkpoint_tensors(weights, cfg, name) -> (tensors, extra)``: BF16 Step-3.5 tensors -> the
+  format's tensors; ``extra["quantization_config"]`` goes into config.json, ``extra.get("files")`` maps
+  side-file names to JSON objects;
+- ``Dequantizer(quantization_config)`` with ``feed(name, tensor) -> [(name, fp32 tensor)]`` (all parts
+  of a weight seen -> the weight under its BF16 name; unquantized tensors pass through) and
+  ``problems() -> [str]`` (unpaired / mis-shaped parts, named), for the CPU path: SGLang's kernels for
+  these formats do not run on a CPU without AMX, so there the model is built unquantized and the
+  loader dequantizes while loading (models/weights.py ``cpu_dequant_fallback``).
+Block FP8 (Step-3.5-Flash-FP8) lives in ``sglang_step35.fp8`` and is registered like the others.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Optional
+
+from sglang_step35 import fp8
+from sglang_step35.quant import int8
+from sglang_step35.quant import w4a16
+
+# Allow-list: a format is loaded only once its module is listed here (one line per format).
+FORMATS: tuple[ModuleType, ...] = (fp8, int8, w4a16)
+
+
+def format_for(quantization_config: Optional[dict]) -> Optional[ModuleType]:
+    """The registered format module of a checkpoint's quantization_config; None for none (BF16) or a
+    format no module claims (SGLang's own handling and our allow-list then decide)."""
+    if not quantization_config:
+        return None
+    hits = [m for m in FORMATS if m.matches(dict(quantization_config))]
+    if len(hits) > 1:  # two modules claiming one config is a registry bug, not a user error
+        raise RuntimeError(f"quantization_config claimed by {[m.__name__ for m in hits]}: {quantization_config!r}")
+    return hits[0] if hits else None
+
+
+def tiny_names() -> list[str]:
+    """Every `step35 tiny --quant` name, in registry order."""
+    return [n for m in FORMATS for n in m.NAMES]
+
+
+def format_for_tiny(name: str) -> ModuleType:
+    """The format module writing tiny checkpoints named `name` (ValueError names the choices)."""
+    for m in FORMATS:
+        if name in m.NAMES:
+            return m
+    raise ValueError(f"unknown quantization {name!r} for a tiny checkpoint; use one of {', '.join(tiny_names())}")
+
+
+def checkpoint_quantization_config(hf_config: Any) -> Optional[dict]:
+    """The checkpoint's quantization_config as SGLang reads it: config.json's `quantization_config`
+    (or `compression_config`, compressed-tensors' older key), else ModelOpt's hf_quant_config.json
+    next to it (its `quantization` section merged with `producer`, as SGLang's ModelConfig does)."""
+    get = hf_config.get if isinstance(hf_config, dict) else (lambda k, d=None: getattr(hf_config, k, d))
+    for key in ("quantization_config", "compression_config"):
+        qc = get(key, None)
+        if qc:
+            return dict(qc) if not isinstance(qc, dict) else qc
+    where = get("_name_or_path", None)
+    side = Path(where) / "hf_quant_config.json" if where else None
+    if side is not None and side.is_file():
+        raw = json.loads(side.read_text())
+        merged = dict(raw.get("quantization", {}))
+        merged.setdefault("quant_method", "modelopt")
+        if "producer" in raw:
+            merged["producer"] = raw["producer"]
+        return merged
+    return None
+
+
+def g_proj_quant_config(quant_config: Any, hf_config: Any) -> Any:
+    """The quant config to build the attention gate `g_proj` with. A format whose exports quantize it
+    by their ignore lists (`G_PROJ_BY_CONFIG = True` in the format module, e.g. compressed-tensors'
+    "every Linear not ignored") gets SGLang's method for it, which honours the list; otherwise (block
+    FP8: Step-3.5-Flash-FP8 keeps g_proj BF16 without listing it) it is built unquantized."""
+    if quant_config is None:
+        return None
+    fmt = format_for(checkpoint_quantization_config(hf_config))
+    return quant_config if fmt is not None and getattr(fmt, "G_PROJ_BY_CONFIG", False) else None
