@@ -26,9 +26,10 @@ from typing import Any, Optional
 from sglang_step35 import fp8
 from sglang_step35.quant import int8
 from sglang_step35.quant import w4a16
+from sglang_step35.quant import mxfp4, nvfp4
 
 # Allow-list: a format is loaded only once its module is listed here (one line per format).
-FORMATS: tuple[ModuleType, ...] = (fp8, int8, w4a16)
+FORMATS: tuple[ModuleType, ...] = (fp8, int8, w4a16, nvfp4, mxfp4)
 
 
 def format_for(quantization_config: Optional[dict]) -> Optional[ModuleType]:
@@ -85,3 +86,14 @@ def g_proj_quant_config(quant_config: Any, hf_config: Any) -> Any:
         return None
     fmt = format_for(checkpoint_quantization_config(hf_config))
     return quant_config if fmt is not None and getattr(fmt, "G_PROJ_BY_CONFIG", False) else None
+
+
+def attention_quant_config(quant_config: Any, hf_config: Any) -> Any:
+    """The quant config for RadixAttention (which takes one only for KV-cache scales). A format that
+    has none (`KV_CACHE_SCALES = False`, e.g. W8A8-INT8) gets None: SGLang's W8A8Int8Config answers an
+    attention whose prefix its `ignore` list matches (an MTP layer kept BF16 by a regex such as
+    `re:model.layers.45.*`) with UnquantizedLinearMethod, which RadixAttention cannot use."""
+    if quant_config is None:
+        return None
+    fmt = format_for(checkpoint_quantization_config(hf_config))
+    return None if fmt is not None and not getattr(fmt, "KV_CACHE_SCALES", True) else quant_config
