@@ -247,3 +247,21 @@ def test_swa_ratio_step_plans_the_ratio_the_user_left_unset(tmp_path):
     policy.swa_ratio(launch_)
     expected = swa_ratio.plan_swa_ratio(window=512, context_len=262144, chunked_prefill=8192)
     assert launch_.server_args.swa_full_tokens_ratio == expected.ratio < 0.8
+
+
+@pytest.mark.parametrize("value", ["yes", "Y"])
+def test_platform_defaults_step_refuses_an_aiter_value_sglang_reads_two_ways(tmp_path, monkeypatch, value):
+    """SGLang's fp8.py reads SGLANG_USE_AITER=yes as on (EnvBool), unquant.py and the model as off: FP8
+    experts would go to AITER and lose the clamp. Refused on AMD, by name; 1 / 0 and other hosts pass."""
+    from sglang.srt.environ import envs
+    from sglang.srt.utils.common import get_bool_env_var
+
+    monkeypatch.setenv("SGLANG_USE_AITER", value)
+    assert envs.SGLANG_USE_AITER.get() and not get_bool_env_var("SGLANG_USE_AITER")  # SGLang's two readings
+    with pytest.raises(ValueError, match=rf"SGLANG_USE_AITER={value}: SGLang 0.5.23 reads this value as on .* "
+                                         r"Use SGLANG_USE_AITER=1 \(AITER\) or SGLANG_USE_AITER=0"):
+        policy.platform_defaults(_launch(tmp_path, MI300X))
+    policy.platform_defaults(_launch(tmp_path, H100))  # not read off ROCm
+    for ok in ("1", "0", "true"):
+        monkeypatch.setenv("SGLANG_USE_AITER", ok)
+        policy.platform_defaults(_launch(tmp_path, MI300X))

@@ -78,11 +78,17 @@ def mtp(launch: Launch) -> None:
 
 
 def platform_defaults(launch: Launch) -> None:
-    """What the user left unset, filled for this platform (GPU-less hosts: platform.cpu)."""
+    """What the user left unset, filled for this platform (GPU-less hosts: platform.cpu); on AMD, an
+    SGLANG_USE_AITER value SGLang reads two ways is refused (platform.rocm)."""
     if not launch.platform.has_accelerator:
         from sglang_step35.platform.cpu import cpu_server_defaults
 
         cpu_server_defaults(launch.server_args)
+    from sglang_step35.platform.rocm import aiter_env_refusal
+
+    why = aiter_env_refusal(launch.platform.kind)
+    if why:
+        raise ValueError(why)
 
 
 def attention(launch: Launch) -> None:
