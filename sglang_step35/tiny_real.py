@@ -217,7 +217,9 @@ def generate_group(cfg: dict, names: Iterable[str], seed: int, device: torch.dev
 
 
 def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from sglang_step35.platform import current_platform
+
+    return torch.device("cuda" if current_platform().has_accelerator else "cpu")  # ROCm devices are "cuda" too
 
 
 def _write_meta(out: Path, cfg: dict, weight_map: dict, total: int, tok) -> None:
