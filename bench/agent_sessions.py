@@ -300,16 +300,22 @@ def plot(results: dict, path: Path, title: str) -> None:
                 continue
             turns = sorted(int(t) for t in summ["per_turn"])
             row = [summ["per_turn"][t] for t in turns]
-            axes[0][j].plot(turns, [100 * (p["median_cached_share"] or 0) for p in row], marker="o", label=label)
+            line, = axes[0][j].plot(turns, [100 * (p["median_cached_share"] or 0) for p in row], marker="o",
+                                    label=f"{label} (median)")
+            # The minimum too: one session losing its prefix hides behind the median.
+            axes[0][j].plot(turns, [100 * (p["min_cached_share"] or 0) for p in row], ls=":", marker="v",
+                            color=line.get_color(), label=f"{label} (min)")
             axes[1][j].plot(turns, [p["median_ttft_ms"] or 0 for p in row], marker="o", label=label)
+            for ax in (axes[0][j], axes[1][j]):
+                ax.set_xticks(turns)
         axes[0][j].axhline(100 * TARGET_SHARE, color="grey", ls="--", lw=0.8)
-        axes[0][j].set_title(f"{sc}: median cached share of the prompt (%)", fontsize=10)
+        axes[0][j].set_title(f"{sc}: cached share of the prompt (%), median and min", fontsize=10)
         axes[1][j].set_title(f"{sc}: median TTFT (ms)", fontsize=10)
         for ax in (axes[0][j], axes[1][j]):
             ax.set_xlabel("turn")
             ax.grid(alpha=0.3)
         axes[0][j].set_ylim(0, 105)
-    axes[0][0].legend(fontsize=8)
+    axes[0][0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -342,6 +348,8 @@ def main(argv=None) -> int:
     p.add_argument("--session-radix", action="store_true",
                    help="with --base-url: send session ids (a server with --enable-session-radix-cache)")
     p.add_argument("--setups", default=",".join(SETUPS), help=f"pool set-ups to serve, from {', '.join(SETUPS)}")
+    p.add_argument("--setup", action="append", default=[], metavar="LABEL=FLAGS",
+                   help='one more set-up: its label and `sglang serve` flags, e.g. --setup "ratio-0.2=--swa-full-tokens-ratio 0.2"')
     p.add_argument("--scenarios", default=",".join(SCENARIOS))
     p.add_argument("--server-args", default=shlex.join(CPU_SERVER_ARGS),
                    help="flags every started server gets (default: the CPU bench's KV budget, chunk, parsers)")
@@ -376,6 +384,11 @@ def main(argv=None) -> int:
         bad = [s for s, v in targets.items() if v is None]
         if bad:
             p.error(f"unknown --setups {bad}; choose from {', '.join(SETUPS)}")
+        for spec in args.setup:
+            label, sep, flags = spec.partition("=")
+            if not sep or not label or label in targets:
+                p.error(f"--setup {spec!r}: give LABEL=FLAGS with a new label")
+            targets[label] = shlex.split(flags)
         from sglang_step35.tiny import TRAINED_TINY_DIR
 
         model_path = str(Path(args.model).resolve()) if args.model else str(TRAINED_TINY_DIR)
