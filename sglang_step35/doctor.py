@@ -68,12 +68,13 @@ def parse_serve_args(argv: list[str]):
 
 
 def launch_decisions(argv: list[str]) -> dict:
-    """What the launch policy decides for `sglang serve ARGV`: changed fields, variables set, error."""
+    """What the launch policy decides for `sglang serve ARGV`: changed fields, variables set, error, and
+    per step of the policy (`launch.policy.STEPS`, in order) the fields it changed or the refusal it made."""
     from sglang.srt.arg_groups.arg_utils import record_fields
 
     from sglang_step35 import launch
 
-    out: dict = {"argv": list(argv), "changed": {}, "env": {}, "error": None}
+    out: dict = {"argv": list(argv), "changed": {}, "env": {}, "error": None, "steps": [], "refused_by": None}
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
@@ -84,10 +85,18 @@ def launch_decisions(argv: list[str]) -> dict:
     fields = [f.name for f in record_fields(type(args))]
     before = {f: getattr(args, f, None) for f in fields}
     env_before = dict(os.environ)
+    seen = dict(before)
+
+    def record(step: str, _launch) -> None:
+        now = {f: getattr(args, f, None) for f in fields}
+        out["steps"].append([step, {f: [seen[f], now[f]] for f in fields if now[f] != seen[f]}])
+        seen.update(now)
+
     try:
-        launch.apply_server_policy(args)
+        launch.run_steps(args, after_step=record)
     except Exception as e:  # noqa: BLE001 - the refusal is the decision being reported
         out["error"] = f"{type(e).__name__}: {e}"
+        out["refused_by"] = launch.STEPS[len(out["steps"])].__name__
     finally:
         out["env"] = {k: v for k, v in os.environ.items() if env_before.get(k) != v}
         os.environ.clear()
@@ -130,9 +139,10 @@ def format_report(rep: dict) -> str:
     d = rep["decisions"]
     if d is not None:
         lines += ["", "launch policy for: sglang serve " + " ".join(d["argv"])]
-        lines += [f"  {k}: {a!r} -> {b!r}" for k, (a, b) in d["changed"].items()] or ["  no field changed"]
+        lines += [f"  {step}: {k}: {a!r} -> {b!r}" for step, changed in d["steps"] for k, (a, b) in changed.items()] \
+            or ["  no field changed"]
         lines += [f"  env {k}={v}" for k, v in d["env"].items()]
-        lines.append(f"  refused: {d['error']}" if d["error"] else "  accepted")
+        lines.append(f"  refused by the {d['refused_by']} step: {d['error']}" if d["error"] else "  accepted")
     return "\n".join(lines)
 
 

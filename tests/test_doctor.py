@@ -149,9 +149,14 @@ def test_launch_decisions_are_the_policy_s(loaded, monkeypatch):
     for field in ("device", "attention_backend", "max_total_tokens", "sleep_on_idle"):
         assert getattr(resolved, field) == d["changed"][field][1], field
 
+    # each change is attributed to the step of the policy that made it, in the policy's order
+    assert [s for s, _ in d["steps"]][:4] == ["read_config", "pipeline_parallel", "mtp", "platform_defaults"]
+    assert set(dict(d["steps"])["platform_defaults"]) >= {"device", "attention_backend", "max_total_tokens"}
+
     mtp = doctor.launch_decisions(["--model-path", str(TRAINED_TINY_DIR), "--speculative-algorithm", "EAGLE",
                                    "--speculative-num-steps", "9"])
     assert mtp["error"].startswith("Step35MTPError: --speculative-num-steps 9 needs 9 MTP layers")
+    assert mtp["refused_by"] == "mtp" and [s for s, _ in mtp["steps"]] == ["read_config", "pipeline_parallel"]
 
     bad = doctor.launch_decisions(["--model-path", str(TRAINED_TINY_DIR), "--no-such-flag"])
     assert "sglang serve rejects the command line" in bad["error"] and "--no-such-flag" in bad["error"]
@@ -167,6 +172,8 @@ def test_launch_decisions_on_a_faked_amd_node(loaded, tmp_path, monkeypatch):
     d = doctor.launch_decisions(["--model-path", str(tmp_path), "--tp-size", "4"])
     assert d["error"] is None
     assert d["changed"]["attention_backend"] == [None, "aiter"] and d["changed"]["ep_size"] == [1, 4]
+    steps = dict(d["steps"])
+    assert steps["attention"] == {"attention_backend": [None, "aiter"]} and steps["moe_layout"] == {"ep_size": [1, 4]}
     assert d["env"]["SGLANG_USE_AITER_UNIFIED_ATTN"] == "1"
     assert "SGLANG_USE_AITER_UNIFIED_ATTN" not in os.environ
 

@@ -9,7 +9,7 @@ holds the pipeline-parallel rules its PP step applies.
 
 from __future__ import annotations
 
-from sglang_step35.launch.policy import STEPS, Launch, apply_server_policy
+from sglang_step35.launch.policy import STEPS, Launch, apply_server_policy, run_steps
 
 POLICY_TARGET = "sglang.srt.server_args.ServerArgs.resolve_once"
 SPEC_FALLBACK_TARGET = "sglang.srt.arg_groups.overrides.run_post_process_pass"
@@ -24,4 +24,4 @@ def install() -> None:
     HookRegistry.register(SPEC_FALLBACK_TARGET, keep_cpu_spec_attention, HookType.AROUND)
 
 
-__all__ = ["STEPS", "Launch", "apply_server_policy", "install"]
+__all__ = ["STEPS", "Launch", "apply_server_policy", "install", "run_steps"]

@@ -155,9 +155,18 @@ def apply_server_policy(server_args, *args, **kwargs):
 
     if resolving_placeholder():  # SGLang's placeholder ServerArgs our ratio policy has it resolve
         return None
+    run_steps(server_args)
+    return None
+
+
+def run_steps(server_args, after_step: Optional[Callable[[str, Launch], None]] = None) -> Launch:
+    """Run :data:`STEPS` in order on ``server_args``, calling ``after_step(name, launch)`` after each
+    (``step35 doctor`` attributes each change to its step); a refusal propagates from its step."""
     launch = Launch(server_args)
     for step in STEPS:
         step(launch)
+        if after_step is not None:
+            after_step(step.__name__, launch)
         if launch.cfg is None:  # not a Step-3.5 checkpoint: SGLang's own defaults
-            return None
-    return None
+            break
+    return launch
