@@ -289,3 +289,49 @@ def test_fp4_experts_are_refused_on_gpus_by_name(on_nvidia, ckpts):
         why = served.refusals(served.Setting(platform, quant=quant, clamped_layers=(43, 44)))
         assert len(why) == 1 and why[0].startswith(head), why
         assert served.refusals(served.Setting("cpu", quant=quant, clamped_layers=(43, 44))) == []
+
+
+def _oracle_bf16(w: dict) -> dict:
+    """The checkpoint's weights decoded by SGLang's own readers (NVFP4: `dequantize_nvfp4`; MXFP4: the
+    Quark linear's `_dequant_mxfp4_to_bf16`, per expert; ModelOpt FP8: weight * per-tensor scale)."""
+    from sglang.srt.layers.quantization.dequantization import dequantize_nvfp4
+    from sglang.srt.layers.quantization.quark.schemes.quark_w4a4_mxfp4 import _dequant_mxfp4_to_bf16
+
+    out = {}
+    for k, t in w.items():
+        base = k[: -len(".weight")] if k.endswith(".weight") else None
+        if base is None or t.dtype not in (torch.uint8, torch.float8_e4m3fn):
+            if not k.endswith(("_scale", "_scale_2")):
+                out[k] = t
+            continue
+        s = w[base + ".weight_scale"]
+        if t.dtype == torch.float8_e4m3fn:
+            out[k] = (t.float() * s.float()).to(torch.bfloat16)
+        elif s.dtype == torch.float8_e4m3fn:
+            s2 = w[base + ".weight_scale_2"].float()
+            out[k] = dequantize_nvfp4(t, s, s2.reshape(*s2.shape, 1, 1) if s2.dim() else s2)
+        else:
+            flat = [_dequant_mxfp4_to_bf16(q, sc) for q, sc in zip(t.reshape(-1, *t.shape[-2:]), s.reshape(-1, *s.shape[-2:]))]
+            out[k] = torch.stack(flat).reshape(*t.shape[:-1], t.shape[-1] * 2)
+    return out
+
+
+@pytest.mark.parametrize("name", ["nvfp4", "modelopt-mixed", "mxfp4"])
+def test_on_a_cpu_fp4_loads_dequantized_as_sglangs_readers_decode_it(ckpts, name):
+    """The CPU path `sglang serve` takes: SGLang's methods cannot run, so the model is built in BF16
+    and every FP4 / FP8 weight is dequantized while loading; each parameter equals what SGLang's own
+    FP4 readers decode (up to one bf16 ulp: SGLang rounds block * global scale in fp32 first)."""
+    gpu_contract.sglang_world_of_one()
+    ckpt = ckpts[name]
+    model, _ = gpu_contract.load_like_sglang(ckpt)
+    assert model.cpu_dequant is not None
+    w = _oracle_bf16(load_file(str(ckpt / "model.safetensors")))
+    checked = 0
+    for pname, p in model.named_parameters():
+        prefix, suffix = _main_name(pname)
+        want = expected_param(w, prefix, suffix, p)
+        assert want is not None, pname
+        assert p.dtype in (torch.bfloat16, torch.float32), pname
+        torch.testing.assert_close(p.data, want.to(p.dtype), rtol=2**-7, atol=0, msg=pname)  # one bf16 ulp
+        checked += 1
+    assert checked >= 60  # every parameter of the 5 main layers, embedding, norm, lm_head
