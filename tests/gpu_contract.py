@@ -431,8 +431,12 @@ def sglang_gpu_moe_path(extra_kernels=()):
     language = interpreted_triton_language()
     language.__enter__()
     try:
+        # Every kernel of ours (ops.backend_for answers "cuda" below), whichever test imported it first:
+        # one decorated before TRITON_INTERPRET=1 would otherwise look for a GPU driver.
         for module, kernel in (("sglang.kernels.ops.moe.fused_moe_triton_kernels", "fused_moe_kernel"),
-                               ("kernels_cuda.router", "_sigmoid_topk_kernel"), *extra_kernels):
+                               ("kernels_cuda.router", "_sigmoid_topk_kernel"),
+                               ("kernels_cuda.swiglu_clamp", "_swiglu_clamp_kernel"),
+                               ("kernels_cuda.head_gate", "_head_gate_kernel"), *extra_kernels):
             ensure_interpreted(module, kernel)
         from sglang.srt.layers.moe.moe_runner.triton_utils import fused_moe, fused_moe_triton_config
 
