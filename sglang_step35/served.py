@@ -217,6 +217,18 @@ ROWS: tuple[Row, ...] = (
         "tests/test_fp8_moe_gpu_contract.py, tests/test_fp8_moe_aiter_contract.py"),
     Row(QUANT, ("fp8-block",), ("cpu",), True, "dequantized to the server dtype at load (no AMX FP8 kernels)",
         "tests/test_weights_loading.py, tests/test_fp8_dequant.py"),
+    Row(QUANT, ("w8a8-int8",), ("nvidia",), True,
+        "SGLang's W8A8Int8MoEMethod: Triton INT8 fused MoE (per-channel weight, per-token activation scales), "
+        "clamp from gemm1_clamp_limit; compressed-tensors INT8 checkpoints with --quantization w8a8_int8",
+        "tests/test_quant_int8_moe.py, tests/test_quant_int8_load.py"),
+    Row(QUANT, ("w8a8-int8",), ("amd",), False,
+        "SGLang 0.5.23's W8A8Int8LinearMethod imports sgl_kernel's int8_scaled_mm only on CUDA "
+        "(w8a8_int8.py), so the dense INT8 linears (attention, shared expert) cannot run on ROCm",
+        "tests/test_quant_int8_load.py::test_int8_is_refused_on_rocm_by_name",
+        "serve the BF16 or the block-FP8 (128x128) checkpoint"),
+    Row(QUANT, ("w8a8-int8",), ("cpu",), True,
+        "dequantized to the server dtype at load (SGLang's INT8 kernels need AMX, Arm64 or a GPU; sglang_step35/quant)",
+        "tests/test_quant_served.py, tests/test_quant_formats.py"),
     Row(QUANT, ("fp8-per-tensor", "int4"), PLATFORMS, False,
         "no test verifies Step's router and SwiGLU clamp through SGLang's per-tensor Fp8MoEMethod (online "
         "`--quantization fp8` of BF16 weights) or MoeWNA16 (AWQ/GPTQ int4) with our layers (issue #25)",

@@ -51,7 +51,7 @@ from sglang_step35.checkpoint import layer_index
 from sglang_step35.attention import model_radix_sliding_window_size, model_runner_sliding_window_size
 from sglang_step35.config import LayerSpec, layer_spec, validate
 from sglang_step35.models.weights import cpu_dequant_fallback, load_step3p5_weights, refuse_unservable_quant
-from sglang_step35.quant import g_proj_quant_config
+from sglang_step35.quant import attention_quant_config, g_proj_quant_config
 from sglang_step35.models.step3p5_moe import Step35MLP, Step35MoE, moe_leaves_sum
 
 logger = logging.getLogger(__name__)  # under "sglang_step35", whose handler plugin.py installs
@@ -106,7 +106,7 @@ class Step35Attention(nn.Module):
             # The config counts the query's own key in the window (HF convention); what SGLang's
             # sliding_window_size means differs per attention backend (attention/window.py).
             sliding_window_size=model_radix_sliding_window_size(spec.window, draft) if spec.window else -1,
-            quant_config=quant_config,
+            quant_config=attention_quant_config(quant_config, config),
             prefix=add_prefix("attn", prefix),
         )
 

@@ -48,9 +48,10 @@ class ClampHonouringFp8MoEMethod(Fp8MoEMethod):
             self.runner = MoeRunner(MoeRunnerBackend.TRITON, moe_runner_config)
 
 
-# SGLang 0.5.23's int4 MoE methods (moe_wna16, awq, gptq) have no AITER path at all: SGLANG_USE_AITER
-# does not change their runner, so there is nothing to override (as on CUDA).
-_TRITON_ONLY_QUANTS = ("moe_wna16", "awq", "gptq")
+# SGLang 0.5.23's int4 MoE methods (moe_wna16, awq, gptq) and its W8A8-INT8 one (W8A8Int8MoEMethod:
+# MoeRunner(TRITON) in create_moe_runner) have no AITER path at all: SGLANG_USE_AITER does not change
+# their runner, so there is nothing to override (as on CUDA).
+_TRITON_ONLY_QUANTS = ("moe_wna16", "awq", "gptq", "w8a8_int8")
 
 
 def clamp_honouring_method(quant_config):

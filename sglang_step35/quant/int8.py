@@ -31,6 +31,8 @@ import torch
 NAMES = ("w8a8-int8", "w8a8-int8-ct")
 # g_proj follows the checkpoint's `ignore` list (SGLang's method for it honours the list).
 G_PROJ_BY_CONFIG = True
+# No KV-cache scales in either export: the attention is built without the quant config.
+KV_CACHE_SCALES = False
 SCALE = ".weight_scale"
 INT8_MAX = 127
 

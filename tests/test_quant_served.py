@@ -1,0 +1,97 @@
+"""Every registered quantized format serves on CPU through a real `sglang serve` (one server per format).
+
+On a CPU SGLang's kernels for these formats do not run, so our model is built unquantized and the
+loader dequantizes each weight with the format's Dequantizer (models/weights.py
+`cpu_dequant_fallback`). The served greedy tokens must be the fp32 reference's (sglang_step35.reference)
+on the same dequantized weights: at every output position the served token is the reference's argmax
+(teacher-forced on the served sequence) wherever the reference's top-2 margin exceeds the bf16 server's
+tolerance, and every position's logprobs are within BF16_TOL (measured: w8a8-int8 0.046,
+w8a8-int8-ct 0.052). Teeth: the same weights mis-scaled are far off. A format joins by registering in
+sglang_step35.quant; one the allow-list (sglang_step35.served) does not serve on CPU must be refused
+at launch by name (block FP8 is served in tests/test_weights_loading.py).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from reference import Step35Reference
+from reference.serving import CPU_ARGS, OUR_CLASS_LINE, full_sequence, generate, max_abs_diff, served_logprobs
+from sglang_step35 import quant, served
+from sglang_step35.server import SGLangServer
+from sglang_step35.tiny import write_tiny_checkpoint
+
+pytestmark = pytest.mark.server
+
+BF16_TOL = 0.1  # bf16 server vs fp32 reference on the same weights (as tests/test_weights_loading.py)
+_PER_EXPERT = re.compile(r"^(.*\.moe\.)experts\.(\d+)\.((?:gate|up|down)_proj\.weight)$")
+
+
+def dequantized_stacked(fmt, ckpt) -> dict[str, torch.Tensor]:
+    """The checkpoint through the format's Dequantizer, per-expert weights stacked as the reference reads them."""
+    qc = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+    d = fmt.Dequantizer(qc)
+    out, experts = {}, {}
+    for name, t in load_file(str(ckpt / "model.safetensors")).items():
+        for n, v in d.feed(name, t):
+            m = _PER_EXPERT.match(n)
+            if m:
+                experts.setdefault(m.group(1) + m.group(3), {})[int(m.group(2))] = v
+            else:
+                out[n] = v
+    assert d.problems() == []
+    for name, per in experts.items():
+        out[name] = torch.stack([per[e] for e in range(len(per))])
+    return out
+
+
+def misscaled(weights: dict, n_layers: int) -> dict[str, torch.Tensor]:
+    """Every projection of the main layers twice too large: what a loader that applied a scale twice
+    (or a wrong one) would serve."""
+    return {k: (2 * v if k.endswith("_proj.weight") and int(k.split(".")[2]) < n_layers else v)
+            if k.startswith("model.layers.") else v for k, v in weights.items()}
+
+
+@pytest.mark.parametrize("name", [n for n in quant.tiny_names() if n != "fp8"])
+def test_quantized_tiny_serves_on_cpu_with_the_references_greedy_tokens(tmp_path, name):
+    ckpt = write_tiny_checkpoint(tmp_path / name, seed=7, quant=name)
+    fmt = quant.format_for_tiny(name)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    label = served.quant_label(quant.checkpoint_quantization_config(cfg))
+    refused = served.refusal(served.QUANT, served.Setting(platform="cpu", quant=label, clamped_layers=(4,)))
+    if refused is not None:
+        # A registered format the allow-list does not (yet) serve on CPU: the launch says so by name.
+        server = SGLangServer(str(ckpt), [*CPU_ARGS, "--dtype", "bfloat16"], startup_timeout=300)
+        with pytest.raises(RuntimeError, match="exited with code"):
+            server.start()
+        server.stop()
+        assert refused[:60] in server.log_text()
+        return
+    weights = dequantized_stacked(fmt, ckpt)
+    ref = Step35Reference(ckpt, weights=weights)
+    V = int(ref.cfg["vocab_size"])
+    prompt = [(37 * i + 11) % 900 + 20 for i in range(24)]
+    with SGLangServer(str(ckpt), [*CPU_ARGS, "--dtype", "bfloat16"], startup_timeout=300) as server:
+        log = server.log_text()
+        resp = generate(server, prompt, 12, V)
+    assert OUR_CLASS_LINE in log and f"dequantizing {fmt.NAMES[0].upper()} weights at load" in log
+    seq = full_sequence(prompt, resp)
+    want = ref.logprobs(seq[:-1])
+    got = served_logprobs(resp, V)
+    diff = max_abs_diff(got, want)
+    print(f"{name} served: max |logprob diff| vs the reference on its dequantized weights {diff:.4f}")
+    assert diff <= BF16_TOL
+    out = torch.tensor(seq[len(prompt):])
+    ref_out = want[len(prompt) - 1:]
+    top2 = ref_out.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * BF16_TOL
+    assert clear.float().mean() >= 0.5, "too few positions with a clear reference argmax to compare"
+    assert torch.equal(out[clear], ref_out.argmax(-1)[clear]), "served greedy tokens differ from the reference"
+    # Teeth: the same weights mis-scaled are another model.
+    wrong = Step35Reference(ckpt, weights=misscaled(weights, ref.cfg["num_hidden_layers"]))
+    assert max_abs_diff(got, wrong.logprobs(seq[:-1])) > 4 * BF16_TOL
