@@ -90,17 +90,22 @@ class SGLangServer:
             self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
         )
         deadline = time.time() + self.startup_timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"sglang serve exited with code {self.proc.returncode} during start-up; log tail:\n{self.log_tail()}"
-                )
-            try:
-                if requests.get(self.base_url + "/health", timeout=2).status_code == 200:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(1.0)
+        try:
+            while time.time() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"sglang serve exited with code {self.proc.returncode} during start-up; "
+                                       f"log tail:\n{self.log_tail()}")
+                try:
+                    if requests.get(self.base_url + "/health", timeout=2).status_code == 200:
+                        return self
+                except requests.RequestException:
+                    pass
+                time.sleep(1.0)
+        except BaseException:
+            # Ctrl-C, a test timeout or a failed start: no caller holds the server yet to stop it,
+            # and its own process group would outlive us.
+            self.stop()
+            raise
         self.stop()
         raise TimeoutError(f"sglang serve not healthy after {self.startup_timeout:.0f}s; log tail:\n{self.log_tail()}")
 
