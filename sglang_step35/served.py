@@ -61,6 +61,9 @@ class Setting:
     ep_num_redundant_experts: int = 0
     enable_eplb: bool = False
     init_expert_location: str = "trivial"
+    # SGLang's quantization method: `--quantization` at launch, `quant_config.get_name()` when the
+    # model is built ("" for none). Which int4 MoE SGLang runs depends on it (moe_wna16: Triton).
+    quant_method: str = ""
 
     def __post_init__(self) -> None:
         if self.platform not in PLATFORMS:
@@ -90,6 +93,8 @@ CONDITIONS: dict[str, tuple[str, Callable[[Setting], bool]]] = {
     "clamped": ("the checkpoint has SwiGLU-clamped MoE layers (Step-3.5-Flash: 43, 44)",
                 lambda s: bool(s.clamped_layers)),
     "aiter+clamped": ("SGLANG_USE_AITER=1 and SwiGLU-clamped MoE layers", lambda s: s.aiter and bool(s.clamped_layers)),
+    "moe_wna16": ("--quantization moe_wna16 (SGLang's MoeWNA16 method)", lambda s: s.quant_method == "moe_wna16"),
+    "triton-runner": ("--moe-runner-backend triton", lambda s: s.moe_runner_backend == "triton"),
 }
 
 
@@ -119,6 +124,10 @@ _NO_A2A = ("drop --moe-a2a-backend: SGLang's standard dispatcher serves every la
            "where TP would cut its quantization blocks")
 _FP4_REFUSED = "tests/test_quant_fp4_load.py::test_fp4_experts_are_refused_on_gpus_by_name"
 _FP4_INSTEAD = "serve the BF16 or the block-FP8 (128x128, Step-3.5-Flash-FP8) checkpoint"
+_W4A16_SERVED = "tests/test_quant_w4a16_moe.py, tests/test_quant_w4a16_load.py"
+_W4A16_REFUSED = "tests/test_quant_w4a16_load.py::test_int4_off_the_triton_path_is_refused_at_launch_and_construction"
+_MARLIN_CLAMP = ("SGLang's Marlin MoE, which clamps the gate before SiLU (fused_marlin_moe.swiglu_limit_func: "
+                 "silu(min(gate, L)) * clamp(up, ±L), GPT-OSS style), not Step's min(silu(gate), L) * clamp(up, ±L)")
 _UNVERIFIED_KERNEL = "unverified with Step's sigmoid + bias router and min(silu(gate), L) * clamp(up, ±L) clamp"
 
 ROWS: tuple[Row, ...] = (
@@ -229,11 +238,29 @@ ROWS: tuple[Row, ...] = (
     Row(QUANT, ("w8a8-int8",), ("cpu",), True,
         "dequantized to the server dtype at load (SGLang's INT8 kernels need AMX, Arm64 or a GPU; sglang_step35/quant)",
         "tests/test_quant_served.py, tests/test_quant_formats.py"),
-    Row(QUANT, ("fp8-per-tensor", "int4"), PLATFORMS, False,
+    Row(QUANT, ("fp8-per-tensor",), PLATFORMS, False,
         "no test verifies Step's router and SwiGLU clamp through SGLang's per-tensor Fp8MoEMethod (online "
-        "`--quantization fp8` of BF16 weights) or MoeWNA16 (AWQ/GPTQ int4) with our layers (issue #25)",
+        "`--quantization fp8` of BF16 weights) with our layers (issue #25)",
         "tests/test_served_moe.py::test_unverified_quantizations_are_refused_at_launch_and_construction",
         "serve the BF16 or the block-FP8 (128x128, Step-3.5-Flash-FP8) checkpoint without --quantization"),
+    # 4-bit weight-only experts: served where SGLang runs them on its Triton int4 fused MoE.
+    Row(QUANT, ("int4",), GPUS, True,
+        "AWQ / GPTQ experts on SGLang's MoeWNA16Method: Triton int4 fused MoE (use_int4_w4a16, group scales, "
+        "zero points), clamp from gemm1_clamp_limit; it has no AITER path", _W4A16_SERVED, when="moe_wna16"),
+    Row(QUANT, ("int4",), GPUS, False,
+        f"without --quantization moe_wna16 would run on {_MARLIN_CLAMP} (awq_marlin / gptq_marlin, SGLang's "
+        "default on CUDA), or build no int4 MoE (plain awq / gptq)", _W4A16_REFUSED,
+        "add --quantization moe_wna16 (SGLang's Triton int4 MoE)"),
+    Row(QUANT, ("w4a16",), ("nvidia",), True,
+        "compressed-tensors W4A16 experts (symmetric, group 128) on SGLang's CompressedTensorsWNA16TritonMoE: "
+        "Triton int4 fused MoE, clamp from gemm1_clamp_limit", _W4A16_SERVED, when="triton-runner"),
+    Row(QUANT, ("w4a16", "w4a16-g32"), GPUS, False,
+        f"with SGLang's auto runner would run on {_MARLIN_CLAMP} (CompressedTensorsWNA16MoE); group 32 and "
+        "ROCm's Triton W4A16 MoE are unverified", _W4A16_REFUSED,
+        "add --moe-runner-backend triton (symmetric group-128 checkpoints, NVIDIA)"),
+    Row(QUANT, ("int4", "w4a16", "w4a16-g32"), ("cpu",), True,
+        "dequantized to the server dtype at load (SGLang's int4 kernels need a GPU; sglang_step35/quant/w4a16.py)",
+        "tests/test_quant_served.py, tests/test_quant_w4a16.py"),
     # FP4 experts: SGLang 0.5.23 has CUDA / CK kernels only (read from its code, issue #25).
     Row(QUANT, ("nvfp4",), ("nvidia",), False,
         "on the SwiGLU-clamped layers {layers}: SGLang's ModelOpt NVFP4 MoE would drop or change Step's "

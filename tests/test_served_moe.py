@@ -144,9 +144,10 @@ def test_eplb_is_refused_at_launch_and_construction(flags, needle, launch_ckpts,
 
 def test_unverified_quantizations_are_refused_at_launch_and_construction(launch_ckpts, monkeypatch, tmp_path):
     """Online `--quantization fp8` of BF16 weights is SGLang's per-tensor FP8 (Fp8Config without
-    weight_block_size), and AWQ/GPTQ int4 is MoeWNA16: no test verifies Step's router and clamp
-    through either, so both are refused by name at launch and when the model is built (Engine(...)),
-    while the block-FP8 checkpoint (its own quantization_config) stays served."""
+    weight_block_size): no test verifies Step's router and clamp through it, so it is refused by name
+    at launch and when the model is built (Engine(...)), while the block-FP8 checkpoint (its own
+    quantization_config) stays served. AWQ/GPTQ int4 is served only on SGLang's MoeWNA16 (Triton)
+    method (tests/test_quant_w4a16_load.py): without --quantization moe_wna16 it is refused."""
     from sglang.srt.layers.quantization.fp8 import Fp8Config
 
     from sglang_step35.moe.policy import routed_plan
@@ -160,16 +161,18 @@ def test_unverified_quantizations_are_refused_at_launch_and_construction(launch_
     cfg = json.loads((int4 / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True}
     (int4 / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"int4 experts no test verifies"):
+    with pytest.raises(ValueError, match=r"int4 experts without --quantization moe_wna16 .*Marlin"):
         _launch({"nvidia": int4}, monkeypatch, "nvidia", tp_size=1)
     block = Fp8Config(is_checkpoint_fp8_serialized=True, weight_block_size=[128, 128])
     online = Fp8Config(is_checkpoint_fp8_serialized=False)
     for device in ("cuda", "rocm"):
         assert routed_plan(7.0, device=device, ep_size=1, aiter=False, quant=quant_spec_of(block), layer_id=44)
+        with pytest.raises(served.NotServedError, match=r"fp8-per-tensor experts no test verifies"):
+            routed_plan(7.0, device=device, ep_size=1, aiter=False, quant=quant_spec_of(online), layer_id=44)
         # SGLang's MoeWNA16Config needs a CUDA capability to be built; its name is what quant_spec_of reads.
-        for quant, label in ((quant_spec_of(online), "fp8-per-tensor"), ("moe_wna16", "int4")):
-            with pytest.raises(served.NotServedError, match=rf"{label} experts no test verifies"):
-                routed_plan(7.0, device=device, ep_size=1, aiter=False, quant=quant, layer_id=44)
+        assert routed_plan(7.0, device=device, ep_size=1, aiter=False, quant="moe_wna16", layer_id=44)
+        with pytest.raises(served.NotServedError, match=r"int4 experts without --quantization moe_wna16"):
+            routed_plan(7.0, device=device, ep_size=1, aiter=False, quant="gptq_marlin", layer_id=44)
 
 
 def test_a2a_rows():

@@ -176,6 +176,7 @@ class Step35MoE(nn.Module):
             self.swiglu_limit, device=platform.device, ep_size=get_parallel().moe_ep_size,
             aiter=platform.aiter, quant=quant_spec_of(quant_config), a2a_backend=self.layout.a2a_backend,
             runner_backend=getattr(runner_backend, "value", runner_backend), layer_id=spec.index,
+            quant_method=quant_config.get_name() if quant_config is not None else None,
             **expert_location_settings(),
         )
         self.experts = get_moe_impl_class(quant_config)(

@@ -83,8 +83,13 @@ def derived_after_loading(name: str) -> bool:
     """Parameters a quantization method creates and recomputes in `process_weights_after_loading`
     from loaded ones, which no checkpoint holds: ModelOpt NVFP4 MoE's `w13_blockscale_swizzled` /
     `w2_blockscale_swizzled` (the kernels' swizzled copy of `w*_weight_scale`; SGLang's built-in
-    Step-3.5 loader skips them too)."""
-    return name.endswith("_blockscale_swizzled")
+    Step-3.5 loader skips them too). compressed-tensors W4A16 MoE (`CompressedTensorsWNA16MoE.
+    create_weights`) creates `w13/w2_weight_g_idx` and `*_g_idx_sort_indices` for every checkpoint:
+    the sort indices are computed after loading, and the act-order indices exist only in `actorder:
+    group` exports, which SGLang's Triton W4A16 MoE does not run (`_is_wna16_triton_moe_supported`;
+    such an export's `weight_g_idx` tensors are then named as unexpected)."""
+    return name.endswith(("_blockscale_swizzled", "_g_idx_sort_indices")) or bool(
+        re.search(r"\bexperts\.w(13|2)_weight_g_idx$", name))
 
 
 def is_quantized_dtype(dtype: torch.dtype) -> bool:

@@ -70,6 +70,7 @@ def routed_plan(
     ep_num_redundant_experts: int = 0,
     enable_eplb: bool = False,
     init_expert_location: str = "trivial",
+    quant_method: Optional[str] = None,
 ) -> RoutedPlan:
     """The runner of one MoE layer.
 
@@ -77,7 +78,9 @@ def routed_plan(
     is active (``SGLANG_USE_AITER=1`` on ROCm); ``quant``: the experts' quantization (anything
     ``moe.quant.parse_quant`` reads; default: block FP8 if ``quantized`` else BF16);
     ``a2a_backend`` / ``runner_backend`` / ``ep_num_redundant_experts`` / ``enable_eplb`` /
-    ``init_expert_location``: SGLang's values of those flags. A combination outside the allow-list
+    ``init_expert_location``: SGLang's values of those flags; ``quant_method``: the name of SGLang's
+    quantization method for the layer (``quant_config.get_name()``, e.g. ``moe_wna16``; default:
+    ``quant`` when it is such a name). A combination outside the allow-list
     (:mod:`sglang_step35.served`, which the launch guard asks too) raises
     :class:`~sglang_step35.served.NotServedError` naming it.
     """
@@ -95,6 +98,7 @@ def routed_plan(
         quant=served.quant_label(quant if quant is not None else ("fp8" if quantized else None)), aiter=aiter,
         clamped_layers=layers, ep_num_redundant_experts=ep_num_redundant_experts, enable_eplb=enable_eplb,
         init_expert_location=init_expert_location,
+        quant_method=str(quant_method or (quant if isinstance(quant, str) else "") or "").lower(),
     ))
     if device == "cpu":
         if clamped or ep_size > 1:
@@ -209,6 +213,7 @@ def guard_moe_layout(server_args_like: Any, hf_config: Any, platform: Any, *, ai
         ep_num_redundant_experts=int(cfg_get(server_args_like, "ep_num_redundant_experts", 0)),
         enable_eplb=bool(cfg_get(server_args_like, "enable_eplb", False)),
         init_expert_location=str(cfg_get(server_args_like, "init_expert_location", "trivial")),
+        quant_method=str(cfg_get(server_args_like, "quantization") or "").lower(),
     )
     refusals += served.refusals(setting)
     if refusals:

@@ -28,7 +28,9 @@ written per expert (``model.layers.L.moe.experts.E.gate_proj.*``, as quantizers 
 unfused into Linear modules). Kept BF16: embeddings, norms, the router (``moe.gate``, fp32 bias),
 ``lm_head``, ``g_proj`` (its output is one column per head: AWQ/GPTQ pack the output dimension by 8
 and SGLang's Marlin linears need >= 64 outputs, neither holds for a head count per rank) and the MTP
-layers (index >= num_hidden_layers; quantizers never see them), which stay whole.
+layers (index >= num_hidden_layers; quantizers never see them), which stay whole and are named in
+each format's exclude list (``ignore`` / ``dynamic`` "-:" rules / ``modules_to_not_convert``) so that
+SGLang builds the MTP draft unquantized.
 Scales are rounded to bfloat16 before the codes are chosen, so the fp16 scales AWQ/GPTQ store hold
 bf16 values: loading them into a bf16 model changes no bit.
 """
@@ -36,7 +38,7 @@ bf16 values: loading them into a bf16 model changes no bit.
 from __future__ import annotations
 
 import re
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -403,8 +405,11 @@ def checkpoint_shape(leaf: str, bf16_shape: tuple, quantization_config: dict) ->
 # ------------------------------------------------------------------------------------------------
 # Writing tiny checkpoints
 # ------------------------------------------------------------------------------------------------
-def quantization_config(name: str, group: int = GROUP_SIZE) -> dict:
-    """config.json `quantization_config` of a `name` export, as the quantizers write it."""
+def quantization_config(name: str, group: int = GROUP_SIZE, bf16_layers: Sequence[int] = ()) -> dict:
+    """config.json `quantization_config` of a `name` export, as the quantizers write it. `bf16_layers`:
+    decoder layers stored unquantized (the MTP layers), named in the format's exclude list so that
+    SGLang builds them unquantized (each format matches it against the module prefix)."""
+    layers = "|".join(str(i) for i in bf16_layers)
     if name == "w4a16":
         return {
             "quant_method": "compressed-tensors",
@@ -418,7 +423,8 @@ def quantization_config(name: str, group: int = GROUP_SIZE) -> dict:
                 "input_activations": None, "output_activations": None, "format": "pack-quantized",
             }},
             # Module names (LLM Compressor `ignore`): the router and g_proj stay BF16, lm_head too.
-            "ignore": ["lm_head", "re:.*moe\\.gate$", "re:.*self_attn\\.g_proj$"],
+            "ignore": ["lm_head", "re:.*moe\\.gate$", "re:.*self_attn\\.g_proj$"]
+            + ([f"re:^model\\.layers\\.({layers})\\..*"] if layers else []),
             "kv_cache_scheme": None,
             "sparsity_config": {},
             "transform_config": {},
@@ -429,10 +435,16 @@ def quantization_config(name: str, group: int = GROUP_SIZE) -> dict:
                 "lm_head": False, "true_sequential": True, "static_groups": False, "damp_percent": 0.01,
                 "checkpoint_format": "gptq",
                 # GPTQModel's per-module rules: "-:" regexes are left unquantized.
-                "dynamic": {"-:.*\\.g_proj$": {}, "-:.*\\.moe\\.gate$": {}}}
+                "dynamic": {"-:.*\\.g_proj$": {}, "-:.*\\.moe\\.gate$": {},
+                            **({f"-:^model\\.layers\\.({layers})\\..*": {}} if layers else {})}}
     if name == "awq":
         return {"quant_method": "awq", "bits": BITS, "group_size": group, "zero_point": True, "version": "gemm",
-                "modules_to_not_convert": ["g_proj", "moe.gate"]}
+                # Substrings of SGLang's module prefixes. Per projection, not `model.layers.{i}.`: SGLang
+                # 0.5.23's MoeWNA16Config hands every skipped prefix an UnquantizedLinearMethod, and the
+                # layer's RadixAttention (`...self_attn.attn`) cannot take one (TypeError at construction).
+                "modules_to_not_convert": ["g_proj", "moe.gate", *(
+                    f"model.layers.{i}.{m}" for i in bf16_layers
+                    for m in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"))]}
     raise ValueError(f"unknown W4A16 checkpoint name {name!r}; use one of {', '.join(NAMES)}")
 
 
@@ -449,9 +461,10 @@ def write_checkpoint_tensors(weights: dict[str, torch.Tensor], cfg: dict, name: 
                              ) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
     """BF16 Step-3.5 tensors -> the `name` export's tensors (routed experts per expert) and
     {"quantization_config": ...}. ValueError names a weight whose shape the format cannot hold."""
-    qc = quantization_config(name)
-    pack = _WRITERS[name]
     n_layers = int(cfg["num_hidden_layers"])
+    mtp = range(n_layers, n_layers + int(cfg.get("num_nextn_predict_layers") or 0))
+    qc = quantization_config(name, bf16_layers=mtp)
+    pack = _WRITERS[name]
     out: dict[str, torch.Tensor] = {}
     bad: list[str] = []
     for key, t in weights.items():

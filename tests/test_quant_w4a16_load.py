@@ -1,0 +1,257 @@
+"""W4A16 checkpoints load as on an H100: SGLang's own quantization methods build each module.
+
+The tiny checkpoints of `step35 tiny --quant awq|gptq|w4a16` (sglang_step35/quant/w4a16.py) are built
+the way SGLang's loader builds a model (`_get_quantization_config` + `_initialize_model` from a
+ModelConfig of the directory; the MTP draft with `is_draft_model` and each `draft_model_idx`), with
+the flags under which the experts run on SGLang's Triton int4 MoE: AWQ / GPTQ with `--quantization
+moe_wna16` (MoeWNA16Config: MoeWNA16Method experts; AWQ / GPTQ-Marlin dense linears), compressed-tensors
+with `--moe-runner-backend triton` (CompressedTensorsWNA16TritonMoE experts; CompressedTensorsWNA16
+linears). SGLang's CUDA capability probes answer as an H100's (sm_90) during construction only; our
+platform probe answers "cuda" (no CPU dequant fallback). We stop before `process_weights_after_loading`.
+
+Checks are bit-exact: every parameter holds exactly its checkpoint tensors, in SGLang's layout for
+the method (fused q/k/v and gate/up in shard order; MoeWNA16's uint8 [N, K/2] codes, low nibble
+first, from AWQ's interleaved / GPTQ's K-packed int32, AWQ zero points paired the same way along N;
+compressed-tensors' experts transposed), scales equal in value (fp16 checkpoint scales hold bf16
+values). g_proj, the router and the three MTP steps are BF16, as the exports keep them. Outside the
+Triton path the same checkpoints are refused by name, at launch and at construction.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import gpu_contract
+from sglang_step35 import served
+from sglang_step35.quant import w4a16
+from sglang_step35.tiny import write_tiny_checkpoint
+
+# name -> (--quantization, --moe-runner-backend) under which SGLang runs the experts on Triton.
+TRITON_FLAGS = {"awq": ("moe_wna16", None), "gptq": ("moe_wna16", None), "w4a16": (None, "triton")}
+FUSED = {
+    "self_attn.qkv_proj": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+    "mlp.gate_up_proj": ["mlp.gate_proj", "mlp.up_proj"],
+    "moe.share_expert.gate_up_proj": ["share_expert.gate_proj", "share_expert.up_proj"],
+    "moe.share_expert.down_proj": ["share_expert.down_proj"],
+}
+
+
+@pytest.fixture(scope="module")
+def gpu_like_build():
+    """World-size-1 SGLang state; our platform probe answers "cuda" (SGLang's stays CPU)."""
+    with gpu_contract.gpu_like_build_state("cuda"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("w4a16-load")
+    return {n: write_tiny_checkpoint(root / n, seed=4, quant=n) for n in w4a16.NAMES}
+
+
+def build(ckpt, flag=None, runner=None, draft_idx=None):
+    """Our model (or MTP step `draft_idx`) as SGLang's loader builds it with `--quantization flag`
+    and `--moe-runner-backend runner`, CUDA capability answered as an H100's meanwhile."""
+    from sglang.srt.configs.load_config import LoadConfig
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.layers.moe.utils import MoeRunnerBackend
+    from sglang.srt.layers.quantization import marlin_utils, moe_wna16
+    from sglang.srt.model_loader.loader import _get_quantization_config, _initialize_model
+    from sglang.srt.runtime_context import get_flags
+
+    kw = dict(dtype="bfloat16", quantization=flag)
+    with pytest.MonkeyPatch.context() as mp:
+        for mod in (moe_wna16, marlin_utils):
+            mp.setattr(mod, "get_device_capability", lambda *a, **k: (9, 0))
+        mp.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0))
+        mp.setattr(get_flags().moe, "runner_backend", MoeRunnerBackend(runner or "auto"))
+        if draft_idx is None:
+            mc, lc = ModelConfig(str(ckpt), **kw), LoadConfig()
+        else:
+            mc = ModelConfig(str(ckpt), is_draft_model=True, speculative_algorithm="EAGLE",
+                             is_multi_layer_eagle=True, **kw)
+            lc = LoadConfig(draft_model_idx=draft_idx)
+        qc = _get_quantization_config(mc, lc)
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            return _initialize_model(mc, lc, qc), qc
+        finally:
+            torch.set_default_dtype(old)
+
+
+def _pairs(codes: torch.Tensor, dim: int) -> torch.Tensor:
+    """uint8 codes -> two per byte along `dim`, the even index in the low nibble (MoeWNA16's layout)."""
+    c = codes.to(torch.uint8).movedim(dim, 0)
+    return (c[0::2] | (c[1::2] << 4)).movedim(0, dim).contiguous()
+
+
+def _moe_wna16(name: str, w: dict, base: str, leaf: str) -> torch.Tensor | None:
+    """One expert's MoeWNA16 parameter `leaf` (qweight / qzeros / scales) from `base`'s checkpoint tensors."""
+    if leaf == "scales":
+        return w[f"{base}.scales"].T
+    n = w[f"{base}.scales"].shape[1]
+    if leaf == "qweight":
+        q = w[f"{base}.qweight"]
+        codes = (w4a16.unpack_int32(q, 1, n, w4a16.AWQ_ORDER) if name == "awq"
+                 else w4a16.unpack_int32(q, 0, q.shape[0] * 8)).T  # [N, K]
+        return _pairs(codes, 1)
+    if leaf == "qzeros" and name == "awq":
+        return _pairs(w4a16.unpack_int32(w[f"{base}.qzeros"], 1, n, w4a16.AWQ_ORDER).T, 0)  # [N/2, G]
+    return None
+
+
+def expected(name: str, w: dict, prefix: str, suffix: str) -> torch.Tensor | list | None:
+    """What our parameter `prefix + suffix` must hold, from checkpoint tensors `w` (a list: any of them)."""
+    m = re.match(r"^moe\.experts\.w(13|2)_(\w+)$", suffix)
+    if m:
+        projs = ["gate_proj", "up_proj"] if m.group(1) == "13" else ["down_proj"]
+        leaf = m.group(2)
+        per_expert = []
+        for e in range(len({k.split(".")[5] for k in w if k.startswith(prefix + "moe.experts.")})):
+            bases = [f"{prefix}moe.experts.{e}.{p}" for p in projs]
+            if name == "w4a16":
+                parts = [w[f"{b}.{leaf}"] for b in bases]
+                if leaf == "weight_shape":
+                    per_expert.append(parts[-1])  # metadata: SGLang keeps the last shard's
+                    continue
+                per_expert.append(torch.cat([p.T for p in parts], dim=1))  # is_transposed
+            else:
+                parts = [_moe_wna16(name, w, b, leaf) for b in bases]
+                if any(p is None for p in parts):
+                    return None
+                per_expert.append(torch.cat(parts, dim=0))
+        return torch.stack(per_expert)
+    module, _, leaf = suffix.rpartition(".")
+    shards = FUSED.get(module, [module])
+    parts = [w.get(f"{prefix}{s}.{leaf}") for s in shards]
+    if any(p is None for p in parts):
+        return None
+    if leaf in ("g_idx", "weight_shape"):
+        return parts  # one per shard: GPTQ's g_idx is the same for each; weight_shape is metadata
+    dim = 1 if leaf in ("qweight", "qzeros", "scales") else 0  # AWQ/GPTQ: N is the last dim
+    return torch.cat(parts, dim=dim)
+
+
+def _same(param: torch.Tensor, want: torch.Tensor) -> bool:
+    if want.dtype.is_floating_point and param.dtype != want.dtype:
+        # fp16 checkpoint scales into bf16 parameters: the values must survive both ways.
+        return torch.equal(param.to(want.dtype), want) and torch.equal(want.to(param.dtype), param)
+    return param.dtype == want.dtype and torch.equal(param, want) or (
+        param.dtype == torch.bfloat16 and torch.equal(param, want.to(param.dtype)))
+
+
+def assert_every_param_written(name: str, model, w: dict, map_name) -> list[str]:
+    """Every parameter equals its checkpoint tensors; returns the names of the 4-bit parameters."""
+    quantized, wrong = [], []
+    for pname, p in model.named_parameters():
+        if p.numel() == 0 or pname.endswith("g_idx_sort_indices") or re.search(r"experts\.w(13|2)_weight_g_idx$", pname):
+            continue  # placeholders SGLang's methods create and never load (see models/weights.py)
+        prefix, suffix = map_name(pname)
+        want = expected(name, w, prefix, suffix)
+        assert want is not None, f"{pname}: no checkpoint tensor ({prefix}{suffix})"
+        ok = any(_same(p.data, x) for x in want) if isinstance(want, list) else _same(p.data, want)
+        if not ok:
+            wrong.append(pname)
+        if p.dtype in (torch.int32, torch.uint8) and not pname.endswith(("g_idx", "weight_shape")):
+            quantized.append(pname)
+    assert not wrong, f"parameters not equal to the checkpoint: {wrong}"
+    return quantized
+
+
+def _main_name(name: str):
+    m = re.match(r"^(model\.layers\.\d+\.)(.*)$", name)
+    return (m.group(1), m.group(2)) if m else ("", name)
+
+
+def _mtp_name(layer: int):
+    head = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
+            "shared_head_norm.weight": "shared_head.norm.weight",
+            "shared_head_head.weight": "shared_head.output.weight"}
+
+    def f(name: str):
+        if name == "embed_tokens.weight":
+            return "model.", name
+        if name.startswith("layer."):
+            return f"model.layers.{layer}.", name[len("layer."):]
+        return f"model.layers.{layer}.", head[name]
+    return f
+
+
+@pytest.mark.parametrize("name", w4a16.NAMES)
+def test_w4a16_tinies_load_bit_exact_on_the_triton_path_main_and_mtp(gpu_like_build, ckpts, name):
+    flag, runner = TRITON_FLAGS[name]
+    ckpt = ckpts[name]
+    w = load_file(str(ckpt / "model.safetensors"))
+    model, qc = build(ckpt, flag, runner)
+    assert model.cpu_dequant is None  # SGLang's methods, not the CPU fallback
+    model.load_weights(w.items())
+    quantized = assert_every_param_written(name, model, w, _main_name)
+    experts = model.model.layers[4].moe.experts
+    if name == "w4a16":
+        from sglang.srt.layers.quantization.compressed_tensors.schemes import CompressedTensorsWNA16TritonMoE
+
+        assert type(qc).__name__ == "CompressedTensorsConfig" and isinstance(experts.scheme, CompressedTensorsWNA16TritonMoE)
+        assert "model.layers.4.moe.experts.w13_weight_packed" in quantized
+        assert "model.layers.0.self_attn.qkv_proj.weight_packed" in quantized
+    else:
+        from sglang.srt.layers.quantization.moe_wna16 import MoeWNA16Config, MoeWNA16Method
+
+        assert isinstance(qc, MoeWNA16Config) and isinstance(experts.quant_method, MoeWNA16Method)
+        assert {"model.layers.4.moe.experts.w13_qweight", "model.layers.0.self_attn.qkv_proj.qweight",
+                "model.layers.3.moe.share_expert.gate_up_proj.qweight"} <= set(quantized)
+    # Step's clamp reaches the Triton runner on the clamped layer only.
+    assert experts.moe_runner_config.gemm1_clamp_limit == model.config.swiglu_limits[4] > 0
+    assert model.model.layers[3].moe.experts.moe_runner_config.gemm1_clamp_limit is None
+    # Kept BF16 as the export keeps them: g_proj and the fp32 router.
+    for i in (0, 2, 4):
+        assert model.model.layers[i].self_attn.g_proj.weight.dtype == torch.bfloat16
+    assert model.model.layers[4].moe.gate.weight.dtype == torch.float32
+    n = model.config.num_hidden_layers
+    for step in range(3):
+        mtp, _ = build(ckpt, flag, runner, draft_idx=step)
+        mtp.load_weights(w.items())
+        assert not assert_every_param_written(name, mtp, w, _mtp_name(n + step))  # all BF16
+
+
+def test_int4_off_the_triton_path_is_refused_at_launch_and_construction(gpu_like_build, ckpts):
+    """AWQ/GPTQ without --quantization moe_wna16 would run SGLang's Marlin MoE (CUDA default), whose
+    clamp is GPT-OSS's silu(min(gate, L)), or no int4 MoE at all; compressed-tensors W4A16 under the
+    auto runner is Marlin too. Each is refused by name with the flag that serves it, at launch
+    (the guard SGLang's launch calls) and when the model is built; with that flag it is served."""
+    import json
+
+    from sglang_step35.moe.policy import guard_moe_layout, routed_plan
+
+    def launch(name, platform="cuda", **flags):
+        cfg = json.loads((ckpts[name] / "config.json").read_text())
+        return guard_moe_layout(dict(tp_size=1, ep_size=1, **flags), cfg, platform, aiter=False)
+
+    for name in ("awq", "gptq"):
+        refused = launch(name)
+        assert refused.action == "refuse" and "int4 experts without --quantization moe_wna16 would run on SGLang's " \
+            "Marlin MoE, which clamps the gate before SiLU" in refused.message, refused.message
+        assert "add --quantization moe_wna16" in refused.message
+        assert launch(name, quantization="moe_wna16").action != "refuse"
+        # (ROCm: the tiny's 128-wide experts are below AITER's layout multiple; Triton runs them.)
+        assert launch(name, "rocm", quantization="moe_wna16", moe_runner_backend="triton").action != "refuse"
+        assert launch(name, "cpu").action != "refuse"  # dequantized at load
+    refused = launch("w4a16")
+    assert refused.action == "refuse" and "w4a16 experts with SGLang's auto runner would run on SGLang's Marlin MoE" \
+        in refused.message and "add --moe-runner-backend triton" in refused.message
+    assert launch("w4a16", moe_runner_backend="triton").action != "refuse"
+    assert launch("w4a16", "rocm", moe_runner_backend="triton").action == "refuse"  # unverified there
+    # Construction: SGLang's method as the model sees it (what Engine(...) builds without the CLI).
+    with pytest.raises(served.NotServedError, match=r"int4 experts without --quantization moe_wna16"):
+        build(ckpts["gptq"])  # SGLang's CUDA default for it: gptq_marlin (GPTQMarlinMoEMethod)
+    with pytest.raises(served.NotServedError, match=r"w4a16 experts with SGLang's auto runner"):
+        build(ckpts["w4a16"])
+    for method in ("awq_marlin", "gptq_marlin"):
+        with pytest.raises(served.NotServedError, match="add --quantization moe_wna16"):
+            routed_plan(7.0, device="cuda", ep_size=1, aiter=False, quant="int4", quant_method=method, layer_id=44)
+    for device, aiter in (("cuda", False), ("rocm", True)):
+        assert routed_plan(7.0, device=device, ep_size=1, aiter=aiter, quant="moe_wna16", layer_id=44).uses_fused_moe
