@@ -69,8 +69,8 @@ def amd_mi300(mp):
         yield
 
 
-@pytest.fixture(scope="module")
-def on_nvidia():
+@pytest.fixture
+def on_nvidia():  # per test: the CPU tests below need the real (CPU) platform back
     with gpu_contract.gpu_like_build_state("cuda") as mp:
         yield mp
 
