@@ -104,8 +104,8 @@ ASSUMPTIONS = [
     "SGLang 0.5.23 gives each MTP layer its own embedding and LM head (counted per GPU, split by TP)",
     "KV cache bf16; full layers keep every token; the sliding layers' pool (--swa-full-tokens-ratio) holds "
     "SGLang's compute_swa_request_cap (window + eviction interval x draft tokens + page + decode allocation "
-    "per request, two prefill chunks) plus one cached window per request; the MTP draft pool is sized like "
-    "the target's full pool (sglang #17630)",
+    "per request, two prefill chunks) plus four cached windows per running request (SGLang's "
+    "--swa-prefix-tails default); the MTP draft pool is sized like the target's full pool (sglang #17630)",
     "buffers in the static pool: one fp32 rotary cos/sin cache per distinct (rotary dim, theta) at "
     "max_position_embeddings (SGLang's get_rope shares them across layers and the MTP drafts), and the "
     "weight+1 copy GemmaRMSNorm keeps of every norm",

@@ -111,6 +111,13 @@ def _request_cap(window, page_size, requests, chunked_prefill, attn_dp_size, dis
         return int(compute_swa_request_cap(page_size=page_size, window=window, attn_dp_size=attn_dp_size))
 
 
+# Room for this many cached prefix tails (window + page each) per running request: SGLang's own default
+# where it sizes an SWA pool from the request cap (pool_configurator._resolve_swa_prefix_tails, 4 x
+# max_running_requests, DeepSeek-V4). One tail per request lost parked agent sessions' own history
+# (sglang #35515) on `make bench-agent`'s parked scenario; four kept every turn (bench/RESULTS.md).
+PREFIX_TAILS_PER_REQUEST = 4
+
+
 def plan_swa_ratio(*, window: int, context_len: int, page_size: int = 1, full_tokens: Optional[int] = None,
                    max_running_requests: Optional[int] = None, chunked_prefill: Optional[int] = None,
                    attn_dp_size: int = 1, disable_overlap_schedule: bool = False,
@@ -119,8 +126,8 @@ def plan_swa_ratio(*, window: int, context_len: int, page_size: int = 1, full_to
 
     With ``full_tokens`` known (--max-total-tokens): ``max_running_requests`` (else as many
     full-context requests as the pool holds) each with SGLang's per-request cap, the chunks in
-    flight, and one cached window per running request. Unknown (SGLang sizes the pool from memory
-    later): one full-context request and its share; the ratio then gives every ``context_len``
+    flight, and PREFIX_TAILS_PER_REQUEST cached windows per running request. Unknown (SGLang sizes the
+    pool from memory later): one full-context request and its share; the ratio then gives every ``context_len``
     full-pool tokens that much SWA room, whatever the pool's size. Never below SGLang's own floor
     (``validate_swa_pool_size``: more than window + page SWA tokens) and never above 1."""
     if chunked_prefill is None:
@@ -134,7 +141,7 @@ def plan_swa_ratio(*, window: int, context_len: int, page_size: int = 1, full_to
     cap = swa_request_cap(window=window, page_size=page_size, requests=requests, chunked_prefill=chunked_prefill,
                           attn_dp_size=attn_dp_size, disable_overlap_schedule=disable_overlap_schedule,
                           speculative=speculative)  # fmt: skip
-    cached = max(1, requests // max(1, attn_dp_size))
+    cached = PREFIX_TAILS_PER_REQUEST * max(1, requests // max(1, attn_dp_size))
     need = cap + cached * (window + page_size)
     # SGLang floors the SWA pool to whole pages and refuses one of window + page tokens or fewer.
     floor = window + 2 * page_size

@@ -59,7 +59,9 @@ def test_planned_ratio_never_below_sglangs_need_nor_its_floor(window, context, f
     plan = swa_ratio.plan_swa_ratio(window=window, context_len=context, page_size=page, full_tokens=full,
                                     max_running_requests=requests, chunked_prefill=chunk, speculative=spec)  # fmt: skip
     n = plan.requests
-    need = _sglang_need(window, page, n, plan.chunked_prefill, spec) + n * (window + page)
+    # plus room for 4 cached prefix tails per running request: SGLang's --swa-prefix-tails default
+    # (pool_configurator._resolve_swa_prefix_tails); one per request lost parked agent sessions' history.
+    need = _sglang_need(window, page, n, plan.chunked_prefill, spec) + 4 * n * (window + page)
     assert plan.swa_tokens_needed == need
     swa_tokens = int(plan.full_tokens * plan.ratio) // page * page  # SGLang's own rounding
     MemoryPoolConfigurator.validate_swa_pool_size(swa_tokens, window, page)  # raises when too small
@@ -164,7 +166,7 @@ def test_plan_prints_sglangs_pool_tokens_at_default_and_planned_ratio(gpu, n, qu
 
 def test_planned_command_ratio_covers_sglangs_need_for_its_requests():
     p = make_plan("h200", 8, "fp8", mtp=3, context=65536, concurrency=16)
-    need = _sglang_need(512, 1, 16, 8192, MTP3) + 16 * (512 + 1)
+    need = _sglang_need(512, 1, 16, 8192, MTP3) + 4 * 16 * (512 + 1)  # 4 prefix tails per request
     assert p.swa_full_tokens_ratio * 65536 * 16 >= need
     assert math.isclose(p.swa_full_tokens_ratio, math.ceil(need / (65536 * 16) * 1000) / 1000)
 
