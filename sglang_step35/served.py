@@ -277,9 +277,14 @@ ROWS: tuple[Row, ...] = (
         "run on SGLang's CUDA / CK FP4 kernels only (ModelOpt NVFP4: Marlin, FlashInfer; Quark MXFP4: AITER, "
         "ROCm only), which no test here verifies with Step's sigmoid + bias router",
         _FP4_REFUSED, _FP4_INSTEAD),
-    Row(QUANT, ("nvfp4", "mxfp4"), ("cpu",), True,
+    Row(QUANT, ("nvfp4",), ("cpu",), True,
         "dequantized to the server dtype at load (SGLang's FP4 kernels need a GPU; sglang_step35/quant)",
         "tests/test_quant_served.py, tests/test_quant_fp4_load.py"),
+    Row(QUANT, ("mxfp4",), ("cpu",), False,
+        "served on a CPU (dequantized at load) gives logprobs 1.58 off the reference on the same weights "
+        "(tests/test_quant_served.py), although every loaded weight equals SGLang's own MXFP4 decode "
+        "(tests/test_quant_fp4_load.py): the served path differs somewhere not yet found (issue #25)",
+        "tests/test_quant_served.py", "serve the BF16 or the block-FP8 (128x128) checkpoint"),
     # --- expert-parallel load balancing ---
     Row(REDUNDANT, ("0",), PLATFORMS, True, "one physical slot per logical expert", _CONTRACT),
     Row(REDUNDANT, ("N > 0",), PLATFORMS, False,
