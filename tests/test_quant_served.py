@@ -6,8 +6,8 @@ loader dequantizes each weight with the format's Dequantizer (models/weights.py
 on the same dequantized weights: at every output position the served token is the reference's argmax
 (teacher-forced on the served sequence) wherever the reference's top-2 margin exceeds the bf16 server's
 tolerance, and every position's logprobs are within BF16_TOL (measured: w8a8-int8 0.046,
-w8a8-int8-ct 0.052); AWQ / GPTQ serve in float16, the only dtype SGLang's configs for them accept,
-within 0.02 (measured: awq 0.0057). Teeth: the same weights mis-scaled are far off. A format joins by registering in
+w8a8-int8-ct 0.052, w4a16 0.056); AWQ / GPTQ serve in float16, the only dtype SGLang's configs for them accept,
+within 0.02 (measured: awq 0.0057, gptq 0.0064). Teeth: the same weights mis-scaled are far off. A format joins by registering in
 sglang_step35.quant; one the allow-list (sglang_step35.served) does not serve on CPU must be refused
 at launch by name (block FP8 is served in tests/test_weights_loading.py).
 """
@@ -34,7 +34,7 @@ BF16_TOL = 0.1  # bf16 server vs fp32 reference on the same weights (as tests/te
 # also on CPU (model_loader/loader.py `_get_quantization_config`): AWQ and GPTQ take float16 only
 # (AWQConfig / GPTQConfig `get_supported_act_dtypes`), as their exports are.
 SERVER_DTYPE = {"awq": "float16", "gptq": "float16"}
-TOL = {"bfloat16": BF16_TOL, "float16": 0.02}  # fp16 keeps 3 more mantissa bits (measured: awq 0.0057)
+TOL = {"bfloat16": BF16_TOL, "float16": 0.02}  # fp16 keeps 3 more mantissa bits than bf16
 _PER_EXPERT = re.compile(r"^(.*\.moe\.)experts\.(\d+)\.((?:gate|up|down)_proj\.weight)$")
 
 
