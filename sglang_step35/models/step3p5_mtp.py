@@ -123,8 +123,12 @@ class Step3p5MTP(nn.Module):
         self.layer.self_attn.attn.layer_id = 0
         self.runner_sliding_window = model_runner_sliding_window_size(int(config.sliding_window), draft=True)
         self.shared_head_norm = GemmaRMSNorm(H, config.rms_norm_eps)
+        # Prefixed with its checkpoint name too: ModelOpt's / Quark's exclude lists name checkpoint
+        # modules (`model.layers.45.*`, `model.layers.45.shared_head.output`), and ModelOpt quantizes
+        # a ParallelLMHead its list does not exclude.
         self.shared_head_head = ParallelLMHead(
-            config.vocab_size, H, quant_config=quant_config, prefix=add_prefix("shared_head.head", prefix)
+            config.vocab_size, H, quant_config=quant_config,
+            prefix=add_prefix(f"model.layers.{self.layer_index}.shared_head.output", prefix),
         )
         self.logits_processor = LogitsProcessor(config)
         self._head_from_target = False
