@@ -275,13 +275,15 @@ def check_request(plan: Plan, cfg: Mapping, max_ctx: int) -> list[str]:
 def served_refusals(plan: Plan, cfg: Mapping) -> list[str]:
     """Step 1b: "refused: <reason>" for each setting of the command outside the allow-list the launch
     guard and the model ask (:mod:`sglang_step35.served`, not a list of our own): the default
-    runner, no all-to-all backend, no EPLB, the format's experts; the AMD plans run
+    runner (or the one the format needs, served.SERVING_FLAGS), no all-to-all backend, no EPLB, the
+    format's experts; the AMD plans run
     SGLANG_USE_AITER=1 (set by emit_commands). The layout and memory are still planned, so a refused
     format says how many GPUs it would take."""
     g = GPUS[plan.gpu]
+    label = served.quant_label(QUANTS[plan.quant])
     found = served.refusals(served.Setting(
-        g.vendor, quant=served.quant_label(QUANTS[plan.quant]), aiter=for_arch(g.arch).aiter,
-        clamped_layers=clamped_moe_layers(cfg),
+        g.vendor, quant=label, aiter=for_arch(g.arch).aiter, clamped_layers=clamped_moe_layers(cfg),
+        **served.serving_flags(label)[0],
     ))
     return [f"refused: {why}" for why in found]
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from . import served
+from .moe.quant import QUANTS
 from .plan_hardware import GPUS
 from .plan_memory import CHUNKED_PREFILL, MTP_SPEC
 from .platform import for_arch
@@ -43,6 +45,8 @@ def serve_command(plan: Plan) -> list[str]:
         cmd += ["--pp-size", str(plan.pp), "--disable-overlap-schedule"]
     if plan.moe_a2a_backend:
         cmd += ["--moe-a2a-backend", plan.moe_a2a_backend]
+    # What the format needs to run on the path the allow-list serves (e.g. Triton int4, not Marlin).
+    cmd += list(served.serving_flags(served.quant_label(QUANTS[plan.quant]))[1])
     cmd += [
         "--attention-backend", plan.attention_backend,
         "--reasoning-parser", "step3p5",

@@ -305,6 +305,19 @@ ROWS: tuple[Row, ...] = (
         "drop --init-expert-location (trivial)"),
 )
 
+# The launch flags under which a format's served rows hold (their ``when``), for `step35 plan`'s
+# commands: quant label -> (the Setting fields they set, the `sglang serve` words). SGLang's defaults
+# run these formats on Marlin, which changes Step's clamp (the refused rows above).
+SERVING_FLAGS: dict[str, tuple[dict[str, str], tuple[str, ...]]] = {
+    "int4": ({"quant_method": "moe_wna16"}, ("--quantization", "moe_wna16")),
+    "w4a16": ({"moe_runner_backend": "triton"}, ("--moe-runner-backend", "triton")),
+}
+
+
+def serving_flags(quant_label_: str) -> tuple[dict[str, str], tuple[str, ...]]:
+    """(Setting fields, `sglang serve` words) a format needs to be served; none for most."""
+    return SERVING_FLAGS.get(quant_label_, ({}, ()))
+
 
 def quant_label(quant: Any) -> str:
     """'bf16' | 'fp8-block' | 'fp8-per-tensor' | 'int4' | 'nvfp4' | 'mxfp4' (...) from anything moe.quant.parse_quant reads."""
@@ -313,6 +326,10 @@ def quant_label(quant: Any) -> str:
     q = parse_quant(quant)
     if q.name == "fp8":
         return "fp8-block" if q.block else "fp8-per-tensor"
+    if q.name == "w4a16" and (q.group_size != 128 or q.zero_bits):
+        # The served W4A16 rows name symmetric group-128 checkpoints; others have rows of their own
+        # (group 32) or none (refused): one label for all let a group-32 checkpoint through.
+        return f"w4a16-g{q.group_size}" + ("-asym" if q.zero_bits else "")
     return q.name
 
 

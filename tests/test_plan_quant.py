@@ -118,8 +118,9 @@ def test_each_format_is_served_or_refused_as_the_allow_list_says(quant):
     still plans layout and memory (so it says what it would take); a served one emits a command."""
     for gpu in _gpus(quant):
         g = GPUS[gpu]
-        why = served.refusals(served.Setting(g.vendor, quant=served.quant_label(quant), aiter=g.vendor == "amd",
-                                             clamped_layers=(43, 44)))
+        label = served.quant_label(quant)
+        why = served.refusals(served.Setting(g.vendor, quant=label, aiter=g.vendor == "amd",
+                                             clamped_layers=(43, 44), **served.serving_flags(label)[0]))
         p = make_plan(gpu, 8, quant, context=65536, suggest=False)
         if why:
             assert not p.feasible and not p.command
@@ -128,15 +129,32 @@ def test_each_format_is_served_or_refused_as_the_allow_list_says(quant):
             assert "Fits if it were served: TP 8, EP 8" in format_plan(p)
         else:
             assert p.feasible and p.command
+            words = " ".join(served.serving_flags(label)[1])
+            assert words in " ".join(p.command), (quant, p.command)
 
 
-def test_int4_flash_fits_one_h200_or_two_h100s_with_full_context():
+def test_int4_flash_fits_one_h200_or_two_h100s_with_full_context(sglang_parser):
     """The deployment #25 asks about: 4-bit Step-3.5-Flash (W4A16) on one H200 or two H100s, one
-    262,144-token request; one H100 is too small. (Fit only: serving is the allow-list's call.)"""
+    262,144-token request, served on SGLang's Triton int4 MoE (the runner the allow-list serves it
+    on: SGLang's default would take Marlin); one H100 is too small."""
     for gpu, n in (("h200", 1), ("h100", 2)):
         p = make_plan(gpu, n, "w4a16", suggest=False)
-        assert all(x.startswith("refused: ") for x in p.problems) and p.concurrency >= 1, p.problems
+        assert p.feasible and not p.problems and p.concurrency >= 1, p.problems
         assert p.memory["headroom"] >= 0 and p.context == 262144
+        ns = sglang_parser.parse_args(shlex.split(" ".join(p.command[2:])))
+        assert ns.moe_runner_backend == "triton"
+        assert not served.refusals(served.Setting("nvidia", quant="w4a16", moe_runner_backend=ns.moe_runner_backend,
+                                                  clamped_layers=(43, 44)))
+    # Group 32 is not the served cell (symmetric group 128 is): refused by name, not planned as served.
+    p = make_plan("h200", 2, "w4a16-g32", suggest=False)
+    assert not p.feasible and p.problems[0].startswith("refused: w4a16-g32 experts"), p.problems
+    assert served.quant_label({"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": {
+        "num_bits": 4, "type": "int", "group_size": 128, "symmetric": False}}}}) == "w4a16-g128-asym"
+    p = make_plan("h200", 8, "int4", suggest=False)  # AWQ / GPTQ: SGLang's MoeWNA16 (Triton), not Marlin
+    ns = sglang_parser.parse_args(shlex.split(" ".join(p.command[2:])))
+    assert p.feasible and ns.quantization == "moe_wna16"
+    assert not served.refusals(served.Setting("nvidia", quant="int4", quant_method=ns.quantization,
+                                              clamped_layers=(43, 44)))
     p = make_plan("h100", 1, "w4a16", suggest=False)
     assert any("needs" in x and "static pool" in x for x in p.problems)
 
@@ -180,9 +198,11 @@ def test_commands_for_each_format_parse_with_sglang_and_pass_the_layout_guard(qu
 
 
 def test_cli_plans_a_refused_format_with_its_fit(capsys):
+    rc = plan_main(["--gpu", "h200", "--num-gpus", "2", "--quant", "nvfp4"])
+    out = capsys.readouterr().out
+    assert rc == 2 and "refused: nvfp4 experts on the SwiGLU-clamped layers 43, 44" in out
+    assert "Fits if it were served: TP 2, EP 2" in out
     rc = plan_main(["--gpu", "h200", "--num-gpus", "1", "--quant", "w4a16"])
     out = capsys.readouterr().out
-    if served.refusals(served.Setting("nvidia", quant="w4a16", clamped_layers=(43, 44))):
-        assert rc == 2 and "refused: w4a16 experts" in out and "Fits if it were served: TP 1, EP 1" in out
-    else:
-        assert rc == 0 and "--model-path $STEP35_CHECKPOINT" in out and "w4a16 = 0.5 B/weight" in out
+    assert rc == 0 and "--model-path $STEP35_CHECKPOINT" in out and "w4a16 = 0.5 B/weight" in out
+    assert "--moe-runner-backend triton" in out
