@@ -21,6 +21,8 @@ from typing import Sequence
 
 import torch
 
+from sglang_step35.quant.pairing import WeightScalePairs
+
 BLOCK = (128, 128)
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
@@ -158,38 +160,15 @@ def checkpoint_shape(leaf: str, bf16_shape: tuple, quantization_config: dict):
     return None
 
 
-class Dequantizer:
+class Dequantizer(WeightScalePairs):
     """CPU path: pairs each FP8 `X.weight` with its `X.weight_scale_inv` (either order in the stream),
     yields the fp32 weight under `X.weight`; records unpaired / mis-shaped scales."""
 
+    FORMAT, SCALE, WEIGHT_DTYPE, ERROR_AT = "FP8", ".weight" + SCALE_SUFFIX, FP8_DTYPE, ".weight" + SCALE_SUFFIX
+
     def __init__(self, quantization_config: dict):
+        super().__init__()
         self.block = tuple(quantization_config.get("weight_block_size") or BLOCK)
-        self._w: dict[str, torch.Tensor] = {}
-        self._s: dict[str, torch.Tensor] = {}
-        self._problems: list[str] = []
 
-    def _pair(self, name: str, q: torch.Tensor, scale: torch.Tensor) -> list:
-        try:
-            return [(name, dequantize_block(q, scale, torch.float32, self.block))]
-        except ValueError as e:
-            self._problems.append(f"{name}{SCALE_SUFFIX}: {e}")
-            return []
-
-    def feed(self, name: str, t: torch.Tensor) -> list:
-        if name.endswith(SCALE_SUFFIX):
-            base = name[: -len(SCALE_SUFFIX)]
-            if base in self._w:
-                return self._pair(base, self._w.pop(base), t)
-            self._s[base] = t
-            return []
-        if t.dtype == FP8_DTYPE:
-            if name in self._s:
-                return self._pair(name, t, self._s.pop(name))
-            self._w[name] = t
-            return []
-        return [(name, t)]
-
-    def problems(self) -> list[str]:
-        return (self._problems
-                + [f"{k}: FP8 weight without {k}{SCALE_SUFFIX}" for k in sorted(self._w)]
-                + [f"{k}{SCALE_SUFFIX}: scale without its FP8 weight" for k in sorted(self._s)])
+    def decode(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return dequantize_block(q, scale, torch.float32, self.block)

@@ -1,7 +1,6 @@
 """Registry of the quantized checkpoint formats Step-3.5 loads (issue #25).
 
-One SGLang-free module per format, written from the format's public specification (interface:
-/work/notes/quant_interface.md, restated here). Each exports
+One SGLang-free module per format, written from the format's public specification. Each exports
 - ``NAMES``: the ``step35 tiny --quant`` names it writes;
 - ``matches(quantization_config) -> bool``: whether a checkpoint's quantization_config (config.json's,
   or ModelOpt's hf_quant_config.json) is this format;

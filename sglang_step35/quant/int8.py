@@ -28,6 +28,8 @@ from typing import Any, Optional
 
 import torch
 
+from sglang_step35.quant.pairing import WeightScalePairs
+
 NAMES = ("w8a8-int8", "w8a8-int8-ct")
 # g_proj follows the checkpoint's `ignore` list (SGLang's method for it honours the list).
 G_PROJ_BY_CONFIG = True
@@ -165,43 +167,19 @@ def write_checkpoint_tensors(weights: dict[str, torch.Tensor], cfg: dict, name: 
     return out, {"quantization_config": qc}
 
 
-class Dequantizer:
+class Dequantizer(WeightScalePairs):
     """CPU path: pairs each int8 ``X.weight`` with ``X.weight_scale`` (either order in the stream) and
     yields the fp32 weight under ``X.weight`` (per-expert names stay per-expert: the loader takes
     both layouts); records unpaired / mis-shaped parts and what the config asks that cannot run."""
 
+    FORMAT, SCALE, WEIGHT_DTYPE = "INT8", SCALE, torch.int8
+
     def __init__(self, quantization_config: dict):
-        self._w: dict[str, torch.Tensor] = {}
-        self._s: dict[str, torch.Tensor] = {}
-        self._problems: list[str] = [f"quantization_config: {p}" for p in config_problems(quantization_config)]
+        super().__init__()
+        self._problems += [f"quantization_config: {p}" for p in config_problems(quantization_config)]
 
-    def _pair(self, base: str, q: torch.Tensor, s: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        try:
-            return [(base + ".weight", dequantize_channel(q, s))]
-        except ValueError as e:
-            self._problems.append(f"{base}.weight: {e}")
-            return []
-
-    def feed(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        if name.endswith(SCALE):
-            base = name[: -len(SCALE)]
-            if base in self._w:
-                return self._pair(base, self._w.pop(base), tensor)
-            self._s[base] = tensor
-            return []
-        if name.endswith(".weight") and tensor.dtype == torch.int8:
-            base = name[: -len(".weight")]
-            if base in self._s:
-                return self._pair(base, tensor, self._s.pop(base))
-            self._w[base] = tensor
-            return []
-        return [(name, tensor)]
-
-    def problems(self) -> list[str]:
-        out = list(self._problems)
-        out += [f"{k}.weight: INT8 weight without {k}{SCALE}" for k in sorted(self._w)]
-        out += [f"{k}{SCALE}: scale without its INT8 weight" for k in sorted(self._s)]
-        return out
+    def decode(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return dequantize_channel(q, scale)
 
 
 def checkpoint_shape(leaf: str, bf16_shape: tuple, quantization_config: dict) -> Optional[tuple]:  # noqa: ARG001 (registry signature)

@@ -26,6 +26,7 @@ from typing import Any, Optional
 import torch
 
 from sglang_step35.quant import e2m1
+from sglang_step35.quant.pairing import WeightScalePairs
 
 # g_proj gets SGLang's method for this format, which reads the config (Quark's `exclude` says whether g_proj is quantized).
 G_PROJ_BY_CONFIG = True
@@ -156,40 +157,16 @@ def write_checkpoint_tensors(weights: dict[str, torch.Tensor], cfg: dict, name: 
 
 
 # ---------------------------------------------------------------- CPU dequantization
-class Dequantizer:
+class Dequantizer(WeightScalePairs):
     """CPU path: pairs each uint8 ``X.weight`` with its E8M0 ``X.weight_scale`` (either order) and
     yields the fp32 weight under ``X.weight``; BF16 tensors (the excluded modules) pass through."""
 
+    FORMAT, SCALE, WEIGHT_DTYPE = "MXFP4", ".weight_scale", torch.uint8
+
     def __init__(self, quantization_config: Optional[dict] = None, **_: Any):
+        super().__init__()
         w = ((quantization_config or {}).get("global_quant_config") or {}).get("weight") or {}
         self.group = int(w.get("group_size") or GROUP)
-        self._w: dict[str, torch.Tensor] = {}
-        self._s: dict[str, torch.Tensor] = {}
-        self._problems: list[str] = []
 
-    def _pair(self, base: str, q: torch.Tensor, s: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        try:
-            return [(base + ".weight", dequantize(q, s, self.group))]
-        except ValueError as e:
-            self._problems.append(f"{base}.weight: {e}")
-            return []
-
-    def feed(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        if name.endswith(".weight_scale"):
-            base = name[: -len(".weight_scale")]
-            if base in self._w:
-                return self._pair(base, self._w.pop(base), tensor)
-            self._s[base] = tensor
-            return []
-        if name.endswith(".weight") and tensor.dtype == torch.uint8:
-            base = name[: -len(".weight")]
-            if base in self._s:
-                return self._pair(base, tensor, self._s.pop(base))
-            self._w[base] = tensor
-            return []
-        return [(name, tensor)]
-
-    def problems(self) -> list[str]:
-        return (list(self._problems)
-                + [f"{k}.weight: MXFP4 weight without {k}.weight_scale" for k in sorted(self._w)]
-                + [f"{k}.weight_scale: scale without its MXFP4 weight" for k in sorted(self._s)])
+    def decode(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return dequantize(q, scale, self.group)
