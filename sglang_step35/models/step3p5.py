@@ -50,7 +50,7 @@ from sglang_step35 import ops
 from sglang_step35.checkpoint import layer_index
 from sglang_step35.attention import model_radix_sliding_window_size, model_runner_sliding_window_size
 from sglang_step35.config import LayerSpec, layer_spec, validate
-from sglang_step35.models.weights import cpu_dequant_fallback, load_step3p5_weights, refuse_unservable_quant
+from sglang_step35.models.weights import load_step3p5_weights, quant_config_to_build
 from sglang_step35.quant import attention_quant_config, g_proj_quant_config
 from sglang_step35.models.step3p5_moe import Step35MLP, Step35MoE, moe_leaves_sum
 
@@ -255,10 +255,7 @@ class Step3p5ForCausalLM(nn.Module):
         self.config = config
         # A quantized checkpoint whose SGLang kernels cannot run here (block FP8 on a CPU without AMX,
         # W8A8-INT8, ... on any CPU): build unquantized and let the loader dequantize (models/weights.py).
-        self.cpu_dequant = cpu_dequant_fallback(quant_config, config)
-        if self.cpu_dequant is not None:
-            quant_config = None
-        refuse_unservable_quant(quant_config, config)
+        self.cpu_dequant, quant_config = quant_config_to_build(quant_config, config)
         self.quant_config = quant_config
         self.pp_group = get_parallel().pp_group
         self.model = Step35Model(config, quant_config, prefix=add_prefix("model", prefix))

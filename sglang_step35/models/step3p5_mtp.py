@@ -50,11 +50,10 @@ from sglang_step35.models.weights import (
     Step35WeightError,
     checkpoint_sources,
     checkpoint_view,
-    cpu_dequant_fallback,
     kv_scale_targets,
     load_checkpoint,
+    quant_config_to_build,
     quant_format_of,
-    refuse_unservable_quant,
 )
 
 logger = logging.getLogger(__name__)
@@ -71,12 +70,9 @@ class Step3p5MTP(nn.Module):
     ):
         super().__init__()
         self.config = config
-        # A quantized checkpoint whose SGLang kernels cannot run here (CPU): built unquantized,
-        # dequantized at load (models/weights.py).
-        self.cpu_dequant = cpu_dequant_fallback(quant_config, config)
-        if self.cpu_dequant is not None:
-            quant_config = None
-        refuse_unservable_quant(quant_config, config)
+        # A quantized checkpoint whose SGLang kernels cannot run here (block FP8 on a CPU without AMX,
+        # W8A8-INT8, ... on any CPU): build unquantized and let the loader dequantize (models/weights.py).
+        self.cpu_dequant, quant_config = quant_config_to_build(quant_config, config)
         self.quant_config = quant_config
         # Plain (single-layer) EAGLE passes no index: it drafts with the first MTP layer.
         self.draft_model_idx = 0 if draft_model_idx is None else int(draft_model_idx)

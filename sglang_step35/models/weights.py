@@ -35,7 +35,7 @@ import copy
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -251,6 +251,17 @@ def refuse_unservable_quant(quant_config, hf_config) -> None:
         from sglang_step35.config import Step35ConfigError
 
         raise Step35ConfigError(f"{fmt.NAMES[0]} checkpoint cannot be served as built: " + "; ".join(problems))
+
+
+def quant_config_to_build(quant_config, hf_config) -> tuple[Optional[dict], Any]:
+    """(the CPU dequant fallback's quantization_config or None, the quant config to build with): what
+    Step3p5ForCausalLM and Step3p5MTP build — unquantized where the loader dequantizes, else SGLang's
+    method, refused by name where it cannot serve the checkpoint."""
+    cpu_dequant = cpu_dequant_fallback(quant_config, hf_config)
+    if cpu_dequant is not None:
+        quant_config = None
+    refuse_unservable_quant(quant_config, hf_config)
+    return cpu_dequant, quant_config
 
 
 def quant_format_of(model: torch.nn.Module) -> tuple:
