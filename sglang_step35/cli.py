@@ -28,8 +28,10 @@ def cmd_tiny(args: argparse.Namespace) -> int:
             return 2
         args.quant = "fp8"
     if args.trained and (args.quant or args.seed is not None):
-        print("step35 tiny: --trained copies the one embedded trained checkpoint; it takes no --seed or --quant",
-              file=sys.stderr)
+        given = [f for f, on in (("--seed", args.seed is not None), ("--fp8", args.fp8),
+                                 (f"--quant {args.quant}", args.quant and not args.fp8)) if on]
+        print(f"step35 tiny: --trained copies the one embedded trained checkpoint; drop {' and '.join(given)} "
+              "(it takes no --seed, --quant or --fp8)", file=sys.stderr)
         return 2
     what = "trained" if args.trained else f"seed {args.seed or 0}"
     with tqdm(total=1, desc=f"writing tiny Step-3.5 checkpoint ({what})", unit="ckpt") as bar:
