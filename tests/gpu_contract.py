@@ -548,3 +548,27 @@ def dequantized_routed_weights(raw: dict, block: int = 128) -> dict:
         t = t.float()
         out[name] = torch.zeros_like(t) if ".share_expert." in name else t
     return out
+
+
+# --- checkpoint names of SGLang parameters, for the bit-exact load tests (tests/test_*_load.py) ---------
+def main_name(name: str) -> tuple[str, str]:
+    """(checkpoint layer prefix, rest) of a Step3p5ForCausalLM parameter name."""
+    import re
+
+    m = re.match(r"^(model\.layers\.\d+\.)(.*)$", name)
+    return (m.group(1), m.group(2)) if m else ("", name)
+
+
+def mtp_name(layer: int):
+    """The same for Step3p5MTP's parameters when it holds checkpoint layer `layer`."""
+    head = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
+            "shared_head_norm.weight": "shared_head.norm.weight",
+            "shared_head_head.weight": "shared_head.output.weight"}
+
+    def f(name: str) -> tuple[str, str]:
+        if name == "embed_tokens.weight":
+            return "model.", name
+        if name.startswith("layer."):
+            return f"model.layers.{layer}.", name[len("layer."):]
+        return f"model.layers.{layer}.", head[name]
+    return f

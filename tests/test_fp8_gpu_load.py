@@ -26,6 +26,7 @@ from sglang_step35 import fp8
 from sglang_step35.tiny import FP8_TINY_SPEC, TinySpec, write_tiny_checkpoint
 
 import gpu_contract
+from gpu_contract import main_name, mtp_name
 
 
 @pytest.fixture(scope="module")
@@ -90,27 +91,6 @@ def assert_every_param_written(model, w: dict, map_name) -> list[str]:
     return fp8_params
 
 
-def _main_name(name: str):
-    import re
-
-    m = re.match(r"^(model\.layers\.\d+\.)(.*)$", name)
-    return (m.group(1), m.group(2)) if m else ("", name)
-
-
-def _mtp_name(layer: int):
-    head = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
-            "shared_head_norm.weight": "shared_head.norm.weight",
-            "shared_head_head.weight": "shared_head.output.weight"}
-
-    def f(name: str):
-        if name == "embed_tokens.weight":
-            return "model.", name
-        if name.startswith("layer."):
-            return f"model.layers.{layer}.", name[len("layer."):]
-        return f"model.layers.{layer}.", head[name]
-    return f
-
-
 def test_fp8_tiny_loads_under_sglangs_fp8config_main_and_mtp(gpu_like_build, fp8_ckpt):
     from sglang.srt.layers.quantization.fp8 import Fp8Config, Fp8LinearMethod, Fp8MoEMethod
 
@@ -118,7 +98,7 @@ def test_fp8_tiny_loads_under_sglangs_fp8config_main_and_mtp(gpu_like_build, fp8
     model, qc = build(fp8_ckpt)
     assert isinstance(qc, Fp8Config) and model.cpu_dequant is None  # the GPU path, no fallback
     model.load_weights(w.items())
-    fp8_params = assert_every_param_written(model, w, _main_name)
+    fp8_params = assert_every_param_written(model, w, main_name)
     # What is FP8 follows the checkpoint: attention and MLP projections, shared and routed experts.
     layer4 = model.model.layers[4]
     assert isinstance(layer4.moe.experts.quant_method, Fp8MoEMethod)
@@ -130,7 +110,7 @@ def test_fp8_tiny_loads_under_sglangs_fp8config_main_and_mtp(gpu_like_build, fp8
     for step in range(3):
         mtp, _ = build(fp8_ckpt, draft_idx=step)
         mtp.load_weights(w.items())
-        got = assert_every_param_written(mtp, w, _mtp_name(n + step))
+        got = assert_every_param_written(mtp, w, mtp_name(n + step))
         assert "layer.self_attn.qkv_proj.weight" in got and "layer.mlp.down_proj.weight" in got
 
 
@@ -163,7 +143,7 @@ def test_modules_the_quantization_config_keeps_in_bf16_load_as_bf16(gpu_like_bui
     w = load_file(str(ckpt / "model.safetensors"))
     model, _ = build(ckpt)
     model.load_weights(w.items())
-    fp8_params = assert_every_param_written(model, w, _main_name)
+    fp8_params = assert_every_param_written(model, w, main_name)
     layers = model.model.layers
     assert layers[3].moe.share_expert.gate_up_proj.weight.dtype == torch.bfloat16
     assert layers[3].moe.experts.w13_weight.dtype == fp8.FP8_DTYPE  # the routed experts stay FP8
@@ -171,10 +151,10 @@ def test_modules_the_quantization_config_keeps_in_bf16_load_as_bf16(gpu_like_bui
     assert "model.layers.1.mlp.gate_up_proj.weight" in fp8_params
     mtp0, _ = build(ckpt, draft_idx=0)
     mtp0.load_weights(w.items())
-    assert not assert_every_param_written(mtp0, w, _mtp_name(5))  # all BF16
+    assert not assert_every_param_written(mtp0, w, mtp_name(5))  # all BF16
     mtp1, _ = build(ckpt, draft_idx=1)
     mtp1.load_weights(w.items())
-    assert assert_every_param_written(mtp1, w, _mtp_name(6))
+    assert assert_every_param_written(mtp1, w, mtp_name(6))
 
 
 def test_wrong_precision_missing_scale_and_stray_scale_are_named(gpu_like_build, fp8_ckpt):

@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 from sglang_step35.tiny import write_tiny_checkpoint
 
 import gpu_contract
+from gpu_contract import main_name, mtp_name
 
 build = gpu_contract.build_like_sglang
 
@@ -124,25 +125,6 @@ def assert_every_param_written(model, w: dict, map_name) -> dict[str, torch.dtyp
     return quantized
 
 
-def _main_name(name: str):
-    m = re.match(r"^(model\.layers\.\d+\.)(.*)$", name)
-    return (m.group(1), m.group(2)) if m else ("", name)
-
-
-def _mtp_name(layer: int):
-    head = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
-            "shared_head_norm.weight": "shared_head.norm.weight",
-            "shared_head_head.weight": "shared_head.output.weight"}
-
-    def f(name: str):
-        if name == "embed_tokens.weight":
-            return "model.", name
-        if name.startswith("layer."):
-            return f"model.layers.{layer}.", name[len("layer."):]
-        return f"model.layers.{layer}.", head[name]
-    return f
-
-
 def _method(module) -> str:
     return type(module.quant_method).__name__
 
@@ -167,7 +149,7 @@ def _mtp_steps_bf16(ckpt, gpu, mp, w, n):
     """The three MTP steps build and load in BF16 (every export keeps them unquantized)."""
     for step in range(3):
         mtp, _ = _build_and_load(ckpt, gpu, mp, w, draft_idx=step)
-        assert assert_every_param_written(mtp, w, _mtp_name(n + step)) == {}
+        assert assert_every_param_written(mtp, w, mtp_name(n + step)) == {}
         assert _method(mtp.layer.self_attn.qkv_proj) == "UnquantizedLinearMethod"
 
 
@@ -178,7 +160,7 @@ def test_nvfp4_loads_under_sglangs_modelopt_fp4_methods_main_and_mtp(on_nvidia, 
     w = load_file(str(ckpt / "model.safetensors"))
     model, qc = _build_and_load(ckpt, nvidia_h100, on_nvidia, w)
     assert isinstance(qc, ModelOptFp4Config)
-    quantized = assert_every_param_written(model, w, _main_name)
+    quantized = assert_every_param_written(model, w, main_name)
     layers = model.model.layers
     assert _method(layers[3].moe.experts) == "ModelOptNvFp4FusedMoEMethod"
     for mod in (layers[0].self_attn.qkv_proj, layers[0].self_attn.g_proj, layers[1].mlp.gate_up_proj,
@@ -197,7 +179,7 @@ def test_modelopt_mixed_precision_builds_each_module_as_listed(on_nvidia, ckpts)
     w = load_file(str(ckpt / "model.safetensors"))
     model, qc = _build_and_load(ckpt, nvidia_h100, on_nvidia, w)
     assert isinstance(qc, ModelOptMixedPrecisionConfig)
-    assert_every_param_written(model, w, _main_name)
+    assert_every_param_written(model, w, main_name)
     layers = model.model.layers
     want = {
         layers[0].self_attn.qkv_proj: "ModelOptFp8LinearMethod",  # listed FP8
@@ -224,7 +206,7 @@ def test_quark_mxfp4_loads_under_sglangs_quark_methods_main_and_mtp(ckpts):
     with gpu_contract.gpu_like_build_state("rocm") as mp:
         model, qc = _build_and_load(ckpt, amd_mi300, mp, w)
         assert isinstance(qc, QuarkConfig)
-        quantized = assert_every_param_written(model, w, _main_name)
+        quantized = assert_every_param_written(model, w, main_name)
         layers = model.model.layers
         assert isinstance(layers[3].moe.experts.scheme, QuarkW4A4MXFp4MoE)
         assert isinstance(layers[0].self_attn.qkv_proj.scheme, QuarkW4A4MXFP4)
@@ -331,7 +313,7 @@ def test_on_a_cpu_fp4_loads_dequantized_as_sglangs_readers_decode_it(ckpts, name
     w = _oracle_bf16(load_file(str(ckpt / "model.safetensors")))
     checked = 0
     for pname, p in model.named_parameters():
-        prefix, suffix = _main_name(pname)
+        prefix, suffix = main_name(pname)
         want = expected_param(w, prefix, suffix, p)
         assert want is not None, pname
         assert p.dtype in (torch.bfloat16, torch.float32), pname

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from sglang_step35.tiny import write_tiny_checkpoint
 
 import gpu_contract
+from gpu_contract import main_name, mtp_name
 
 # Our fused module (within a decoder layer) -> the checkpoint modules it holds, in shard order.
 FUSED = {
@@ -94,24 +95,6 @@ def assert_bit_exact(model, w: dict, map_name, experts: int) -> set[str]:
             wrong.append(name)
     assert not wrong, f"parameters not equal to the checkpoint: {wrong}"
     return int8_params
-
-
-def main_name(name: str):
-    m = re.match(r"^(model\.layers\.\d+\.)(.*)$", name)
-    return (m.group(1), m.group(2)) if m else ("", name)
-
-
-def mtp_name(layer: int):
-    head = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
-            "shared_head_norm.weight": "shared_head.norm.weight", "shared_head_head.weight": "shared_head.output.weight"}
-
-    def f(name: str):
-        if name == "embed_tokens.weight":
-            return "model.", name
-        if name.startswith("layer."):
-            return f"model.layers.{layer}.", name[len("layer."):]
-        return f"model.layers.{layer}.", head[name]
-    return f
 
 
 def test_int8_tiny_loads_bit_exact_under_sglangs_w8a8_int8_main_and_mtp(gpu_like_build, int8_ckpt):

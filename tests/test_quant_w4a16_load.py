@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 import gpu_contract
+from gpu_contract import main_name, mtp_name
 from sglang_step35 import served
 from sglang_step35.quant import w4a16
 from sglang_step35.tiny import write_tiny_checkpoint
@@ -163,25 +164,6 @@ def assert_every_param_written(name: str, model, w: dict, map_name) -> list[str]
     return quantized
 
 
-def _main_name(name: str):
-    m = re.match(r"^(model\.layers\.\d+\.)(.*)$", name)
-    return (m.group(1), m.group(2)) if m else ("", name)
-
-
-def _mtp_name(layer: int):
-    head = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
-            "shared_head_norm.weight": "shared_head.norm.weight",
-            "shared_head_head.weight": "shared_head.output.weight"}
-
-    def f(name: str):
-        if name == "embed_tokens.weight":
-            return "model.", name
-        if name.startswith("layer."):
-            return f"model.layers.{layer}.", name[len("layer."):]
-        return f"model.layers.{layer}.", head[name]
-    return f
-
-
 @pytest.mark.parametrize("name", w4a16.NAMES)
 def test_w4a16_tinies_load_bit_exact_on_the_triton_path_main_and_mtp(gpu_like_build, ckpts, name):
     flag, runner = TRITON_FLAGS[name]
@@ -190,7 +172,7 @@ def test_w4a16_tinies_load_bit_exact_on_the_triton_path_main_and_mtp(gpu_like_bu
     model, qc = build(ckpt, flag, runner)
     assert model.cpu_dequant is None  # SGLang's methods, not the CPU fallback
     model.load_weights(w.items())
-    quantized = assert_every_param_written(name, model, w, _main_name)
+    quantized = assert_every_param_written(name, model, w, main_name)
     experts = model.model.layers[4].moe.experts
     if name == "w4a16":
         from sglang.srt.layers.quantization.compressed_tensors.schemes import CompressedTensorsWNA16TritonMoE
@@ -215,7 +197,7 @@ def test_w4a16_tinies_load_bit_exact_on_the_triton_path_main_and_mtp(gpu_like_bu
     for step in range(3):
         mtp, _ = build(ckpt, flag, runner, draft_idx=step)
         mtp.load_weights(w.items())
-        assert not assert_every_param_written(name, mtp, w, _mtp_name(n + step))  # all BF16
+        assert not assert_every_param_written(name, mtp, w, mtp_name(n + step))  # all BF16
 
 
 def test_int4_off_the_triton_path_is_refused_at_launch_and_construction(gpu_like_build, ckpts):
