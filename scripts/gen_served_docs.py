@@ -60,7 +60,7 @@ def _moe_tables() -> list[str]:
             if row.flag != flag:
                 continue
             listed.update(row.values)
-            when = served.CONDITIONS[row.when][0] if row.when else "-"
+            when = served.CONDITIONS[row.when].meaning if row.when else "-"
             verdict = "served" if row.served else "**refused**"
             note = row.note.format(layers="43, 44", quant="BF16 / FP8")
             out.append(f"| {', '.join(f'`{v}`' for v in row.values)} | {', '.join(row.platforms)} | {_cell(when)} | "

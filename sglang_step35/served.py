@@ -28,7 +28,7 @@ per phase (prefill, decode, draft) in :mod:`sglang_step35.attention.select` and
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 PLATFORMS = ("nvidia", "amd", "cpu")
 GPUS = ("nvidia", "amd")
@@ -88,13 +88,31 @@ class Setting:
         return self.value(flag)
 
 
-# Conditions a row may require (its ``when``): name -> (what it means, test on a Setting).
-CONDITIONS: dict[str, tuple[str, Callable[[Setting], bool]]] = {
-    "clamped": ("the checkpoint has SwiGLU-clamped MoE layers (Step-3.5-Flash: 43, 44)",
-                lambda s: bool(s.clamped_layers)),
-    "aiter+clamped": ("SGLANG_USE_AITER=1 and SwiGLU-clamped MoE layers", lambda s: s.aiter and bool(s.clamped_layers)),
-    "moe_wna16": ("--quantization moe_wna16 (SGLang's MoeWNA16 method)", lambda s: s.quant_method == "moe_wna16"),
-    "triton-runner": ("--moe-runner-backend triton", lambda s: s.moe_runner_backend == "triton"),
+class Condition(NamedTuple):
+    """What a row's ``when`` requires: ``meaning`` (for docs), ``holds`` (its test on a Setting) and,
+    for a condition that is a launch flag, the Setting ``fields`` it sets and the `sglang serve`
+    ``words`` that set it (what `step35 plan` adds to a format's command, :func:`serving_flags`)."""
+
+    meaning: str
+    holds: Callable[[Setting], bool]
+    fields: tuple[tuple[str, str], ...] = ()
+    words: tuple[str, ...] = ()
+
+
+def _launch_flag(meaning: str, field: str, value: str, flag: str) -> Condition:
+    """A condition that holds when ``flag value`` was given (the Setting's ``field`` is ``value``)."""
+    return Condition(meaning, lambda s: getattr(s, field) == value, ((field, value),), (flag, value))
+
+
+# Conditions a row may require (its ``when``), by name.
+CONDITIONS: dict[str, Condition] = {
+    "clamped": Condition("the checkpoint has SwiGLU-clamped MoE layers (Step-3.5-Flash: 43, 44)",
+                         lambda s: bool(s.clamped_layers)),
+    "aiter+clamped": Condition("SGLANG_USE_AITER=1 and SwiGLU-clamped MoE layers",
+                               lambda s: s.aiter and bool(s.clamped_layers)),
+    "moe_wna16": _launch_flag("--quantization moe_wna16 (SGLang's MoeWNA16 method)", "quant_method", "moe_wna16",
+                              "--quantization"),
+    "triton-runner": _launch_flag("--moe-runner-backend triton", "moe_runner_backend", "triton", RUNNER),
 }
 
 
@@ -129,6 +147,15 @@ _W4A16_REFUSED = "tests/test_quant_w4a16_load.py::test_int4_off_the_triton_path_
 _MARLIN_CLAMP = ("SGLang's Marlin MoE, which clamps the gate before SiLU (fused_marlin_moe.swiglu_limit_func: "
                  "silu(min(gate, L)) * clamp(up, ±L), GPT-OSS style), not Step's min(silu(gate), L) * clamp(up, ±L)")
 _UNVERIFIED_KERNEL = "unverified with Step's sigmoid + bias router and min(silu(gate), L) * clamp(up, ±L) clamp"
+_EPLB_REFUSED = "tests/test_served_moe.py::test_eplb_is_refused_at_launch_and_construction"
+
+
+def _default_only(flag: str, default: str, meaning: str, other: str, why: str, instead: str) -> tuple[Row, Row]:
+    """The rows of a flag served at its default value only, on every platform: the default (verified
+    through the MoE contract) and the refusal of ``other`` (every other value, pinned by one test)."""
+    return (Row(flag, (default,), PLATFORMS, True, meaning, _CONTRACT),
+            Row(flag, (other,), PLATFORMS, False, why, _EPLB_REFUSED, instead))
+
 
 ROWS: tuple[Row, ...] = (
     # --- --moe-runner-backend: every value SGLang 0.5.23 accepts has a row (tests/test_served_moe.py) ---
@@ -285,38 +312,34 @@ ROWS: tuple[Row, ...] = (
         "(tests/test_quant_served.py), although every loaded weight equals SGLang's own MXFP4 decode "
         "(tests/test_quant_fp4_load.py): the served path differs somewhere not yet found (issue #25)",
         "tests/test_quant_served.py", "serve the BF16 or the block-FP8 (128x128) checkpoint"),
-    # --- expert-parallel load balancing ---
-    Row(REDUNDANT, ("0",), PLATFORMS, True, "one physical slot per logical expert", _CONTRACT),
-    Row(REDUNDANT, ("N > 0",), PLATFORMS, False,
-        "our FusedMoE holds the config's logical experts only, while SGLang's dispatcher addresses "
-        "moe_num_experts + N physical slots (the built-in class builds that many)",
-        "tests/test_served_moe.py::test_eplb_is_refused_at_launch_and_construction",
-        "drop --ep-num-redundant-experts (0)"),
-    Row(EPLB, ("off",), PLATFORMS, True, "experts stay where they were loaded", _CONTRACT),
-    Row(EPLB, ("on",), PLATFORMS, False,
-        "SGLang's rebalancer moves expert weights through model.routed_experts_weights_of_layer "
-        "(eplb/eplb_manager.py), which Step3p5ForCausalLM does not provide, and needs redundant slots it lacks",
-        "tests/test_served_moe.py::test_eplb_is_refused_at_launch_and_construction", "drop --enable-eplb"),
-    Row(INIT_LOCATION, ("trivial",), PLATFORMS, True, "logical expert e in physical slot e", _CONTRACT),
-    Row(INIT_LOCATION, ("a file or json",), PLATFORMS, False,
-        "remaps routed experts to other physical slots, which our MoE block and its CPU expert loop do not "
-        "follow (verified only with the trivial layout)",
-        "tests/test_served_moe.py::test_eplb_is_refused_at_launch_and_construction",
-        "drop --init-expert-location (trivial)"),
+    # --- expert-parallel load balancing: each flag served at its default only ---
+    *_default_only(REDUNDANT, "0", "one physical slot per logical expert", "N > 0",
+                   "our FusedMoE holds the config's logical experts only, while SGLang's dispatcher addresses "
+                   "moe_num_experts + N physical slots (the built-in class builds that many)",
+                   "drop --ep-num-redundant-experts (0)"),
+    *_default_only(EPLB, "off", "experts stay where they were loaded", "on",
+                   "SGLang's rebalancer moves expert weights through model.routed_experts_weights_of_layer "
+                   "(eplb/eplb_manager.py), which Step3p5ForCausalLM does not provide, and needs redundant slots "
+                   "it lacks",
+                   "drop --enable-eplb"),
+    *_default_only(INIT_LOCATION, "trivial", "logical expert e in physical slot e", "a file or json",
+                   "remaps routed experts to other physical slots, which our MoE block and its CPU expert loop do "
+                   "not follow (verified only with the trivial layout)",
+                   "drop --init-expert-location (trivial)"),
 )
-
-# The launch flags under which a format's served rows hold (their ``when``), for `step35 plan`'s
-# commands: quant label -> (the Setting fields they set, the `sglang serve` words). SGLang's defaults
-# run these formats on Marlin, which changes Step's clamp (the refused rows above).
-SERVING_FLAGS: dict[str, tuple[dict[str, str], tuple[str, ...]]] = {
-    "int4": ({"quant_method": "moe_wna16"}, ("--quantization", "moe_wna16")),
-    "w4a16": ({"moe_runner_backend": "triton"}, ("--moe-runner-backend", "triton")),
-}
 
 
 def serving_flags(quant_label_: str) -> tuple[dict[str, str], tuple[str, ...]]:
-    """(Setting fields, `sglang serve` words) a format needs to be served; none for most."""
-    return SERVING_FLAGS.get(quant_label_, ({}, ()))
+    """(Setting fields, `sglang serve` words) a format needs to be served, for `step35 plan`'s
+    commands: the launch flag its served row requires (its ``when``), read from :data:`ROWS` so a
+    new served row brings its flag along; none for most. SGLang's defaults run the int4 formats on
+    Marlin, which changes Step's clamp (the refused rows)."""
+    for row in ROWS:
+        if row.flag == QUANT and row.served and quant_label_ in row.values and row.when:
+            cond = CONDITIONS[row.when]
+            if cond.words:
+                return dict(cond.fields), cond.words
+    return {}, ()
 
 
 def quant_label(quant: Any) -> str:
@@ -338,7 +361,7 @@ def match(flag: str, setting: Setting) -> Optional[Row]:
     value = setting.value(flag)
     for row in ROWS:
         if row.flag == flag and value in row.values and setting.platform in row.platforms:
-            if row.when is None or CONDITIONS[row.when][1](setting):
+            if row.when is None or CONDITIONS[row.when].holds(setting):
                 return row
     return None
 

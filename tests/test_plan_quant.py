@@ -206,3 +206,21 @@ def test_cli_plans_a_refused_format_with_its_fit(capsys):
     out = capsys.readouterr().out
     assert rc == 0 and "--model-path $STEP35_CHECKPOINT" in out and "w4a16 = 0.5 B/weight" in out
     assert "--moe-runner-backend triton" in out
+
+
+def test_serving_flags_are_the_launch_flags_the_served_rows_require():
+    """One home: a format's extra `sglang serve` words come from the condition its served row
+    requires (served.ROWS), and the Setting they build meets that condition, so a served row added
+    with a launch-flag condition reaches `step35 plan`'s command without a second table."""
+    checked = 0
+    for row in served.ROWS:
+        cond = served.CONDITIONS.get(row.when or "")
+        if row.flag != served.QUANT or not row.served or cond is None or not cond.words:
+            continue
+        for label in row.values:
+            fields, words = served.serving_flags(label)
+            assert words == cond.words, (label, words)
+            assert cond.holds(served.Setting(row.platforms[0], quant=label, **fields)), label
+            checked += 1
+    assert checked >= 2  # int4 (moe_wna16) and w4a16 (triton runner)
+    assert served.serving_flags("bf16") == ({}, ())
