@@ -275,7 +275,7 @@ def check_request(plan: Plan, cfg: Mapping, max_ctx: int) -> list[str]:
 def served_refusals(plan: Plan, cfg: Mapping) -> list[str]:
     """Step 1b: "refused: <reason>" for each setting of the command outside the allow-list the launch
     guard and the model ask (:mod:`sglang_step35.served`, not a list of our own): the default
-    runner (or the one the format needs, served.SERVING_FLAGS), no all-to-all backend, no EPLB, the
+    runner (or the one the format needs, served.serving_flags), no all-to-all backend, no EPLB, the
     format's experts; the AMD plans run
     SGLANG_USE_AITER=1 (set by emit_commands). The layout and memory are still planned, so a refused
     format says how many GPUs it would take."""
@@ -293,7 +293,7 @@ def choose_layout(plan: Plan, cfg: Mapping) -> list[str]:
     shared expert's placement and the attention backend; the reasons when no layout runs."""
     g, q = GPUS[plan.gpu], QUANTS[plan.quant]
     tp = replica_tp(plan.num_gpus, plan.nodes, plan.pp)
-    backend = effective_moe_backend("auto", g.vendor)
+    backend = effective_moe_backend("auto", g.vendor, q)
     rec = recommended_layout(cfg, tp, q, g.vendor, backend)
     if rec is None:
         verdict = check_moe_layout(
