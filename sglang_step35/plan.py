@@ -293,7 +293,7 @@ def choose_layout(plan: Plan, cfg: Mapping) -> list[str]:
     shared expert's placement and the attention backend; the reasons when no layout runs."""
     g, q = GPUS[plan.gpu], QUANTS[plan.quant]
     tp = replica_tp(plan.num_gpus, plan.nodes, plan.pp)
-    backend = effective_moe_backend("auto", g.vendor)
+    backend = effective_moe_backend("auto", g.vendor, q)
     rec = recommended_layout(cfg, tp, q, g.vendor, backend)
     if rec is None:
         verdict = check_moe_layout(

@@ -70,3 +70,29 @@ def test_refusals_name_the_problem():
         routed_plan(-1.0, device="cuda", ep_size=1, aiter=False)
     with pytest.raises(ValueError, match="unknown device"):
         routed_plan(0.0, device="tpu", ep_size=1, aiter=False)
+
+
+def test_int4_experts_on_rocm_are_held_to_tritons_layout_rule_not_aiters():
+    """SGLang 0.5.23's MoeWNA16Method (AWQ under --quantization moe_wna16) builds a Triton runner in
+    create_moe_runner, with no platform or SGLANG_USE_AITER branch: on ROCm its experts never reach
+    AITER's CK MoE, so the launch guard and the planner judge them by Triton's rule (whole 128-groups
+    per partition), not CK 4-bit's N % 256. AWQ Flash at --tp 2 --ep 1 (N = 640 per GPU) runs as laid
+    out; judged as AITER (the old rule) it was switched to EP. Formats AITER runs keep the AITER rule."""
+    from sglang.srt.layers.moe import MoeRunnerConfig
+    from sglang.srt.layers.quantization.moe_wna16 import MoeWNA16Method
+
+    from sglang_step35.moe.policy import effective_moe_backend, guard_moe_layout
+
+    method = MoeWNA16Method.__new__(MoeWNA16Method)
+    method.create_moe_runner(None, MoeRunnerConfig(num_experts=4, gemm1_clamp_limit=7.0))
+    assert method.runner.runner_backend.is_triton()
+    awq = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}
+    cfg = dict(FLASH, quantization_config=awq)
+    for aiter in (False, True):
+        d = guard_moe_layout({"tp_size": 2, "ep_size": 1, "quantization": "moe_wna16"}, cfg, "rocm", aiter=aiter)
+        assert d.action == "ok" and "N=640 per GPU" in d.message and "triton" in d.message, d.message
+    assert effective_moe_backend("auto", "amd", "int4") == "triton"
+    assert effective_moe_backend("auto", "amd", "w4a16-g32") == "triton"
+    assert effective_moe_backend("auto", "amd", "mxfp4") == "aiter"
+    assert effective_moe_backend("auto", "amd", None) == "aiter"
+    assert effective_moe_backend("auto", "nvidia", "int4") == "auto"

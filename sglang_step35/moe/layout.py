@@ -17,7 +17,9 @@ run depends on the kernel and the quantization:
   and rejects other sizes ("device_gemm ... does not support this GEMM problem"; threshold measured
   against the kernel in vllm #55368). ``N = 320`` (Step TP4, the known AMD failure) is rejected;
   ``N = 1280`` (EP4, 72 whole experts per GPU) runs. The CK 4-bit MoE path needs ``N % 256`` (vllm
-  #38166), which we apply to int4.
+  #38166), which we apply to the 4-bit formats AITER runs (MXFP4). SGLang 0.5.23 never hands INT4 /
+  W4A16 (or W8A8-INT8) experts to AITER: their methods build a Triton runner on ROCm too, so
+  ``auto`` is judged as Triton for them (:func:`.policy.effective_moe_backend`).
 * Triton fused MoE masks ragged tiles, so bf16 has no extra rule; other grouped-GEMM backends
   (DeepGEMM, CUTLASS, FlashInfer) are held to 128, a conservative rule we have not measured.
 

@@ -37,7 +37,7 @@ from typing import Any, Literal, Optional
 
 from ..config import cfg_get, moe_layer_ids
 from .layout import a2a_name, check_moe_layout, moe_block_layout, recommended_layout
-from .quant import launch_quant
+from .quant import launch_quant, parse_quant
 
 
 class RoutedRunner(str, enum.Enum):
@@ -127,11 +127,21 @@ class Decision:
 
 
 
-def effective_moe_backend(requested: Optional[str], vendor: str) -> str:
+# Expert formats whose SGLang 0.5.23 MoE method has no AITER path: create_moe_runner builds
+# MoeRunner(TRITON) whatever SGLANG_USE_AITER says (MoeWNA16Method for AWQ/GPTQ under moe_wna16;
+# CompressedTensorsWNA16TritonMoE, which get_moe_scheme picks on ROCm for every W4A16 checkpoint;
+# W8A8Int8MoEMethod), so AITER's CK tile rules do not apply to their experts.
+TRITON_ONLY_EXPERTS = ("int4", "w4a16", "w8a8-int8")
+
+
+def effective_moe_backend(requested: Optional[str], vendor: str, quant: Any = None) -> str:
     """The MoE kernel family whose rule applies. ``auto`` on ROCm is judged as AITER — the backend
-    the AMD seed deployments run and the stricter of the two ROCm choices."""
+    the AMD seed deployments run and the stricter of the two ROCm choices — except for ``quant``
+    formats whose experts SGLang always runs on Triton (:data:`TRITON_ONLY_EXPERTS`)."""
     backend = (requested or "auto").lower()
     if backend == "auto":
+        if vendor == "amd" and quant is not None and parse_quant(quant).name in TRITON_ONLY_EXPERTS:
+            return "triton"
         return "aiter" if vendor == "amd" else "auto"
     return backend
 
@@ -189,13 +199,13 @@ def guard_moe_layout(server_args_like: Any, hf_config: Any, platform: Any, *, ai
     tp = int(cfg_get(server_args_like, "tp_size", 1))
     ep = int(cfg_get(server_args_like, "ep_size", cfg_get(server_args_like, "moe_ep_size", 1)))
     runner = cfg_get(server_args_like, "moe_runner_backend")
-    backend = effective_moe_backend(runner, vendor)
     a2a = a2a_name(cfg_get(server_args_like, "moe_a2a_backend"))
     quant = launch_quant(cfg_get(server_args_like, "quantization"), cfg_get(hf_config, "quantization_config"))
+    backend = effective_moe_backend(runner, vendor, quant)
     E = int(cfg_get(hf_config, "moe_num_experts"))
     inter = int(cfg_get(hf_config, "moe_intermediate_size"))
     clamped = clamped_moe_layers(hf_config)
-    base = recommended_layout(hf_config, tp, quant, vendor, effective_moe_backend(None, vendor))
+    base = recommended_layout(hf_config, tp, quant, vendor, effective_moe_backend(None, vendor, quant))
     use_instead = " ".join(base[1]) if base else f"`step35 plan` for a command on {tp} GPUs"
 
     refusals = []
