@@ -45,7 +45,8 @@ def use_modelscope() -> bool:
 def launch_config(model_path, revision: Optional[str] = None, download_dir: Optional[str] = None) -> Optional[dict]:
     """The config the launch policy decides on, as a dict, or None for a model that is not read
     through a config.json (then it is not a Step checkpoint and the policy leaves it alone).
-    A path on disk is read directly; a repo id is fetched (:func:`fetch_config`)."""
+    A path on disk is read directly; a repo id is fetched (:func:`fetch_config`); a failed fetch
+    raises :class:`ConfigUnread` (logged first)."""
     from sglang_step35.config import read_config
 
     source = str(model_path)
@@ -55,11 +56,19 @@ def launch_config(model_path, revision: Optional[str] = None, download_dir: Opti
         return fetch_config(source, revision, download_dir)
     except Exception as e:  # noqa: BLE001 - any failure of the fetch is reported, then left to SGLang
         # SGLang's loader runs the same fetch moments later and raises this same error if the config
-        # is really needed; model paths it serves without one must not be refused by us. Not silent:
-        # the line names what was not applied and why.
-        logger.warning("could not read config.json of %s (revision %s): %s: %s; the Step-3.5 launch policy "
-                       "is not applied to it", source, revision or "default", type(e).__name__, e)
-        return None
+        # is really needed; model paths it serves without one must not be refused by us. But its fetch
+        # may succeed where ours failed (a transient error), so the launch policy records the failure
+        # (launch/marker.py) and a Step-3.5 model built in this launch refuses to start.
+        reason = f"{type(e).__name__}: {e}"
+        logger.warning("could not read config.json of %s (revision %s): %s; the Step-3.5 launch policy "
+                       "is not applied to it, and a Step-3.5 model will refuse to start", source,
+                       revision or "default", reason)
+        raise ConfigUnread(reason) from e
+
+
+class ConfigUnread(RuntimeError):
+    """The config.json of a repo id could not be fetched (offline, no network, no access); the
+    message is the cause."""
 
 
 def fetch_config(repo_id: str, revision: Optional[str] = None, download_dir: Optional[str] = None) -> Optional[dict]:

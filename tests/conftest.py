@@ -40,6 +40,17 @@ def _triton_interpreter_restores_language():
         yield
 
 
+@pytest.fixture(autouse=True)
+def _launch_policy_applied(monkeypatch):
+    """Tests that build Step3p5ForCausalLM / Step3p5MTP in-process (SGLang's loader functions, the
+    classes themselves) stand where a launch policy accepted the launch: its marker is set for each
+    test (a test of the refusal removes it). A server a test starts runs its own policy, which
+    overwrites the inherited value (sglang_step35/launch/marker.py)."""
+    from sglang_step35.launch import marker
+
+    monkeypatch.setenv(marker.MARKER_ENV, f"{marker.APPLIED}:in-process test")
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """The default tiny checkpoint (seed 0)."""

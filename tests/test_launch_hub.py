@@ -147,3 +147,31 @@ def test_offline_the_cached_config_gives_the_same_decisions(decisions):
                          dict(env, HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9"))
     for name in names:
         assert offline[f"hub:{name}"] == out[f"dir:{name}"]
+
+
+@pytest.mark.server
+def test_a_server_whose_policy_could_not_fetch_the_config_refuses_to_serve_step(tiny_dir, tmp_path):
+    """`sglang serve --model-path <repo id>` where the policy's fetch of config.json fails (the hub
+    answers "no access" once, as for a gated repo or a token not yet accepted) and SGLang's own fetch
+    moments later succeeds: before, the server started without any of the policy's checks and
+    defaults; now our model class refuses at construction, naming the repo, the failure and the fixes."""
+    from reference.serving import CPU_ARGS
+
+    from sglang_step35.launch.marker import ALLOW_ENV
+    from sglang_step35.server import SGLangServer
+
+    repo = "stepfun-test/config-denied-once"
+    with HubStandIn({repo: {"main": tiny_dir}}, deny_config_first={repo: 1}) as hub:
+        env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "0",
+               "HF_HUB_DISABLE_TELEMETRY": "1", "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+        server = SGLangServer(repo, [*CPU_ARGS, "--dtype", "bfloat16"], env=env, startup_timeout=400)
+        with pytest.raises(RuntimeError, match="exited with code"):
+            server.start()
+        server.stop()
+        log = server.log_text()
+        fetched = hub.fetched_files()
+    assert f"{repo}@{HubStandIn.commit(repo, 'main')}/config.json" in fetched  # SGLang's own fetch succeeded
+    assert "Step35LaunchPolicyError: Step3p5ForCausalLM for " in log, log[-3000:]
+    assert f"could not read the config.json of {repo}" in log
+    assert "RepositoryNotFoundError" in log or "OSError" in log  # the failure, named
+    assert "HF_HUB_OFFLINE=1" in log and f"{ALLOW_ENV}=1" in log

@@ -46,12 +46,18 @@ def read_config(launch: Launch) -> None:
     """The checkpoint's config.json (a hub repo id's fetched as SGLang fetches it moments later:
     same revision, hub and cache rules); a malformed Step-3.5 config fails here with one named error."""
     from sglang_step35.config import validate
-    from sglang_step35.hub import launch_config
+    from sglang_step35.hub import ConfigUnread, launch_config
+    from sglang_step35.launch import marker
 
     model_path = launch.arg("model_path")
-    cfg = launch_config(model_path, launch.arg("revision"), launch.arg("download_dir")) if model_path else None
+    launch.cfg = None
+    try:
+        cfg = launch_config(model_path, launch.arg("revision"), launch.arg("download_dir")) if model_path else None
+    except ConfigUnread as e:  # left to SGLang; a Step-3.5 model built in this launch refuses (marker)
+        marker.record(marker.UNREAD, model_path, str(e))
+        return
     if cfg is None or cfg.get("model_type") != "step3p5":
-        launch.cfg = None
+        marker.record(marker.NOT_STEP, model_path)
         return
     validate(cfg, tp_size=int(launch.arg("tp_size", 1) or 1))
     launch.cfg = cfg
@@ -162,11 +168,15 @@ def apply_server_policy(server_args, *args, **kwargs):
 def run_steps(server_args, after_step: Optional[Callable[[str, Launch], None]] = None) -> Launch:
     """Run :data:`STEPS` in order on ``server_args``, calling ``after_step(name, launch)`` after each
     (``step35 doctor`` attributes each change to its step); a refusal propagates from its step."""
+    from sglang_step35.launch import marker
+
     launch = Launch(server_args)
     for step in STEPS:
         step(launch)
         if after_step is not None:
             after_step(step.__name__, launch)
-        if launch.cfg is None:  # not a Step-3.5 checkpoint: SGLang's own defaults
+        if launch.cfg is None:  # not a Step-3.5 checkpoint (or unread): SGLang's own defaults
             break
+    else:  # every step accepted the launch: a Step-3.5 model built in it may start (launch/marker.py)
+        marker.record(marker.APPLIED, launch.arg("model_path"))
     return launch

@@ -46,6 +46,7 @@ from sglang.srt.runtime_context import get_parallel
 from sglang.srt.models.utils import WeightsMapper
 from sglang.srt.utils import add_prefix, make_layers
 
+from sglang_step35.launch.marker import require_launch_policy
 from sglang_step35 import ops
 from sglang_step35.checkpoint import layer_index
 from sglang_step35.attention import model_radix_sliding_window_size, model_runner_sliding_window_size
@@ -251,6 +252,7 @@ class Step35Model(nn.Module):
 class Step3p5ForCausalLM(nn.Module):
     def __init__(self, config, quant_config: Optional[QuantizationConfig] = None, prefix: str = ""):
         super().__init__()
+        require_launch_policy(type(self).__name__, config)  # its checks decided this launch (launch/marker.py)
         validate(config, tp_size=get_parallel().attn_tp_size)
         self.config = config
         # A quantized checkpoint whose SGLang kernels cannot run here (block FP8 on a CPU without AMX,

@@ -41,6 +41,7 @@ from sglang.srt.layers.vocab_parallel_embedding import ParallelLMHead, VocabPara
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 from sglang.srt.utils import add_prefix
 
+from sglang_step35.launch.marker import require_launch_policy
 from sglang_step35.config import SLIDING, cfg_get
 from sglang_step35.mtp_check import Step35MTPError, check_mtp_request
 from sglang_step35.models.step3p5 import Step35DecoderLayer, Step3p5ForCausalLM
@@ -69,6 +70,7 @@ class Step3p5MTP(nn.Module):
         prefix: str = "",
     ):
         super().__init__()
+        require_launch_policy(type(self).__name__, config)  # its checks decided this launch (launch/marker.py)
         self.config = config
         # A quantized checkpoint whose SGLang kernels cannot run here (block FP8 on a CPU without AMX,
         # W8A8-INT8, ... on any CPU): build unquantized and let the loader dequantize (models/weights.py).
