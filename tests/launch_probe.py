@@ -11,7 +11,7 @@ in process.
 import json
 import sys
 
-FIELDS = ("device", "attention_backend", "max_total_tokens", "disable_hybrid_swa_memory", "tp_size", "ep_size")
+FIELDS = ("device", "attention_backend", "max_total_tokens", "disable_hybrid_swa_memory", "tp_size", "ep_size", "dtype")
 
 
 def main(cases):

@@ -34,6 +34,8 @@ BF16_TOL = 0.1  # bf16 server vs fp32 reference on the same weights (as tests/te
 # also on CPU (model_loader/loader.py `_get_quantization_config`): AWQ and GPTQ take float16 only
 # (AWQConfig / GPTQConfig `get_supported_act_dtypes`), as their exports are.
 SERVER_DTYPE = {"awq": "float16", "gptq": "float16"}
+# Served with no --dtype: the launch policy's CPU defaults pick the dtype the method accepts (platform/cpu.py).
+DTYPE_BY_DEFAULT = ("awq",)
 TOL = {"bfloat16": BF16_TOL, "float16": 0.02}  # fp16 keeps 3 more mantissa bits than bf16
 _PER_EXPERT = re.compile(r"^(.*\.moe\.)experts\.(\d+)\.((?:gate|up|down)_proj\.weight)$")
 
@@ -84,9 +86,12 @@ def test_quantized_tiny_serves_on_cpu_with_the_references_greedy_tokens(tmp_path
     prompt = [(37 * i + 11) % 900 + 20 for i in range(24)]
     dtype = SERVER_DTYPE.get(name, "bfloat16")
     tol = TOL[dtype]
-    with SGLangServer(str(ckpt), [*CPU_ARGS, "--dtype", dtype], startup_timeout=300) as server:
+    dtype_args = [] if name in DTYPE_BY_DEFAULT else ["--dtype", dtype]
+    with SGLangServer(str(ckpt), [*CPU_ARGS, *dtype_args], startup_timeout=300) as server:
         log = server.log_text()
         resp = generate(server, prompt, 12, V)
+    if name in DTYPE_BY_DEFAULT:
+        assert f"--dtype {dtype} for this {name} checkpoint" in log
     assert OUR_CLASS_LINE in log and f"dequantizing {fmt.NAMES[0].upper()} weights at load" in log
     seq = full_sequence(prompt, resp)
     want = ref.logprobs(seq[:-1])

@@ -8,6 +8,8 @@ silently give wrong results. The order matters where one step fills a field a la
 the MTP step picks ``intel_amx`` on CPU before the CPU defaults would pick ``torch_native``, and
 every step after ``read_config`` runs for Step-3.5 checkpoints only (another model on a GPU-less
 host gets SGLang's own defaults; ``register()``'s process-level CPU support is all it needs).
+The outcome is recorded for the processes SGLang spawns (:mod:`.marker`): our model classes build
+only in a launch the policy applied to.
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ def platform_defaults(launch: Launch) -> None:
     if not launch.platform.has_accelerator:
         from sglang_step35.platform.cpu import cpu_server_defaults
 
-        cpu_server_defaults(launch.server_args)
+        cpu_server_defaults(launch.server_args, launch.cfg)
     from sglang_step35.platform.rocm import aiter_env_refusal
 
     why = aiter_env_refusal(launch.platform.kind)
@@ -119,11 +121,39 @@ def attention(launch: Launch) -> None:
 
 
 def served_combinations(launch: Launch) -> None:
-    """The allow-list (:mod:`sglang_step35.served`) for the MTP draft's own attention backend; its
-    MoE rows are asked by the MoE step, which needs the layout they are judged with."""
+    """The allow-list (:mod:`sglang_step35.served`) for the MTP draft's own attention backend, and a
+    quantized checkpoint under the quantization method SGLang will pick for it (:func:`quant_method_problems`);
+    its MoE rows are asked by the MoE step, which needs the layout they are judged with."""
     from sglang_step35 import served
 
     served.check_draft_attention(launch.server_args, launch.cfg, launch.platform)
+    problems = quant_method_problems(launch)
+    if problems:
+        raise ValueError(problems)
+
+
+def quant_method_problems(launch: Launch) -> Optional[str]:
+    """Why the checkpoint's registered format (:mod:`sglang_step35.quant`) cannot run under the
+    quantization method SGLang will build it with, or None. Asked at launch with the method SGLang
+    picks (``--quantization``, else the checkpoint's ``quant_method``, named as SGLang's
+    ``get_name()``; a method SGLang swaps at load, e.g. awq -> awq_marlin on CUDA, is seen here by the
+    checkpoint's name); the model asks the same format function at construction
+    (``models/weights.refuse_unservable_quant``). Not on a CPU: there our class builds unquantized and
+    dequantizes at load, whatever the method (``weights.cpu_dequant_fallback``). E.g. compressed-tensors
+    W8A8-INT8 without ``--quantization w8a8_int8``: SGLang's compressed-tensors INT8 MoE is NPU-only."""
+    if not launch.platform.has_accelerator:
+        return None
+    from sglang_step35 import quant
+
+    qc = quant.checkpoint_quantization_config(launch.cfg or {})
+    fmt = quant.format_for(qc)
+    check = getattr(fmt, "method_problems", None)
+    if check is None:
+        return None
+    method = str(launch.arg("quantization") or qc.get("quant_method") or "").lower()
+    method = {"compressed-tensors": "compressed_tensors"}.get(method, method)  # CompressedTensorsConfig.get_name()
+    problems = check(qc, method)
+    return f"{fmt.NAMES[0]} checkpoint: " + "; ".join(problems) if problems else None
 
 
 def moe_layout(launch: Launch) -> None:

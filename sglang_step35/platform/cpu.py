@@ -9,16 +9,19 @@ installed by ``register()`` through :func:`install_cpu_support`:
   (:mod:`sglang_step35.cpu.swa_attention`).
 
 Launch level (Step-3.5 launches only, :func:`cpu_server_defaults`, a step of the launch policy):
-device cpu, torch_native attention, a KV budget that fits RAM, sleeping while idle, and one core
-share per TP x PP rank. :func:`keep_cpu_spec_attention` keeps ``intel_amx`` for MTP on CPU.
+device cpu, torch_native attention, a KV budget that fits RAM, sleeping while idle, one core
+share per TP x PP rank, and a server dtype the checkpoint's quantization method accepts. :func:`keep_cpu_spec_attention` keeps ``intel_amx`` for MTP on CPU.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
 from typing import Optional
+
+logger = logging.getLogger("sglang_step35")
 
 # KV budget (tokens) when the user gives none on CPU: SGLang would otherwise size the pool from RAM
 # (15 GB on a 24 GB machine). Override with --max-total-tokens or this variable.
@@ -86,11 +89,13 @@ def cpu_thread_binding(ranks: int) -> Optional[str]:
     return "|".join(",".join(str(c) for c in cores[r * per:(r + 1) * per]) for r in range(ranks))
 
 
-def cpu_server_defaults(server_args) -> None:
+def cpu_server_defaults(server_args, cfg: Optional[dict] = None) -> None:
     """Fill what the user left unset with values that serve Step-3.5 on a GPU-less machine (a laptop
     or CI runner). Only Step-3.5 launches get them: the process-level CPU support of register() is
     what every model needs to run on such a host, but a KV cap, idle sleeping and core binding are
-    choices a user of another model did not ask sglang-step35 to make."""
+    choices a user of another model did not ask sglang-step35 to make. ``cfg``: the checkpoint's
+    config.json, for a server dtype its quantization method accepts (:func:`cpu_quant_dtype`)."""
+    cpu_quant_dtype(server_args, cfg)
     if getattr(server_args, "device", None) in (None, "auto"):
         server_args.device = "cpu"
     if getattr(server_args, "attention_backend", None) is None:
@@ -107,3 +112,45 @@ def cpu_server_defaults(server_args) -> None:
     )
     if binding and THREADS_BIND_ENV not in os.environ:
         os.environ[THREADS_BIND_ENV] = binding  # inherited by the spawned TP ranks
+
+
+def cpu_quant_dtype(server_args, cfg: Optional[dict]) -> None:
+    """A server dtype the checkpoint's quantization method accepts. SGLang checks the dtype against
+    the method's ``get_supported_act_dtypes()`` before building any model, also on CPU where our class
+    dequantizes (model_loader/loader.py ``_get_quantization_config``), and its AWQ config accepts
+    float16 only: an AWQ checkpoint (config dtype bfloat16) with no ``--dtype`` failed there with a
+    generic message. With ``--dtype`` unset (``auto``) and the config's dtype not accepted, pick
+    float16 when the method accepts it; an explicit ``--dtype`` the method does not accept is
+    refused here, naming the flag and the fix. The method is ``--quantization`` or the checkpoint's
+    ``quant_method``, as SGLang's own registry (``get_quantization_config``) answers for it on this
+    host (on a CPU SGLang keeps awq / gptq: its Marlin overrides need CUDA)."""
+    import torch
+
+    from sglang_step35.quant import checkpoint_quantization_config
+
+    qc = checkpoint_quantization_config(cfg or {})
+    method = str(getattr(server_args, "quantization", None) or (qc or {}).get("quant_method") or "").lower()
+    if not method:
+        return
+    from sglang.srt.layers.quantization import QUANTIZATION_METHODS, get_quantization_config
+
+    if method not in QUANTIZATION_METHODS:
+        return  # SGLang refuses an unknown method itself, by name
+    supported = get_quantization_config(method).from_config(qc or {}).get_supported_act_dtypes()
+    names = [str(d).removeprefix("torch.") for d in supported]
+    dtype = str(getattr(server_args, "dtype", None) or "auto").lower()
+    if dtype == "auto":
+        # SGLang's "auto" is the config's dtype (float32 configs are served in float16).
+        config_dtype = str((cfg or {}).get("torch_dtype") or (cfg or {}).get("dtype") or "float32")
+        wanted = "float16" if config_dtype == "float32" else config_dtype
+        if wanted not in names and "float16" in names:
+            server_args.dtype = "float16"
+            logger.info("--dtype float16 for this %s checkpoint (SGLang's %s method accepts %s only)", method,
+                        method, ", ".join(names))
+        return
+    want = {"half": "float16", "float": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(dtype, dtype)
+    if getattr(torch, want, None) not in supported:
+        raise ValueError(
+            f"--dtype {dtype}: SGLang's {method} quantization method ({get_quantization_config(method).__name__}) "
+            f"accepts {', '.join(names)} only and would refuse to build the model; use --dtype {names[0]}, or "
+            "leave --dtype unset (sglang-step35 then picks a dtype the method accepts)")

@@ -1,0 +1,66 @@
+"""Quantized checkpoints at launch: what would fail later in a scheduler, or not at all, is decided by
+the launch policy through SGLang's own entry points (`load_plugins()`, `ServerArgs(...).resolve_once()`
+in a fresh process, tests/launch_probe.py), before any model is built.
+
+- compressed-tensors W8A8-INT8 on a GPU without `--quantization w8a8_int8`: SGLang 0.5.23's
+  compressed-tensors INT8 fused-MoE scheme is NPU-only; the allow-list step refuses it by name with the
+  flag that serves it. On a CPU, where our class dequantizes at load, it stays served.
+- AWQ on a CPU: SGLang's AWQ config accepts float16 only (`get_supported_act_dtypes`), also on CPU; with
+  no `--dtype` the CPU defaults pick float16, an explicit float16 is kept, an explicit bfloat16 refused
+  by name with the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sglang_step35.tiny import write_tiny_checkpoint
+
+PROBE = Path(__file__).parent / "launch_probe.py"
+
+
+@pytest.fixture(scope="module")
+def decisions(tmp_path_factory):
+    root = tmp_path_factory.mktemp("launch-quant")
+    ct = write_tiny_checkpoint(root / "w8a8-int8-ct", seed=0, quant="w8a8-int8-ct")
+    awq = write_tiny_checkpoint(root / "awq", seed=0, quant="awq")
+    cases = [
+        {"name": "ct_gpu", "model_path": str(ct), "args": {}, "platform": "nvidia"},
+        {"name": "ct_gpu_w8a8_int8", "model_path": str(ct), "args": {"quantization": "w8a8_int8"}, "platform": "nvidia"},
+        {"name": "ct_cpu", "model_path": str(ct), "args": {}},
+        {"name": "awq_cpu", "model_path": str(awq), "args": {}},
+        {"name": "awq_cpu_float16", "model_path": str(awq), "args": {"dtype": "float16"}},
+        {"name": "awq_cpu_bfloat16", "model_path": str(awq), "args": {"dtype": "bfloat16"}},
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SGLANG_STEP35", "SGLANG_EXTERNAL"))}
+    r = subprocess.run([sys.executable, str(PROBE), json.dumps(cases)], capture_output=True, text=True, env=env,
+                       timeout=600)
+    lines = [x for x in r.stdout.splitlines() if x.startswith("LAUNCH-DECISIONS ")]
+    assert r.returncode == 0 and lines, r.stderr[-4000:]
+    return json.loads(lines[-1].split(" ", 1)[1])
+
+
+def test_compressed_tensors_int8_on_a_gpu_is_refused_at_launch_without_w8a8_int8(decisions):
+    error = decisions["ct_gpu"]["error"] or ""
+    assert "w8a8-int8 checkpoint: " in error and "implemented only for NPU" in error, error
+    assert "--quantization w8a8_int8" in error
+    assert "NPU" not in (decisions["ct_gpu_w8a8_int8"]["error"] or "")  # the flag that serves it passes
+
+
+def test_compressed_tensors_int8_on_a_cpu_stays_served(decisions):
+    assert decisions["ct_cpu"]["error"] is None and decisions["ct_cpu"]["device"] == "cpu"
+
+
+def test_awq_on_a_cpu_gets_float16_unless_the_user_chose(decisions):
+    assert (decisions["awq_cpu"]["error"], decisions["awq_cpu"]["dtype"]) == (None, "float16")
+    assert (decisions["awq_cpu_float16"]["error"], decisions["awq_cpu_float16"]["dtype"]) == (None, "float16")
+    error = decisions["awq_cpu_bfloat16"]["error"] or ""
+    assert error.startswith("ValueError: --dtype bfloat16: SGLang's awq quantization method (AWQConfig) accepts "
+                            "float16 only"), error
+    assert "use --dtype float16, or leave --dtype unset" in error
