@@ -83,11 +83,14 @@ def world_of_one() -> None:
     init_single_process_dist(master_port=free_port())
 
 
-def flash_config(experts: int):
+def flash_config(experts: int, **overrides):
+    """The Flash config with `experts` routed experts; `overrides` (e.g. a smaller hidden size) let
+    tests/test_ops_per_layer.py count the same layers cheaply: the op counts do not depend on width."""
     from sglang_step35.config import Step35Config, read_config
 
     raw = read_config()
     raw["moe_num_experts"] = experts
+    raw.update(overrides)
     return Step35Config(**raw)
 
 

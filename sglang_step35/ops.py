@@ -7,6 +7,8 @@ dispatching entry point:
   ``act = silu(gate)``, with limit > 0 ``act = min(act, limit)`` and ``up = clamp(up, -limit, limit)``;
   ``out = act * up``. fp32 math, input dtype out. Not gpt-oss's swiglu (no alpha, no +1).
 - ``head_gate(attn_out, gate_logits, num_heads)``: each head's slice of [T, H*D] times sigmoid(g[t, h]).
+  ``inplace=True``: the caller hands ``attn_out`` over (the model's attention output, read by no one
+  else); the torch path then writes the result into it (``head_gate_ref_``), same numbers.
 - ``sigmoid_topk_route(logits_fp32, bias, top_k, scaling_factor, renormalize=True)``: select by
   sigmoid(logits) + bias, weight by the unbiased scores (renormalised, then scaled);
   returns (weights fp32 [T, k], ids int32 [T, k]); ties go to the lowest expert index.
@@ -56,6 +58,12 @@ def _kernels(impl: Impl | None, t: torch.Tensor):
     raise ValueError(f"unknown impl {impl!r}; expected 'torch', 'cuda' or 'rocm'")
 
 
+def as_fp32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in fp32: ``t`` itself when it is already (``Tensor.float()`` would return it too, but as
+    one more aten op dispatched on every decode step: bench/ops_per_layer.py counts them)."""
+    return t if t.dtype == torch.float32 else t.float()
+
+
 # --- references --------------------------------------------------------------------------------------
 def swiglu_clamp_ref(gate_up: torch.Tensor, limit: float | None) -> torch.Tensor:
     check_swiglu_args(gate_up, limit)
@@ -75,6 +83,21 @@ def head_gate_ref(attn_out: torch.Tensor, gate_logits: torch.Tensor, num_heads: 
     return out.reshape(t, width).to(attn_out.dtype)
 
 
+def head_gate_ref_(attn_out: torch.Tensor, gate_logits: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """``head_gate_ref`` written into ``attn_out`` (returned), bit for bit the same numbers in 3 ops
+    fewer: an in-place multiply of a bf16/fp16 tensor by an fp32 one computes in fp32 (TensorIterator's
+    common dtype) and rounds once to ``attn_out``'s dtype, so the two fp32 casts of the attention
+    output and the cast back are not needed. The decode layer's CPU op count (bench/ops_per_layer.py)
+    is then the built-in's, whose bf16 sigmoid this keeps in fp32."""
+    check_head_gate_args(attn_out, gate_logits, num_heads)
+    if attn_out.stride(-1) != 1:  # a [T, H, D] view needs a contiguous last dim
+        attn_out = attn_out.contiguous()
+    t, width = attn_out.shape
+    heads = attn_out.view(t, num_heads, width // num_heads)
+    heads.mul_(torch.sigmoid(as_fp32(gate_logits)).unsqueeze(-1))
+    return attn_out
+
+
 def sigmoid_topk_route_ref(
     logits: torch.Tensor,
     bias: torch.Tensor | None,
@@ -84,7 +107,7 @@ def sigmoid_topk_route_ref(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     check_route_args(logits, bias, top_k)
     scores = torch.sigmoid(logits)
-    sel = scores if bias is None else scores + bias.float()
+    sel = scores if bias is None else scores + as_fp32(bias)
     # A stable descending sort keeps equal keys in index order, i.e. ties go to the lowest expert
     # index, the documented tie-break the kernel implements too (torch.topk promises no order).
     ids = torch.sort(sel, dim=-1, descending=True, stable=True).indices[:, :top_k]
@@ -101,10 +124,16 @@ def swiglu_clamp(gate_up: torch.Tensor, limit: float | None, *, impl: Impl | Non
 
 
 def head_gate(
-    attn_out: torch.Tensor, gate_logits: torch.Tensor, num_heads: int, *, impl: Impl | None = None
+    attn_out: torch.Tensor, gate_logits: torch.Tensor, num_heads: int, *, impl: Impl | None = None,
+    inplace: bool = False,
 ) -> torch.Tensor:
+    """The gated attention output. ``inplace``: ``attn_out`` is the caller's to give up; read the
+    result from the return value only (the torch path reuses ``attn_out``'s memory, the kernels,
+    one fused pass either way, write a new tensor)."""
     k = _kernels(impl, attn_out)
-    return head_gate_ref(attn_out, gate_logits, num_heads) if k is None else k.head_gate(attn_out, gate_logits, num_heads)
+    if k is None:
+        return (head_gate_ref_ if inplace else head_gate_ref)(attn_out, gate_logits, num_heads)
+    return k.head_gate(attn_out, gate_logits, num_heads)
 
 
 def sigmoid_topk_route(

@@ -124,7 +124,8 @@ class Step35Attention(nn.Module):
         out = self.attn(q, k, v, forward_batch)
         if self.use_gate:
             gate, _ = self.g_proj(x)
-            out = ops.head_gate(out, gate, self.num_heads)
+            # inplace: the attention output is ours alone; on CPU the gate then costs the built-in's ops.
+            out = ops.head_gate(out, gate, self.num_heads, inplace=True)
         out, _ = self.o_proj(out)
         return out
 

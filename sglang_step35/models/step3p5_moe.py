@@ -224,7 +224,7 @@ class Step35MoE(nn.Module):
         #   would need a zeros tensor.
         # tests/test_router_topk.py pins each of these; bench/kernels.py ("router_vs_topk") compares.
         return ops.sigmoid_topk_route(
-            gating_output.float(), self.router_bias, topk, self.scaling, renormalize
+            ops.as_fp32(gating_output), self.router_bias, topk, self.scaling, renormalize
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -244,7 +244,7 @@ class Step35MoE(nn.Module):
         """The MoE block on the rows this rank routes; the result is complete (summed over ranks)."""
         # The fp32 router as a plain matmul (like the built-in): ReplicatedLinear would route fp32
         # through the platform's GEMM (AITER's tgemm on ROCm), whose fp32 support is unverified.
-        logits = F.linear(x.float(), self.gate.weight.float()) if self.fp32_gate else self.gate(x)[0]
+        logits = F.linear(x.float(), ops.as_fp32(self.gate.weight)) if self.fp32_gate else self.gate(x)[0]
         topk_output = self.topk(x, logits)
         # Shared expert first: the fused MoE runs in place (FusedMoE inplace=True) and overwrites x.
         shared = self.share_expert(x)
