@@ -261,7 +261,37 @@ def quant_config_to_build(quant_config, hf_config) -> tuple[Optional[dict], Any]
     if cpu_dequant is not None:
         quant_config = None
     refuse_unservable_quant(quant_config, hf_config)
+    map_w8a8_int8_ignore(quant_config, hf_config)
     return cpu_dequant, quant_config
+
+
+def map_w8a8_int8_ignore(quant_config, hf_config) -> None:
+    """SGLang's loader hands each quantization config the class's ``hf_to_sglang_mapper``
+    (``apply_weight_name_mapper``, models/step3p5.py) so that names a quantization_config writes as the
+    checkpoint does match our module prefixes; ``CompressedTensorsConfig`` maps its ``ignore`` list
+    with it, but SGLang 0.5.23's ``W8A8Int8Config`` (also the method of compressed-tensors INT8 served
+    with ``--quantization w8a8_int8``) inherits the no-op, so an ignored
+    ``model.layers.N.share_expert.*`` (ours: ``model.layers.N.moe.share_expert.*``) was built INT8 and
+    its BF16 tensors refused. Map its list the way CompressedTensorsConfig maps its own (idempotent:
+    the mapper keeps a name already in our form). A list that keeps a MoE layer's routed experts
+    unquantized is refused by name: W8A8Int8Config hands an ignored FusedMoE a linear method, which
+    fails in FusedMoE's create_weights with a TypeError."""
+    from sglang.srt.layers.quantization.compressed_tensors.utils import should_ignore_layer
+    from sglang.srt.layers.quantization.w8a8_int8 import W8A8Int8Config
+
+    if not isinstance(quant_config, W8A8Int8Config) or not quant_config.ignore:
+        return
+    from sglang_step35.config import Step35ConfigError, moe_layer_ids
+    from sglang_step35.models.step3p5 import Step3p5ForCausalLM
+
+    quant_config.ignore = Step3p5ForCausalLM.hf_to_sglang_mapper.apply_list(list(quant_config.ignore))
+    kept = sorted(i for i in moe_layer_ids(hf_config) if should_ignore_layer(
+        f"model.layers.{i}.moe.experts", ignore=quant_config.ignore, fused_mapping=quant_config.packed_modules_mapping))
+    if kept:
+        raise Step35ConfigError(
+            f"W8A8-INT8 checkpoint whose quantization_config.ignore keeps the routed experts of MoE layers {kept} "
+            "unquantized: SGLang 0.5.23's W8A8Int8Config cannot build an ignored FusedMoE (it hands it a linear "
+            "method); re-export with those experts quantized, or serve the BF16 checkpoint")
 
 
 def quant_format_of(model: torch.nn.Module) -> tuple:

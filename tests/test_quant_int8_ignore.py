@@ -1,0 +1,65 @@
+"""A W8A8-INT8 `ignore` list names modules as the checkpoint does; SGLang's `W8A8Int8Config` matches it
+against our module prefixes without the name mapping its other configs get.
+
+SGLang's loader hands each quantization config the model class's `hf_to_sglang_mapper`
+(`apply_weight_name_mapper`), which `CompressedTensorsConfig` applies to its `ignore` list but
+`W8A8Int8Config` (the method a compressed-tensors INT8 checkpoint is served with, `--quantization
+w8a8_int8`) does not implement. Step-3.5's shared expert is `model.layers.N.share_expert.*` in the
+checkpoint and `model.layers.N.moe.share_expert.*` in our class, so an export that keeps it BF16 and
+says so by name had it built INT8 and its BF16 tensors refused. Built the way SGLang's loader builds it
+(tests/test_quant_int8_load.py's `build`), every parameter bit-exact to the checkpoint. Routed experts
+kept unquantized, which W8A8Int8Config cannot build, are refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from gpu_contract import main_name
+from sglang_step35.quant import int8
+from sglang_step35.tiny import write_tiny_checkpoint
+import gpu_contract
+from test_quant_int8_load import assert_bit_exact, build
+
+
+@pytest.fixture(scope="module")
+def gpu_like_build():
+    with gpu_contract.gpu_like_build_state("cuda"):
+        yield
+
+
+@pytest.mark.parametrize("name", ["w8a8-int8", "w8a8-int8-ct"])
+def test_ignore_list_naming_the_shared_expert_as_the_checkpoint_does_keeps_it_bf16(gpu_like_build, tmp_path, name):
+    ckpt = write_tiny_checkpoint(tmp_path / name, seed=6, quant=name)
+    keep = [f"model.layers.2.share_expert.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
+    w = dict(load_file(str(ckpt / "model.safetensors")))
+    for k in keep:
+        w[k + ".weight"] = int8.dequantize_channel(w[k + ".weight"], w.pop(k + ".weight_scale")).to(torch.bfloat16)
+    save_file(w, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["quantization_config"]["ignore"] += keep
+    (ckpt / "config.json").write_text(json.dumps(cfg, indent=2))
+    model, _ = build(ckpt)
+    model.load_weights(w.items())
+    got = assert_bit_exact(model, w, main_name, model.config.moe_num_experts)
+    share2, share3 = model.model.layers[2].moe.share_expert, model.model.layers[3].moe.share_expert
+    assert share2.gate_up_proj.weight.dtype == share2.down_proj.weight.dtype == torch.bfloat16
+    assert share3.gate_up_proj.weight.dtype == torch.int8  # only the named layer
+    assert "model.layers.3.moe.share_expert.down_proj.weight" in got
+
+
+def test_ignore_list_keeping_routed_experts_unquantized_is_refused_by_name(gpu_like_build, tmp_path):
+    # Mapped to our `moe.experts`, the names match SGLang's FusedMoE, which W8A8Int8Config cannot build
+    # unquantized (it hands it UnquantizedLinearMethod: a TypeError in create_weights).
+    from sglang_step35.config import Step35ConfigError
+
+    ckpt = write_tiny_checkpoint(tmp_path / "int8", seed=6, quant="w8a8-int8")
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["quantization_config"]["ignore"] += [f"model.layers.3.moe.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
+    (ckpt / "config.json").write_text(json.dumps(cfg, indent=2))
+    with pytest.raises(Step35ConfigError, match=r"keeps the routed experts of MoE layers \[3\] unquantized"):
+        build(ckpt)
