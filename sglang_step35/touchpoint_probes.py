@@ -170,6 +170,16 @@ def default_differs(field: str, ours) -> Callable[[], Probe]:
     return probe
 
 
+def awq_dtype_needed() -> Probe:
+    # SGLang's own config for an AWQ checkpoint: does it still refuse bfloat16 (the CPU dtype default)?
+    import torch
+    from sglang.srt.layers.quantization import get_quantization_config
+
+    cfg = get_quantization_config("awq").from_config({"bits": 4, "group_size": 128, "zero_point": True})
+    dtypes = cfg.get_supported_act_dtypes()
+    return torch.bfloat16 not in dtypes, f"{type(cfg).__name__}.get_supported_act_dtypes() = {dtypes} (ran)"
+
+
 def spec_attention_needed() -> Probe:
     # Run SGLang's own post-process step on a CPU record without AMX: does it still swap intel_amx?
     from sglang.srt.arg_groups import overrides

@@ -121,6 +121,11 @@ TOUCHPOINTS: tuple[Touchpoint, ...] = (
             probes.default_differs("max_total_tokens", 16384), "cpu"),
     _launch("cpu-sleep-on-idle", "sleep_on_idle", "SGLang's scheduler busy-polls a core while idle",
             probes.default_differs("sleep_on_idle", True), "cpu"),
+    _launch("cpu-quant-dtype", "dtype", "SGLang's AWQ config accepts float16 only, also on CPU",
+            probes.awq_dtype_needed, "cpu"),
+    _launch("launch-policy-marker", "SGLANG_STEP35_LAUNCH_POLICY",
+            "our model classes build only in a launch the policy applied to (launch/marker.py)",
+            probes.always("the launch policy's outcome (product)"), "all", "env", E),
     _launch("swa-ratio", "swa_full_tokens_ratio", "planned hybrid SWA pool ratio instead of SGLang's 0.8",
             probes.default_differs("swa_full_tokens_ratio", "planned")),
     _launch("moe-ep-switch", "ep_size", "an expert TP split the kernel cannot run becomes EP = TP",
@@ -138,6 +143,7 @@ READ_ONLY_ROWS: dict[tuple[str, str], str] = {
     (R, "get_exec"): "read at model construction",
     (R, "fused_moe"): "make gpu-check-here calls SGLang's kernels and glue; nothing installed",
     (R, "HookRegistry._hooks"): "read by step35 doctor",
+    (R, "W8A8Int8Config.ignore"): "mapped on the config object SGLang builds, at each model's construction",
 }
 
 
