@@ -525,6 +525,27 @@ def routed_output(moe, x):
     return moe.experts(x.clone(), topk_output)
 
 
+def rel_err(out, ref) -> float:
+    """max |out - ref| / max |ref|: the MoE reference tests' error, relative to the output's scale."""
+    return float((out.float() - ref).abs().max() / ref.abs().max())
+
+
+def without_clamp_or_scales(moe, x, scale_names) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teeth of a quantized MoE layer's tolerance: its routed output with `gemm1_clamp_limit`
+    dropped, and with every weight scale named in `scale_names` set to 1 (each restored after)."""
+    import pytest
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(moe.experts.moe_runner_config, "gemm1_clamp_limit", None)
+        unclamped = routed_output(moe, x)
+    with pytest.MonkeyPatch.context() as mp:
+        for name in scale_names:
+            param = getattr(moe.experts, name)
+            mp.setattr(param, "data", torch.ones_like(param))
+        unit_scales = routed_output(moe, x)
+    return unclamped, unit_scales
+
+
 def bf16_tokens(hidden: int, n: int, seed: int) -> torch.Tensor:
     """RMS-normed hidden states are O(1) per element: standard normal, in bf16 as served."""
     return torch.randn(n, hidden, generator=torch.Generator().manual_seed(seed)).bfloat16()

@@ -311,10 +311,6 @@ def test_clamp_is_applied_between_the_fp8_gemms(fp8_case):
         assert not torch.equal(plain[binds], clamped[binds])
 
 
-def _rel_err(out, ref) -> float:
-    return float((out.float() - ref).abs().max() / ref.abs().max())
-
-
 def test_fp8_layers_match_the_reference_on_dequantized_weights(fp8_case):
     """Every FP8 MoE layer (the clamped one included) at prefill (5 tokens) and decode (1 token) sizes
     equals the fp32 reference on the dequantized weights within REL_TOL of the output's scale.
@@ -327,25 +323,20 @@ def test_fp8_layers_match_the_reference_on_dequantized_weights(fp8_case):
         run = fp8_case["runs"][i]
         for x, out in ((fp8_case["x5"], run["out5"]), (fp8_case["x1"], run["out1"])):
             assert out.dtype == torch.bfloat16
-            err = _rel_err(out, ref.moe(i, x.float()))
+            err = gpu_contract.rel_err(out, ref.moe(i, x.float()))
             assert err < REL_TOL, f"layer {i}, {x.shape[0]} tokens: {err:.3f}"
 
 
-def test_dropping_the_clamp_or_the_scales_fails_the_reference(fp8_case, monkeypatch):
+def test_dropping_the_clamp_or_the_scales_fails_the_reference(fp8_case):
     """Teeth of REL_TOL: the clamped layer computed without gemm1_clamp_limit, or with every block
     scale 1, is far from the reference (and without the clamp it is the unclamped reference)."""
     moe, ref, x = fp8_case["model"].model.layers[4].moe, fp8_case["ref"], fp8_case["x5"]
     want = ref.moe(4, x.float())
-    monkeypatch.setattr(moe.experts.moe_runner_config, "gemm1_clamp_limit", None)
-    unclamped = gpu_contract.routed_output(moe, x)
-    assert _rel_err(unclamped, want) > 10 * REL_TOL
-    assert _rel_err(unclamped, fp8_case["ref_unclamped"].moe(4, x.float())) < REL_TOL
-    monkeypatch.undo()
-    for name in ("w13_weight_scale_inv", "w2_weight_scale_inv"):
-        param = getattr(moe.experts, name)
-        monkeypatch.setattr(param, "data", torch.ones_like(param))
-    assert _rel_err(gpu_contract.routed_output(moe, x), want) > 10 * REL_TOL
-    monkeypatch.undo()
+    unclamped, unit_scales = gpu_contract.without_clamp_or_scales(
+        moe, x, ("w13_weight_scale_inv", "w2_weight_scale_inv"))
+    assert gpu_contract.rel_err(unclamped, want) > 10 * REL_TOL
+    assert gpu_contract.rel_err(unclamped, fp8_case["ref_unclamped"].moe(4, x.float())) < REL_TOL
+    assert gpu_contract.rel_err(unit_scales, want) > 10 * REL_TOL
     assert torch.equal(gpu_contract.routed_output(moe, x), fp8_case["runs"][4]["out5"])  # restored
 
 
@@ -383,4 +374,4 @@ def test_swap_ab_config_of_tuned_sm90_kernels_computes_the_same(fp8_case):
         got = g["C"][: topk.topk_ids.numel()].reshape(topk.topk_ids.numel(), -1).double()
         torch.testing.assert_close(got, _gemm_expected(g, qz, topk.topk_ids, topk.topk_weights), rtol=1e-2, atol=1e-5)
     torch.testing.assert_close(out, fp8_case["runs"][4]["out5"], rtol=2e-2, atol=2e-2 * float(out.abs().max()))
-    assert _rel_err(out, fp8_case["ref"].moe(4, x.float())) < REL_TOL
+    assert gpu_contract.rel_err(out, fp8_case["ref"].moe(4, x.float())) < REL_TOL

@@ -104,10 +104,6 @@ def int8_case(int8_cuda_path, tmp_path_factory):
                 x1=gpu_contract.bf16_tokens(cfg["hidden_size"], 1, seed=12))
 
 
-def _rel_err(out, ref) -> float:
-    return float((out.float() - ref).abs().max() / ref.abs().max())
-
-
 def test_int8_experts_run_sglangs_triton_int8_path_with_the_clamp(int8_case):
     from sglang.srt.layers.moe import MoeRunnerBackend
     from sglang.srt.layers.quantization.w8a8_int8 import W8A8Int8Config, W8A8Int8MoEMethod
@@ -139,27 +135,21 @@ def test_int8_layers_match_the_reference_on_dequantized_weights(int8_case):
         for x in (int8_case["x5"], int8_case["x1"]):
             out = gpu_contract.routed_output(moe, x)
             assert out.dtype == torch.bfloat16
-            err = _rel_err(out, ref.moe(i, x.float()))
+            err = gpu_contract.rel_err(out, ref.moe(i, x.float()))
             print(f"int8 MoE layer {i}, {x.shape[0]} tokens: max |out - ref| / max |ref| = {err:.4f}")
             assert err < REL_TOL, f"layer {i}, {x.shape[0]} tokens: {err:.4f}"
 
 
-def test_dropping_the_clamp_or_the_scales_fails_the_reference(int8_case, monkeypatch):
+def test_dropping_the_clamp_or_the_scales_fails_the_reference(int8_case):
     moe, ref, x = int8_case["model"].model.layers[4].moe, int8_case["ref"], int8_case["x5"]
     want = ref.moe(4, x.float())
-    monkeypatch.setattr(moe.experts.moe_runner_config, "gemm1_clamp_limit", None)
-    unclamped = gpu_contract.routed_output(moe, x)
-    print(f"int8 teeth: no clamp {_rel_err(unclamped, want):.3f}")
-    assert _rel_err(unclamped, want) > 10 * REL_TOL
-    assert _rel_err(unclamped, int8_case["ref_unclamped"].moe(4, x.float())) < REL_TOL
-    monkeypatch.undo()
-    for name in ("w13_weight_scale", "w2_weight_scale"):
-        param = getattr(moe.experts, name)
-        monkeypatch.setattr(param, "data", torch.ones_like(param))
-    no_scales = _rel_err(gpu_contract.routed_output(moe, x), want)
+    unclamped, unit_scales = gpu_contract.without_clamp_or_scales(moe, x, ("w13_weight_scale", "w2_weight_scale"))
+    print(f"int8 teeth: no clamp {gpu_contract.rel_err(unclamped, want):.3f}")
+    assert gpu_contract.rel_err(unclamped, want) > 10 * REL_TOL
+    assert gpu_contract.rel_err(unclamped, int8_case["ref_unclamped"].moe(4, x.float())) < REL_TOL
+    no_scales = gpu_contract.rel_err(unit_scales, want)
     print(f"int8 teeth: scales 1 {no_scales:.3f}")
     assert no_scales > 10 * REL_TOL
-    monkeypatch.undo()
     # The router the reference uses is the model's: both see the same experts.
     topk = moe.topk(x, F.linear(x.float(), moe.gate.weight.float()))
     assert topk.topk_ids.shape == (5, int8_case["cfg"]["moe_top_k"])
