@@ -8,6 +8,8 @@ in a fresh process, tests/launch_probe.py), before any model is built.
 - AWQ on a CPU: SGLang's AWQ config accepts float16 only (`get_supported_act_dtypes`), also on CPU; with
   no `--dtype` the CPU defaults pick float16, an explicit float16 is kept, an explicit bfloat16 refused
   by name with the fix.
+- Quark MXFP4 on a CPU: SGLang's QuarkConfig (bf16 and fp16) is asked for its dtypes as SGLang's loader
+  builds it, with the `packed_modules_mapping` the loader adds (without it: KeyError at launch).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ def decisions(tmp_path_factory):
     root = tmp_path_factory.mktemp("launch-quant")
     ct = write_tiny_checkpoint(root / "w8a8-int8-ct", seed=0, quant="w8a8-int8-ct")
     awq = write_tiny_checkpoint(root / "awq", seed=0, quant="awq")
+    mxfp4 = write_tiny_checkpoint(root / "mxfp4", seed=0, quant="mxfp4")
     cases = [
         {"name": "ct_gpu", "model_path": str(ct), "args": {}, "platform": "nvidia"},
         {"name": "ct_gpu_w8a8_int8", "model_path": str(ct), "args": {"quantization": "w8a8_int8"}, "platform": "nvidia"},
@@ -37,6 +40,7 @@ def decisions(tmp_path_factory):
         {"name": "awq_cpu", "model_path": str(awq), "args": {}},
         {"name": "awq_cpu_float16", "model_path": str(awq), "args": {"dtype": "float16"}},
         {"name": "awq_cpu_bfloat16", "model_path": str(awq), "args": {"dtype": "bfloat16"}},
+        {"name": "mxfp4_cpu", "model_path": str(mxfp4), "args": {}},
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SGLANG_STEP35", "SGLANG_EXTERNAL"))}
     r = subprocess.run([sys.executable, str(PROBE), json.dumps(cases)], capture_output=True, text=True, env=env,
@@ -64,3 +68,8 @@ def test_awq_on_a_cpu_gets_float16_unless_the_user_chose(decisions):
     assert error.startswith("ValueError: --dtype bfloat16: SGLang's awq quantization method (AWQConfig) accepts "
                             "float16 only"), error
     assert "use --dtype float16, or leave --dtype unset" in error
+
+
+def test_quark_mxfp4_on_a_cpu_launches_in_its_config_dtype(decisions):
+    assert decisions["mxfp4_cpu"]["error"] is None, decisions["mxfp4_cpu"]["error"]
+    assert decisions["mxfp4_cpu"]["dtype"] in ("auto", "bfloat16")  # the tiny's config dtype, accepted by Quark

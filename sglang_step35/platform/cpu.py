@@ -136,7 +136,10 @@ def cpu_quant_dtype(server_args, cfg: Optional[dict]) -> None:
 
     if method not in QUANTIZATION_METHODS:
         return  # SGLang refuses an unknown method itself, by name
-    supported = get_quantization_config(method).from_config(qc or {}).get_supported_act_dtypes()
+    # SGLang's loader hands from_config the checkpoint's config plus the class's packed_modules_mapping
+    # (weight_utils.get_quant_config); QuarkConfig reads that key in __init__ (KeyError without it).
+    supported = get_quantization_config(method).from_config(
+        {**(qc or {}), "packed_modules_mapping": {}}).get_supported_act_dtypes()
     names = [str(d).removeprefix("torch.") for d in supported]
     dtype = str(getattr(server_args, "dtype", None) or "auto").lower()
     if dtype == "auto":
