@@ -144,7 +144,7 @@ def cpu_quant_dtype(server_args, cfg: Optional[dict]) -> None:
     dtype = str(getattr(server_args, "dtype", None) or "auto").lower()
     if dtype == "auto":
         # SGLang's "auto" is the config's dtype (float32 configs are served in float16).
-        config_dtype = str((cfg or {}).get("torch_dtype") or (cfg or {}).get("dtype") or "float32")
+        config_dtype = str((cfg or {}).get("dtype") or (cfg or {}).get("torch_dtype") or "float32")  # SGLang's order
         wanted = "float16" if config_dtype == "float32" else config_dtype
         if wanted not in names and "float16" in names:
             server_args.dtype = "float16"
