@@ -144,8 +144,18 @@ _FP4_REFUSED = "tests/test_quant_fp4_load.py::test_fp4_experts_are_refused_on_gp
 _FP4_INSTEAD = "serve the BF16 or the block-FP8 (128x128, Step-3.5-Flash-FP8) checkpoint"
 _W4A16_SERVED = "tests/test_quant_w4a16_moe.py, tests/test_quant_w4a16_load.py"
 _W4A16_REFUSED = "tests/test_quant_w4a16_load.py::test_int4_off_the_triton_path_is_refused_at_launch_and_construction"
-_MARLIN_CLAMP = ("SGLang's Marlin MoE, which clamps the gate before SiLU (fused_marlin_moe.swiglu_limit_func: "
-                 "silu(min(gate, L)) * clamp(up, ±L), GPT-OSS style), not Step's min(silu(gate), L) * clamp(up, ±L)")
+_MARLIN_CLAMP = ("SGLang's Marlin MoE, which drops Step's clamp: it reads gemm1_clamp_limit only with GPT-OSS's "
+                 "gemm1_alpha, else swiglu_limit, which Step's layers leave unset (moe_runner/marlin.py; "
+                 "CompressedTensorsWNA16MoE.apply_weights passes swiglu_limit), and its own clamp is "
+                 "silu(min(gate, L)) * clamp(up, ±L) (fused_marlin_moe.swiglu_limit_func), not Step's "
+                 "min(silu(gate), L) * clamp(up, ±L)")
+_W4A16_VARIANTS = ("tests/test_quant_w4a16_moe.py::test_sglangs_triton_w4a16_moe_takes_symmetric_unordered_groups_only, "
+                   "tests/test_quant_w4a16_load.py::test_w4a16_variants_and_rocm_are_refused_by_name")
+_W4A16_ROCM = "tests/test_quant_w4a16_load.py::test_w4a16_variants_and_rocm_are_refused_by_name"
+# compressed-tensors W4A16 labels (served.quant_label) SGLang's Triton W4A16 MoE cannot take: zero points, act-order.
+W4A16_OFF_TRITON = tuple(f"w4a16-g{g}{v}" for g in (128, 32) for v in ("-asym", "-actorder", "-asym-actorder"))
+_W4A16_INSTEAD = ("serve a symmetric W4A16 export (groups of 128 or 32, no act-order) with --moe-runner-backend triton, "
+                  "or an AWQ / GPTQ export with --quantization moe_wna16")
 _UNVERIFIED_KERNEL = "unverified with Step's sigmoid + bias router and min(silu(gate), L) * clamp(up, ±L) clamp"
 _EPLB_REFUSED = "tests/test_served_moe.py::test_eplb_is_refused_at_launch_and_construction"
 
@@ -271,20 +281,40 @@ ROWS: tuple[Row, ...] = (
         "tests/test_served_moe.py::test_unverified_quantizations_are_refused_at_launch_and_construction",
         "serve the BF16 or the block-FP8 (128x128, Step-3.5-Flash-FP8) checkpoint without --quantization"),
     # 4-bit weight-only experts: served where SGLang runs them on its Triton int4 fused MoE.
-    Row(QUANT, ("int4",), GPUS, True,
+    Row(QUANT, ("int4",), ("nvidia",), True,
         "AWQ / GPTQ experts on SGLang's MoeWNA16Method: Triton int4 fused MoE (use_int4_w4a16, group scales, "
-        "zero points), clamp from gemm1_clamp_limit; it has no AITER path", _W4A16_SERVED, when="moe_wna16"),
-    Row(QUANT, ("int4",), GPUS, False,
+        "zero points), clamp from gemm1_clamp_limit", _W4A16_SERVED, when="moe_wna16"),
+    Row(QUANT, ("int4", "int4-actorder"), ("amd",), False,
+        "on ROCm: SGLang 0.5.23 refuses --quantization moe_wna16 there (configs/model_config.py: "
+        "rocm_supported_quantization lacks it), and without it gptq is not a ROCm method either and plain awq "
+        "builds no int4 MoE (AWQConfig has a MoE method on NPU only)",
+        _W4A16_ROCM, "serve the BF16 or the block-FP8 (128x128) checkpoint"),
+    Row(QUANT, ("int4-actorder",), ("nvidia",), False,
+        "GPTQ with desc_act: SGLang takes --quantization moe_wna16 for GPTQ without act-order only (moe_wna16.py: "
+        "is_moe_wna16_compatible; ModelConfig then raises the method mismatch), and gptq_marlin would run "
+        f"{_MARLIN_CLAMP}", _W4A16_ROCM, "re-export GPTQ without desc_act (or AWQ) and add --quantization moe_wna16"),
+    Row(QUANT, ("int4",), ("nvidia",), False,
         f"without --quantization moe_wna16 would run on {_MARLIN_CLAMP} (awq_marlin / gptq_marlin, SGLang's "
         "default on CUDA), or build no int4 MoE (plain awq / gptq)", _W4A16_REFUSED,
         "add --quantization moe_wna16 (SGLang's Triton int4 MoE)"),
-    Row(QUANT, ("w4a16",), ("nvidia",), True,
-        "compressed-tensors W4A16 experts (symmetric, group 128) on SGLang's CompressedTensorsWNA16TritonMoE: "
-        "Triton int4 fused MoE, clamp from gemm1_clamp_limit", _W4A16_SERVED, when="triton-runner"),
-    Row(QUANT, ("w4a16", "w4a16-g32"), GPUS, False,
-        f"with SGLang's auto runner would run on {_MARLIN_CLAMP} (CompressedTensorsWNA16MoE); group 32 and "
-        "ROCm's Triton W4A16 MoE are unverified", _W4A16_REFUSED,
-        "add --moe-runner-backend triton (symmetric group-128 checkpoints, NVIDIA)"),
+    Row(QUANT, ("w4a16", "w4a16-g32"), ("nvidia",), True,
+        "compressed-tensors W4A16 experts (symmetric, groups of 128 or 32, no act-order) on SGLang's "
+        "CompressedTensorsWNA16TritonMoE: Triton int4 fused MoE (block_shape [0, group]), clamp from "
+        "gemm1_clamp_limit", _W4A16_SERVED, when="triton-runner"),
+    Row(QUANT, ("w4a16", "w4a16-g32"), ("nvidia",), False,
+        f"with SGLang's auto runner would run on {_MARLIN_CLAMP} (CompressedTensorsWNA16MoE)", _W4A16_REFUSED,
+        "add --moe-runner-backend triton"),
+    Row(QUANT, W4A16_OFF_TRITON, ("nvidia",), False,
+        "have zero points or act-order, which SGLang's Triton W4A16 MoE cannot take: under --moe-runner-backend "
+        "triton get_moe_scheme raises (compressed_tensors.py: _is_wna16_triton_moe_supported; "
+        "CompressedTensorsWNA16TritonMoE passes no zero points and sorts no g_idx), and the auto runner is "
+        f"{_MARLIN_CLAMP}", _W4A16_VARIANTS, _W4A16_INSTEAD),
+    Row(QUANT, ("w4a16", "w4a16-g32", *W4A16_OFF_TRITON), ("amd",), False,
+        "on ROCm: SGLang 0.5.23 builds compressed-tensors W4A16 dense linears (attention, shared expert, dense "
+        "MLP) as CompressedTensorsWNA16, which runs Marlin (gptq_marlin_repack / gptq_marlin_gemm, imported only "
+        "on CUDA: compressed_tensors_wNa16.py, marlin_utils.py); its experts get CompressedTensorsWNA16TritonMoE "
+        "whatever the runner, without the CUDA check, so zero points and act-order would be dropped",
+        _W4A16_VARIANTS, "serve the BF16 or the block-FP8 (128x128) checkpoint"),
     Row(QUANT, ("int4", "w4a16", "w4a16-g32"), ("cpu",), True,
         "dequantized to the server dtype at load (SGLang's int4 kernels need a GPU; sglang_step35/quant/w4a16.py)",
         "tests/test_quant_served.py, tests/test_quant_w4a16.py"),
@@ -349,10 +379,14 @@ def quant_label(quant: Any) -> str:
     q = parse_quant(quant)
     if q.name == "fp8":
         return "fp8-block" if q.block else "fp8-per-tensor"
-    if q.name == "w4a16" and (q.group_size != 128 or q.zero_bits):
-        # The served W4A16 rows name symmetric group-128 checkpoints; others have rows of their own
-        # (group 32) or none (refused): one label for all let a group-32 checkpoint through.
-        return f"w4a16-g{q.group_size}" + ("-asym" if q.zero_bits else "")
+    if q.name == "w4a16" and (q.group_size != 128 or q.zero_bits or q.act_order):
+        # SGLang picks its W4A16 MoE kernel by group size, zero points and act-order
+        # (compressed_tensors.py: _is_wna16_triton_moe_supported): one label for all let a checkpoint
+        # its Triton MoE cannot take through the served symmetric group-128 row.
+        group = "channel" if q.per_channel else f"g{q.group_size}"
+        return f"w4a16-{group}" + ("-asym" if q.zero_bits else "") + ("-actorder" if q.act_order else "")
+    if q.name == "int4" and q.act_order:
+        return "int4-actorder"  # GPTQ desc_act: SGLang's MoeWNA16 takes GPTQ without act-order only
     return q.name
 
 

@@ -77,10 +77,12 @@ def test_int4_experts_on_rocm_are_held_to_tritons_layout_rule_not_aiters():
     create_moe_runner, with no platform or SGLANG_USE_AITER branch: on ROCm its experts never reach
     AITER's CK MoE, so the launch guard and the planner judge them by Triton's rule (whole 128-groups
     per partition), not CK 4-bit's N % 256. AWQ Flash at --tp 2 --ep 1 (N = 640 per GPU) runs as laid
-    out; judged as AITER (the old rule) it was switched to EP. Formats AITER runs keep the AITER rule."""
+    out; judged as AITER (the old rule) it was switched to EP. Formats AITER runs keep the AITER rule.
+    (The layout rule alone: served.py refuses these formats on ROCm for other reasons, named there.)"""
     from sglang.srt.layers.moe import MoeRunnerConfig
     from sglang.srt.layers.quantization.moe_wna16 import MoeWNA16Method
 
+    from sglang_step35 import served
     from sglang_step35.moe.policy import effective_moe_backend, guard_moe_layout
 
     method = MoeWNA16Method.__new__(MoeWNA16Method)
@@ -89,7 +91,9 @@ def test_int4_experts_on_rocm_are_held_to_tritons_layout_rule_not_aiters():
     awq = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}
     cfg = dict(FLASH, quantization_config=awq)
     for aiter in (False, True):
-        d = guard_moe_layout({"tp_size": 2, "ep_size": 1, "quantization": "moe_wna16"}, cfg, "rocm", aiter=aiter)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(served, "refusals", lambda setting, flags=served.FLAGS: [])
+            d = guard_moe_layout({"tp_size": 2, "ep_size": 1, "quantization": "moe_wna16"}, cfg, "rocm", aiter=aiter)
         assert d.action == "ok" and "N=640 per GPU" in d.message and "triton" in d.message, d.message
     assert effective_moe_backend("auto", "amd", "int4") == "triton"
     assert effective_moe_backend("auto", "amd", "w4a16-g32") == "triton"

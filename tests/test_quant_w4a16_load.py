@@ -32,7 +32,8 @@ from sglang_step35.quant import w4a16
 from sglang_step35.tiny import write_tiny_checkpoint
 
 # name -> (--quantization, --moe-runner-backend) under which SGLang runs the experts on Triton.
-TRITON_FLAGS = {"awq": ("moe_wna16", None), "gptq": ("moe_wna16", None), "w4a16": (None, "triton")}
+TRITON_FLAGS = {"awq": ("moe_wna16", None), "gptq": ("moe_wna16", None), "w4a16": (None, "triton"),
+                "w4a16-g32": (None, "triton")}
 FUSED = {
     "self_attn.qkv_proj": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
     "mlp.gate_up_proj": ["mlp.gate_proj", "mlp.up_proj"],
@@ -115,7 +116,7 @@ def expected(name: str, w: dict, prefix: str, suffix: str) -> torch.Tensor | lis
         per_expert = []
         for e in range(len({k.split(".")[5] for k in w if k.startswith(prefix + "moe.experts.")})):
             bases = [f"{prefix}moe.experts.{e}.{p}" for p in projs]
-            if name == "w4a16":
+            if name.startswith("w4a16"):
                 parts = [w[f"{b}.{leaf}"] for b in bases]
                 if leaf == "weight_shape":
                     per_expert.append(parts[-1])  # metadata: SGLang keeps the last shard's
@@ -174,10 +175,11 @@ def test_w4a16_tinies_load_bit_exact_on_the_triton_path_main_and_mtp(gpu_like_bu
     model.load_weights(w.items())
     quantized = assert_every_param_written(name, model, w, main_name)
     experts = model.model.layers[4].moe.experts
-    if name == "w4a16":
+    if name.startswith("w4a16"):
         from sglang.srt.layers.quantization.compressed_tensors.schemes import CompressedTensorsWNA16TritonMoE
 
         assert type(qc).__name__ == "CompressedTensorsConfig" and isinstance(experts.scheme, CompressedTensorsWNA16TritonMoE)
+        assert experts.scheme.group_size == (32 if name == "w4a16-g32" else 128)
         assert "model.layers.4.moe.experts.w13_weight_packed" in quantized
         assert "model.layers.0.self_attn.qkv_proj.weight_packed" in quantized
     else:
@@ -215,18 +217,19 @@ def test_int4_off_the_triton_path_is_refused_at_launch_and_construction(gpu_like
 
     for name in ("awq", "gptq"):
         refused = launch(name)
-        assert refused.action == "refuse" and "int4 experts without --quantization moe_wna16 would run on SGLang's " \
-            "Marlin MoE, which clamps the gate before SiLU" in refused.message, refused.message
+        assert refused.action == "refuse" and "experts without --quantization moe_wna16 would run on SGLang's " \
+            "Marlin MoE, which drops Step's clamp" in refused.message, refused.message
         assert "add --quantization moe_wna16" in refused.message
         assert launch(name, quantization="moe_wna16").action != "refuse"
-        # (ROCm: the tiny's 128-wide experts are below AITER's layout multiple; Triton runs them.)
-        assert launch(name, "rocm", quantization="moe_wna16", moe_runner_backend="triton").action != "refuse"
         assert launch(name, "cpu").action != "refuse"  # dequantized at load
-    refused = launch("w4a16")
-    assert refused.action == "refuse" and "w4a16 experts with SGLang's auto runner would run on SGLang's Marlin MoE" \
-        in refused.message and "add --moe-runner-backend triton" in refused.message
-    assert launch("w4a16", moe_runner_backend="triton").action != "refuse"
-    assert launch("w4a16", "rocm", moe_runner_backend="triton").action == "refuse"  # unverified there
+        # ROCm: SGLang refuses moe_wna16 there (test_w4a16_variants_and_rocm_are_refused_by_name).
+        assert "refuses --quantization moe_wna16 there" in launch(name, "rocm", quantization="moe_wna16").message
+    for name in ("w4a16", "w4a16-g32"):
+        refused = launch(name)
+        assert refused.action == "refuse" and f"{name} experts with SGLang's auto runner would run on SGLang's " \
+            "Marlin MoE" in refused.message and "add --moe-runner-backend triton" in refused.message
+        assert launch(name, moe_runner_backend="triton").action != "refuse"
+        assert "CompressedTensorsWNA16, which runs Marlin" in launch(name, "rocm", moe_runner_backend="triton").message
     # Construction: SGLang's method as the model sees it (what Engine(...) builds without the CLI).
     with pytest.raises(served.NotServedError, match=r"int4 experts without --quantization moe_wna16"):
         build(ckpts["gptq"])  # SGLang's CUDA default for it: gptq_marlin (GPTQMarlinMoEMethod)
@@ -235,5 +238,78 @@ def test_int4_off_the_triton_path_is_refused_at_launch_and_construction(gpu_like
     for method in ("awq_marlin", "gptq_marlin"):
         with pytest.raises(served.NotServedError, match="add --quantization moe_wna16"):
             routed_plan(7.0, device="cuda", ep_size=1, aiter=False, quant="int4", quant_method=method, layer_id=44)
-    for device, aiter in (("cuda", False), ("rocm", True)):
-        assert routed_plan(7.0, device=device, ep_size=1, aiter=aiter, quant="moe_wna16", layer_id=44).uses_fused_moe
+    assert routed_plan(7.0, device="cuda", ep_size=1, aiter=False, quant="moe_wna16", layer_id=44).uses_fused_moe
+
+
+
+def _ct_variant(group: int, **weights) -> dict:
+    qc = w4a16.quantization_config("w4a16", group=group)
+    qc["config_groups"]["group_0"]["weights"].update(weights)
+    return qc
+
+
+def test_w4a16_variants_and_rocm_are_refused_by_name(gpu_like_build, ckpts):
+    """The W4A16 cells refused on GPUs, each with its SGLang 0.5.23 reason (served.py rows), at launch
+    (the guard, reading the checkpoint's quantization_config) and at construction (routed_plan on
+    quant_spec_of SGLang's config, what the model asks):
+    - compressed-tensors with zero points or act-order on NVIDIA: SGLang's Triton W4A16 MoE cannot take
+      them (tests/test_quant_w4a16_moe.py pins its ValueError and its ROCm choice), Marlin drops the clamp;
+    - every compressed-tensors W4A16 checkpoint on ROCm: its dense linears are Marlin, which SGLang
+      imports on CUDA only (absent here, as on ROCm);
+    - AWQ / GPTQ on ROCm: SGLang's ModelConfig refuses --quantization moe_wna16 there (pinned here with
+      its HIP check answered as ROCm's), the only method that runs their experts on Triton;
+    - GPTQ with desc_act on NVIDIA: moe_wna16 does not take it (ModelConfig raises the mismatch)."""
+    import json
+
+    from sglang.srt.configs import model_config
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.layers.quantization import marlin_utils, moe_wna16
+    from sglang.srt.layers.quantization.compressed_tensors import compressed_tensors as ct
+    from sglang.srt.layers.quantization.compressed_tensors.schemes import compressed_tensors_wNa16
+
+    from sglang_step35.moe.policy import guard_moe_layout, routed_plan
+    from sglang_step35.moe.quant import quant_spec_of
+
+    cfg = json.loads((ckpts["w4a16"] / "config.json").read_text())
+
+    def launch(qc, platform, **flags):
+        return guard_moe_layout(dict(tp_size=1, ep_size=1, **flags), dict(cfg, quantization_config=qc), platform,
+                                aiter=False)
+
+    for group in (128, 32):
+        for variant, label in (({"symmetric": False}, "asym"), ({"actorder": "group"}, "actorder"),
+                               ({"symmetric": False, "actorder": "weight"}, "asym-actorder")):
+            qc = _ct_variant(group, **variant)
+            assert served.quant_label(qc) == f"w4a16-g{group}-{label}"
+            d = launch(qc, "cuda", moe_runner_backend="triton")
+            assert d.action == "refuse" and "have zero points or act-order, which SGLang's Triton W4A16 MoE " \
+                "cannot take" in d.message, d.message
+            assert "CompressedTensorsWNA16, which runs Marlin" in launch(qc, "rocm").message
+            spec = quant_spec_of(ct.CompressedTensorsConfig.from_config(qc))
+            with pytest.raises(served.NotServedError, match="have zero points or act-order"):
+                routed_plan(7.0, device="cuda", ep_size=1, aiter=False, quant=spec, runner_backend="triton",
+                            layer_id=44, quant_method="compressed_tensors")
+        spec = quant_spec_of(ct.CompressedTensorsConfig.from_config(_ct_variant(group)))
+        assert routed_plan(7.0, device="cuda", ep_size=1, aiter=False, quant=spec, runner_backend="triton",
+                           layer_id=44, quant_method="compressed_tensors").uses_fused_moe
+        with pytest.raises(served.NotServedError, match="CompressedTensorsWNA16, which runs Marlin"):
+            routed_plan(7.0, device="rocm", ep_size=1, aiter=True, quant=spec, layer_id=44,
+                        quant_method="compressed_tensors")
+    # The CUDA-only Marlin imports the ROCm refusal rests on (neither module binds them off CUDA).
+    assert not hasattr(marlin_utils, "gptq_marlin_gemm") and not hasattr(compressed_tensors_wNa16, "gptq_marlin_repack")
+
+    for name in ("awq", "gptq"):
+        with pytest.MonkeyPatch.context() as rocm:  # ModelConfig's HIP check and gfx942's capability
+            rocm.setattr(model_config, "is_hip", lambda: True)
+            rocm.setattr(moe_wna16, "get_device_capability", lambda *a, **k: (9, 4))
+            with pytest.raises(ValueError, match="moe_wna16 quantization is currently not supported in ROCm"):
+                ModelConfig(str(ckpts[name]), dtype="float16", quantization="moe_wna16")
+        d = launch(json.loads((ckpts[name] / "config.json").read_text())["quantization_config"], "rocm",
+                   quantization="moe_wna16")
+        assert d.action == "refuse" and "SGLang 0.5.23 refuses --quantization moe_wna16 there" in d.message
+    with pytest.raises(served.NotServedError, match="refuses --quantization moe_wna16 there"):
+        routed_plan(7.0, device="rocm", ep_size=1, aiter=True, quant="moe_wna16", layer_id=44)
+    gptq = json.loads((ckpts["gptq"] / "config.json").read_text())["quantization_config"]
+    assert served.quant_label(dict(gptq, desc_act=True)) == "int4-actorder"
+    d = launch(dict(gptq, desc_act=True), "cuda", quantization="moe_wna16")
+    assert d.action == "refuse" and "GPTQ with desc_act" in d.message, d.message

@@ -5,7 +5,8 @@ What a GPU runs for Step-3.5's INT4 experts where we serve them:
   loader converts AWQ's interleaved / GPTQ's K-packed int32 into uint8 [N, K/2] and GPTQ's "minus one"
   zero points back; symmetric GPTQ has no zero tensor: the kernel subtracts 8), Triton runner;
 - compressed-tensors W4A16 with ``--moe-runner-backend triton``: ``CompressedTensorsWNA16TritonMoE``
-  (int32 [K/8, N] transposed to uint8 [N, K/2] after loading, no zero points).
+  (int32 [K/8, N] transposed to uint8 [N, K/2] after loading, no zero points), symmetric groups of
+  128 or 32 (SGLang raises for other variants under the Triton runner).
 Both hand the Triton runner ``TritonMoeQuantInfo(use_int4_w4a16=True, block_shape=[0, group])``; Step's
 clamp reaches it as ``gemm1_clamp_limit`` (SGLang's ``_swiglu_silu_clamp_mul``).
 
@@ -18,8 +19,9 @@ Triton kernels under TRITON_INTERPRET=1 (tests/gpu_contract.py stand-ins). Oracl
 ``sglang_step35.reference.routed_experts`` in fp32 on the weights our Dequantizer (the CPU path)
 returns. Tolerance: 3e-2 of max |reference| (measured 1.0-1.6e-2: the kernel dequantizes to bf16
 and keeps bf16 activations between the GEMMs, and the interpreter truncates fp32 -> bf16 where a GPU
-rounds). Teeth: the unclamped reference on the clamped layer (measured 28x max |ref|,
-~900x the tolerance) and the kernel with every scale 1 (4e4 of max |ref|).
+rounds; group 32: 1.0-1.6e-2). Teeth: the unclamped reference on the clamped layer (measured 28x max
+|ref|, ~900x the tolerance), the kernel with every scale 1 (4e4 of max |ref|), and group-32 scales
+read per 128 inputs (0.50).
 """
 
 from __future__ import annotations
@@ -34,7 +36,10 @@ from sglang_step35.reference import routed_experts
 E, TOP_K, H, INTER = 4, 2, 128, 256  # hidden: one group of 128; expert width: two groups (down's K)
 LIMIT = 0.5  # Step-3.5-Flash's layers 43-44 clamp at 7; with these weights 0.5 clips
 REL_TOL = 3e-2
-FORMATS = ["gptq", "awq", "w4a16"]
+FORMATS = ["gptq", "awq", "w4a16", "w4a16-g32"]
+# compressed-tensors W4A16 with groups of 32 (the other group size SGLang's Triton W4A16 MoE takes,
+# compressed_tensors.py: _is_wna16_triton_moe_supported): scales per 32 inputs, block_shape [0, 32].
+GROUP = {"w4a16-g32": 32}
 
 
 @pytest.fixture(scope="module")
@@ -83,19 +88,29 @@ def _bf16_experts(seed: int) -> dict[str, torch.Tensor]:
 def _checkpoint(fmt: str, seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Per-expert checkpoint tensors `experts.E.proj.part` in `fmt`, and the stacked fp32 weights our
     Dequantizer reads back from them."""
-    write = {"w4a16": w4a16.ct_tensors, "gptq": w4a16.gptq_tensors, "awq": w4a16.awq_tensors}[fmt]
+    group = GROUP.get(fmt, 128)
+    write = {"w4a16": w4a16.ct_tensors, "gptq": w4a16.gptq_tensors, "awq": w4a16.awq_tensors}[_ct(fmt)]
     tensors = {f"experts.{e}.{p}.{part}": v for p, w in _bf16_experts(seed).items() for e in range(E)
-               for part, v in write(w[e].float()).items()}
-    deq = w4a16.Dequantizer(w4a16.quantization_config(fmt))
+               for part, v in write(w[e].float(), group).items()}
+    deq = w4a16.Dequantizer(_qc(fmt))
     flat = dict(kv for k, t in tensors.items() for kv in deq.feed(k, t))
     assert not deq.problems()
     stacked = {p: torch.stack([flat[f"experts.{e}.{p}.weight"] for e in range(E)]) for p in ("gate_proj", "up_proj", "down_proj")}
     return tensors, stacked
 
 
+def _ct(fmt: str) -> str:
+    """The checkpoint format of a case ("w4a16-g32" is compressed-tensors W4A16 too)."""
+    return "w4a16" if fmt.startswith("w4a16") else fmt
+
+
+def _qc(fmt: str) -> dict:
+    return w4a16.quantization_config(_ct(fmt), group=GROUP.get(fmt, 128))
+
+
 def _sglang_config(fmt: str):
-    qc = w4a16.quantization_config(fmt)
-    if fmt == "w4a16":
+    qc = _qc(fmt)
+    if _ct(fmt) == "w4a16":
         from sglang.srt.layers.quantization.compressed_tensors.compressed_tensors import CompressedTensorsConfig
 
         return CompressedTensorsConfig.from_config(qc)
@@ -107,29 +122,36 @@ def _sglang_config(fmt: str):
         return moe_wna16.MoeWNA16Config.from_config(qc)
 
 
+def _fused_moe(config, runner, limit=None, quant_method=None):
+    """SGLang's FusedMoE of the test's shape for `config`, built under `--moe-runner-backend runner`."""
+    from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
+    from sglang.srt.runtime_context import get_flags
+
+    moe_flags = get_flags().moe
+    saved = moe_flags.runner_backend
+    moe_flags.runner_backend = runner
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        return FusedMoE(num_experts=E, hidden_size=H, intermediate_size=INTER, layer_id=4, top_k=TOP_K,
+                        params_dtype=torch.bfloat16, quant_config=config, prefix="model.layers.4.moe.experts",
+                        gemm1_clamp_limit=limit, quant_method=quant_method)
+    finally:
+        torch.set_default_dtype(old)
+        moe_flags.runner_backend = saved
+
+
 def _build(fmt: str, limit, tensors: dict[str, torch.Tensor]):
     """SGLang's FusedMoE for `fmt` with `tensors` loaded by its own loader, post-processed, CUDA dispatch."""
     from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
     from sglang.srt.layers.moe.utils import MoeRunnerBackend
-    from sglang.srt.runtime_context import get_flags
 
     from sglang_step35.moe.runner import clamp_honouring_method
 
     config = _sglang_config(fmt)
-    moe_flags = get_flags().moe
-    saved = moe_flags.runner_backend
     # compressed-tensors picks its Triton method only under --moe-runner-backend triton (Marlin otherwise).
-    moe_flags.runner_backend = MoeRunnerBackend.TRITON if fmt == "w4a16" else MoeRunnerBackend.AUTO
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        layer = FusedMoE(num_experts=E, hidden_size=H, intermediate_size=INTER, layer_id=4, top_k=TOP_K,
-                         params_dtype=torch.bfloat16, quant_config=config, prefix="model.layers.4.moe.experts",
-                         gemm1_clamp_limit=limit,
-                         quant_method=clamp_honouring_method(config) if fmt != "w4a16" else None)
-    finally:
-        torch.set_default_dtype(old)
-        moe_flags.runner_backend = saved
+    runner = MoeRunnerBackend.TRITON if _ct(fmt) == "w4a16" else MoeRunnerBackend.AUTO
+    layer = _fused_moe(config, runner, limit, clamp_honouring_method(config) if _ct(fmt) != "w4a16" else None)
     params = dict(layer.named_parameters())
     loaded = set()
     for name, t in tensors.items():
@@ -178,7 +200,7 @@ def test_int4_experts_on_sglangs_triton_path_match_the_reference(triton_path, fm
     for limit in (None, LIMIT):
         layer, loaded = _build(fmt, limit, tensors)
         qinfo = layer.quant_method.get_triton_quant_info(layer)
-        assert qinfo.use_int4_w4a16 and qinfo.block_shape == [0, 128]
+        assert qinfo.use_int4_w4a16 and qinfo.block_shape == [0, GROUP.get(fmt, 128)]
         assert layer.moe_runner_config.gemm1_clamp_limit == limit
         want = ref[limit or 0.0]
         out = _run(layer, x, ids, weights)
@@ -205,6 +227,47 @@ def test_scales_matter(triton_path):
     layer.w13_scales.data.fill_(1.0)
     layer.w2_scales.data.fill_(1.0)
     assert _rel(_run(layer, x, ids, weights), want) > 10 * REL_TOL
+
+
+@pytest.mark.parametrize("variant", [{"symmetric": False}, {"actorder": "group"}, {"actorder": "weight"}])
+def test_sglangs_triton_w4a16_moe_takes_symmetric_unordered_groups_only(triton_path, variant):
+    """Why asymmetric and act-order compressed-tensors W4A16 stay refused on GPUs (served.py): under
+    --moe-runner-backend triton on CUDA, SGLang 0.5.23's get_moe_scheme raises for them
+    (compressed_tensors.py: _is_wna16_triton_moe_supported), and its auto runner is Marlin; on ROCm it
+    picks CompressedTensorsWNA16TritonMoE for every W4A16 checkpoint without that check, and that
+    method hands the Triton kernel no zero points (it subtracts 8 from every code) and sorts no g_idx
+    (its post-load step only transposes), so those checkpoints would compute other weights there."""
+    from sglang.srt.layers.moe.utils import MoeRunnerBackend
+    from sglang.srt.layers.quantization.compressed_tensors import compressed_tensors as ct
+    from sglang.srt.layers.quantization.compressed_tensors.schemes import CompressedTensorsWNA16TritonMoE
+
+    qc = w4a16.quantization_config("w4a16")
+    qc["config_groups"]["group_0"]["weights"].update(variant)
+    config = ct.CompressedTensorsConfig.from_config(qc)
+    with pytest.raises(ValueError, match="only supports symmetric INT4 group quantization"):
+        _fused_moe(config, MoeRunnerBackend.TRITON, LIMIT)
+    with pytest.MonkeyPatch.context() as rocm:
+        rocm.setattr(ct, "_is_hip", True)
+        layer = _fused_moe(config, MoeRunnerBackend.AUTO, LIMIT)
+    assert type(layer.scheme) is CompressedTensorsWNA16TritonMoE
+    assert hasattr(layer, "w13_weight_zero_point") == ("symmetric" in variant)  # built, then never used
+    layer.quant_method.process_weights_after_loading(layer)
+    info = layer.quant_method.get_triton_quant_info(layer)
+    assert info.w13_zp is None and info.w2_zp is None
+
+
+def test_group_32_scales_are_read_per_32_inputs(triton_path):
+    """Teeth for group 32: the same layer with its scales read per 128 inputs (the served group-128
+    cell's block_shape) is far from the reference, so the group-32 case above matching it means
+    SGLang's kernel applied a scale per 32 inputs (the random weights give each 32-group its own)."""
+    tensors, ref_w = _checkpoint("w4a16-g32", seed=6)
+    layer, _ = _build("w4a16-g32", LIMIT, tensors)
+    x = gpu_contract.bf16_tokens(H, 4, seed=7) * 3.0
+    ids, weights = _routing(4, seed=8)
+    want = routed_experts(x.float(), ref_w["gate_proj"], ref_w["up_proj"], ref_w["down_proj"], ids, weights, LIMIT)
+    assert _rel(_run(layer, x, ids, weights), want) < REL_TOL
+    layer.scheme.group_size = 128  # block_shape [0, 128] over the same group-32 scales
+    assert _rel(_run(layer, x, ids, weights), want) > 10 * REL_TOL  # measured 0.50
 
 
 def test_interpreter_bf16_dot_bug(triton_path):

@@ -57,6 +57,9 @@ class QuantSpec:
     tensor_scale_bytes: int = 0  # per-weight scalars (NVFP4: fp32 weight_scale_2 + input_scale)
     split: int = 0  # the TP split multiple SGLang's kernels need (0: the block / group size)
     split_note: str = ""  # where that multiple comes from (for refusals)
+    # Which kernel SGLang picks depends on it too (not the bytes): act-order (compressed-tensors
+    # `actorder`, GPTQ `desc_act`: a g_idx per input), which SGLang's Triton int4 MoE cannot take.
+    act_order: bool = False
 
     @property
     def split_multiple(self) -> int:
@@ -117,12 +120,17 @@ def _weights_scheme(value: Mapping) -> Optional[Mapping]:
     return None
 
 
-def _w4a16(group: int, zeros: bool) -> QuantSpec:
-    base = W4A16_G32 if group == 32 else W4A16_G128
-    if group not in (32, 128):
-        base = QuantSpec("w4a16", 4, group_size=group, scale_bytes=2, split=max(128, group), split_note=_MARLIN_K)
-    return QuantSpec(base.name, 4, group_size=group, scale_bytes=2, zero_bits=4 if zeros else 0,
-                     split=base.split, split_note=base.split_note) if zeros else base
+def _w4a16(weights: Mapping) -> QuantSpec:
+    """compressed-tensors 4-bit int weights: group size (channel strategy: one scale per row, group
+    0), symmetric or with zero points, act-order or not (``actorder``: "group" / "weight", any set
+    value keeps SGLang off its Triton MoE, compressed_tensors.py: _is_wna16_triton_moe_supported)."""
+    channel = str(weights.get("strategy") or "group").lower() == "channel"
+    group = 0 if channel else int(weights.get("group_size") or 128)
+    zeros, act_order = not weights.get("symmetric", True), bool(weights.get("actorder"))
+    if not (zeros or act_order or channel) and group in (32, 128):
+        return W4A16_G32 if group == 32 else W4A16_G128
+    return QuantSpec("w4a16", 4, group_size=group or None, per_channel=channel, scale_bytes=2,
+                     zero_bits=4 if zeros else 0, split=max(128, group), split_note=_MARLIN_K, act_order=act_order)
 
 
 def _from_config(value: Mapping) -> QuantSpec:
@@ -147,7 +155,7 @@ def _from_config(value: Mapping) -> QuantSpec:
         if bits == 4 and kind == "float":
             return NVFP4
         if bits == 4 and kind == "int":
-            return _w4a16(int(w.get("group_size") or 128), zeros=not w.get("symmetric", True))
+            return _w4a16(w)
     if method == "quark":
         text = str(value).lower()
         if "fp4" in text:
@@ -161,7 +169,7 @@ def _from_config(value: Mapping) -> QuantSpec:
         # AWQ and GPTQ store qzeros (4-bit, packed 8 per int32) per group; labelled "int4" as SGLang's
         # awq/gptq/moe_wna16 method names are (quant_spec_of), so launch and construction agree.
         zeros = 4 if method in ("awq", "gptq", "awq_marlin", "gptq_marlin") else 0
-        return QuantSpec("int4", 4, group_size=group, zero_bits=zeros)
+        return QuantSpec("int4", 4, group_size=group, zero_bits=zeros, act_order=bool(value.get("desc_act")))
     raise Step35ConfigError(
         f"unsupported quantization_config {dict(value)!r}; use one of {', '.join(QUANTS)}"
     )
@@ -216,10 +224,11 @@ def quant_spec_of(quant_config: Any) -> QuantSpec:
     if name == "modelopt_mixed":
         return NVFP4  # the experts of Step's MIXED_PRECISION exports (dense layers FP8)
     # One method name, several formats: read the checkpoint config SGLang keeps
-    # (QuarkConfig.quant_config, CompressedTensorsConfig.config).
-    raw = {"quark": "quant_config", "compressed_tensors": "config"}.get(name)
+    # (QuarkConfig.quant_config, CompressedTensorsConfig.config; MoeWNA16Config.full_config: AWQ or GPTQ).
+    raw = {"quark": "quant_config", "compressed_tensors": "config", "moe_wna16": "full_config"}.get(name)
     if raw is not None:
         config = getattr(quant_config, raw, None)
         if isinstance(config, Mapping):
-            return _from_config({**config, "quant_method": "quark" if name == "quark" else "compressed-tensors"})
+            method = {"quark": "quark", "compressed_tensors": "compressed-tensors"}.get(name, config.get("quant_method"))
+            return _from_config({**config, "quant_method": method})
     return parse_quant(name)

@@ -1,4 +1,4 @@
-"""4-bit weight-only (W4A16, INT4, group 128) checkpoints: compressed-tensors pack-quantized, AWQ, GPTQ.
+"""4-bit weight-only (W4A16, INT4, groups of 128 or 32) checkpoints: compressed-tensors pack-quantized, AWQ, GPTQ.
 
 This module is the checkpoint side (which configs, the streaming :class:`Dequantizer`, tensor
 shapes, tiny checkpoints); the per-tensor pack / quantize / dequantize codecs are in
@@ -26,7 +26,7 @@ Eight 4-bit codes are packed into one int32, code i of eight in bits 4i..4i+3.
   its eight), ``X.scales`` fp16 [K/g, N]; asymmetric (``zero_point: true``): s = (max - min) / 15,
   z = round(-min / s).
 
-Tiny checkpoints (``step35 tiny --quant w4a16|awq|gptq``) quantize what these exports quantize in
+Tiny checkpoints (``step35 tiny --quant w4a16|w4a16-g32|awq|gptq``) quantize what these exports quantize in
 Step-3.5's decoder layers: attention q/k/v/o, the dense MLPs, the shared expert and the routed experts,
 written per expert (``model.layers.L.moe.experts.E.gate_proj.*``, as quantizers write experts they
 unfused into Linear modules). Kept BF16: embeddings, norms, the router (``moe.gate``, fp32 bias),
@@ -52,7 +52,10 @@ from sglang_step35.quant.int4_codec import (  # noqa: F401  (re-exported: the fo
     gptq_tensors, pack_int32, quantize_asymmetric, quantize_symmetric, unpack_int32,
 )
 
-NAMES = ("w4a16", "awq", "gptq")
+NAMES = ("w4a16", "awq", "gptq", "w4a16-g32")
+# compressed-tensors W4A16 with groups of 32 (LLM Compressor's W4A16 with group_size 32): the other group
+# size SGLang's Triton W4A16 MoE takes (compressed_tensors.py: _is_wna16_triton_moe_supported).
+TINY_GROUP = {"w4a16-g32": 32}
 
 
 # BF16 Step-3.5 tensors (main layers) these exports quantize; routed experts are stacked [E, N, K].
@@ -218,7 +221,8 @@ def quantization_config(name: str, group: int = GROUP_SIZE, bf16_layers: Sequenc
     decoder layers stored unquantized (the MTP layers), named in the format's exclude list so that
     SGLang builds them unquantized (each format matches it against the module prefix)."""
     layers = "|".join(str(i) for i in bf16_layers)
-    if name == "w4a16":
+    group = TINY_GROUP.get(name, group)
+    if name in ("w4a16", "w4a16-g32"):
         return {
             "quant_method": "compressed-tensors",
             "format": "pack-quantized",
@@ -256,7 +260,7 @@ def quantization_config(name: str, group: int = GROUP_SIZE, bf16_layers: Sequenc
     raise ValueError(f"unknown W4A16 checkpoint name {name!r}; use one of {', '.join(NAMES)}")
 
 
-_WRITERS = {"w4a16": ct_tensors, "gptq": gptq_tensors, "awq": awq_tensors}
+_WRITERS = {"w4a16": ct_tensors, "gptq": gptq_tensors, "awq": awq_tensors, "w4a16-g32": ct_tensors}
 
 
 def quantized_name(name: str, num_hidden_layers: int) -> bool:
@@ -272,7 +276,7 @@ def write_checkpoint_tensors(weights: dict[str, torch.Tensor], cfg: dict, name: 
     n_layers = int(cfg["num_hidden_layers"])
     mtp = range(n_layers, n_layers + int(cfg.get("num_nextn_predict_layers") or 0))
     qc = quantization_config(name, bf16_layers=mtp)
-    pack = _WRITERS[name]
+    pack, group = _WRITERS[name], TINY_GROUP.get(name, GROUP_SIZE)
     out: dict[str, torch.Tensor] = {}
     bad: list[str] = []
     for key, t in weights.items():
@@ -287,13 +291,13 @@ def write_checkpoint_tensors(weights: dict[str, torch.Tensor], cfg: dict, name: 
             items = [(stem, t)]
         for base, w in items:
             try:
-                parts = pack(w, GROUP_SIZE)
+                parts = pack(w, group)
             except ValueError as e:
                 bad.append(f"{base} {list(w.shape)}: {e}")
                 break
             out.update({f"{base}.{p}": v for p, v in parts.items()})
     if bad:
-        raise ValueError(f"{name} tiny checkpoint: these weights cannot be stored as INT4 group {GROUP_SIZE} "
+        raise ValueError(f"{name} tiny checkpoint: these weights cannot be stored as INT4 group {group} "
                          "(use sizes that are multiples of 128, e.g. tiny.FP8_TINY_SPEC): " + "; ".join(bad[:4])
                          + (f"; and {len(bad) - 4} more" if len(bad) > 4 else ""))
     return out, {"quantization_config": qc}
