@@ -337,11 +337,9 @@ ROWS: tuple[Row, ...] = (
     Row(QUANT, ("nvfp4",), ("cpu",), True,
         "dequantized to the server dtype at load (SGLang's FP4 kernels need a GPU; sglang_step35/quant)",
         "tests/test_quant_served.py, tests/test_quant_fp4_load.py"),
-    Row(QUANT, ("mxfp4",), ("cpu",), False,
-        "served on a CPU (dequantized at load) gives logprobs 1.58 off the reference on the same weights "
-        "(tests/test_quant_served.py), although every loaded weight equals SGLang's own MXFP4 decode "
-        "(tests/test_quant_fp4_load.py): the served path differs somewhere not yet found (issue #25)",
-        "tests/test_quant_served.py", "serve the BF16 or the block-FP8 (128x128) checkpoint"),
+    Row(QUANT, ("mxfp4",), ("cpu",), True,
+        "dequantized to the server dtype at load (SGLang's FP4 kernels need a GPU; sglang_step35/quant/mxfp4.py)",
+        "tests/test_quant_served.py, tests/test_quant_fp4_load.py"),
     # --- expert-parallel load balancing: each flag served at its default only ---
     *_default_only(REDUNDANT, "0", "one physical slot per logical expert", "N > 0",
                    "our FusedMoE holds the config's logical experts only, while SGLang's dispatcher addresses "

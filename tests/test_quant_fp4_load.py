@@ -248,8 +248,8 @@ def test_sglangs_builtin_class_builds_mixed_precision_experts_unquantized(on_nvi
 def test_fp4_experts_are_refused_on_gpus_by_name(on_nvidia, ckpts):
     """No SGLang 0.5.23 FP4 MoE kernel is verified with Step's router, and none computes Step's clamp:
     building the NVFP4 model as on an H100 or the MXFP4 one as on an MI300X stops at the first MoE
-    layer with the reason; a clamped layer names what its kernels do to the clamp; on a CPU NVFP4 is
-    served (dequantized at load)."""
+    layer with the reason; a clamped layer names what its kernels do to the clamp; on a CPU NVFP4 and
+    MXFP4 are served (dequantized at load)."""
     from sglang_step35 import served
     from sglang_step35.served import NotServedError
 
@@ -270,10 +270,9 @@ def test_fp4_experts_are_refused_on_gpus_by_name(on_nvidia, ckpts):
     for (quant, platform), head in clamped.items():
         why = served.refusals(served.Setting(platform, quant=quant, clamped_layers=(43, 44)))
         assert len(why) == 1 and why[0].startswith(head), why
-    assert served.refusals(served.Setting("cpu", quant="nvfp4", clamped_layers=(43, 44))) == []
-    # MXFP4 on a CPU loads exactly (below) but its served logprobs are off the reference: refused by name.
-    (why,) = served.refusals(served.Setting("cpu", quant="mxfp4", clamped_layers=(43, 44)))
-    assert why.startswith("mxfp4 experts served on a CPU (dequantized at load) gives logprobs")
+    # On a CPU both are dequantized at load (below) and served (tests/test_quant_served.py).
+    for quant in ("nvfp4", "mxfp4"):
+        assert served.refusals(served.Setting("cpu", quant=quant, clamped_layers=(43, 44))) == [], quant
 
 
 def _oracle_bf16(w: dict) -> dict:

@@ -6,8 +6,17 @@ loader dequantizes each weight with the format's Dequantizer (models/weights.py
 on the same dequantized weights: at every output position the served token is the reference's argmax
 (teacher-forced on the served sequence) wherever the reference's top-2 margin exceeds the bf16 server's
 tolerance, and every position's logprobs are within BF16_TOL (measured: w8a8-int8 0.046,
-w8a8-int8-ct 0.052, w4a16 0.056); AWQ / GPTQ serve in float16, the only dtype SGLang's configs for them accept,
-within 0.02 (measured: awq 0.0057, gptq 0.0064). Teeth: the same weights mis-scaled are far off. A format joins by registering in
+w8a8-int8-ct 0.052, w4a16 0.056, mxfp4 0.042 after its one near-tie route); AWQ / GPTQ serve in float16, the only dtype SGLang's configs for them accept,
+within 0.02 (measured: awq 0.0057, gptq 0.0064). Teeth: the same weights mis-scaled are far off.
+
+A router near a tie: Step's top-k picks experts by `sigmoid(x @ gate) + bias`; where the k-th and the
+(k+1)-th are closer than bf16's rounding of x can move them (ROUTE_TIE), the bf16 server may take the
+runner-up, and that one expert changes the position's logprobs far beyond the tolerance and, through
+attention, every later position's a little. The MXFP4 tiny (seed 7) has one: layer 2 (its first MoE), prompt position
+21, margin 0.0019 — served in bf16 it took the runner-up (1.58 off there, up to 0.35 later), served in
+float16 it did not (0.006 everywhere). Such a flip is a property of the weights, not of the loader, so
+when the plain reference is off, the reference that takes the runner-up at one near-tie decision
+(`RouteTies`) must match within the tolerance everywhere; the test names the decision. A format joins by registering in
 sglang_step35.quant; one the allow-list (sglang_step35.served) does not serve on CPU must be refused
 at launch by name (block FP8 is served in tests/test_weights_loading.py).
 """
@@ -37,6 +46,7 @@ SERVER_DTYPE = {"awq": "float16", "gptq": "float16"}
 # Served with no --dtype: the launch policy's CPU defaults pick the dtype the method accepts (platform/cpu.py).
 DTYPE_BY_DEFAULT = ("awq",)
 TOL = {"bfloat16": BF16_TOL, "float16": 0.02}  # fp16 keeps 3 more mantissa bits than bf16
+ROUTE_TIE = 0.01  # top-k margins below this are within bf16 noise of a tie (flipped one: 0.0019)
 _PER_EXPERT = re.compile(r"^(.*\.moe\.)experts\.(\d+)\.((?:gate|up|down)_proj\.weight)$")
 
 
@@ -56,6 +66,53 @@ def dequantized_stacked(fmt, ckpt) -> dict[str, torch.Tensor]:
     for name, per in experts.items():
         out[name] = torch.stack([per[e] for e in range(len(per))])
     return out
+
+
+class RouteTies(Step35Reference):
+    """The reference, recording every routing decision within ROUTE_TIE of a tie as (MoE layer,
+    position, margin) in `ties`, and taking the runner-up for the k-th expert at the (layer,
+    position) given as `flip`. Positions are rows of one unbatched sequence."""
+
+    def __init__(self, *args, flip: tuple[int, int] | None = None, **kw):
+        super().__init__(*args, **kw)
+        self.flip, self.ties = flip, []
+
+    def route(self, i: int, x: torch.Tensor):
+        ids, weights = super().route(i, x)
+        c, p = self.cfg, f"model.layers.{i}.moe."
+        k = int(c["moe_top_k"])
+        scores = torch.sigmoid(x.float() @ self.w[p + "gate.weight"].t())
+        biased = scores + self.w[p + "router_bias"] if c.get("use_moe_router_bias", True) else scores
+        top = biased.topk(k + 1, dim=-1)
+        margin = top.values[:, k - 1] - top.values[:, k]
+        self.ties += [(i, int(r), float(margin[r])) for r in (margin < ROUTE_TIE).nonzero().flatten()]
+        if self.flip is None or self.flip[0] != i:
+            return ids, weights
+        # The runner-up in the k-th expert's slot, weighted as the router weights any choice: the
+        # unbiased scores of the chosen experts, renormalised, times the scaling factor.
+        r = self.flip[1]
+        ids = top.indices[:, :k].clone()
+        ids[r, k - 1] = top.indices[r, k]
+        w = scores.gather(-1, ids)
+        if c.get("norm_expert_weight", True):
+            w = w / w.sum(-1, keepdim=True)
+        return ids, w * float(c.get("moe_router_scaling_factor") or 1.0)
+
+
+def reference_for_served(ckpt, weights: dict, seq: list, got: torch.Tensor, tol: float):
+    """(logprobs, what they are) of the reference the served logprobs `got` on `seq` match: the plain
+    one, else the one with a single near-tie routing decision taken the other way (smallest margin
+    first); the plain one's when none matches (the caller's tolerance check then fails)."""
+    ref = RouteTies(ckpt, weights=weights)
+    want = ref.logprobs(seq[:-1])
+    if max_abs_diff(got, want) <= tol:
+        return want, "the reference"
+    for layer, pos, margin in sorted(ref.ties, key=lambda t: t[2]):
+        alt = RouteTies(ckpt, weights=weights, flip=(layer, pos)).logprobs(seq[:-1])
+        if max_abs_diff(got, alt) <= tol:
+            return alt, (f"the reference with the runner-up expert at MoE layer {layer}, position {pos} "
+                         f"(a near tie: top-k margin {margin:.4f}; plain reference {max_abs_diff(got, want):.3f} off)")
+    return want, f"the reference (near ties tried: {sorted(ref.ties, key=lambda t: t[2])[:8]})"
 
 
 def misscaled(weights: dict, n_layers: int) -> dict[str, torch.Tensor]:
@@ -81,8 +138,7 @@ def test_quantized_tiny_serves_on_cpu_with_the_references_greedy_tokens(tmp_path
         assert refused[:60] in server.log_text()
         return
     weights = dequantized_stacked(fmt, ckpt)
-    ref = Step35Reference(ckpt, weights=weights)
-    V = int(ref.cfg["vocab_size"])
+    V = int(cfg["vocab_size"])
     prompt = [(37 * i + 11) % 900 + 20 for i in range(24)]
     dtype = SERVER_DTYPE.get(name, "bfloat16")
     tol = TOL[dtype]
@@ -94,11 +150,11 @@ def test_quantized_tiny_serves_on_cpu_with_the_references_greedy_tokens(tmp_path
         assert f"--dtype {dtype} for this {name} checkpoint" in log
     assert OUR_CLASS_LINE in log and f"dequantizing {fmt.NAMES[0].upper()} weights at load" in log
     seq = full_sequence(prompt, resp)
-    want = ref.logprobs(seq[:-1])
     got = served_logprobs(resp, V)
+    want, which = reference_for_served(ckpt, weights, seq, got, tol)
     diff = max_abs_diff(got, want)
-    print(f"{name} served: max |logprob diff| vs the reference on its dequantized weights {diff:.4f}")
-    assert diff <= tol
+    print(f"{name} served: max |logprob diff| vs {which} on its dequantized weights {diff:.4f}")
+    assert diff <= tol, f"{diff:.4f} off {which}"
     out = torch.tensor(seq[len(prompt):])
     ref_out = want[len(prompt) - 1:]
     top2 = ref_out.topk(2, dim=-1).values
@@ -108,5 +164,5 @@ def test_quantized_tiny_serves_on_cpu_with_the_references_greedy_tokens(tmp_path
     assert int(clear.sum()) >= 3, "too few positions with a clear reference argmax to compare"
     assert torch.equal(out[clear], ref_out.argmax(-1)[clear]), "served greedy tokens differ from the reference"
     # Teeth: the same weights mis-scaled are another model.
-    wrong = Step35Reference(ckpt, weights=misscaled(weights, ref.cfg["num_hidden_layers"]))
+    wrong = Step35Reference(ckpt, weights=misscaled(weights, cfg["num_hidden_layers"]))
     assert max_abs_diff(got, wrong.logprobs(seq[:-1])) > 4 * tol
