@@ -127,8 +127,10 @@ def served_trained(trained_dir):
     from sglang_step35.server import SGLangServer
 
     # --enable-custom-logit-processor lets tests force the model's output text
-    # (tests/reference/forced_output.py) to drive the parsers.
-    server = SGLangServer(str(trained_dir), [*TRAINED_SERVER_ARGS, "--enable-custom-logit-processor"])
+    # (tests/reference/forced_output.py) to drive the parsers; --enable-cache-report gives the cached
+    # share of each prompt to the agent-sessions bench's smoke run (tests/test_bench_agent.py).
+    server = SGLangServer(str(trained_dir), [*TRAINED_SERVER_ARGS, "--enable-custom-logit-processor",
+                                             "--enable-cache-report"])
     server.start()
     yield server
     server.stop()

@@ -1,9 +1,10 @@
 """Smoke of the agent sessions bench (bench/agent_sessions.py, `make bench-agent`) at tiny size.
 
-Two concurrent sessions x two turns against the trained tiny checkpoint served with the bench's own
-CPU flags (the hybrid SWA pool at the ratio the launch policy plans, --enable-cache-report): the
-JSON carries every per-turn field, and the second turn of each session serves at least 90% of its
-prompt from SGLang's radix cache (issue 26's target).
+Two concurrent sessions x two turns (`--base-url`, as against a real deployment) on the session's
+trained tiny server (conftest `served_trained`: the hybrid SWA pool at the ratio the launch policy
+plans, --enable-cache-report, the step3p5 parsers); the bench's own servers (its CPU flags, the
+other pool set-ups) are `make bench-agent`'s. The JSON carries every per-turn field, and the second
+turn of each session serves at least 90% of its prompt from SGLang's radix cache (issue 26's target).
 """
 
 from __future__ import annotations
@@ -24,19 +25,11 @@ RECORD_FIELDS = {"session", "turn", "round", "resumed_after_park", "prompt_token
                  "ttft_ms", "completion_tokens", "tool_call"}
 
 
-@pytest.fixture(scope="module")
-def planned_server(trained_dir):
-    from sglang_step35.server import SGLangServer
-
-    server = SGLangServer(str(trained_dir), [*agent_sessions.CPU_SERVER_ARGS, "--skip-server-warmup"])
-    server.start()
-    yield server
-    server.stop()
-
-
 @pytest.mark.server
-def test_agent_bench_smoke(planned_server, tmp_path):
-    # The launch policy planned the SWA ratio for this server (the "planned" set-up).
+def test_agent_bench_smoke(served_trained, tmp_path):
+    # The session's trained-checkpoint server (conftest: --enable-cache-report, no explicit
+    # --swa-full-tokens-ratio): the launch policy planned its SWA ratio (the "planned" set-up).
+    planned_server = served_trained
     assert agent_sessions.PLANNED_RE.search(planned_server.log_text()), planned_server.log_tail()
     rc = agent_sessions.main(["--base-url", planned_server.base_url, "--label", "planned", "--sessions", "2",
                               "--turns", "2", "--scenarios", "steady", "--max-tokens", "12", "--out", str(tmp_path),
