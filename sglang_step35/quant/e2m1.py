@@ -54,3 +54,10 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"packed FP4 weight is {str(packed.dtype).removeprefix('torch.')}, expected uint8")
     lo, hi = packed & 0xF, packed >> 4
     return torch.stack([lo, hi], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def checkpoint_shapes(bf16_shape: tuple, group: int) -> tuple[tuple, tuple]:
+    """(packed weight, block scales) shapes of a weight whose BF16 shape is [..., N, K], packed as
+    :func:`pack` does with one scale per `group` elements along K: ([..., N, K/2], [..., N, K/group])."""
+    *lead, n, k = bf16_shape
+    return (*lead, n, k // 2), (*lead, n, k // group)

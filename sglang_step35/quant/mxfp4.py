@@ -117,12 +117,8 @@ def _quantized(name: str, n: int) -> bool:
 def checkpoint_shape(leaf: str, bf16_shape: tuple, quantization_config: dict) -> Optional[tuple]:  # noqa: ARG001
     """Shape of the checkpoint tensor `<module>.<leaf>` whose BF16 weight has `bf16_shape` ([..., N, K];
     None: not a tensor of this format)."""
-    *lead, n, k = bf16_shape
-    if leaf == "weight":
-        return (*lead, n, k // 2)
-    if leaf == "weight_scale":
-        return (*lead, n, k // GROUP)
-    return None
+    packed, scales = e2m1.checkpoint_shapes(bf16_shape, GROUP)
+    return {"weight": packed, "weight_scale": scales}.get(leaf)
 
 
 def write_checkpoint_tensors(weights: dict[str, torch.Tensor], cfg: dict, name: str) -> tuple[dict, dict]:

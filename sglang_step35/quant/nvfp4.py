@@ -175,17 +175,12 @@ def checkpoint_shape(leaf: str, bf16_shape: tuple, quantization_config: dict) ->
     """Shape of the checkpoint tensor `<module>.<leaf>` whose BF16 weight has `bf16_shape` ([..., N, K];
     None: not a tensor of this format, or not knowable from the leaf alone: in a MIXED_PRECISION
     checkpoint `weight` / `weight_scale` depend on the module's algorithm, FP8 or NVFP4)."""
-    *lead, n, k = bf16_shape
     if leaf in ("weight_scale_2", "input_scale"):
-        return tuple(lead)  # one per expert for stacked experts, a scalar for a Linear
+        return tuple(bf16_shape[:-2])  # one per expert for stacked experts, a scalar for a Linear
     if str(_section(quantization_config).get("quant_algo", "")).upper() != "NVFP4":
         return None
-    group = int(_section(quantization_config).get("group_size") or GROUP)
-    if leaf == "weight":
-        return (*lead, n, k // 2)
-    if leaf == "weight_scale":
-        return (*lead, n, k // group)
-    return None
+    packed, scales = e2m1.checkpoint_shapes(bf16_shape, int(_section(quantization_config).get("group_size") or GROUP))
+    return {"weight": packed, "weight_scale": scales}.get(leaf)
 
 
 # ---------------------------------------------------------------- writer
