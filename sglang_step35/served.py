@@ -142,6 +142,7 @@ _NO_A2A = ("drop --moe-a2a-backend: SGLang's standard dispatcher serves every la
            "where TP would cut its quantization blocks")
 _FP4_REFUSED = "tests/test_quant_fp4_load.py::test_fp4_experts_are_refused_on_gpus_by_name"
 _FP4_INSTEAD = "serve the BF16 or the block-FP8 (128x128, Step-3.5-Flash-FP8) checkpoint"
+_CT_NVFP4_REFUSED = "tests/test_quant_nvfp4_ct_load.py::test_nvfp4_ct_is_refused_on_gpus_by_name_and_served_on_cpu"
 _W4A16_SERVED = "tests/test_quant_w4a16_moe.py, tests/test_quant_w4a16_load.py"
 _W4A16_REFUSED = "tests/test_quant_w4a16_load.py::test_int4_off_the_triton_path_is_refused_at_launch_and_construction"
 _MARLIN_CLAMP = ("SGLang's Marlin MoE, which drops Step's clamp: it reads gemm1_clamp_limit only with GPT-OSS's "
@@ -315,6 +316,18 @@ ROWS: tuple[Row, ...] = (
         "on CUDA: compressed_tensors_wNa16.py, marlin_utils.py); its experts get CompressedTensorsWNA16TritonMoE "
         "whatever the runner, without the CUDA check, so zero points and act-order would be dropped",
         _W4A16_VARIANTS, "serve the BF16 or the block-FP8 (128x128) checkpoint"),
+    # AutoRound's own config (quant_method auto-round): SGLang's AutoRoundConfig picks the kernels per layer.
+    Row(QUANT, ("autoround",), GPUS, False,
+        "(AutoRound's own config, quant_method auto-round) are built by SGLang's AutoRoundConfig, which on CUDA runs "
+        f"them on GPTQ-Marlin's MoE (GPTQMarlinMoEMethod) wherever Marlin supports the layer, i.e. on {_MARLIN_CLAMP}; "
+        "SGLang rejects --quantization moe_wna16 for quant_method auto-round (ModelConfig: not a compatible method); "
+        "ROCm (no Marlin: MoeWNA16's Triton MoE with GPTQ's exllama linears) is unverified",
+        "tests/test_quant_autoround_load.py::test_autoround_is_refused_on_gpus_with_the_route_that_serves_its_tensors",
+        "an auto_round:auto_gptq export stores GPTQ's tensors: rewrite its quantization_config as GPTQ's "
+        "(sglang_step35.quant.autoround.gptq_config) and add --quantization moe_wna16 (SGLang's Triton int4 MoE)"),
+    Row(QUANT, ("autoround",), ("cpu",), True,
+        "dequantized to the server dtype at load (SGLang's AutoRound CPU path needs AMX; sglang_step35/quant/autoround.py)",
+        "tests/test_quant_served.py, tests/test_quant_autoround_load.py"),
     Row(QUANT, ("int4", "w4a16", "w4a16-g32"), ("cpu",), True,
         "dequantized to the server dtype at load (SGLang's int4 kernels need a GPU; sglang_step35/quant/w4a16.py)",
         "tests/test_quant_served.py, tests/test_quant_w4a16.py"),
@@ -334,6 +347,21 @@ ROWS: tuple[Row, ...] = (
         "run on SGLang's CUDA / CK FP4 kernels only (ModelOpt NVFP4: Marlin, FlashInfer; Quark MXFP4: AITER, "
         "ROCm only), which no test here verifies with Step's sigmoid + bias router",
         _FP4_REFUSED, _FP4_INSTEAD),
+    # compressed-tensors NVFP4 (LLM Compressor): SGLang's CompressedTensorsConfig picks other kernels than ModelOpt's.
+    Row(QUANT, ("nvfp4-ct",), ("nvidia",), False,
+        "on the SwiGLU-clamped layers {layers}: SGLang's compressed-tensors NVFP4 MoE would drop or change Step's "
+        "min(silu(gate), L) * clamp(up, ±L) on every kernel it has — below sm100 CompressedTensorsW4A16Nvfp4MoE runs "
+        "FP4 Marlin (MoeRunner MARLIN, which passes a clamp only with a GPT-OSS gemm1_alpha: moe_runner/marlin.py), on "
+        "sm100 CompressedTensorsW4A4Nvfp4MoE runs FlashInfer CUTLASS (clamps the raw gate before silu, GPT-OSS style: "
+        "materialize_swiglu_params_for_cutlass) or TRT-LLM (its own routing and [up, gate] layout)",
+        _CT_NVFP4_REFUSED, _FP4_INSTEAD, when="clamped"),
+    Row(QUANT, ("nvfp4-ct",), GPUS, False,
+        "run on SGLang's CUDA FP4 kernels only (compressed-tensors NVFP4: FP4 Marlin, FlashInfer CUTLASS / TRT-LLM), "
+        "which no test here verifies with Step's sigmoid + bias router",
+        _CT_NVFP4_REFUSED, _FP4_INSTEAD),
+    Row(QUANT, ("nvfp4-ct",), ("cpu",), True,
+        "dequantized to the server dtype at load (SGLang's FP4 kernels need a GPU; sglang_step35/quant/nvfp4_ct.py)",
+        "tests/test_quant_served.py, tests/test_quant_nvfp4_ct_load.py"),
     Row(QUANT, ("nvfp4",), ("cpu",), True,
         "dequantized to the server dtype at load (SGLang's FP4 kernels need a GPU; sglang_step35/quant)",
         "tests/test_quant_served.py, tests/test_quant_fp4_load.py"),

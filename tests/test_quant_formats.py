@@ -52,7 +52,7 @@ def test_every_registered_tiny_is_recognised_and_dequantizes_close_to_its_bf16_w
         # FP4 E2M1's widest gap, 4 to 6, is 1/3 of its range: NVFP4 half of it is amax/6 up to the E4M3
         # block scale's rounding (< amax/5), MXFP4's power-of-two scale up to twice that, < amax/3);
         # a dropped or misplaced scale is off by orders of magnitude.
-        bound = {"nvfp4": 5, "modelopt-mixed": 5, "mxfp4": 3}.get(name, 8)
+        bound = {"nvfp4": 5, "modelopt-mixed": 5, "nvfp4-ct": 5, "mxfp4": 3}.get(name, 8)
         assert err <= t.float().abs().max().item() / bound, (key, err)
         # MTP layers stay BF16 in re-exports (block FP8 is the official export, whose MTP
         # projections are FP8 like the main layers').

@@ -104,6 +104,21 @@ W4A16_G128 = QuantSpec("w4a16", 4, group_size=128, scale_bytes=2, split=128, spl
 W4A16_G32 = QuantSpec("w4a16", 4, group_size=32, scale_bytes=2, split=128, split_note=_MARLIN_K)
 NVFP4 = QuantSpec("nvfp4", 4, group_size=16, scale_bytes=1, tensor_scale_bytes=8, split=64,
                   split_note="NVFP4 MoE gated tile (modelopt_quant.py: ModelOptNvFp4FusedMoEMethod; vllm #48921)")
+# compressed-tensors NVFP4: NVFP4's bytes (weight_global_scale + input_global_scale for ModelOpt's two
+# scalars), its own allow-list label (other SGLang kernels: compressed_tensors_w4a16_nvfp4_moe.py's FP4
+# Marlin, which also needs intermediate_size_per_partition % 64; w4a4_nvfp4_moe.py on sm100).
+NVFP4_CT = QuantSpec("nvfp4-ct", 4, group_size=16, scale_bytes=1, tensor_scale_bytes=8, split=64,
+                     split_note="compressed-tensors NVFP4 MoE (compressed_tensors_w4a16_nvfp4_moe.py: "
+                                "intermediate_size_per_partition % 64)")
+
+
+def autoround_spec(group: int = 128) -> QuantSpec:
+    """AutoRound's own config (quant_method auto-round): GPTQ's (or AWQ's) tensors, qzeros stored
+    either way, under SGLang's AutoRoundConfig, which picks Marlin or MoeWNA16 per layer: its own
+    allow-list label; Marlin's dense linears need K % 128 per partition."""
+    return QuantSpec("autoround", 4, group_size=group, zero_bits=4, split=128, split_note=_MARLIN_K)
+
+
 MXFP4 = QuantSpec("mxfp4", 4, group_size=32, scale_bytes=1,
                   split_note="OCP MX block (quark_w4a4_mxfp4_moe.py: QuarkW4A4MXFp4MoE.create_weights)")
 # `step35 plan --quant` names: the formats of `step35 tiny --quant` plus bf16 / fp8 / int4.
@@ -153,7 +168,7 @@ def _from_config(value: Mapping) -> QuantSpec:
         if bits == 8 and kind == "int":
             return W8A8_INT8
         if bits == 4 and kind == "float":
-            return NVFP4
+            return NVFP4_CT if w.get("group_size") == 16 else NVFP4
         if bits == 4 and kind == "int":
             return _w4a16(w)
     if method == "quark":
@@ -162,6 +177,8 @@ def _from_config(value: Mapping) -> QuantSpec:
             return MXFP4
         if "int8" in text:
             return W8A8_INT8
+    if method in ("auto-round", "auto_round"):
+        return autoround_spec(int(value.get("group_size") or 128))
     if method in ("awq", "gptq", "awq_marlin", "gptq_marlin", "auto-round", "auto_round", "moe_wna16") or int(
         value.get("bits", value.get("w_bit", 0)) or 0
     ) == 4:
@@ -190,6 +207,8 @@ def parse_quant(value: Any) -> QuantSpec:
             return INT4_G128
         if value == "w8a8_int8":
             return W8A8_INT8
+        if value in ("auto-round", "auto_round"):
+            return autoround_spec()
         if value in ("modelopt_fp4", "w4a4_nvfp4"):
             return NVFP4
         if value in ("mxfp4", "quark_mxfp4"):
@@ -223,6 +242,8 @@ def quant_spec_of(quant_config: Any) -> QuantSpec:
         return QuantSpec("fp8", 8, block=tuple(block)) if block else QuantSpec("fp8", 8)
     if name == "modelopt_mixed":
         return NVFP4  # the experts of Step's MIXED_PRECISION exports (dense layers FP8)
+    if name == "auto-round":  # AutoRoundConfig keeps no raw config, only what it parsed
+        return autoround_spec(int(getattr(quant_config, "group_size", 128) or 128))
     # One method name, several formats: read the checkpoint config SGLang keeps
     # (QuarkConfig.quant_config, CompressedTensorsConfig.config; MoeWNA16Config.full_config: AWQ or GPTQ).
     raw = {"quark": "quant_config", "compressed_tensors": "config", "moe_wna16": "full_config"}.get(name)

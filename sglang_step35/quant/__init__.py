@@ -25,10 +25,10 @@ from typing import Any, Optional
 from sglang_step35 import fp8
 from sglang_step35.quant import int8
 from sglang_step35.quant import w4a16
-from sglang_step35.quant import mxfp4, nvfp4
+from sglang_step35.quant import autoround, mxfp4, nvfp4, nvfp4_ct
 
 # Allow-list: a format is loaded only once its module is listed here (one line per format).
-FORMATS: tuple[ModuleType, ...] = (fp8, int8, w4a16, nvfp4, mxfp4)
+FORMATS: tuple[ModuleType, ...] = (fp8, int8, w4a16, nvfp4, mxfp4, nvfp4_ct, autoround)
 
 
 def format_for(quantization_config: Optional[dict]) -> Optional[ModuleType]:
