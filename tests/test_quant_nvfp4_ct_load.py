@@ -5,7 +5,8 @@ loader builds it (`_get_quantization_config` + `_initialize_model`; the draft wi
 `draft_model_idx`) while SGLang's capability probe answers as an H100 (sm_90) during construction
 only: SGLang's CompressedTensorsConfig then picks its weight-only NVFP4 schemes (W4A4 NVFP4 needs
 sm100), CompressedTensorsW4A16Nvfp4MoE for the experts and CompressedTensorsW4A16Fp4 for the linears,
-both keeping the checkpoint's `input_global_scale`. We stop before `process_weights_after_loading`
+both keeping the checkpoint's `input_global_scale`; as a B200 (sm100) it picks the W4A4 schemes, whose
+CUTLASS MoE takes w13 as [up; gate]. We stop before `process_weights_after_loading`
 (the FP4 Marlin repack needs the GPU). Bit-exact: packed FP4 and E4M3 scales concatenated in fused
 shard order (q/k/v, gate/up; per-expert tensors into w13 / w2 per expert), the fp32 global scales one
 per shard. The routed experts are refused on GPUs by name (no SGLang NVFP4 MoE kernel computes Step's
@@ -47,10 +48,15 @@ def as_h100():
         yield mp
 
 
-def build(ckpt, mp, draft_idx=None, record=None):
-    """Our model as SGLang builds it on an H100; refusals recorded into `record` (None: raised)."""
+def build(ckpt, mp, draft_idx=None, record=None, blackwell=False):
+    """Our model as SGLang builds it on an H100 (a B200: `blackwell`); refusals recorded into
+    `record` (None: raised)."""
+    from sglang.srt.runtime_context import get_platform
+
     with mp.context() as m:
-        m.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0))
+        m.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (10, 0) if blackwell else (9, 0))
+        if blackwell:  # CompressedTensorsW4A4Nvfp4MoE asks SGLang's platform context
+            m.setattr(type(get_platform()), "is_blackwell", property(lambda self: True), raising=False)
         if record is not None:
             m.setattr(served, "check", lambda setting, flags=served.FLAGS: record.extend(served.refusals(setting, flags)))
         return gpu_contract.build_like_sglang(ckpt, draft_idx=draft_idx)
@@ -60,11 +66,12 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
 
 
-def expected(w: dict, prefix: str, suffix: str, param: torch.Tensor):
-    """What parameter `prefix + suffix` must hold, from checkpoint tensors `w` (None: nothing feeds it)."""
+def expected(w: dict, prefix: str, suffix: str, param: torch.Tensor, up_first: bool = False):
+    """What parameter `prefix + suffix` must hold, from checkpoint tensors `w` (None: nothing feeds it);
+    `up_first`: w13 rows as [up; gate] (the sm100 CUTLASS layout, `load_up_proj_weight_first`)."""
     if suffix.startswith("moe.experts.w"):
         shard, leaf = suffix[len("moe.experts.w"):].split("_", 1)
-        projs = ["gate_proj", "up_proj"] if shard == "13" else ["down_proj"]
+        projs = (["up_proj", "gate_proj"] if up_first else ["gate_proj", "up_proj"]) if shard == "13" else ["down_proj"]
         n = len({k.split(".")[5] for k in w if k.startswith(prefix + "moe.experts.")})
         per = [torch.cat([w[f"{prefix}moe.experts.{e}.{p}.{leaf}"] for p in projs]) for e in range(n)]
         return torch.stack(per).reshape(param.shape)
@@ -73,12 +80,12 @@ def expected(w: dict, prefix: str, suffix: str, param: torch.Tensor):
     return None if any(p is None for p in parts) else torch.cat([p.reshape(-1, *p.shape[1:]) for p in parts])
 
 
-def assert_every_param_written(model, w: dict, map_name) -> set[str]:
+def assert_every_param_written(model, w: dict, map_name, up_first: bool = False) -> set[str]:
     """Every parameter holds its checkpoint tensors bit for bit; returns the packed FP4 ones."""
     packed, wrong = set(), []
     for name, p in model.named_parameters():
         prefix, suffix = map_name(name)
-        want = expected(w, prefix, suffix, p)
+        want = expected(w, prefix, suffix, p, up_first)
         assert want is not None, f"{name}: no checkpoint tensor ({prefix}{suffix})"
         if want.dtype == torch.bfloat16 and p.dtype == torch.float32:
             want = want.float()  # the fp32 router holds the checkpoint's bf16 gate upcast
@@ -123,6 +130,25 @@ def test_nvfp4_ct_loads_bit_exact_under_sglangs_compressed_tensors_schemes_main_
         mtp.load_weights(w.items())
         assert assert_every_param_written(mtp, w, mtp_name(n + step)) == set()
         assert type(mtp.layer.self_attn.qkv_proj.quant_method).__name__ == "UnquantizedLinearMethod"
+
+
+def test_nvfp4_ct_on_sm100_loads_bit_exact_under_the_w4a4_schemes_up_projection_first(as_h100, ckpt):
+    """On a B200 (sm100) SGLang picks the W4A4 schemes, whose CUTLASS MoE loads w13 as [up; gate]
+    (`load_up_proj_weight_first`): the same checkpoint lands in that order, every byte."""
+    from sglang.srt.layers.quantization.compressed_tensors.schemes import (
+        CompressedTensorsW4A4Fp4,
+        CompressedTensorsW4A4Nvfp4MoE,
+    )
+
+    w = load_file(str(ckpt / "model.safetensors"))
+    refused: list[str] = []
+    model, _ = build(ckpt, as_h100, record=refused, blackwell=True)
+    assert refused and all(r.startswith("nvfp4-ct experts") for r in refused), refused
+    model.load_weights(w.items())
+    experts = model.model.layers[3].moe.experts
+    assert isinstance(experts.scheme, CompressedTensorsW4A4Nvfp4MoE) and experts.quant_method.load_up_proj_weight_first
+    assert isinstance(model.model.layers[0].self_attn.qkv_proj.scheme, CompressedTensorsW4A4Fp4)
+    assert "model.layers.3.moe.experts.w13_weight_packed" in assert_every_param_written(model, w, main_name, up_first=True)
 
 
 def test_nvfp4_ct_is_refused_on_gpus_by_name_and_served_on_cpu(as_h100, ckpt):
