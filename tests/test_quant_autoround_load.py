@@ -165,6 +165,12 @@ def test_autoround_is_refused_on_gpus_with_the_route_that_serves_its_tensors(as_
     assert served.refusals(served.Setting("cpu", quant="autoround", clamped_layers=(43, 44))) == []
     (why,) = served.refusals(served.Setting("amd", quant="autoround"))
     assert why.startswith("autoround experts")
+    from sglang_step35.moe.policy import guard_moe_layout  # at launch, from the checkpoint's config
+
+    cfg = json.loads((ckpt / "config.json").read_text())
+    refused = guard_moe_layout(dict(tp_size=1, ep_size=1), cfg, "cuda", aiter=False)
+    assert refused.action == "refuse" and "autoround experts" in refused.message, refused.message
+    assert guard_moe_layout(dict(tp_size=1, ep_size=1), cfg, "cpu", aiter=False).action != "refuse"
     # SGLang rejects the Triton flag for quant_method auto-round ...
     with pytest.raises(ValueError, match=r"\(auto-round\) does not match .* \(moe_wna16\)"):
         build(ckpt, as_h100, quantization="moe_wna16")

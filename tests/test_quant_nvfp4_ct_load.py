@@ -163,6 +163,14 @@ def test_nvfp4_ct_is_refused_on_gpus_by_name_and_served_on_cpu(as_h100, ckpt):
     (why,) = served.refusals(served.Setting("amd", quant="nvfp4-ct"))
     assert why.startswith("nvfp4-ct experts run on SGLang's CUDA FP4 kernels only")
     assert served.refusals(served.Setting("cpu", quant="nvfp4-ct", clamped_layers=(43, 44))) == []
+    # At launch: the guard SGLang's launch calls reads the checkpoint's config the same way.
+    from sglang_step35.moe.policy import guard_moe_layout
+
+    def launch(platform):
+        return guard_moe_layout(dict(tp_size=1, ep_size=1), cfg, platform, aiter=False)
+
+    assert launch("cuda").action == "refuse" and "nvfp4-ct experts" in launch("cuda").message
+    assert launch("cpu").action != "refuse"
 
 
 def test_on_a_cpu_nvfp4_ct_loads_as_compressed_tensors_and_sglang_decode_it(ckpt):
