@@ -202,6 +202,12 @@ def test_autoround_config_reading():
     assert quant.format_for({**qc, "packing_format": "auto_round:auto_awq"}) is autoround
     assert quant.format_for({**qc, "bits": 8}) is None and quant.format_for({**qc, "data_type": "fp"}) is None
     assert not w4a16.matches(qc)
+    # The planner's bytes: GPTQ's (packed int4, fp16 scales and 4-bit qzeros per group of 128).
+    from sglang_step35.moe.quant import parse_quant
+
+    spec, gptq = parse_quant(qc), parse_quant(autoround.gptq_config(qc))
+    assert spec.name == "autoround" and spec.linear_bytes(1280, 4096) == gptq.linear_bytes(1280, 4096) == (
+        1280 * 4096 // 2 + 1280 * 32 * 2 + 1280 * 32 // 2)
     dyn = autoround.gptq_config(qc)["dynamic"]
     assert set(dyn) == {r"-:^model\.layers\.0\.self_attn\.g_proj$", r"-:^(?:model\.layers\.(5|6)\..*)$"}
     with pytest.raises(ValueError, match="quantized unlike the rest"):

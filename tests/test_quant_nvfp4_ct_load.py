@@ -239,3 +239,9 @@ def test_dequantizer_names_missing_misshaped_and_accepts_scalar_global_scales():
     mx = {"quant_method": "compressed-tensors", "config_groups": {"g": {
         "weights": {"type": "float", "num_bits": 4, "group_size": 32, "strategy": "group"}}}}
     assert not nvfp4_ct.matches(mx)  # MXFP4 (group 32, E8M0 scales) is another format
+    # The planner's bytes are ModelOpt NVFP4's (two fp32 scalars per weight either way); own label.
+    from sglang_step35.moe.quant import QUANTS, parse_quant
+
+    ct = parse_quant(nvfp4_ct.quantization_config({"num_hidden_layers": 45, "num_nextn_predict_layers": 3}))
+    assert ct.name == "nvfp4-ct" and ct.linear_bytes(1280, 4096) == QUANTS["nvfp4"].linear_bytes(1280, 4096)
+    assert ct.split_multiple == QUANTS["nvfp4"].split_multiple == 64
