@@ -99,15 +99,17 @@ def test_trained_mtp_layers_get_drafts_accepted_without_changing_output(trained_
 
     tok = AutoTokenizer.from_pretrained(str(trained_dir))
     prompts = [tok.apply_chat_template([{"role": "user", "content": r["question"]}], tokenize=False,
-                                       add_generation_prompt=True) for r in read_gsm8k("test")[20:23]]
+                                       add_generation_prompt=True) for r in read_gsm8k("test")[20:22]]
     outs = {}
     for name, server in (("plain", served_trained), ("mtp3", served_trained_mtp3)):
         outs[name] = [requests.post(server.base_url + "/generate", timeout=600, json={
-            "text": p, "sampling_params": {"max_new_tokens": 160, "temperature": 0}}).json() for p in prompts]
+            "text": p, "sampling_params": {"max_new_tokens": 96, "temperature": 0}}).json() for p in prompts]
     assert [o["text"] for o in outs["mtp3"]] == [o["text"] for o in outs["plain"]]
     hist: list[int] = []
     for o in outs["mtp3"]:
         for k, c in enumerate(o["meta_info"]["spec_correct_drafts_histogram"]):
             hist += [0] * (k + 1 - len(hist))
             hist[k] += c
-    assert mtp_acceptance({"spec_correct_drafts_histogram": hist})["accept_length"] >= 1.6, hist
+    accept = mtp_acceptance({"spec_correct_drafts_histogram": hist})["accept_length"]
+    print(f"trained MTP-3: accept length {accept:.2f} (histogram {hist})")
+    assert accept >= 1.6, hist
