@@ -10,6 +10,9 @@ in a fresh process, tests/launch_probe.py), before any model is built.
   by name with the fix.
 - Quark MXFP4 on a CPU: SGLang's QuarkConfig (bf16 and fp16) is asked for its dtypes as SGLang's loader
   builds it, with the `packed_modules_mapping` the loader adds (without it: KeyError at launch).
+- ModelOpt NVFP4 / MIXED_PRECISION on a CPU: the method is the one SGLang's ModelConfig resolves
+  (`override_quantization_method`: modelopt_fp4 / modelopt_mixed), not the config's `quant_method`
+  "modelopt" (ModelOptFp8Config refuses an NVFP4 config: ValueError at launch).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ def decisions(tmp_path_factory):
     ct = write_tiny_checkpoint(root / "w8a8-int8-ct", seed=0, quant="w8a8-int8-ct")
     awq = write_tiny_checkpoint(root / "awq", seed=0, quant="awq")
     mxfp4 = write_tiny_checkpoint(root / "mxfp4", seed=0, quant="mxfp4")
+    nvfp4 = write_tiny_checkpoint(root / "nvfp4", seed=0, quant="nvfp4")
+    mixed = write_tiny_checkpoint(root / "modelopt-mixed", seed=0, quant="modelopt-mixed")
     cases = [
         {"name": "ct_gpu", "model_path": str(ct), "args": {}, "platform": "nvidia"},
         {"name": "ct_gpu_w8a8_int8", "model_path": str(ct), "args": {"quantization": "w8a8_int8"}, "platform": "nvidia"},
@@ -41,6 +46,8 @@ def decisions(tmp_path_factory):
         {"name": "awq_cpu_float16", "model_path": str(awq), "args": {"dtype": "float16"}},
         {"name": "awq_cpu_bfloat16", "model_path": str(awq), "args": {"dtype": "bfloat16"}},
         {"name": "mxfp4_cpu", "model_path": str(mxfp4), "args": {}},
+        {"name": "nvfp4_cpu", "model_path": str(nvfp4), "args": {}},
+        {"name": "modelopt_mixed_cpu", "model_path": str(mixed), "args": {}},
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SGLANG_STEP35", "SGLANG_EXTERNAL"))}
     r = subprocess.run([sys.executable, str(PROBE), json.dumps(cases)], capture_output=True, text=True, env=env,
@@ -70,6 +77,7 @@ def test_awq_on_a_cpu_gets_float16_unless_the_user_chose(decisions):
     assert "use --dtype float16, or leave --dtype unset" in error
 
 
-def test_quark_mxfp4_on_a_cpu_launches_in_its_config_dtype(decisions):
-    assert decisions["mxfp4_cpu"]["error"] is None, decisions["mxfp4_cpu"]["error"]
-    assert decisions["mxfp4_cpu"]["dtype"] in ("auto", "bfloat16")  # the tiny's config dtype, accepted by Quark
+@pytest.mark.parametrize("case", ["mxfp4_cpu", "nvfp4_cpu", "modelopt_mixed_cpu"])
+def test_fp4_on_a_cpu_launches_in_its_config_dtype(decisions, case):
+    assert decisions[case]["error"] is None, decisions[case]["error"]
+    assert decisions[case]["dtype"] in ("auto", "bfloat16")  # the tiny's config dtype, accepted by the method

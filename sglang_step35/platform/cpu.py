@@ -129,11 +129,28 @@ def cpu_quant_dtype(server_args, cfg: Optional[dict]) -> None:
     from sglang_step35.quant import checkpoint_quantization_config
 
     qc = checkpoint_quantization_config(cfg or {})
-    method = str(getattr(server_args, "quantization", None) or (qc or {}).get("quant_method") or "").lower()
+    user = getattr(server_args, "quantization", None)
+    method = str(user or (qc or {}).get("quant_method") or "").lower()
     if not method:
         return
     from sglang.srt.layers.quantization import QUANTIZATION_METHODS, get_quantization_config
 
+    if qc and qc.get("quant_method", "modelopt") == "modelopt":
+        # As SGLang's ModelConfig._parse_quant_hf_config: a ModelOpt config's method follows its
+        # quant_algo (NVFP4: modelopt_fp4, MIXED_PRECISION: modelopt_mixed); the parser reads no
+        # instance state.
+        from sglang.srt.configs.model_config import ModelConfig
+
+        qc = {**qc, **(ModelConfig._parse_modelopt_quant_config(None, {"quantization": qc}) or {})}
+    if qc:
+        # The method SGLang's ModelConfig builds (_verify_quantization): the first registered method
+        # whose override claims the checkpoint, e.g. ModelOpt's quant_method "modelopt" with quant_algo
+        # NVFP4 is modelopt_fp4 (ModelOptFp8Config.from_config raises on it).
+        for cls in QUANTIZATION_METHODS.values():
+            override = cls.override_quantization_method(qc, user)
+            if override:
+                method = str(override).lower()
+                break
     if method not in QUANTIZATION_METHODS:
         return  # SGLang refuses an unknown method itself, by name
     # SGLang's loader hands from_config the checkpoint's config plus the class's packed_modules_mapping
