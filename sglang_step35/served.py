@@ -321,7 +321,9 @@ ROWS: tuple[Row, ...] = (
         "(AutoRound's own config, quant_method auto-round) are built by SGLang's AutoRoundConfig, which on CUDA runs "
         f"them on GPTQ-Marlin's MoE (GPTQMarlinMoEMethod) wherever Marlin supports the layer, i.e. on {_MARLIN_CLAMP}; "
         "SGLang rejects --quantization moe_wna16 for quant_method auto-round (ModelConfig: not a compatible method); "
-        "ROCm (no Marlin: MoeWNA16's Triton MoE with GPTQ's exllama linears) is unverified",
+        "on ROCm (no Marlin) its experts would take MoeWNA16's Triton MoE but its dense int4 layers GPTQLinearMethod, "
+        "whose kernel SGLang 0.5.23 removed (gptq/schemes/gptq_linear.py raises 'The non-Marlin GPTQ CUDA kernel has "
+        "been removed')",
         "tests/test_quant_autoround_load.py::test_autoround_is_refused_on_gpus_with_the_route_that_serves_its_tensors",
         "an auto_round:auto_gptq export stores GPTQ's tensors: rewrite its quantization_config as GPTQ's "
         "(sglang_step35.quant.autoround.gptq_config) and add --quantization moe_wna16 (SGLang's Triton int4 MoE)"),

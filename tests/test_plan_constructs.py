@@ -146,9 +146,9 @@ def _build(plan, rank: int, monkeypatch, pp_rank: int = 0):
     node = platform.for_arch(GPUS[plan.gpu].arch)
     monkeypatch.setattr(platform, "forced", dataclasses.replace(node, use_aiter=plan.env.get("SGLANG_USE_AITER") == "1"))
     # On a GPU the CPU-only dequantize fallback never applies: SGLang's Fp8Config stays active.
-    import sglang_step35.models.weights as weights_mod
+    import sglang_step35.models.quant_build as quant_build_mod
 
-    monkeypatch.setattr(weights_mod, "cpu_dequant_fallback", lambda *a, **k: None)
+    monkeypatch.setattr(quant_build_mod, "cpu_dequant_fallback", lambda *a, **k: None)
     # Rotary caches as on CUDA/HIP: fp32 (SGLang casts them to the model dtype only on other
     # devices), built fresh for this rank (get_rope's process-wide cache starts empty in a server).
     import sglang.srt.layers.rotary_embedding.factory as rope_factory

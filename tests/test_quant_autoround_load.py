@@ -8,7 +8,8 @@ loader builds it (`_get_quantization_config` + `_initialize_model`; the draft wi
 AutoRoundConfig then builds GPTQ-Marlin methods (GPTQMarlinMoEMethod experts, GPTQMarlinLinearMethod
 linears) with extra_config's modules unquantized; every parameter holds the checkpoint's bytes (we stop
 before `process_weights_after_loading`, Marlin's repack needs the GPU). The experts are refused on GPUs
-by name — Marlin's MoE clamps the gate before SiLU — with the route that serves the same tensors:
+by name — Marlin's MoE drops Step's clamp (it reads gemm1_clamp_limit only with GPT-OSS's
+gemm1_alpha) — with the route that serves the same tensors:
 AutoRound's GPTQ-packed tensors are GPTQ's, so its config rewritten as GPTQ's
 (`autoround.gptq_config`) builds SGLang's Triton MoeWNA16 experts under `--quantization moe_wna16`,
 a flag SGLang itself rejects for quant_method auto-round.
@@ -31,12 +32,7 @@ from sglang_step35.quant import autoround, w4a16
 from sglang_step35.served import NotServedError
 from sglang_step35.tiny import write_tiny_checkpoint
 
-_FUSED = {
-    "self_attn.qkv_proj": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-    "mlp.gate_up_proj": ["mlp.gate_proj", "mlp.up_proj"],
-    "moe.share_expert.gate_up_proj": ["share_expert.gate_proj", "share_expert.up_proj"],
-    "moe.share_expert.down_proj": ["share_expert.down_proj"],
-}
+_FUSED = gpu_contract.FUSED_CHECKPOINT_MODULES
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +50,7 @@ def as_h100():
 def build(ckpt, mp, draft_idx=None, record=None, quantization=None):
     """Our model as SGLang builds it on an H100 (`--quantization quantization`); refusals recorded
     into `record` (None: raised)."""
-    from sglang.srt.configs.load_config import LoadConfig
-    from sglang.srt.configs.model_config import ModelConfig
     from sglang.srt.layers.quantization import auto_round, marlin_utils, moe_wna16
-    from sglang.srt.model_loader.loader import _get_quantization_config, _initialize_model
 
     with mp.context() as m:
         m.setattr(auto_round, "_is_cpu", False)
@@ -66,19 +59,7 @@ def build(ckpt, mp, draft_idx=None, record=None, quantization=None):
         m.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0))
         if record is not None:
             m.setattr(served, "check", lambda setting, flags=served.FLAGS: record.extend(served.refusals(setting, flags)))
-        kw = dict(dtype="bfloat16", quantization=quantization)
-        if draft_idx is None:
-            mc, lc = ModelConfig(str(ckpt), **kw), LoadConfig()
-        else:
-            mc = ModelConfig(str(ckpt), is_draft_model=True, speculative_algorithm="EAGLE", is_multi_layer_eagle=True, **kw)
-            lc = LoadConfig(draft_model_idx=draft_idx)
-        qc = _get_quantization_config(mc, lc)
-        old = torch.get_default_dtype()
-        torch.set_default_dtype(torch.bfloat16)
-        try:
-            return _initialize_model(mc, lc, qc), qc
-        finally:
-            torch.set_default_dtype(old)
+        return gpu_contract.build_like_sglang(ckpt, draft_idx=draft_idx, quantization=quantization)
 
 
 def expected(w: dict, prefix: str, suffix: str):
@@ -221,3 +202,15 @@ def test_autoround_config_reading():
     got = [t for k, v in parts.items() for _, t in mine.feed(f"x.{k}", v)]
     assert len(got) == 1 and mine.problems() == [] and (got[0] - w).abs().max() <= w.abs().max() / 7
     assert autoround.Dequantizer({**qc, "extra_config": {"x": {"bits": 4, "group_size": 32}}}).group_size is None
+
+
+@pytest.mark.sglang_pin
+def test_sglangs_non_marlin_gptq_linear_kernel_is_gone():
+    """Why AutoRound is refused on ROCm (served.py): where Marlin does not run, AutoRoundConfig builds
+    the dense int4 layers with GPTQLinearMethod, whose scheme SGLang 0.5.23 no longer implements."""
+    from sglang.srt.layers.quantization.gptq import GPTQConfig
+    from sglang.srt.layers.quantization.gptq.schemes.gptq_linear import GPTQLinearScheme
+
+    qc = GPTQConfig(weight_bits=4, group_size=128, desc_act=False, lm_head_quantized=False, dynamic={})
+    with pytest.raises(RuntimeError, match="The non-Marlin GPTQ CUDA kernel has been removed"):
+        GPTQLinearScheme(qc)

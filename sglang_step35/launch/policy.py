@@ -138,8 +138,8 @@ def quant_method_problems(launch: Launch) -> Optional[str]:
     picks (``--quantization``, else the checkpoint's ``quant_method``, named as SGLang's
     ``get_name()``; a method SGLang swaps at load, e.g. awq -> awq_marlin on CUDA, is seen here by the
     checkpoint's name); the model asks the same format function at construction
-    (``models/weights.refuse_unservable_quant``). Not on a CPU: there our class builds unquantized and
-    dequantizes at load, whatever the method (``weights.cpu_dequant_fallback``). E.g. compressed-tensors
+    (``models/quant_build.refuse_unservable_quant``). Not on a CPU: there our class builds unquantized and
+    dequantizes at load, whatever the method (``quant_build.cpu_dequant_fallback``). E.g. compressed-tensors
     W8A8-INT8 without ``--quantization w8a8_int8``: SGLang's compressed-tensors INT8 MoE is NPU-only."""
     if not launch.platform.has_accelerator:
         return None

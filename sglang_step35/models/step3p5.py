@@ -51,7 +51,8 @@ from sglang_step35 import ops
 from sglang_step35.checkpoint import layer_index
 from sglang_step35.attention import model_radix_sliding_window_size, model_runner_sliding_window_size
 from sglang_step35.config import LayerSpec, layer_spec, validate
-from sglang_step35.models.weights import load_step3p5_weights, quant_config_to_build
+from sglang_step35.models.quant_build import quant_config_to_build
+from sglang_step35.models.weights import load_step3p5_weights
 from sglang_step35.quant import attention_quant_config, g_proj_quant_config
 from sglang_step35.models.step3p5_moe import Step35MLP, Step35MoE, moe_leaves_sum
 

@@ -47,14 +47,13 @@ from sglang_step35.mtp_check import Step35MTPError, check_mtp_request
 from sglang_step35.models.step3p5 import Step35DecoderLayer, Step3p5ForCausalLM
 from sglang_step35.attention import model_runner_sliding_window_size
 from sglang_step35.checkpoint import checkpoint_shapes
+from sglang_step35.models.quant_build import quant_config_to_build, quant_format_of
 from sglang_step35.models.weights import (
     Step35WeightError,
     checkpoint_sources,
     checkpoint_view,
     kv_scale_targets,
     load_checkpoint,
-    quant_config_to_build,
-    quant_format_of,
 )
 
 logger = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ One SGLang-free module per format, written from the format's public specificatio
   of a weight seen -> the weight under its BF16 name; unquantized tensors pass through) and
   ``problems() -> [str]`` (unpaired / mis-shaped parts, named), for the CPU path: SGLang's kernels for
   these formats do not run on a CPU without AMX, so there the model is built unquantized and the
-  loader dequantizes while loading (models/weights.py ``cpu_dequant_fallback``).
+  loader dequantizes while loading (models/quant_build.py ``cpu_dequant_fallback``).
 Block FP8 (Step-3.5-Flash-FP8) lives in ``sglang_step35.fp8`` and is registered like the others.
 """
 
