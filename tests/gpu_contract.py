@@ -468,19 +468,32 @@ def fake_platform_probe(mp, device: str = "cuda", aiter: bool = False) -> None:
     mp.setattr(platform, "forced", dataclasses.replace(fake, use_aiter=aiter))
 
 
-def build_like_sglang(ckpt, draft_idx=None):
+# A fused module of ours (within a decoder layer) -> the checkpoint modules it holds, in shard order
+# (the bit-exact load tests read a fused parameter's expected bytes through it).
+FUSED_CHECKPOINT_MODULES = {
+    "self_attn.qkv_proj": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+    "mlp.gate_up_proj": ["mlp.gate_proj", "mlp.up_proj"],
+    "moe.share_expert.gate_up_proj": ["share_expert.gate_proj", "share_expert.up_proj"],
+    "moe.share_expert.down_proj": ["share_expert.down_proj"],
+    "moe.experts.w13": ["moe.gate_proj", "moe.up_proj"],
+    "moe.experts.w2": ["moe.down_proj"],
+}
+
+
+def build_like_sglang(ckpt, draft_idx=None, quantization=None):
     """Our model (or MTP draft step `draft_idx`) built exactly as SGLang's DefaultModelLoader builds
-    it from the checkpoint directory (`_get_quantization_config`, `_initialize_model`), in bf16.
-    Returns (model, quant_config)."""
+    it from the checkpoint directory (`_get_quantization_config`, `_initialize_model`), in bf16, with
+    SGLang's `--quantization quantization`. Returns (model, quant_config)."""
     from sglang.srt.configs.load_config import LoadConfig
     from sglang.srt.configs.model_config import ModelConfig
     from sglang.srt.model_loader.loader import _get_quantization_config, _initialize_model
 
+    kw = dict(dtype="bfloat16", quantization=quantization)
     if draft_idx is None:
-        mc, lc = ModelConfig(str(ckpt), dtype="bfloat16"), LoadConfig()
+        mc, lc = ModelConfig(str(ckpt), **kw), LoadConfig()
     else:
-        mc = ModelConfig(str(ckpt), dtype="bfloat16", is_draft_model=True, speculative_algorithm="EAGLE",
-                         is_multi_layer_eagle=True)
+        mc = ModelConfig(str(ckpt), is_draft_model=True, speculative_algorithm="EAGLE", is_multi_layer_eagle=True,
+                         **kw)
         lc = LoadConfig(draft_model_idx=draft_idx)
     qc = _get_quantization_config(mc, lc)
     old = torch.get_default_dtype()

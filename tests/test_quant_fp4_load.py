@@ -34,14 +34,7 @@ from gpu_contract import main_name, mtp_name
 
 build = gpu_contract.build_like_sglang
 
-_FUSED = {
-    "self_attn.qkv_proj": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-    "mlp.gate_up_proj": ["mlp.gate_proj", "mlp.up_proj"],
-    "moe.share_expert.gate_up_proj": ["share_expert.gate_proj", "share_expert.up_proj"],
-    "moe.share_expert.down_proj": ["share_expert.down_proj"],
-    "moe.experts.w13": ["moe.gate_proj", "moe.up_proj"],
-    "moe.experts.w2": ["moe.down_proj"],
-}
+_FUSED = gpu_contract.FUSED_CHECKPOINT_MODULES
 # Derived in process_weights_after_loading (from weight_scale), never loaded: SGLang's own loader
 # skips them too (models/step3p5.py's "blockscale_swizzled").
 _DERIVED = ("blockscale_swizzled",)

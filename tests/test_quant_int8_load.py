@@ -22,15 +22,7 @@ from sglang_step35.tiny import write_tiny_checkpoint
 import gpu_contract
 from gpu_contract import main_name, mtp_name
 
-# Our fused module (within a decoder layer) -> the checkpoint modules it holds, in shard order.
-FUSED = {
-    "self_attn.qkv_proj": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-    "mlp.gate_up_proj": ["mlp.gate_proj", "mlp.up_proj"],
-    "moe.share_expert.gate_up_proj": ["share_expert.gate_proj", "share_expert.up_proj"],
-    "moe.share_expert.down_proj": ["share_expert.down_proj"],
-    "moe.experts.w13": ["moe.gate_proj", "moe.up_proj"],
-    "moe.experts.w2": ["moe.down_proj"],
-}
+FUSED = gpu_contract.FUSED_CHECKPOINT_MODULES
 
 
 @pytest.fixture(scope="module")
@@ -46,23 +38,7 @@ def int8_ckpt(request, tmp_path_factory):
 
 def build(ckpt, draft_idx=None, quantization="w8a8_int8"):
     """As gpu_contract.build_like_sglang, with SGLang's --quantization value."""
-    from sglang.srt.configs.load_config import LoadConfig
-    from sglang.srt.configs.model_config import ModelConfig
-    from sglang.srt.model_loader.loader import _get_quantization_config, _initialize_model
-
-    kw = dict(dtype="bfloat16", quantization=quantization)
-    if draft_idx is None:
-        mc, lc = ModelConfig(str(ckpt), **kw), LoadConfig()
-    else:
-        mc = ModelConfig(str(ckpt), is_draft_model=True, speculative_algorithm="EAGLE", is_multi_layer_eagle=True, **kw)
-        lc = LoadConfig(draft_model_idx=draft_idx)
-    qc = _get_quantization_config(mc, lc)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        return _initialize_model(mc, lc, qc), qc
-    finally:
-        torch.set_default_dtype(old)
+    return gpu_contract.build_like_sglang(ckpt, draft_idx=draft_idx, quantization=quantization)
 
 
 def checkpoint_tensor(w: dict, prefix: str, module: str, leaf: str, experts: int) -> torch.Tensor:

@@ -29,12 +29,7 @@ from sglang_step35.quant import nvfp4_ct
 from sglang_step35.served import NotServedError
 from sglang_step35.tiny import write_tiny_checkpoint
 
-_FUSED = {
-    "self_attn.qkv_proj": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-    "mlp.gate_up_proj": ["mlp.gate_proj", "mlp.up_proj"],
-    "moe.share_expert.gate_up_proj": ["share_expert.gate_proj", "share_expert.up_proj"],
-    "moe.share_expert.down_proj": ["share_expert.down_proj"],
-}
+_FUSED = gpu_contract.FUSED_CHECKPOINT_MODULES
 
 
 @pytest.fixture(scope="module")

@@ -34,12 +34,7 @@ from sglang_step35.tiny import write_tiny_checkpoint
 # name -> (--quantization, --moe-runner-backend) under which SGLang runs the experts on Triton.
 TRITON_FLAGS = {"awq": ("moe_wna16", None), "gptq": ("moe_wna16", None), "w4a16": (None, "triton"),
                 "w4a16-g32": (None, "triton")}
-FUSED = {
-    "self_attn.qkv_proj": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-    "mlp.gate_up_proj": ["mlp.gate_proj", "mlp.up_proj"],
-    "moe.share_expert.gate_up_proj": ["share_expert.gate_proj", "share_expert.up_proj"],
-    "moe.share_expert.down_proj": ["share_expert.down_proj"],
-}
+FUSED = gpu_contract.FUSED_CHECKPOINT_MODULES
 
 
 @pytest.fixture(scope="module")
@@ -58,32 +53,16 @@ def ckpts(tmp_path_factory):
 def build(ckpt, flag=None, runner=None, draft_idx=None):
     """Our model (or MTP step `draft_idx`) as SGLang's loader builds it with `--quantization flag`
     and `--moe-runner-backend runner`, CUDA capability answered as an H100's meanwhile."""
-    from sglang.srt.configs.load_config import LoadConfig
-    from sglang.srt.configs.model_config import ModelConfig
     from sglang.srt.layers.moe.utils import MoeRunnerBackend
     from sglang.srt.layers.quantization import marlin_utils, moe_wna16
-    from sglang.srt.model_loader.loader import _get_quantization_config, _initialize_model
     from sglang.srt.runtime_context import get_flags
 
-    kw = dict(dtype="bfloat16", quantization=flag)
     with pytest.MonkeyPatch.context() as mp:
         for mod in (moe_wna16, marlin_utils):
             mp.setattr(mod, "get_device_capability", lambda *a, **k: (9, 0))
         mp.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0))
         mp.setattr(get_flags().moe, "runner_backend", MoeRunnerBackend(runner or "auto"))
-        if draft_idx is None:
-            mc, lc = ModelConfig(str(ckpt), **kw), LoadConfig()
-        else:
-            mc = ModelConfig(str(ckpt), is_draft_model=True, speculative_algorithm="EAGLE",
-                             is_multi_layer_eagle=True, **kw)
-            lc = LoadConfig(draft_model_idx=draft_idx)
-        qc = _get_quantization_config(mc, lc)
-        old = torch.get_default_dtype()
-        torch.set_default_dtype(torch.bfloat16)
-        try:
-            return _initialize_model(mc, lc, qc), qc
-        finally:
-            torch.set_default_dtype(old)
+        return gpu_contract.build_like_sglang(ckpt, draft_idx=draft_idx, quantization=flag)
 
 
 def _pairs(codes: torch.Tensor, dim: int) -> torch.Tensor:
