@@ -3,7 +3,8 @@
 `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`). A session-scoped
 server fixture lives in one worker process, so every test that uses it is put into that server's
 xdist group (SERVER_GROUPS): the server starts once per run, not once per worker. A `server` test
-without a shared server is grouped by module, so module-scoped servers start once as well. Explicit
+sharing a module-scoped fixture (a module's own servers) is grouped by module, so module-scoped servers
+start once as well; one that starts its own server per test runs on either worker. Explicit
 `@pytest.mark.xdist_group` marks win. Groups reach the scheduler through tests/xdist_groups.py.
 """
 
@@ -40,12 +41,29 @@ def _triton_interpreter_restores_language():
         yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _launch_policy_applied_in_session():
+    """Tests that build Step3p5ForCausalLM / Step3p5MTP in-process (SGLang's loader functions, the
+    classes themselves) stand where a launch policy accepted the launch: its marker is set for the
+    whole session — session-scoped, so module- and session-scoped fixtures that build a model see it
+    too (a test of the refusal removes it with monkeypatch). A server a test starts runs its own
+    policy, which overwrites the inherited value (sglang_step35/launch/marker.py)."""
+    from sglang_step35.launch import marker
+
+    before = os.environ.get(marker.MARKER_ENV)
+    os.environ[marker.MARKER_ENV] = f"{marker.APPLIED}:in-process test"
+    yield
+    if before is None:
+        os.environ.pop(marker.MARKER_ENV, None)
+    else:
+        os.environ[marker.MARKER_ENV] = before
+
+
 @pytest.fixture(autouse=True)
 def _launch_policy_applied(monkeypatch):
-    """Tests that build Step3p5ForCausalLM / Step3p5MTP in-process (SGLang's loader functions, the
-    classes themselves) stand where a launch policy accepted the launch: its marker is set for each
-    test (a test of the refusal removes it). A server a test starts runs its own policy, which
-    overwrites the inherited value (sglang_step35/launch/marker.py)."""
+    """Per test as well: a test that runs the launch policy in-process (which records its own outcome
+    in os.environ) or removes the marker leaves the next test the session's value (monkeypatch
+    restores it at teardown)."""
     from sglang_step35.launch import marker
 
     monkeypatch.setenv(marker.MARKER_ENV, f"{marker.APPLIED}:in-process test")
@@ -71,7 +89,14 @@ def _xdist_group(item) -> str | None:
     if shared:
         return shared.pop()
     module = getattr(item, "module", None)
-    return module.__name__ if module is not None and item.get_closest_marker("server") else None
+    if module is None or not item.get_closest_marker("server"):
+        return None
+    # A server test that shares a module-scoped fixture (a module's own server or pool) runs on that
+    # fixture's worker; one that starts and stops its own servers (test_quant_served: one per format)
+    # is free to run on either worker.
+    defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+    shares = any(d.scope == "module" for name in item.fixturenames for d in defs.get(name, ()))
+    return module.__name__ if shares else None
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook turns the groups into scopes
@@ -153,4 +178,4 @@ def served_trained_mtp3(trained_dir):
 # Session-scoped server fixture -> the xdist group of every test using it (a test using two of these
 # servers needs them in one group).
 SERVER_GROUPS = {"served_tiny": "served-tiny-fp32", "served_trained": "served-trained",
-                 "served_trained_mtp3": "served-trained"}
+                 "served_trained_mtp3": "served-trained-mtp3"}

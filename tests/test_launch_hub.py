@@ -155,7 +155,7 @@ def test_a_server_whose_policy_could_not_fetch_the_config_refuses_to_serve_step(
     answers "no access" once, as for a gated repo or a token not yet accepted) and SGLang's own fetch
     moments later succeeds: before, the server started without any of the policy's checks and
     defaults; now our model class refuses at construction, naming the repo, the failure and the fixes."""
-    from reference.serving import CPU_ARGS
+    from reference.serving import CPU_ARGS, start_expecting_exit
 
     from sglang_step35.launch.marker import ALLOW_ENV
     from sglang_step35.server import SGLangServer
@@ -165,10 +165,7 @@ def test_a_server_whose_policy_could_not_fetch_the_config_refuses_to_serve_step(
         env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "0",
                "HF_HUB_DISABLE_TELEMETRY": "1", "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
         server = SGLangServer(repo, [*CPU_ARGS, "--dtype", "bfloat16"], env=env, startup_timeout=400)
-        with pytest.raises(RuntimeError, match="exited with code"):
-            server.start()
-        server.stop()
-        log = server.log_text()
+        log = start_expecting_exit(server)
         fetched = hub.fetched_files()
     assert f"{repo}@{HubStandIn.commit(repo, 'main')}/config.json" in fetched  # SGLang's own fetch succeeded
     assert "Step35LaunchPolicyError: Step3p5ForCausalLM for " in log, log[-3000:]

@@ -26,6 +26,36 @@ CPU_ARGS = ["--device", "cpu", "--max-total-tokens", "4096", "--skip-server-warm
 OUR_CLASS_LINE = "serving with model class sglang_step35.models.step3p5.Step3p5ForCausalLM"
 
 
+def reference_greedy_ties(ref, prompt: Sequence[int], out: Sequence[int], tie: float) -> int:
+    """Assert every served token of `out` is greedy decoding of the fp32 reference `ref` after `prompt`
+    (teacher-forced on the served sequence: its reference logprob within `tie` of the best); returns
+    how many positions had their top two within `tie` (near-ties the check cannot tell apart)."""
+    import torch
+
+    lp = ref.logprobs([*prompt, *out][:-1])[len(prompt) - 1:]
+    gap = lp.max(-1).values - lp[torch.arange(len(out)), torch.tensor(list(out))]
+    assert float(gap.max()) <= tie, f"token {int(gap.argmax())} of {len(out)} is not the reference's greedy choice"
+    top2 = lp.topk(2, dim=-1).values
+    return int(((top2[:, 0] - top2[:, 1]) <= tie).sum())
+
+
+def start_expecting_exit(server: SGLangServer) -> str:
+    """Start `server`, which must exit during start-up ("exited with code" from SGLangServer.start), and
+    return its log. A server that comes up instead is stopped before the test fails: a launch that
+    should have been refused must not stay running (and spinning) for the rest of the session."""
+    import pytest
+
+    try:
+        server.start()
+    except RuntimeError as e:
+        if "exited with code" not in str(e):
+            raise
+        return server.log_text()
+    finally:
+        server.stop()
+    pytest.fail(f"the server started, but its launch should have failed; log tail:\n{server.log_tail()}")
+
+
 def generate(server: SGLangServer, input_ids: Sequence[int], max_new_tokens: int, vocab_size: int,
              logprob_start_len: int = 0, top_logprobs: bool = True) -> dict:
     """Greedy /generate on token ids (EOS ignored so every request decodes `max_new_tokens`)."""
