@@ -79,3 +79,14 @@ def test_the_escape_variable_builds_with_a_warning(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="sglang_step35"):
         require_launch_policy("Step3p5ForCausalLM")
     assert "building anyway" in caplog.text and "stepfun-ai/Step-3.5-Flash" in caplog.text
+
+
+def test_sglangs_placeholder_resolution_is_no_launch_and_leaves_the_marker_alone():
+    """SGLang's runtime_context.override_server_args resolves ServerArgs(model_path="dummy") (its
+    absent-model sentinel) through the policy's hook; before, the policy looked "dummy" up on the hub,
+    recorded the failure, and every Step-3.5 model built afterwards in that process was refused."""
+    marker.record(marker.APPLIED, "/ckpt")
+    for placeholder in ("dummy", "None"):
+        policy.apply_server_policy(SimpleNamespace(model_path=placeholder, tp_size=1))
+        assert os.environ[MARKER_ENV] == "applied:/ckpt"
+    require_launch_policy("Step3p5ForCausalLM")

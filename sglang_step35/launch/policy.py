@@ -182,6 +182,10 @@ STEPS: tuple[Step, ...] = (
 )
 
 
+# Model paths SGLang uses for "no model" (sglang/srt/server_args.py skips them the same way).
+SGLANG_PLACEHOLDER_PATHS = ("none", "dummy")
+
+
 def apply_server_policy(server_args, *args, **kwargs):
     """SGLang's BEFORE hook of ``ServerArgs.resolve_once``: run :data:`STEPS` in order on
     ``server_args`` (a Step-3.5 checkpoint only). Returns None (SGLang's hook protocol: go on)."""
@@ -190,6 +194,12 @@ def apply_server_policy(server_args, *args, **kwargs):
     from sglang_step35.swa_ratio import resolving_placeholder
 
     if resolving_placeholder():  # SGLang's placeholder ServerArgs our ratio policy has it resolve
+        return None
+    if str(getattr(server_args, "model_path", "")).lower() in SGLANG_PLACEHOLDER_PATHS:
+        # SGLang's absent-model sentinel (server_args.py treats "none" / "dummy" so), e.g. the
+        # ServerArgs(model_path="dummy") every runtime_context.override_server_args resolves: no launch,
+        # so no decision either — recording its failed hub lookup would make the marker refuse the
+        # next Step-3.5 model built in this process (launch/marker.py).
         return None
     run_steps(server_args)
     return None
