@@ -100,11 +100,15 @@ def test_trained_mtp_layers_get_drafts_accepted_without_changing_output(trained_
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(trained_dir))
-    prompts = [tok.apply_chat_template([{"role": "user", "content": r["question"]}], tokenize=True,
-                                       add_generation_prompt=True) for r in read_gsm8k("test")[20:22]]
-    prompts = [list(p["input_ids"] if isinstance(p, dict) else p) for p in prompts]
-    outs = [requests.post(served_trained_mtp3.base_url + "/generate", timeout=600, json={
-        "input_ids": p, "sampling_params": {"max_new_tokens": 96, "temperature": 0}}).json() for p in prompts]
+    texts = [tok.apply_chat_template([{"role": "user", "content": r["question"]}], tokenize=False,
+                                     add_generation_prompt=True) for r in read_gsm8k("test")[20:22]]
+    prompts = [tok(t)["input_ids"] for t in texts]  # ids, so the reference reads what the server decodes after
+    outs = []
+    for p in prompts:
+        r = requests.post(served_trained_mtp3.base_url + "/generate", timeout=600, json={
+            "input_ids": p, "sampling_params": {"max_new_tokens": 96, "temperature": 0}})
+        r.raise_for_status()
+        outs.append(r.json())
     ref = Step35Reference(trained_dir)
     ties = sum(reference_greedy_ties(ref, p, o["output_ids"], 1e-3) for p, o in zip(prompts, outs))
     assert ties <= 4, f"{ties} near-tied positions"
