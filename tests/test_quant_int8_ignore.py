@@ -17,13 +17,11 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from gpu_contract import main_name
-from sglang_step35.quant import int8
 from sglang_step35.tiny import write_tiny_checkpoint
 import gpu_contract
-from test_quant_int8_load import assert_bit_exact, build
+from test_quant_int8_load import assert_bit_exact, build, kept_bf16
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +34,7 @@ def gpu_like_build():
 def test_ignore_list_naming_the_shared_expert_as_the_checkpoint_does_keeps_it_bf16(gpu_like_build, tmp_path, name):
     ckpt = write_tiny_checkpoint(tmp_path / name, seed=6, quant=name)
     keep = [f"model.layers.2.share_expert.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
-    w = dict(load_file(str(ckpt / "model.safetensors")))
-    for k in keep:
-        w[k + ".weight"] = int8.dequantize_channel(w[k + ".weight"], w.pop(k + ".weight_scale")).to(torch.bfloat16)
-    save_file(w, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
-    cfg = json.loads((ckpt / "config.json").read_text())
-    cfg["quantization_config"]["ignore"] += keep
-    (ckpt / "config.json").write_text(json.dumps(cfg, indent=2))
+    w = kept_bf16(ckpt, keep)
     model, _ = build(ckpt)
     model.load_weights(w.items())
     got = assert_bit_exact(model, w, main_name, model.config.moe_num_experts)

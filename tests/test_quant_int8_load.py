@@ -11,11 +11,12 @@ W8A8-INT8 methods need AMX there). Every parameter must hold its checkpoint tens
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from sglang_step35.tiny import write_tiny_checkpoint
 
@@ -39,6 +40,22 @@ def int8_ckpt(request, tmp_path_factory):
 def build(ckpt, draft_idx=None, quantization="w8a8_int8"):
     """As gpu_contract.build_like_sglang, with SGLang's --quantization value."""
     return gpu_contract.build_like_sglang(ckpt, draft_idx=draft_idx, quantization=quantization)
+
+
+def kept_bf16(ckpt, modules: list[str]) -> dict:
+    """Rewrite an INT8 tiny so that `modules` (checkpoint names) are BF16 and listed in its
+    quantization_config's ignore list, as exports that keep layers unquantized write them; returns
+    the new tensors."""
+    from sglang_step35.quant import int8
+
+    w = dict(load_file(str(ckpt / "model.safetensors")))
+    for k in modules:
+        w[k + ".weight"] = int8.dequantize_channel(w[k + ".weight"], w.pop(k + ".weight_scale")).to(torch.bfloat16)
+    save_file(w, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["quantization_config"]["ignore"] += modules
+    (ckpt / "config.json").write_text(json.dumps(cfg, indent=2))
+    return w
 
 
 def checkpoint_tensor(w: dict, prefix: str, module: str, leaf: str, experts: int) -> torch.Tensor:
@@ -143,22 +160,10 @@ def test_ignore_list_naming_checkpoint_shards_keeps_the_fused_module_bf16(gpu_li
     # An export that keeps layer 1's q/k/v and layer 0's gate/up in BF16 names them as the checkpoint
     # does; SGLang resolves our fused qkv_proj / gate_up_proj through the class's
     # packed_modules_mapping (without it the fused modules are built INT8 and the BF16 tensors refused).
-    import json
-
-    from safetensors.torch import save_file
-
-    from sglang_step35.quant import int8
-
     ckpt = write_tiny_checkpoint(tmp_path / "ct", seed=6, quant="w8a8-int8-ct")
     keep = ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.v_proj",
             "model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"]
-    w = dict(load_file(str(ckpt / "model.safetensors")))
-    for k in keep:
-        w[k + ".weight"] = int8.dequantize_channel(w[k + ".weight"], w.pop(k + ".weight_scale")).to(torch.bfloat16)
-    save_file(w, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
-    cfg = json.loads((ckpt / "config.json").read_text())
-    cfg["quantization_config"]["ignore"] += keep
-    (ckpt / "config.json").write_text(json.dumps(cfg, indent=2))
+    w = kept_bf16(ckpt, keep)
     model, _ = build(ckpt)
     model.load_weights(w.items())
     got = assert_bit_exact(model, w, main_name, model.config.moe_num_experts)

@@ -240,8 +240,10 @@ def write_checkpoint_tensors(weights: dict[str, torch.Tensor], cfg: dict, name: 
 
 
 # ---------------------------------------------------------------- CPU dequantization
-def _split(name: str) -> tuple[str, str]:
-    for part in _PARTS:
+def split_part(name: str, parts: tuple[str, ...] = _PARTS) -> tuple[str, str]:
+    """(module, part) of a checkpoint tensor name by the first of `parts` it ends with (list the
+    longest suffix first); (name, "") for none. Also the compressed-tensors NVFP4 reader's."""
+    for part in parts:
         if name.endswith(part):
             return name[: -len(part)], part
     return name, ""
@@ -266,7 +268,7 @@ class Dequantizer:
         return (".weight_scale", ".weight_scale_2") if w.dtype == torch.uint8 else (".weight_scale",)
 
     def feed(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        base, part = _split(name)
+        base, part = split_part(name)
         if part == ".weight" and tensor.dtype not in (torch.uint8, FP8_DTYPE):
             return [(name, tensor)]
         if not part:

@@ -156,13 +156,6 @@ def checkpoint_shape(leaf: str, bf16_shape: tuple, quantization_config: dict) ->
 
 
 # ---------------------------------------------------------------- CPU dequantization
-def _split(name: str) -> tuple[str, str]:
-    for part in _PARTS:
-        if name.endswith(part):
-            return name[: -len(part)], part
-    return name, ""
-
-
 class Dequantizer:
     """CPU path: collects each module's ``weight_packed`` / ``weight_scale`` / ``weight_global_scale``
     (any order) and yields the fp32 weight under ``X.weight``; ``input_global_scale`` only serves the
@@ -174,7 +167,7 @@ class Dequantizer:
         self._problems: list[str] = []
 
     def feed(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        base, part = _split(name)
+        base, part = nvfp4.split_part(name, _PARTS)
         if not part:
             return [(name, tensor)]
         if base in self._done:
