@@ -140,7 +140,7 @@ def mtp1(nested_mtp_dir, mtp3):  # after mtp3: never two servers at once
     return _serve_and_run(nested_mtp_dir, MTP1)
 
 
-def _assert_plain_greedy_tokens(spec, ref, prompts):
+def _assert_plain_greedy_tokens(spec, ref, prompts, cache_hit=True):
     """Every greedy output (bs1, bs4 and the cached repeat of prompt 0) is plain greedy decoding: at
     each position the served token is the reference's argmax (teacher-forced on the served sequence)."""
     runs = [(spec["bs1"] + spec["bs4"])[i] for i in range(len(prompts))] + [spec["repeat"]]
@@ -150,7 +150,8 @@ def _assert_plain_greedy_tokens(spec, ref, prompts):
         ties += reference_greedy_ties(ref, prompt, resp["output_ids"], REF_TIE)
     assert ties <= MAX_TIES, f"{ties} near-tied positions: the comparison would not tell tokens apart"
     assert spec["repeat"]["output_ids"] == spec["bs1"][0]["output_ids"]
-    assert spec["repeat"]["meta_info"]["cached_tokens"] > 0  # radix-cache hit on the repeat
+    if cache_hit:  # not under SMALL_SWA: its 122 slots may legitimately evict the prefix's window first
+        assert spec["repeat"]["meta_info"]["cached_tokens"] > 0  # radix-cache hit on the repeat
 
 
 def _totals(spec):
@@ -167,7 +168,7 @@ def test_mtp3_ran_on_a_small_hybrid_swa_pool(mtp3):
 
 
 def test_mtp3_greedy_output_equals_plain_decoding(mtp3, reference, mtp_dir):
-    _assert_plain_greedy_tokens(mtp3, reference, _prompt_ids(mtp_dir))
+    _assert_plain_greedy_tokens(mtp3, reference, _prompt_ids(mtp_dir), cache_hit=False)
 
 
 def test_mtp3_uses_three_chained_mtp_layers_and_accepts_drafts(mtp3, mtp_dir):
