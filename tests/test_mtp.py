@@ -1,7 +1,7 @@
 """MTP (multi-layer EAGLE) speculative decoding through plain `sglang serve --device cpu`.
 
-At temperature 0 MTP-3 and MTP-1 must produce the tokens of plain greedy decoding: 16 prompts, one
-at a time and 4 concurrent, prompts and generations longer than the sliding window (16), and
+At temperature 0 MTP-3 and MTP-1 must produce the tokens of plain greedy decoding: 16 prompts (MTP-1:
+6 of them), one at a time and 4 concurrent, prompts and generations longer than the sliding window (16), and
 radix-cache hits. Plain greedy decoding is the fp32 reference's (sglang_step35.reference, teacher-forced
 on each served sequence): every served token is the reference's argmax, up to REF_TIE near-ties
 (the plain `sglang serve` of the same model is the reference's within 1e-4, tests/test_parity_served.py).
@@ -77,24 +77,28 @@ def _generate(url: str, ids: list[int], temperature: float = 0.0) -> dict:
     return r.json()
 
 
-def _run_all(server: SGLangServer, prompts: list[list[int]]) -> dict:
+def _run_all(server: SGLangServer, prompts: list[list[int]], n_bs1: int) -> dict:
+    """The first `n_bs1` prompts one at a time, the rest 4 at a time, a repeat of prompt 0 (cached) and
+    `n_bs1` sampled runs."""
     url = server.base_url
-    out = {"bs1": [_generate(url, p) for p in prompts[:4]]}
+    out = {"prompts": prompts, "bs1": [_generate(url, p) for p in prompts[:n_bs1]]}
     with ThreadPoolExecutor(4) as pool:
         out["bs4"] = []
-        for i in range(4, len(prompts), 4):
+        for i in range(n_bs1, len(prompts), 4):
             out["bs4"] += list(pool.map(lambda p: _generate(url, p), prompts[i:i + 4]))
         out["repeat"] = _generate(url, prompts[0])  # whole prompt cached now
-        out["sampled"] = list(pool.map(lambda p: _generate(url, p, 0.9), prompts[:4]))
+        out["sampled"] = list(pool.map(lambda p: _generate(url, p, 0.9), prompts[:n_bs1]))
     out["log"] = server.log_text()
     return out
 
 
-def _serve_and_run(model_dir, args, env=None) -> dict:
+def _serve_and_run(model_dir, args, env=None, which=None, n_bs1=4) -> dict:
+    """Serve `model_dir` and run `_run_all` on PROMPTS (or those at the indices `which`)."""
     server = SGLangServer(str(model_dir), COMMON + args, env=env)
     server.start()
     try:
-        return _run_all(server, _prompt_ids(model_dir))
+        ids = _prompt_ids(model_dir)
+        return _run_all(server, [ids[i] for i in which] if which else ids, n_bs1)
     finally:
         server.stop()
 
@@ -135,15 +139,22 @@ def mtp3(mtp_dir):
     return _serve_and_run(mtp_dir, MTP3 + SMALL_SWA, env={"SGLANG_ENABLE_SPEC_V2": "1"})
 
 
+# MTP-1 on 6 of the prompts: 2 alone, one batch of 4 with the two sharing prompt 0's prefix (MTP-3
+# runs all 16: the batching, retraction and cache paths both share are exercised there at length).
+MTP1_PROMPTS = (0, 1, 2, 3, 14, 15)
+
+
 @pytest.fixture(scope="module")
 def mtp1(nested_mtp_dir, mtp3):  # after mtp3: never two servers at once
-    return _serve_and_run(nested_mtp_dir, MTP1)
+    return _serve_and_run(nested_mtp_dir, MTP1, which=MTP1_PROMPTS, n_bs1=2)
 
 
-def _assert_plain_greedy_tokens(spec, ref, prompts, cache_hit=True):
+def _assert_plain_greedy_tokens(spec, ref, cache_hit=True):
     """Every greedy output (bs1, bs4 and the cached repeat of prompt 0) is plain greedy decoding: at
     each position the served token is the reference's argmax (teacher-forced on the served sequence)."""
-    runs = [(spec["bs1"] + spec["bs4"])[i] for i in range(len(prompts))] + [spec["repeat"]]
+    prompts = spec["prompts"]
+    runs = spec["bs1"] + spec["bs4"] + [spec["repeat"]]
+    assert len(runs) == len(prompts) + 1
     ties = 0
     for prompt, resp in zip([*prompts, prompts[0]], runs):
         assert len(resp["output_ids"]) == MAX_NEW
@@ -167,8 +178,9 @@ def test_mtp3_ran_on_a_small_hybrid_swa_pool(mtp3):
     assert SWA_POOL_LINE + "122" in mtp3["log"]
 
 
-def test_mtp3_greedy_output_equals_plain_decoding(mtp3, reference, mtp_dir):
-    _assert_plain_greedy_tokens(mtp3, reference, _prompt_ids(mtp_dir), cache_hit=False)
+def test_mtp3_greedy_output_equals_plain_decoding(mtp3, reference):
+    assert len(mtp3["prompts"]) == len(PROMPTS)
+    _assert_plain_greedy_tokens(mtp3, reference, cache_hit=False)
 
 
 def test_mtp3_uses_three_chained_mtp_layers_and_accepts_drafts(mtp3, mtp_dir):
@@ -190,8 +202,8 @@ def test_mtp3_sampling_runs(mtp3):
         assert r["meta_info"]["spec_verify_ct"] > 0
 
 
-def test_mtp1_greedy_output_equals_plain_decoding_with_nested_checkpoint(mtp1, reference, mtp_dir):
-    _assert_plain_greedy_tokens(mtp1, reference, _prompt_ids(mtp_dir))
+def test_mtp1_greedy_output_equals_plain_decoding_with_nested_checkpoint(mtp1, reference):
+    _assert_plain_greedy_tokens(mtp1, reference)
     assert SWA_POOL_LINE in mtp1["log"]  # the hybrid pool, as on GPUs (torch_native: cpu/swa_attention.py)
     # The planned ratio (swa_ratio.py): one line, and the placeholder SGLang resolves for it is no launch.
     assert mtp1["log"].count("Step-3.5 hybrid SWA KV pool: --swa-full-tokens-ratio") == 1

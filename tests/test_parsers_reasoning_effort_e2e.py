@@ -8,6 +8,8 @@ verification, which is why the budget is a grammar object; the effort mapping se
 ``served_trained`` server.
 """
 
+from concurrent.futures import ThreadPoolExecutor
+
 import openai
 import pytest
 import requests
@@ -47,21 +49,28 @@ def _assert_capped(trained_dir, free, capped, budget):
     assert capped["finish_reason"] == "stop"
 
 
+def _ask_all(server, requests_kw: list[dict]) -> list[dict]:
+    """Every request in flight at once (the server batches them: one decode loop instead of one per
+    request on this 2-core machine); greedy fp32 decoding gives each the tokens it gets alone
+    (tests/test_mtp.py checks batched MTP output against the reference)."""
+    with ThreadPoolExecutor(len(requests_kw)) as pool:
+        return list(pool.map(lambda kw: _ask(server, **kw), requests_kw))
+
+
 def test_effort_and_thinking_budget_cap_reasoning_with_mtp(served_trained_mtp3, trained_dir):
     info = requests.get(served_trained_mtp3.base_url + "/get_server_info", timeout=30).json()
     assert info["speculative_algorithm"] == "EAGLE" and not info["enable_custom_logit_processor"]
-    free = _ask(served_trained_mtp3)
-    assert _n_tokens(trained_dir, free["reasoning"]) > max(MAPPING.values()) + 8
-    # An uncapped tier changes nothing: the same output as no field.
-    assert _ask(served_trained_mtp3, reasoning_effort="high") == free
     cases = [({"reasoning_effort": "low"}, MAPPING["low"]),
              ({"extra_body": {"chat_template_kwargs": {"thinking_budget": 16}}}, 16),
              # SGLang's numeric effort, scaled by the default "numeric" budget (8192): 0.002 -> 16.
              ({"extra_body": {"reasoning_effort": 0.002}}, 16)]
-    for kw, budget in cases:
-        capped = _ask(served_trained_mtp3, **kw)
+    free, high, *answers = _ask_all(served_trained_mtp3, [{}, {"reasoning_effort": "high"}]
+                                    + [dict(kw, stream=stream) for kw, _ in cases for stream in (False, True)])
+    assert _n_tokens(trained_dir, free["reasoning"]) > max(MAPPING.values()) + 8
+    # An uncapped tier changes nothing: the same output as no field.
+    assert high == free
+    for (kw, budget), capped, streamed in zip(cases, answers[0::2], answers[1::2]):
         _assert_capped(trained_dir, free, capped, budget)
-        streamed = _ask(served_trained_mtp3, stream=True, **kw)
         assert (streamed["reasoning"], streamed["content"]) == (capped["reasoning"], capped["content"]), kw
         assert streamed["finish_reason"] == "stop"
 
@@ -72,8 +81,7 @@ def test_bad_thinking_budget_is_refused_by_name(served_trained_mtp3):
 
 
 def test_thinking_budget_without_mtp(served_trained, trained_dir):
-    free = _ask(served_trained)
-    capped = _ask(served_trained, extra_body={"chat_template_kwargs": {"thinking_budget": 8}})
+    budget = {"extra_body": {"chat_template_kwargs": {"thinking_budget": 8}}}
+    free, capped, streamed = _ask_all(served_trained, [{}, budget, dict(budget, stream=True)])
     _assert_capped(trained_dir, free, capped, 8)
-    streamed = _ask(served_trained, stream=True, extra_body={"chat_template_kwargs": {"thinking_budget": 8}})
     assert (streamed["reasoning"], streamed["content"]) == (capped["reasoning"], capped["content"])

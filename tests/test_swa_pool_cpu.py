@@ -10,7 +10,8 @@ as on GPUs.
 The scenario: concurrent requests sharing a long prefix (radix-cache hits, SWA radix tombstones),
 each decoding far past window + SGLang's SWA eviction interval (out-of-window slots freed mid-
 request), with an SWA pool a quarter of the full pool's size, far smaller than the requests hold
-together (admission and retraction under SWA pressure); a second wave reuses the pool. Every output
+together (admission and retraction under SWA pressure); a second wave of half the requests reuses the
+pool. Every output
 token equals the plain-PyTorch reference's greedy choice and every request completes. The server is
 the session's shared tiny fp32 one (conftest `served_tiny`, whose pools are sized for this test).
 """
@@ -48,15 +49,19 @@ def test_concurrent_requests_past_the_window_on_a_small_swa_pool_match_the_refer
     server = served_tiny
     with ThreadPoolExecutor(N_REQ) as pool:
         outs = list(pool.map(lambda p: _greedy(server, p), prompts))
-        outs2 = list(pool.map(lambda p: _greedy(server, p), prompts))  # second wave on a reused pool
+        # A second wave on the reused pool (half the requests: pool reuse, not pressure, is its point;
+        # its prompts are all cached prefixes now).
+        outs2 = list(pool.map(lambda p: _greedy(server, p), prompts[::2]))
     log = server.log_text()
     # The hybrid pool really ran, at the small size asked for.
     pools = re.search(r"Use sliding window memory pool\. full_layer_tokens=(\d+), swa_layer_tokens=(\d+)", log)
     assert pools, "SGLang did not build the hybrid SWA pool"
     assert int(pools.group(2)) == int(int(pools.group(1)) * SWA_RATIO)
     ref = Step35Reference(tiny_dir, dtype=torch.float32)
-    for i, (p, out, out2) in enumerate(zip(prompts, outs, outs2)):
-        assert len(out) == NEW and out2 == out, f"request {i}: the second wave differs from the first"
+    for i, (p, out) in enumerate(zip(prompts, outs)):
+        assert len(out) == NEW, f"request {i}: {len(out)} tokens"
+        if i % 2 == 0:
+            assert outs2[i // 2] == out, f"request {i}: the second wave differs from the first"
         # Teacher-forced greedy check (one reference forward per request instead of NEW): every
         # served token is the reference's argmax after the prompt and the tokens served before it.
         expected = ref.logits(p + out)[len(p) - 1:-1].argmax(-1).tolist()

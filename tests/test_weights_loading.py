@@ -101,8 +101,11 @@ def test_fp8_checkpoint_serves_on_cpu_dequantized_at_load(fp8_pair):
         log = server.log_text()
         resp = generate(server, prompt, 12, V)
         pgid = server.proc.pid  # its own process group (SGLangServer starts a new session)
-    # A clean shutdown stops every server process: no scheduler or detokenizer left behind.
+    # A clean shutdown stops every server process: no scheduler or detokenizer left behind, and the
+    # server was stopped, not crashed (a SIGTERM to the group took SGLang's crash path, 6 s a stop).
     assert _live_processes_in_group(pgid) == []
+    stop_log = server.log_text()[len(log):]
+    assert "SIGQUIT received" not in stop_log and "crash diagnostics" not in stop_log, stop_log[-2000:]
     assert OUR_CLASS_LINE in log and "dequantizing FP8 weights at load" in log
     seq = full_sequence(prompt, resp)
     got = served_logprobs(resp, V)
