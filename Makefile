@@ -4,9 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST := $(BIN)/python -m pytest
-# pytest-xdist workers: a 2-core CI runner spends much of a server test waiting on its `sglang serve`;
-# tests sharing a server run on one worker (xdist groups, tests/conftest.py). WORKERS=0: one process.
-WORKERS ?= 2
+# pytest-xdist workers: a 2-core CI runner spends much of a server test waiting on its `sglang serve`
+# (start-up, HTTP round trips), so 3 workers keep both cores busy where 2 left ~23 % of them idle;
+# tests sharing a server or a module-scoped fixture run on one worker (xdist groups, tests/conftest.py).
+# WORKERS=0: one process.
+WORKERS ?= 3
 XDIST := $(if $(filter 0,$(WORKERS)),-p no:xdist,-n $(WORKERS) --dist loadgroup)
 
 .PHONY: setup demo lint test test-fast fuzz clean

@@ -89,11 +89,13 @@ def _xdist_group(item) -> str | None:
     if shared:
         return shared.pop()
     module = getattr(item, "module", None)
-    if module is None or not item.get_closest_marker("server"):
+    if module is None:
         return None
-    # A server test that shares a module-scoped fixture (a module's own server or pool) runs on that
-    # fixture's worker; one that starts and stops its own servers (test_quant_served: one per format)
-    # is free to run on either worker.
+    # A test that shares a module-scoped fixture (a module's own server or pool, a launch probe's
+    # subprocess, a checkpoint) runs on that fixture's worker: xdist would otherwise build the fixture
+    # once on every worker that gets one of the module's tests (the launch-decision probes of
+    # test_launch_quant / test_launch_hub, 20-30 s each, ran twice). One that builds its own (the
+    # servers of test_quant_served: one per format) is free to run on any worker.
     defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
     shares = any(d.scope == "module" for name in item.fixturenames for d in defs.get(name, ()))
     return module.__name__ if shares else None
