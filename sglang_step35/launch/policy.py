@@ -146,14 +146,9 @@ def quant_method_problems(launch: Launch) -> Optional[str]:
     from sglang_step35 import quant
 
     qc = quant.checkpoint_quantization_config(launch.cfg or {})
-    fmt = quant.format_for(qc)
-    check = getattr(fmt, "method_problems", None)
-    if check is None:
-        return None
-    method = str(launch.arg("quantization") or qc.get("quant_method") or "").lower()
+    method = str(launch.arg("quantization") or (qc or {}).get("quant_method") or "").lower()
     method = {"compressed-tensors": "compressed_tensors"}.get(method, method)  # CompressedTensorsConfig.get_name()
-    problems = check(qc, method)
-    return f"{fmt.NAMES[0]} checkpoint: " + "; ".join(problems) if problems else None
+    return quant.method_refusal(qc, method, launch.platform.kind)
 
 
 def moe_layout(launch: Launch) -> None:

@@ -51,14 +51,14 @@ def refuse_unservable_quant(quant_config, hf_config) -> None:
     (`method_problems`) is refused with them, before SGLang's own layers fail less clearly."""
     if quant_config is None:
         return
-    qc = quant.checkpoint_quantization_config(hf_config)
-    fmt = quant.format_for(qc)
-    check = getattr(fmt, "method_problems", None)
-    problems = check(qc, str(quant_config.get_name()).lower()) if check else []
-    if problems:
+    from sglang_step35.platform import current_platform
+
+    why = quant.method_refusal(quant.checkpoint_quantization_config(hf_config), str(quant_config.get_name()).lower(),
+                               current_platform().kind)
+    if why:
         from sglang_step35.config import Step35ConfigError
 
-        raise Step35ConfigError(f"{fmt.NAMES[0]} checkpoint cannot be served as built: " + "; ".join(problems))
+        raise Step35ConfigError(why.replace(" checkpoint: ", " checkpoint cannot be served as built: ", 1))
 
 
 def quant_config_to_build(quant_config, hf_config) -> tuple[Optional[dict], Any]:

@@ -96,3 +96,31 @@ def attention_quant_config(quant_config: Any, hf_config: Any) -> Any:
         return None
     fmt = format_for(checkpoint_quantization_config(hf_config))
     return None if fmt is not None and not getattr(fmt, "KV_CACHE_SCALES", True) else quant_config
+
+
+def method_refusal(quantization_config: Optional[dict], method: str, vendor: str) -> Optional[str]:
+    """Why the checkpoint's registered format cannot be served under SGLang's quantization method
+    ``method`` (its ``get_name()``) on ``vendor`` ("nvidia" / "amd"), as one message, or None. A format
+    names its own problems with the method (``method_problems``) and, in ``SERVING_METHOD``, the
+    ``--quantization`` value that serves it on GPUs; where the allow-list (sglang_step35/served.py)
+    refuses that route on ``vendor`` too, the message says so in the same breath, so the user is not
+    sent to a flag that only earns the next refusal (e.g. compressed-tensors W8A8-INT8 on ROCm: its
+    compressed-tensors MoE is NPU-only, and w8a8_int8's dense INT8 GEMM CUDA-only). Asked at launch
+    (launch/policy.quant_method_problems) and at construction (models/quant_build.refuse_unservable_quant)."""
+    fmt = format_for(quantization_config)
+    check = getattr(fmt, "method_problems", None)
+    problems = check(quantization_config, method) if check else []
+    if not problems:
+        return None
+    why = f"{fmt.NAMES[0]} checkpoint: " + "; ".join(problems)
+    route = getattr(fmt, "SERVING_METHOD", None)
+    if route and route != method and not check(quantization_config, route):
+        from sglang_step35 import served
+        from sglang_step35.moe.quant import launch_quant
+
+        setting = served.Setting(vendor, quant=served.quant_label(launch_quant(route, quantization_config)),
+                                 quant_method=route)
+        after = served.refusal(served.QUANT, setting)
+        if after:
+            why += f" — but --quantization {route} is no route on {vendor} either: {after}"
+    return why
