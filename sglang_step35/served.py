@@ -67,6 +67,11 @@ _W4A16_VARIANTS = ("tests/test_quant_w4a16_moe.py::test_sglangs_triton_w4a16_moe
 _W4A16_ROCM = "tests/test_quant_w4a16_load.py::test_w4a16_variants_and_rocm_are_refused_by_name"
 # compressed-tensors W4A16 labels (served.quant_label) SGLang's Triton W4A16 MoE cannot take: zero points, act-order.
 W4A16_OFF_TRITON = tuple(f"w4a16-g{g}{v}" for g in (128, 32) for v in ("-asym", "-actorder", "-asym-actorder"))
+# compressed-tensors W4A16 with one scale per output row (strategy channel, group_size -1) or groups of 64,
+# any symmetry / act-order: group sizes SGLang's Triton W4A16 MoE does not take.
+W4A16_OTHER_GROUPS = tuple(f"w4a16-{g}{v}" for g in ("channel", "g64")
+                           for v in ("", "-asym", "-actorder", "-asym-actorder"))
+_W4A16_GROUPS = "tests/test_quant_w4a16_load.py::test_w4a16_channel_and_group_64_have_named_rows"
 _W4A16_INSTEAD = ("serve a symmetric W4A16 export (groups of 128 or 32, no act-order) with --moe-runner-backend triton, "
                   "or an AWQ / GPTQ export with --quantization moe_wna16")
 _UNVERIFIED_KERNEL = "unverified with Step's sigmoid + bias router and min(silu(gate), L) * clamp(up, ±L) clamp"
@@ -222,7 +227,15 @@ ROWS: tuple[Row, ...] = (
         "triton get_moe_scheme raises (compressed_tensors.py: _is_wna16_triton_moe_supported; "
         "CompressedTensorsWNA16TritonMoE passes no zero points and sorts no g_idx), and the auto runner is "
         f"{_MARLIN_CLAMP}", _W4A16_VARIANTS, _W4A16_INSTEAD),
-    Row(QUANT, ("w4a16", "w4a16-g32", *W4A16_OFF_TRITON), ("amd",), False,
+    Row(QUANT, W4A16_OTHER_GROUPS, ("nvidia",), False,
+        "have one scale per output row (channel-wise) or groups of 64, which SGLang's Triton W4A16 MoE does not take "
+        "(compressed_tensors.py: _is_wna16_triton_moe_supported accepts symmetric groups of 32 or 128 only): under "
+        "--moe-runner-backend triton get_moe_scheme raises, and the auto runner (CompressedTensorsWNA16MoE) is "
+        f"{_MARLIN_CLAMP}", _W4A16_GROUPS, _W4A16_INSTEAD),
+    Row(QUANT, W4A16_OTHER_GROUPS, ("cpu",), False,
+        "are not verified on a CPU: the dequantize-at-load path (sglang_step35/quant/w4a16.py) is tested with groups "
+        "of 128 and 32 only (no tiny writes channel-wise or group-64 W4A16)", _W4A16_GROUPS, _W4A16_INSTEAD),
+    Row(QUANT, ("w4a16", "w4a16-g32", *W4A16_OFF_TRITON, *W4A16_OTHER_GROUPS), ("amd",), False,
         "on ROCm: SGLang 0.5.23 builds compressed-tensors W4A16 dense linears (attention, shared expert, dense "
         "MLP) as CompressedTensorsWNA16, which runs Marlin (gptq_marlin_repack / gptq_marlin_gemm, imported only "
         "on CUDA: compressed_tensors_wNa16.py, marlin_utils.py); its experts get CompressedTensorsWNA16TritonMoE "
