@@ -148,7 +148,9 @@ def quant_method_problems(launch: Launch) -> Optional[str]:
     qc = quant.checkpoint_quantization_config(launch.cfg or {})
     method = str(launch.arg("quantization") or (qc or {}).get("quant_method") or "").lower()
     method = {"compressed-tensors": "compressed_tensors"}.get(method, method)  # CompressedTensorsConfig.get_name()
-    return quant.method_refusal(qc, method, launch.platform.kind)
+    found = [why for why in (quant.method_refusal(qc, method, launch.platform.kind),
+                             quant.single_expert_ignores(qc, launch.cfg)) if why]
+    return "; ".join(found) or None
 
 
 def moe_layout(launch: Launch) -> None:

@@ -18,6 +18,7 @@ Block FP8 (Step-3.5-Flash-FP8) lives in ``sglang_step35.fp8`` and is registered 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Optional
@@ -124,3 +125,46 @@ def method_refusal(quantization_config: Optional[dict], method: str, vendor: str
         if after:
             why += f" — but --quantization {route} is no route on {vendor} either: {after}"
     return why
+
+
+_EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
+
+
+def single_expert_ignores(quantization_config: Optional[dict], hf_config: Any) -> Optional[str]:
+    """Why a checkpoint whose ``ignore`` list (compressed-tensors, SGLang's w8a8_int8) names single
+    routed experts — ``model.layers.N.moe.experts.E.gate_proj``, as exports that unfuse the experts into
+    Linear modules write them, exactly or by ``re:`` — cannot be built by SGLang's methods, or None.
+    SGLang builds each MoE layer's routed experts as one FusedMoE under one scheme, chosen for the prefix
+    ``model.layers.N.moe.experts`` (compressed_tensors/utils.should_ignore_layer): the named experts are
+    built quantized while the checkpoint stores them BF16, which only the loader would notice (tensors
+    in the wrong precision). Not asked on a CPU, where the model is built unquantized and BF16 experts
+    load as they are. A layer whose whole ``moe.experts`` prefix is ignored is the method's business."""
+    qc = dict(quantization_config or {})
+    ignore = list(qc.get("ignore") or [])
+    if not ignore or format_for(qc) is None:
+        return None
+    from sglang.srt.layers.quantization.compressed_tensors.utils import check_equal_or_regex_match
+
+    from sglang_step35.config import cfg_get, moe_layer_ids
+    from sglang_step35.models.step3p5 import Step3p5ForCausalLM
+
+    mapped = Step3p5ForCausalLM.hf_to_sglang_mapper.apply_list(list(ignore))  # as SGLang's loader maps the list
+    # SGLang's rule (_is_equal_or_regex_match: equal, or re.match of a "re:" pattern), precompiled: a
+    # Step-3.5-Flash has 45 x 288 x 3 expert modules to try.
+    exact = {t for t in ignore if not t.startswith("re:")}
+    patterns = [re.compile(t[3:]) for t in ignore if t.startswith("re:")]
+    experts = int(cfg_get(hf_config, "moe_num_experts") or 0)
+    named: list[str] = []
+    for i in sorted(moe_layer_ids(hf_config)):
+        if check_equal_or_regex_match(f"model.layers.{i}.moe.experts", mapped):
+            continue
+        names = (f"model.layers.{i}.moe.experts.{e}.{p}" for e in range(experts) for p in _EXPERT_PROJS)
+        named += [n for n in names if n in exact or any(r.match(n) for r in patterns)]
+    if not named:
+        return None
+    shown = ", ".join(named[:4]) + (f" and {len(named) - 4} more" if len(named) > 4 else "")
+    return (f"{format_for(qc).NAMES[0]} checkpoint: quantization_config.ignore keeps single routed experts unquantized ({shown}): SGLang builds each "
+            "MoE layer's routed experts as one FusedMoE under one quantization scheme, chosen for the prefix "
+            "model.layers.N.moe.experts (compressed_tensors/utils.should_ignore_layer), so it would build these "
+            "experts quantized while the checkpoint stores them BF16; re-export with every routed expert "
+            "quantized, or serve the BF16 checkpoint")
