@@ -55,6 +55,14 @@ def refuse_unservable_quant(quant_config, hf_config) -> None:
     from sglang_step35.platform import current_platform
 
     qc = quant.checkpoint_quantization_config(hf_config)
+    if getattr(quant.format_for(qc), "ALLOW_LIST_BEFORE_LAYERS", False):
+        # The quantization row for what SGLang's config will build (its parsed settings, e.g. AutoRound's
+        # backend), before SGLang's own dense layers fail less clearly; the MoE layers ask it again.
+        from sglang_step35 import served
+        from sglang_step35.moe.quant import quant_spec_of
+
+        served.check(served.Setting(current_platform().kind, quant=served.quant_label(quant_spec_of(quant_config)),
+                                    quant_method=str(quant_config.get_name()).lower()), (served.QUANT,))
     found = [why for why in (quant.method_refusal(qc, str(quant_config.get_name()).lower(), current_platform().kind),
                              quant.single_expert_ignores(qc, hf_config)) if why]
     if found:
