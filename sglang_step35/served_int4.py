@@ -101,7 +101,8 @@ INT4_ROWS: tuple[Row, ...] = (
         "(gptq/schemes/gptq_linear.py)", _AUTOROUND_REFUSED, _AUTOROUND_GPTQ_INSTEAD),
     Row(QUANT, ("autoround-awq",), ("nvidia",), False,
         "(AutoRound's AWQ packing with zero points, config backend auto / marlin / awq:marlin) are built by SGLang's "
-        f"AutoRoundConfig on AWQ-Marlin's MoE (AWQMoEMethod with AWQMarlinConfig), i.e. on {_MARLIN_CLAMP}",
+        "AutoRoundConfig on AWQ-Marlin's MoE (AWQMoEMethod with AWQMarlinConfig) wherever Marlin supports the layer, "
+        f"i.e. on {_MARLIN_CLAMP}",
         _AUTOROUND_AWQ_TEST, 'add "backend": "awq" to its quantization_config: AutoRoundConfig then builds the '
         "experts with MoeWNA16's Triton int4 MoE and the dense layers with AWQ's GEMM (served: autoround-awq-nomarlin)"),
     Row(QUANT, ("autoround-awq-nomarlin",), ("nvidia",), True,
@@ -121,9 +122,9 @@ INT4_ROWS: tuple[Row, ...] = (
         "read them (AWQ-Marlin has no type without zero points), and no tiny writes this export",
         _AUTOROUND_AWQ_TEST, "re-export with sym false (AutoRound's auto_awq default use) or the GPTQ packing"),
     Row(QUANT, ("autoround-awq", "autoround-awq-nomarlin"), ("amd",), False,
-        "on ROCm are unverified: AutoRoundConfig would build MoeWNA16's Triton int4 MoE and AWQ's Triton dequantize "
-        "for the dense layers, which no test here runs on ROCm (SGLang itself refuses --quantization moe_wna16 there: "
-        "configs/model_config.py)", _AUTOROUND_AWQ_TEST, "serve the BF16 or the block-FP8 (128x128) checkpoint"),
+        "on ROCm are unverified: no test here runs SGLang's AutoRoundConfig AWQ methods on ROCm (Marlin's kernels are "
+        "CUDA-only; off Marlin, MoeWNA16's Triton int4 MoE and AWQ's Triton dequantize), and SGLang itself refuses "
+        "--quantization moe_wna16 there (configs/model_config.py)", _AUTOROUND_AWQ_TEST, "serve the BF16 or the block-FP8 (128x128) checkpoint"),
     Row(QUANT, ("autoround", "autoround-gptq-nomarlin", "autoround-awq", "autoround-awq-nomarlin",
                 "autoround-awq-as-gptq"), ("cpu",), True,
         "dequantized to the server dtype at load by the packing's tensors, whatever the config's backend (SGLang's "
