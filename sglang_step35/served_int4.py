@@ -28,6 +28,7 @@ W4A16_OFF_TRITON = tuple(f"w4a16-g{g}{v}" for g in (128, 32) for v in ("-asym", 
 W4A16_OTHER_GROUPS = tuple(f"w4a16-{g}{v}" for g in ("channel", "g64")
                            for v in ("", "-asym", "-actorder", "-asym-actorder"))
 _W4A16_GROUPS = "tests/test_quant_w4a16_load.py::test_w4a16_channel_and_group_64_have_named_rows"
+_W4A16_CPU_GROUPS = "tests/test_quant_w4a16.py::test_w4a16_channel_and_group_64_load_dequantized_on_a_cpu"
 _W4A16_INSTEAD = ("serve a symmetric W4A16 export (groups of 128 or 32, no act-order) with --moe-runner-backend triton, "
                   "or an AWQ / GPTQ export with --quantization moe_wna16")
 _AUTOROUND_REFUSED = ("tests/test_quant_autoround_load.py::"
@@ -73,9 +74,13 @@ INT4_ROWS: tuple[Row, ...] = (
         "(compressed_tensors.py: _is_wna16_triton_moe_supported accepts symmetric groups of 32 or 128 only): under "
         "--moe-runner-backend triton get_moe_scheme raises, and the auto runner (CompressedTensorsWNA16MoE) is "
         f"{_MARLIN_CLAMP}", _W4A16_GROUPS, _W4A16_INSTEAD),
+    Row(QUANT, ("w4a16-channel", "w4a16-g64"), ("cpu",), True,
+        "dequantized to the server dtype at load (sglang_step35/quant/w4a16.py reads the groups from weight_scale's "
+        "shape: one per row, or per 64 inputs)", _W4A16_CPU_GROUPS),
     Row(QUANT, W4A16_OTHER_GROUPS, ("cpu",), False,
-        "are not verified on a CPU: the dequantize-at-load path (sglang_step35/quant/w4a16.py) is tested with groups "
-        "of 128 and 32 only (no tiny writes channel-wise or group-64 W4A16)", _W4A16_GROUPS, _W4A16_INSTEAD),
+        "with zero points or act-order are not verified on a CPU: the dequantize-at-load path "
+        "(sglang_step35/quant/w4a16.py) is tested channel-wise and with groups of 64 symmetric and unordered only",
+        _W4A16_GROUPS, _W4A16_INSTEAD),
     Row(QUANT, ("w4a16", "w4a16-g32", *W4A16_OFF_TRITON, *W4A16_OTHER_GROUPS), ("amd",), False,
         "on ROCm: SGLang 0.5.23 builds compressed-tensors W4A16 dense linears (attention, shared expert, dense "
         "MLP) as CompressedTensorsWNA16, which runs Marlin (gptq_marlin_repack / gptq_marlin_gemm, imported only "
