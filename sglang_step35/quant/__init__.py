@@ -163,8 +163,8 @@ def single_expert_ignores(quantization_config: Optional[dict], hf_config: Any) -
     if not named:
         return None
     shown = ", ".join(named[:4]) + (f" and {len(named) - 4} more" if len(named) > 4 else "")
-    return (f"{format_for(qc).NAMES[0]} checkpoint: quantization_config.ignore keeps single routed experts unquantized ({shown}): SGLang builds each "
-            "MoE layer's routed experts as one FusedMoE under one quantization scheme, chosen for the prefix "
-            "model.layers.N.moe.experts (compressed_tensors/utils.should_ignore_layer), so it would build these "
+    return (f"{format_for(qc).NAMES[0]} checkpoint: quantization_config.ignore keeps single routed experts "
+            f"unquantized ({shown}): SGLang builds each MoE layer's routed experts as one FusedMoE under one "
+            "quantization scheme, chosen for the prefix model.layers.N.moe.experts (compressed_tensors/utils.should_ignore_layer), so it would build these "
             "experts quantized while the checkpoint stores them BF16; re-export with every routed expert "
             "quantized, or serve the BF16 checkpoint")
