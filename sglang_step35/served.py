@@ -45,6 +45,7 @@ from sglang_step35.served_setting import (  # noqa: F401 - the allow-list's voca
     CONDITIONS,
     Row,
 )
+from sglang_step35.served_int4 import INT4_ROWS, W4A16_OFF_TRITON, W4A16_OTHER_GROUPS  # noqa: F401 - re-exported
 
 _CONTRACT = "tests/test_moe_gpu_contract.py"
 _SERVED_RUNNERS = "tests/test_served_moe.py::test_served_runner_backend_routes_with_step_router_and_clamp"
@@ -55,20 +56,6 @@ _NO_A2A = ("drop --moe-a2a-backend: SGLang's standard dispatcher serves every la
 _FP4_REFUSED = "tests/test_quant_fp4_load.py::test_fp4_experts_are_refused_on_gpus_by_name"
 _FP4_INSTEAD = "serve the BF16 or the block-FP8 (128x128, Step-3.5-Flash-FP8) checkpoint"
 _CT_NVFP4_REFUSED = "tests/test_quant_nvfp4_ct_load.py::test_nvfp4_ct_is_refused_on_gpus_by_name_and_served_on_cpu"
-_W4A16_SERVED = "tests/test_quant_w4a16_moe.py, tests/test_quant_w4a16_load.py"
-_W4A16_REFUSED = "tests/test_quant_w4a16_load.py::test_int4_off_the_triton_path_is_refused_at_launch_and_construction"
-_MARLIN_CLAMP = ("SGLang's Marlin MoE, which drops Step's clamp: it reads gemm1_clamp_limit only with GPT-OSS's "
-                 "gemm1_alpha, else swiglu_limit, which Step's layers leave unset (moe_runner/marlin.py; "
-                 "CompressedTensorsWNA16MoE.apply_weights passes swiglu_limit), and its own clamp is "
-                 "silu(min(gate, L)) * clamp(up, ±L) (fused_marlin_moe.swiglu_limit_func), not Step's "
-                 "min(silu(gate), L) * clamp(up, ±L)")
-_W4A16_VARIANTS = ("tests/test_quant_w4a16_moe.py::test_sglangs_triton_w4a16_moe_takes_symmetric_unordered_groups_only, "
-                   "tests/test_quant_w4a16_load.py::test_w4a16_variants_and_rocm_are_refused_by_name")
-_W4A16_ROCM = "tests/test_quant_w4a16_load.py::test_w4a16_variants_and_rocm_are_refused_by_name"
-# compressed-tensors W4A16 labels (served.quant_label) SGLang's Triton W4A16 MoE cannot take: zero points, act-order.
-W4A16_OFF_TRITON = tuple(f"w4a16-g{g}{v}" for g in (128, 32) for v in ("-asym", "-actorder", "-asym-actorder"))
-_W4A16_INSTEAD = ("serve a symmetric W4A16 export (groups of 128 or 32, no act-order) with --moe-runner-backend triton, "
-                  "or an AWQ / GPTQ export with --quantization moe_wna16")
 _UNVERIFIED_KERNEL = "unverified with Step's sigmoid + bias router and min(silu(gate), L) * clamp(up, ±L) clamp"
 _EPLB_REFUSED = "tests/test_served_moe.py::test_eplb_is_refused_at_launch_and_construction"
 
@@ -193,58 +180,8 @@ ROWS: tuple[Row, ...] = (
         "`--quantization fp8` of BF16 weights) with our layers (issue #25)",
         "tests/test_served_moe.py::test_unverified_quantizations_are_refused_at_launch_and_construction",
         "serve the BF16 or the block-FP8 (128x128, Step-3.5-Flash-FP8) checkpoint without --quantization"),
-    # 4-bit weight-only experts: served where SGLang runs them on its Triton int4 fused MoE.
-    Row(QUANT, ("int4",), ("nvidia",), True,
-        "AWQ / GPTQ experts on SGLang's MoeWNA16Method: Triton int4 fused MoE (use_int4_w4a16, group scales, "
-        "zero points), clamp from gemm1_clamp_limit", _W4A16_SERVED, when="moe_wna16"),
-    Row(QUANT, ("int4", "int4-actorder"), ("amd",), False,
-        "on ROCm: SGLang 0.5.23 refuses --quantization moe_wna16 there (configs/model_config.py: "
-        "rocm_supported_quantization lacks it), and without it gptq is not a ROCm method either and plain awq "
-        "builds no int4 MoE (AWQConfig has a MoE method on NPU only)",
-        _W4A16_ROCM, "serve the BF16 or the block-FP8 (128x128) checkpoint"),
-    Row(QUANT, ("int4-actorder",), ("nvidia",), False,
-        "GPTQ with desc_act: SGLang takes --quantization moe_wna16 for GPTQ without act-order only (moe_wna16.py: "
-        "is_moe_wna16_compatible; ModelConfig then raises the method mismatch), and gptq_marlin would run "
-        f"{_MARLIN_CLAMP}", _W4A16_ROCM, "re-export GPTQ without desc_act (or AWQ) and add --quantization moe_wna16"),
-    Row(QUANT, ("int4",), ("nvidia",), False,
-        f"without --quantization moe_wna16 would run on {_MARLIN_CLAMP} (awq_marlin / gptq_marlin, SGLang's "
-        "default on CUDA), or build no int4 MoE (plain awq / gptq)", _W4A16_REFUSED,
-        "add --quantization moe_wna16 (SGLang's Triton int4 MoE)"),
-    Row(QUANT, ("w4a16", "w4a16-g32"), ("nvidia",), True,
-        "compressed-tensors W4A16 experts (symmetric, groups of 128 or 32, no act-order) on SGLang's "
-        "CompressedTensorsWNA16TritonMoE: Triton int4 fused MoE (block_shape [0, group]), clamp from "
-        "gemm1_clamp_limit", _W4A16_SERVED, when="triton-runner"),
-    Row(QUANT, ("w4a16", "w4a16-g32"), ("nvidia",), False,
-        f"with SGLang's auto runner would run on {_MARLIN_CLAMP} (CompressedTensorsWNA16MoE)", _W4A16_REFUSED,
-        "add --moe-runner-backend triton"),
-    Row(QUANT, W4A16_OFF_TRITON, ("nvidia",), False,
-        "have zero points or act-order, which SGLang's Triton W4A16 MoE cannot take: under --moe-runner-backend "
-        "triton get_moe_scheme raises (compressed_tensors.py: _is_wna16_triton_moe_supported; "
-        "CompressedTensorsWNA16TritonMoE passes no zero points and sorts no g_idx), and the auto runner is "
-        f"{_MARLIN_CLAMP}", _W4A16_VARIANTS, _W4A16_INSTEAD),
-    Row(QUANT, ("w4a16", "w4a16-g32", *W4A16_OFF_TRITON), ("amd",), False,
-        "on ROCm: SGLang 0.5.23 builds compressed-tensors W4A16 dense linears (attention, shared expert, dense "
-        "MLP) as CompressedTensorsWNA16, which runs Marlin (gptq_marlin_repack / gptq_marlin_gemm, imported only "
-        "on CUDA: compressed_tensors_wNa16.py, marlin_utils.py); its experts get CompressedTensorsWNA16TritonMoE "
-        "whatever the runner, without the CUDA check, so zero points and act-order would be dropped",
-        _W4A16_VARIANTS, "serve the BF16 or the block-FP8 (128x128) checkpoint"),
-    # AutoRound's own config (quant_method auto-round): SGLang's AutoRoundConfig picks the kernels per layer.
-    Row(QUANT, ("autoround",), GPUS, False,
-        "(AutoRound's own config, quant_method auto-round) are built by SGLang's AutoRoundConfig, which on CUDA runs "
-        f"them on GPTQ-Marlin's MoE (GPTQMarlinMoEMethod) wherever Marlin supports the layer, i.e. on {_MARLIN_CLAMP}; "
-        "SGLang rejects --quantization moe_wna16 for quant_method auto-round (ModelConfig: not a compatible method); "
-        "on ROCm (no Marlin) its experts would take MoeWNA16's Triton MoE but its dense int4 layers GPTQLinearMethod, "
-        "whose kernel SGLang 0.5.23 removed (gptq/schemes/gptq_linear.py raises 'The non-Marlin GPTQ CUDA kernel has "
-        "been removed')",
-        "tests/test_quant_autoround_load.py::test_autoround_is_refused_on_gpus_with_the_route_that_serves_its_tensors",
-        "an auto_round:auto_gptq export stores GPTQ's tensors: rewrite its quantization_config as GPTQ's "
-        "(sglang_step35.quant.autoround.gptq_config) and add --quantization moe_wna16 (SGLang's Triton int4 MoE)"),
-    Row(QUANT, ("autoround",), ("cpu",), True,
-        "dequantized to the server dtype at load (SGLang's AutoRound CPU path needs AMX; sglang_step35/quant/autoround.py)",
-        "tests/test_quant_served.py, tests/test_quant_autoround_load.py"),
-    Row(QUANT, ("int4", "w4a16", "w4a16-g32"), ("cpu",), True,
-        "dequantized to the server dtype at load (SGLang's int4 kernels need a GPU; sglang_step35/quant/w4a16.py)",
-        "tests/test_quant_served.py, tests/test_quant_w4a16.py"),
+    # 4-bit integer experts (AWQ, GPTQ, compressed-tensors W4A16, AutoRound): sglang_step35/served_int4.py.
+    *INT4_ROWS,
     # FP4 experts: SGLang 0.5.23 has CUDA / CK kernels only (read from its code, issue #25).
     Row(QUANT, ("nvfp4",), ("nvidia",), False,
         "on the SwiGLU-clamped layers {layers}: SGLang's ModelOpt NVFP4 MoE would drop or change Step's "

@@ -38,7 +38,7 @@ _FUSED = gpu_contract.FUSED_CHECKPOINT_MODULES
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("autoround")
-    return {n: write_tiny_checkpoint(root / n, seed=4, quant=n) for n in ("autoround", "gptq")}
+    return {n: write_tiny_checkpoint(root / n, seed=4, quant=n) for n in ("autoround", "gptq", "autoround-awq", "awq")}
 
 
 @pytest.fixture
@@ -146,6 +146,8 @@ def test_autoround_is_refused_on_gpus_with_the_route_that_serves_its_tensors(as_
     assert served.refusals(served.Setting("cpu", quant="autoround", clamped_layers=(43, 44))) == []
     (why,) = served.refusals(served.Setting("amd", quant="autoround"))
     assert why.startswith("autoround experts")
+    # The config backend that keeps SGLang off Marlin (gptq / awq) is named, and is no route either.
+    assert "(autoround-gptq-nomarlin)" in served.refusal(served.QUANT, served.Setting("nvidia", quant="autoround"))
     from sglang_step35.moe.policy import guard_moe_layout  # at launch, from the checkpoint's config
 
     cfg = json.loads((ckpt / "config.json").read_text())
@@ -214,3 +216,143 @@ def test_sglangs_non_marlin_gptq_linear_kernel_is_gone():
     qc = GPTQConfig(weight_bits=4, group_size=128, desc_act=False, lm_head_quantized=False, dynamic={})
     with pytest.raises(RuntimeError, match="The non-Marlin GPTQ CUDA kernel has been removed"):
         GPTQLinearScheme(qc)
+
+
+def _with_config(ckpt, tmp_path, name, **changes):
+    """A copy of `ckpt` whose quantization_config has `changes`."""
+    moved = tmp_path / name
+    shutil.copytree(ckpt, moved)
+    cfg = json.loads((moved / "config.json").read_text())
+    cfg["quantization_config"].update(changes)
+    (moved / "config.json").write_text(json.dumps(cfg))
+    return moved, cfg
+
+
+def test_autoround_gptq_off_marlin_is_refused_by_name_before_sglangs_dense_layers_fail(as_h100, ckpts, tmp_path):
+    """A config backend that keeps SGLang's AutoRoundConfig off Marlin (`backend: gptq`, also `awq` on the
+    GPTQ packing) gives the experts MoeWNA16's Triton MoE (Step's clamp) but the dense int4 layers
+    GPTQLinearMethod, whose kernel SGLang 0.5.23 removed: SGLang's own construction raises in layer 0's
+    attention (pinned with our refusal recorded instead of raised). Refused by name at launch and at
+    construction, before that."""
+    from sglang_step35.moe.policy import guard_moe_layout
+
+    for backend in ("gptq", "awq"):
+        moved, cfg = _with_config(ckpts["autoround"], tmp_path, f"gptq-{backend}", backend=backend)
+        qc = cfg["quantization_config"]
+        assert served.quant_label(qc) == autoround.sglang_route(qc) == "autoround-gptq-nomarlin"
+        with pytest.raises(RuntimeError, match="The non-Marlin GPTQ CUDA kernel has been removed"):
+            build(moved, as_h100, record=[])
+        with pytest.raises(NotServedError, match="^autoround-gptq-nomarlin experts .*MoeWNA16's Triton MoE.*"
+                                                 "GPTQLinearMethod.*gptq_config"):
+            build(moved, as_h100)
+        d = guard_moe_layout(dict(tp_size=1, ep_size=1), cfg, "cuda", aiter=False)
+        assert d.action == "refuse" and "autoround-gptq-nomarlin experts" in d.message, d.message
+        assert guard_moe_layout(dict(tp_size=1, ep_size=1), cfg, "cpu", aiter=False).action != "refuse"
+    # Zero points on the GPTQ packing: no Marlin type for them either.
+    assert autoround.sglang_route({"quant_method": "auto-round", "bits": 4, "group_size": 128, "sym": False}) == \
+        "autoround-gptq-nomarlin"
+
+
+def test_autoround_awq_kernels_follow_sglangs_autoround_config(as_h100, ckpts, tmp_path):
+    """AutoRound's AWQ packing (`step35 tiny --quant autoround-awq`: AutoAWQ's GEMM tensors with zero
+    points under `packing_format: auto_round:auto_awq`), built as SGLang's loader builds it on an H100:
+    - as exported (backend auto): AWQ-Marlin (AWQMoEMethod experts, Marlin dense linears), every parameter
+      the checkpoint's bytes, main and MTP; refused by name (Marlin's MoE drops Step's clamp) with the
+      config change that serves it;
+    - with `backend: awq`: MoeWNA16's Triton int4 MoE (clamp from gemm1_clamp_limit on the clamped layer)
+      and AWQ's dense method — the methods `--quantization moe_wna16` builds for the AWQ tiny of the same
+      weights, whose tensors these are byte for byte; every parameter in MoeWNA16's / AWQ's layout
+      (tests/test_quant_w4a16_load.py's oracle), main and MTP; served. The Triton MoE itself, clamp
+      included, runs against the reference in tests/test_quant_w4a16_moe.py (format autoround-awq);
+    - with a gptq backend: SGLang reads the AWQ tensors with GPTQ's methods; refused by name;
+    - symmetric (no zero points): refused by name (unverified) everywhere."""
+    import test_quant_w4a16_load as w4a16_load
+    from sglang.srt.layers.quantization.auto_round import AutoRoundConfig
+
+    from sglang_step35.moe.policy import guard_moe_layout
+
+    ckpt = ckpts["autoround-awq"]
+    w = load_file(str(ckpt / "model.safetensors"))
+    a = load_file(str(ckpts["awq"] / "model.safetensors"))
+    assert w.keys() == a.keys() and all(torch.equal(w[k], a[k]) for k in w)  # AWQ's tensors
+    cfg = json.loads((ckpt / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    assert qc["packing_format"] == "auto_round:auto_awq" and qc["sym"] is False and quant.format_for(qc) is autoround
+    assert served.quant_label(qc) == "autoround-awq"
+    method = lambda mod: type(mod.quant_method).__name__  # noqa: E731
+    n = json.loads((ckpt / "config.json").read_text())["num_hidden_layers"]
+
+    refused: list[str] = []
+    model, sg = build(ckpt, as_h100, record=refused)
+    assert isinstance(sg, AutoRoundConfig) and model.cpu_dequant is None
+    assert refused and all(r.startswith("autoround-awq experts") and "AWQMoEMethod" in r for r in refused), refused
+    layers = model.model.layers
+    assert method(layers[4].moe.experts) == "AWQMoEMethod"
+    assert type(layers[0].self_attn.qkv_proj.scheme).__name__ == "AWQMarlinLinearScheme"
+    model.load_weights(w.items())
+    assert {"model.layers.4.moe.experts.w13_qweight", "model.layers.0.self_attn.qkv_proj.qweight"} <= \
+        assert_every_param_written(model, w, main_name)
+    with pytest.raises(NotServedError, match='^autoround-awq experts .*AWQMoEMethod.*add "backend": "awq"'):
+        build(ckpt, as_h100)
+    assert guard_moe_layout(dict(tp_size=1, ep_size=1), cfg, "cuda", aiter=False).action == "refuse"
+
+    served_ckpt, served_cfg = _with_config(ckpt, tmp_path, "backend-awq", backend="awq")
+    assert served.quant_label(served_cfg["quantization_config"]) == "autoround-awq-nomarlin"
+    model, _ = build(served_ckpt, as_h100)  # no refusal
+    experts = model.model.layers[4].moe.experts
+    assert method(experts) == "MoeWNA16Method" and experts.quant_method.quant_config.has_zp
+    assert experts.moe_runner_config.gemm1_clamp_limit == model.config.swiglu_limits[4] > 0
+    assert model.model.layers[3].moe.experts.moe_runner_config.gemm1_clamp_limit is None
+    for mod in (model.model.layers[0].self_attn.qkv_proj, model.model.layers[4].moe.share_expert.down_proj):
+        assert method(mod) == "AWQLinearMethod" and type(mod.scheme).__name__ == "AWQLinearScheme", mod
+    model.load_weights(w.items())
+    assert {"model.layers.4.moe.experts.w13_qweight", "model.layers.0.self_attn.qkv_proj.qweight",
+            "model.layers.3.moe.share_expert.gate_up_proj.qweight"} <= set(
+        w4a16_load.assert_every_param_written("awq", model, w, main_name))
+    for step in range(3):  # the MTP layers stay BF16 (extra_config's regular expression)
+        mtp, _ = build(served_ckpt, as_h100, draft_idx=step)
+        mtp.load_weights(w.items())
+        assert not w4a16_load.assert_every_param_written("awq", mtp, w, mtp_name(n + step))
+    assert guard_moe_layout(dict(tp_size=1, ep_size=1), served_cfg, "cuda", aiter=False).action != "refuse"
+    d = guard_moe_layout(dict(tp_size=1, ep_size=1), served_cfg, "rocm", aiter=False)
+    assert d.action == "refuse" and "on ROCm are unverified" in d.message, d.message
+
+    for backend in ("gptq", "gptq:marlin"):
+        odd, odd_cfg = _with_config(ckpt, tmp_path, f"as-{backend.replace(':', '-')}", backend=backend)
+        assert served.quant_label(odd_cfg["quantization_config"]) == "autoround-awq-as-gptq"
+        with pytest.raises(NotServedError, match="^autoround-awq-as-gptq experts .*GPTQ's layouts"):
+            build(odd, as_h100)
+    sym = dict(qc, sym=True, backend="awq")
+    assert served.quant_label(sym) == "autoround-awq-sym"
+    for platform in ("nvidia", "amd", "cpu"):
+        assert "are unverified" in served.refusal(served.QUANT, served.Setting(platform, quant="autoround-awq-sym"))
+
+
+def test_autoround_awq_on_a_cpu_loads_the_references_weights(ckpts):
+    """The CPU path (`sglang serve` on this machine, tests/test_quant_served.py's for the GPTQ packing): the
+    model is built unquantized and the loader dequantizes AutoRound's AWQ tensors with the packing's
+    dequantizer; every parameter equals the weights the fp32 reference reads (the same Dequantizer,
+    stacked), rounded to the model's dtype once."""
+    from test_quant_fp4_load import expected_param
+    from test_quant_served import dequantized_stacked
+
+    gpu_contract.sglang_world_of_one()
+    ckpt = ckpts["autoround-awq"]
+    model, _ = gpu_contract.load_like_sglang(ckpt)
+    assert model.cpu_dequant is not None and model.cpu_dequant["packing_format"] == "auto_round:auto_awq"
+    ref = dequantized_stacked(autoround, ckpt)
+    wrong, checked = [], 0
+    for pname, p in model.named_parameters():
+        prefix, suffix = main_name(pname)
+        want = expected_param(ref, prefix, suffix, p)
+        assert want is not None, pname
+        if not torch.equal(p.data, want.to(p.dtype)):
+            wrong.append(pname)
+        checked += 1
+    assert not wrong and checked >= 60, wrong
+    # Teeth: the AWQ tensors read as GPTQ's would not even pair up.
+    bad = autoround.Dequantizer(dict(model.cpu_dequant, packing_format="auto_round:auto_gptq"))
+    w = load_file(str(ckpt / "model.safetensors"))
+    for k in [k for k in w if k.startswith("model.layers.0.self_attn.q_proj.")]:
+        bad.feed(k, w[k])
+    assert bad.problems()

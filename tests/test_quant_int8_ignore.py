@@ -14,6 +14,7 @@ kept unquantized, which W8A8Int8Config cannot build, are refused by name.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -55,3 +56,45 @@ def test_ignore_list_keeping_routed_experts_unquantized_is_refused_by_name(gpu_l
     (ckpt / "config.json").write_text(json.dumps(cfg, indent=2))
     with pytest.raises(Step35ConfigError, match=r"keeps the routed experts of MoE layers \[3\] unquantized"):
         build(ckpt)
+
+
+@pytest.mark.parametrize("name", ["w8a8-int8-ct", "w8a8-int8", "w4a16"])
+def test_ignore_list_naming_single_routed_experts_is_refused_at_launch_and_construction(gpu_like_build, tmp_path, name):
+    """Exports that unfuse the experts into Linear modules may keep some BF16 and name them
+    (`model.layers.N.moe.experts.E.gate_proj`, exactly or by `re:`). SGLang builds a MoE layer's experts as
+    one FusedMoE under the scheme of its `moe.experts` prefix, so those experts would be built quantized and
+    their BF16 tensors refused by the loader (a precision error at load): refused by name before that, at
+    launch (the policy step, on a GPU) and at construction. A layer ignored whole is not this refusal."""
+    from types import SimpleNamespace
+
+    from sglang_step35 import quant
+    from sglang_step35.config import Step35ConfigError
+    from sglang_step35.launch.policy import Launch, quant_method_problems
+    from sglang_step35.platform import Platform
+
+    ckpt = write_tiny_checkpoint(tmp_path / name, seed=6, quant=name)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    flag = "w8a8_int8" if name.startswith("w8a8") else None
+    assert quant_method_problems(Launch(SimpleNamespace(quantization=flag), Platform("nvidia", (9, 0)), cfg)) is None
+    cfg["quantization_config"]["ignore"] += ["model.layers.3.moe.experts.1.gate_proj",
+                                             r"re:model\.layers\.4\.moe\.experts\.0\.(up|down)_proj$"]
+    (ckpt / "config.json").write_text(json.dumps(cfg, indent=2))
+    named = (r"keeps single routed experts unquantized \(model\.layers\.3\.moe\.experts\.1\.gate_proj, "
+             r"model\.layers\.4\.moe\.experts\.0\.up_proj, model\.layers\.4\.moe\.experts\.0\.down_proj\).*"
+             r"one FusedMoE under one quantization scheme")
+    at_launch = quant_method_problems(Launch(SimpleNamespace(quantization=flag), Platform("nvidia", (9, 0)), cfg))
+    assert at_launch and re.search(named, at_launch), at_launch
+    runner = {"w4a16": "triton"}.get(name)
+    with pytest.MonkeyPatch.context() as mp:
+        if runner:
+            from sglang.srt.layers.moe.utils import MoeRunnerBackend
+            from sglang.srt.runtime_context import get_flags
+
+            mp.setattr(get_flags().moe, "runner_backend", MoeRunnerBackend(runner))
+        with pytest.raises(Step35ConfigError, match=named):
+            build(ckpt, quantization=flag)
+    # Not on a CPU (built unquantized, BF16 experts load as they are); a layer's experts ignored whole
+    # (`model.layers.3.moe.experts`, i.e. its MoE prefix) is not named here.
+    assert quant_method_problems(Launch(SimpleNamespace(quantization=flag), Platform("cpu"), cfg)) is None
+    whole = dict(cfg["quantization_config"], ignore=["model.layers.3.moe.experts", "re:model\\.layers\\.3\\..*"])
+    assert quant.single_expert_ignores(whole, cfg) is None

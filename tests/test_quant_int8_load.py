@@ -156,6 +156,29 @@ def test_int8_is_refused_on_rocm_by_name(gpu_like_build, tmp_path):
             build(ckpt)
 
 
+def test_compressed_tensors_int8_on_rocm_is_one_refusal_naming_the_checkpoint_to_serve(gpu_like_build, tmp_path):
+    """On ROCm neither method serves a compressed-tensors INT8 checkpoint: SGLang's compressed-tensors INT8
+    MoE is NPU-only and --quantization w8a8_int8's dense INT8 GEMM CUDA-only. One refusal says both, at
+    launch (the policy step) and at construction, instead of sending the user to the flag first."""
+    from types import SimpleNamespace
+
+    from sglang_step35.launch.policy import Launch, quant_method_problems
+    from sglang_step35.platform import Platform
+
+    ckpt = write_tiny_checkpoint(tmp_path / "ct", seed=6, quant="w8a8-int8-ct")
+    cfg = json.loads((ckpt / "config.json").read_text())
+    both = r"implemented only for NPU.*no route on amd either: w8a8-int8 experts .*int8_scaled_mm only on CUDA.*" \
+        r"serve the BF16 or the block-FP8"
+    at_launch = quant_method_problems(Launch(SimpleNamespace(quantization=None), Platform("amd"), cfg))
+    assert at_launch and re.search(both, at_launch), at_launch
+    # NVIDIA keeps the one-flag fix (the flag serves it there).
+    on_cuda = quant_method_problems(Launch(SimpleNamespace(quantization=None), Platform("nvidia", (9, 0)), cfg))
+    assert "--quantization w8a8_int8" in on_cuda and "no route" not in on_cuda
+    with gpu_contract.gpu_like_build_state("rocm"):
+        with pytest.raises(ValueError, match=both):
+            build(ckpt, quantization=None)
+
+
 def test_ignore_list_naming_checkpoint_shards_keeps_the_fused_module_bf16(gpu_like_build, tmp_path):
     # An export that keeps layer 1's q/k/v and layer 0's gate/up in BF16 names them as the checkpoint
     # does; SGLang resolves our fused qkv_proj / gate_up_proj through the class's

@@ -4,7 +4,8 @@ Oracles (none of them ours): compressed-tensors' own `pack_to_int32` / `unpack_f
 library LLM Compressor writes checkpoints with), SGLang's `pack_rows` / `pack_cols` (vLLM's GPTQ test
 packers) and SGLang's `awq_dequantize_decomposition` (the pure-torch reference of its AWQ Triton
 dequantizer, AutoAWQ's interleaved order). Then the writer (names, MTP and g_proj kept BF16, configs
-the registry claims) and the CPU-path Dequantizer (any order, named problems).
+the registry claims) and the CPU-path Dequantizer (any order, named problems); channel-wise and group-64
+compressed-tensors W4A16, which no tiny writes, loaded on the CPU path against the reference's weights.
 """
 
 from __future__ import annotations
@@ -235,3 +236,83 @@ def test_compressed_tensors_asymmetric_and_weight_shape_checks():
     for k, v in w4a16.ct_tensors(_w()).items():
         bad.feed("n." + k, torch.tensor([N, K + 8]) if k == "weight_shape" else v)
     assert f"n.weight_packed: expected [{N}, 33], got [{N}, 32]" in bad.problems()
+
+
+def _regrouped(src, out, group: str):
+    """The W4A16 tiny `src` re-exported channel-wise (one scale per output row, strategy channel) or with
+    groups of 64: every quantized weight dequantized and quantized again (compressed-tensors' symmetric
+    codec), the config's scheme changed to match; returns the checkpoint directory."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, out)
+    cfg = json.loads((out / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    deq = w4a16.Dequantizer(qc)
+    w = load_file(str(out / "model.safetensors"))
+    new = {}
+    for name, t in w.items():
+        for n, v in deq.feed(name, t):
+            if n.endswith(".weight") and n[: -len(".weight")] + ".weight_packed" in w:
+                base = n[: -len(".weight")]
+                parts = w4a16.ct_tensors(v, v.shape[1] if group == "channel" else 64)
+                new.update({f"{base}.{k}": x for k, x in parts.items()})
+            else:
+                new[n] = v.to(w[n].dtype) if n in w else v
+    assert deq.problems() == []
+    scheme = qc["config_groups"]["group_0"]["weights"]
+    scheme.update({"strategy": "channel", "group_size": None} if group == "channel" else {"group_size": 64})
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    save_file(new, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+@pytest.mark.parametrize("group", ["channel", "g64"])
+def test_w4a16_channel_and_group_64_load_dequantized_on_a_cpu(tmp_path, group):
+    """On a CPU (what `sglang serve` runs here; in-process, no server start: the loader and dequantizer
+    are the w4a16 case's of tests/test_quant_served.py) symmetric channel-wise and group-64 W4A16 are
+    served: built unquantized, every weight dequantized at load; each parameter equals what the fp32
+    reference reads (the format's Dequantizer, experts stacked) rounded once to the model dtype. Teeth:
+    the group-64 scales read as one group per 128 inputs are refused by the Dequantizer."""
+    import json
+
+    import gpu_contract
+    from gpu_contract import main_name
+    from safetensors.torch import load_file
+    from test_quant_fp4_load import expected_param
+    from test_quant_served import dequantized_stacked
+
+    from sglang_step35 import served
+    from sglang_step35.tiny import write_tiny_checkpoint
+
+    gpu_contract.sglang_world_of_one()
+    ckpt = _regrouped(write_tiny_checkpoint(tmp_path / "w4a16", seed=4, quant="w4a16"), tmp_path / group, group)
+    qc = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+    assert served.quant_label(qc) == f"w4a16-{group}"
+    assert served.refusal(served.QUANT, served.Setting("cpu", quant=f"w4a16-{group}", clamped_layers=(4,))) is None
+    from sglang_step35.moe.policy import guard_moe_layout  # the launch guard on this machine
+
+    cfg = json.loads((ckpt / "config.json").read_text())
+    assert guard_moe_layout(dict(tp_size=1, ep_size=1), cfg, "cpu", aiter=False).action != "refuse"
+    w = load_file(str(ckpt / "model.safetensors"))
+    q = w["model.layers.0.self_attn.q_proj.weight_scale"]
+    assert q.shape[1] == (1 if group == "channel" else w["model.layers.0.self_attn.q_proj.weight_shape"][1] // 64)
+    model, _ = gpu_contract.load_like_sglang(ckpt)
+    assert model.cpu_dequant is not None
+    ref = dequantized_stacked(w4a16, ckpt)
+    wrong, checked = [], 0
+    for pname, p in model.named_parameters():
+        prefix, suffix = main_name(pname)
+        want = expected_param(ref, prefix, suffix, p)
+        assert want is not None, pname
+        if not torch.equal(p.data, want.to(p.dtype)):
+            wrong.append(pname)
+        checked += 1
+    assert not wrong and checked >= 60, wrong
+    if group == "g64":
+        bad = w4a16.Dequantizer(w4a16.quantization_config("w4a16"))  # says groups of 128
+        for k in [k for k in w if k.startswith("model.layers.0.self_attn.q_proj.")]:
+            bad.feed(k, w[k])
+        assert any("group_size 128" in p for p in bad.problems()), bad.problems()

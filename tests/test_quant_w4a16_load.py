@@ -292,3 +292,43 @@ def test_w4a16_variants_and_rocm_are_refused_by_name(gpu_like_build, ckpts):
     assert served.quant_label(dict(gptq, desc_act=True)) == "int4-actorder"
     d = launch(dict(gptq, desc_act=True), "cuda", quantization="moe_wna16")
     assert d.action == "refuse" and "GPTQ with desc_act" in d.message, d.message
+
+
+@pytest.mark.parametrize("group", ["channel", "g64"])
+def test_w4a16_channel_and_group_64_have_named_rows(gpu_like_build, ckpts, group):
+    """compressed-tensors W4A16 with one scale per output row (strategy channel, group_size -1 or
+    none) or groups of 64: SGLang 0.5.23's Triton W4A16 MoE takes symmetric groups of 32 / 128 only
+    (pinned here through CompressedTensorsConfig's own check), so --moe-runner-backend triton makes
+    get_moe_scheme raise and the auto runner is Marlin, which drops Step's clamp: each variant is
+    refused by its own row on every platform (launch guard and construction), not by the generic
+    allow-list message."""
+    import json
+
+    from sglang.srt.layers.quantization.compressed_tensors import compressed_tensors as ct
+
+    from sglang_step35.moe.policy import guard_moe_layout, routed_plan
+    from sglang_step35.moe.quant import quant_spec_of
+
+    cfg = json.loads((ckpts["w4a16"] / "config.json").read_text())
+    shape = {"strategy": "channel", "group_size": None} if group == "channel" else {"group_size": 64}
+    for variant, suffix in (({}, ""), ({"symmetric": False}, "-asym"), ({"actorder": "weight"}, "-actorder")):
+        qc = _ct_variant(128, **shape, **variant)
+        label = f"w4a16-{group}{suffix}"
+        assert served.quant_label(qc) == label and label in served.W4A16_OTHER_GROUPS
+        config = ct.CompressedTensorsConfig.from_config(qc)
+        weights = config.target_scheme_map["Linear"]["weights"]
+        assert not config._is_wna16_triton_moe_supported(weights)  # SGLang's own rule
+        for platform, runner, why in (
+                ("cuda", "triton", "have one scale per output row (channel-wise) or groups of 64"),
+                ("cuda", None, "_is_wna16_triton_moe_supported accepts symmetric groups of 32 or 128 only"),
+                ("rocm", "triton", "CompressedTensorsWNA16, which runs Marlin"),
+                ("cpu", None, "with zero points or act-order are not verified on a CPU")):
+            if platform == "cpu" and not suffix:
+                continue  # served there (tests/test_quant_w4a16.py::test_w4a16_channel_and_group_64_load_dequantized_on_a_cpu)
+            d = guard_moe_layout(dict(tp_size=1, ep_size=1, moe_runner_backend=runner),
+                                 dict(cfg, quantization_config=qc), platform, aiter=False)
+            assert d.action == "refuse" and f"{label} experts" in d.message and why in d.message, d.message
+            assert "is not supported by sglang-step35" not in d.message, d.message
+        with pytest.raises(served.NotServedError, match="channel-wise\\) or groups of 64"):
+            routed_plan(7.0, device="cuda", ep_size=1, aiter=False, quant=quant_spec_of(config),
+                        runner_backend="triton", layer_id=44, quant_method="compressed_tensors")

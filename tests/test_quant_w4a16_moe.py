@@ -36,7 +36,9 @@ from sglang_step35.reference import routed_experts
 E, TOP_K, H, INTER = 4, 2, 128, 256  # hidden: one group of 128; expert width: two groups (down's K)
 LIMIT = 0.5  # Step-3.5-Flash's layers 43-44 clamp at 7; with these weights 0.5 clips
 REL_TOL = 3e-2
-FORMATS = ["gptq", "awq", "w4a16", "w4a16-g32"]
+# autoround-awq: AutoRound's AWQ packing with `backend: awq`, whose experts SGLang's AutoRoundConfig builds
+# with MoeWNA16's method (served.py's autoround-awq-nomarlin row) from AWQ's tensors.
+FORMATS = ["gptq", "awq", "w4a16", "w4a16-g32", "autoround-awq"]
 # compressed-tensors W4A16 with groups of 32 (the other group size SGLang's Triton W4A16 MoE takes,
 # compressed_tensors.py: _is_wna16_triton_moe_supported): scales per 32 inputs, block_shape [0, 32].
 GROUP = {"w4a16-g32": 32}
@@ -100,8 +102,8 @@ def _checkpoint(fmt: str, seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[
 
 
 def _ct(fmt: str) -> str:
-    """The checkpoint format of a case ("w4a16-g32" is compressed-tensors W4A16 too)."""
-    return "w4a16" if fmt.startswith("w4a16") else fmt
+    """The checkpoint format of a case ("w4a16-g32" is compressed-tensors W4A16 too, "autoround-awq" AWQ's tensors)."""
+    return "w4a16" if fmt.startswith("w4a16") else {"autoround-awq": "awq"}.get(fmt, fmt)
 
 
 def _qc(fmt: str) -> dict:
@@ -110,6 +112,13 @@ def _qc(fmt: str) -> dict:
 
 def _sglang_config(fmt: str):
     qc = _qc(fmt)
+    if fmt == "autoround-awq":
+        from sglang.srt.layers.quantization.auto_round import AutoRoundConfig
+
+        from sglang_step35.quant import autoround
+
+        arc = dict(autoround.quantization_config({"num_hidden_layers": 5}, name=fmt), backend="awq", extra_config={})
+        return AutoRoundConfig.from_config(arc)
     if _ct(fmt) == "w4a16":
         from sglang.srt.layers.quantization.compressed_tensors.compressed_tensors import CompressedTensorsConfig
 
@@ -148,10 +157,19 @@ def _build(fmt: str, limit, tensors: dict[str, torch.Tensor]):
 
     from sglang_step35.moe.runner import clamp_honouring_method
 
+    from sglang.srt.layers.quantization import auto_round, moe_wna16
+
     config = _sglang_config(fmt)
     # compressed-tensors picks its Triton method only under --moe-runner-backend triton (Marlin otherwise).
     runner = MoeRunnerBackend.TRITON if _ct(fmt) == "w4a16" else MoeRunnerBackend.AUTO
-    layer = _fused_moe(config, runner, limit, clamp_honouring_method(config) if _ct(fmt) != "w4a16" else None)
+    with pytest.MonkeyPatch.context() as gpu:
+        # AutoRoundConfig picks its method while FusedMoE is built: as on an H100 (not its AMX CPU path;
+        # the MoeWNA16Config it makes asks the capability for AWQ).
+        gpu.setattr(auto_round, "_is_cpu", False)
+        gpu.setattr(moe_wna16, "get_device_capability", lambda *a, **k: (9, 0))
+        layer = _fused_moe(config, runner, limit, clamp_honouring_method(config) if fmt in ("gptq", "awq") else None)
+    if fmt == "autoround-awq":
+        assert type(layer.quant_method).__name__ == "MoeWNA16Method" and layer.quant_method.quant_config.has_zp
     params = dict(layer.named_parameters())
     loaded = set()
     for name, t in tensors.items():

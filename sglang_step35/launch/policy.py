@@ -146,14 +146,11 @@ def quant_method_problems(launch: Launch) -> Optional[str]:
     from sglang_step35 import quant
 
     qc = quant.checkpoint_quantization_config(launch.cfg or {})
-    fmt = quant.format_for(qc)
-    check = getattr(fmt, "method_problems", None)
-    if check is None:
-        return None
-    method = str(launch.arg("quantization") or qc.get("quant_method") or "").lower()
+    method = str(launch.arg("quantization") or (qc or {}).get("quant_method") or "").lower()
     method = {"compressed-tensors": "compressed_tensors"}.get(method, method)  # CompressedTensorsConfig.get_name()
-    problems = check(qc, method)
-    return f"{fmt.NAMES[0]} checkpoint: " + "; ".join(problems) if problems else None
+    found = [why for why in (quant.method_refusal(qc, method, launch.platform.kind),
+                             quant.single_expert_ignores(qc, launch.cfg)) if why]
+    return "; ".join(found) or None
 
 
 def moe_layout(launch: Launch) -> None:

@@ -48,17 +48,28 @@ def cpu_dequant_fallback(quant_config, hf_config) -> Optional[dict]:
 def refuse_unservable_quant(quant_config, hf_config) -> None:
     """At construction, on the path where SGLang's quantization method runs (not the CPU dequant
     fallback): a registered format whose module names problems with the method SGLang chose
-    (`method_problems`) is refused with them, before SGLang's own layers fail less clearly."""
+    (`quant.method_refusal`), or whose ignore list names single routed experts (`quant.single_expert_ignores`),
+    is refused with them, before SGLang's own layers or the loader fail less clearly."""
     if quant_config is None:
         return
+    from sglang_step35.platform import current_platform
+
     qc = quant.checkpoint_quantization_config(hf_config)
-    fmt = quant.format_for(qc)
-    check = getattr(fmt, "method_problems", None)
-    problems = check(qc, str(quant_config.get_name()).lower()) if check else []
-    if problems:
+    if getattr(quant.format_for(qc), "ALLOW_LIST_BEFORE_LAYERS", False):
+        # The quantization row for what SGLang's config will build (its parsed settings, e.g. AutoRound's
+        # backend), before SGLang's own dense layers fail less clearly; the MoE layers ask it again.
+        from sglang_step35 import served
+        from sglang_step35.moe.quant import quant_spec_of
+
+        served.check(served.Setting(current_platform().kind, quant=served.quant_label(quant_spec_of(quant_config)),
+                                    quant_method=str(quant_config.get_name()).lower()), (served.QUANT,))
+    found = [why for why in (quant.method_refusal(qc, str(quant_config.get_name()).lower(), current_platform().kind),
+                             quant.single_expert_ignores(qc, hf_config)) if why]
+    if found:
         from sglang_step35.config import Step35ConfigError
 
-        raise Step35ConfigError(f"{fmt.NAMES[0]} checkpoint cannot be served as built: " + "; ".join(problems))
+        raise Step35ConfigError("; ".join(w.replace(" checkpoint: ", " checkpoint cannot be served as built: ", 1)
+                                          for w in found))
 
 
 def quant_config_to_build(quant_config, hf_config) -> tuple[Optional[dict], Any]:

@@ -112,11 +112,18 @@ NVFP4_CT = QuantSpec("nvfp4-ct", 4, group_size=16, scale_bytes=1, tensor_scale_b
                                 "intermediate_size_per_partition % 64)")
 
 
-def autoround_spec(group: int = 128) -> QuantSpec:
+def autoround_spec(group: int = 128, route: str = "autoround") -> QuantSpec:
     """AutoRound's own config (quant_method auto-round): GPTQ's (or AWQ's) tensors, qzeros stored
-    either way, under SGLang's AutoRoundConfig, which picks Marlin or MoeWNA16 per layer: its own
-    allow-list label; Marlin's dense linears need K % 128 per partition."""
-    return QuantSpec("autoround", 4, group_size=group, zero_bits=4, split=128, split_note=_MARLIN_K)
+    either way, under SGLang's AutoRoundConfig, which picks Marlin or MoeWNA16 per layer: labelled by
+    the methods it builds (``route``: quant/autoround.sglang_route); Marlin's dense linears need K % 128
+    per partition."""
+    return QuantSpec(route, 4, group_size=group, zero_bits=4, split=128, split_note=_MARLIN_K)
+
+
+def _autoround(value: Mapping) -> QuantSpec:
+    from sglang_step35.quant.autoround import sglang_route  # pure torch; the planner imports this module
+
+    return autoround_spec(int(value.get("group_size") or 128), sglang_route(dict(value)))
 
 
 MXFP4 = QuantSpec("mxfp4", 4, group_size=32, scale_bytes=1,
@@ -178,7 +185,7 @@ def _from_config(value: Mapping) -> QuantSpec:
         if "int8" in text:
             return W8A8_INT8
     if method in ("auto-round", "auto_round"):
-        return autoround_spec(int(value.get("group_size") or 128))
+        return _autoround(value)
     if method in ("awq", "gptq", "awq_marlin", "gptq_marlin", "auto-round", "auto_round", "moe_wna16") or int(
         value.get("bits", value.get("w_bit", 0)) or 0
     ) == 4:
@@ -243,7 +250,9 @@ def quant_spec_of(quant_config: Any) -> QuantSpec:
     if name == "modelopt_mixed":
         return NVFP4  # the experts of Step's MIXED_PRECISION exports (dense layers FP8)
     if name == "auto-round":  # AutoRoundConfig keeps no raw config, only what it parsed
-        return autoround_spec(int(getattr(quant_config, "group_size", 128) or 128))
+        return _autoround({"quant_method": name, "bits": quant_config.weight_bits, "group_size": quant_config.group_size,
+                           "sym": quant_config.sym, "packing_format": quant_config.packing_format,
+                           "backend": quant_config.backend})
     # One method name, several formats: read the checkpoint config SGLang keeps
     # (QuarkConfig.quant_config, CompressedTensorsConfig.config; MoeWNA16Config.full_config: AWQ or GPTQ).
     raw = {"quark": "quant_config", "compressed_tensors": "config", "moe_wna16": "full_config"}.get(name)

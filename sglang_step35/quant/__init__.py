@@ -18,6 +18,7 @@ Block FP8 (Step-3.5-Flash-FP8) lives in ``sglang_step35.fp8`` and is registered 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Optional
@@ -96,3 +97,74 @@ def attention_quant_config(quant_config: Any, hf_config: Any) -> Any:
         return None
     fmt = format_for(checkpoint_quantization_config(hf_config))
     return None if fmt is not None and not getattr(fmt, "KV_CACHE_SCALES", True) else quant_config
+
+
+def method_refusal(quantization_config: Optional[dict], method: str, vendor: str) -> Optional[str]:
+    """Why the checkpoint's registered format cannot be served under SGLang's quantization method
+    ``method`` (its ``get_name()``) on ``vendor`` ("nvidia" / "amd"), as one message, or None. A format
+    names its own problems with the method (``method_problems``) and, in ``SERVING_METHOD``, the
+    ``--quantization`` value that serves it on GPUs; where the allow-list (sglang_step35/served.py)
+    refuses that route on ``vendor`` too, the message says so in the same breath, so the user is not
+    sent to a flag that only earns the next refusal (e.g. compressed-tensors W8A8-INT8 on ROCm: its
+    compressed-tensors MoE is NPU-only, and w8a8_int8's dense INT8 GEMM CUDA-only). Asked at launch
+    (launch/policy.quant_method_problems) and at construction (models/quant_build.refuse_unservable_quant)."""
+    fmt = format_for(quantization_config)
+    check = getattr(fmt, "method_problems", None)
+    problems = check(quantization_config, method) if check else []
+    if not problems:
+        return None
+    why = f"{fmt.NAMES[0]} checkpoint: " + "; ".join(problems)
+    route = getattr(fmt, "SERVING_METHOD", None)
+    if route and route != method and not check(quantization_config, route):
+        from sglang_step35 import served
+        from sglang_step35.moe.quant import launch_quant
+
+        setting = served.Setting(vendor, quant=served.quant_label(launch_quant(route, quantization_config)),
+                                 quant_method=route)
+        after = served.refusal(served.QUANT, setting)
+        if after:
+            why += f" — but --quantization {route} is no route on {vendor} either: {after}"
+    return why
+
+
+_EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
+
+
+def single_expert_ignores(quantization_config: Optional[dict], hf_config: Any) -> Optional[str]:
+    """Why a checkpoint whose ``ignore`` list (compressed-tensors, SGLang's w8a8_int8) names single
+    routed experts — ``model.layers.N.moe.experts.E.gate_proj``, as exports that unfuse the experts into
+    Linear modules write them, exactly or by ``re:`` — cannot be built by SGLang's methods, or None.
+    SGLang builds each MoE layer's routed experts as one FusedMoE under one scheme, chosen for the prefix
+    ``model.layers.N.moe.experts`` (compressed_tensors/utils.should_ignore_layer): the named experts are
+    built quantized while the checkpoint stores them BF16, which only the loader would notice (tensors
+    in the wrong precision). Not asked on a CPU, where the model is built unquantized and BF16 experts
+    load as they are. A layer whose whole ``moe.experts`` prefix is ignored is the method's business."""
+    qc = dict(quantization_config or {})
+    ignore = list(qc.get("ignore") or [])
+    if not ignore or format_for(qc) is None:
+        return None
+    from sglang.srt.layers.quantization.compressed_tensors.utils import check_equal_or_regex_match
+
+    from sglang_step35.config import cfg_get, moe_layer_ids
+    from sglang_step35.models.step3p5 import Step3p5ForCausalLM
+
+    mapped = Step3p5ForCausalLM.hf_to_sglang_mapper.apply_list(list(ignore))  # as SGLang's loader maps the list
+    # SGLang's rule (_is_equal_or_regex_match: equal, or re.match of a "re:" pattern), precompiled: a
+    # Step-3.5-Flash has 45 x 288 x 3 expert modules to try.
+    exact = {t for t in ignore if not t.startswith("re:")}
+    patterns = [re.compile(t[3:]) for t in ignore if t.startswith("re:")]
+    experts = int(cfg_get(hf_config, "moe_num_experts") or 0)
+    named: list[str] = []
+    for i in sorted(moe_layer_ids(hf_config)):
+        if check_equal_or_regex_match(f"model.layers.{i}.moe.experts", mapped):
+            continue
+        names = (f"model.layers.{i}.moe.experts.{e}.{p}" for e in range(experts) for p in _EXPERT_PROJS)
+        named += [n for n in names if n in exact or any(r.match(n) for r in patterns)]
+    if not named:
+        return None
+    shown = ", ".join(named[:4]) + (f" and {len(named) - 4} more" if len(named) > 4 else "")
+    return (f"{format_for(qc).NAMES[0]} checkpoint: quantization_config.ignore keeps single routed experts "
+            f"unquantized ({shown}): SGLang builds each MoE layer's routed experts as one FusedMoE under one "
+            "quantization scheme, chosen for the prefix model.layers.N.moe.experts (compressed_tensors/utils.should_ignore_layer), so it would build these "
+            "experts quantized while the checkpoint stores them BF16; re-export with every routed expert "
+            "quantized, or serve the BF16 checkpoint")

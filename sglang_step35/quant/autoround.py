@@ -18,8 +18,13 @@ Marlin wherever Marlin supports the layer (GPTQMarlinMoEMethod experts, GPTQMarl
 linears), else MoeWNA16's Triton MoE; ``--quantization moe_wna16`` is rejected for an ``auto-round``
 checkpoint (ModelConfig: not a compatible method). On a CPU it needs AMX.
 
-The tiny (``step35 tiny --quant autoround``) writes the GPTQ packing, symmetric, group 128, what the
-GPTQ tiny quantizes (attention q/k/v/o, dense MLPs, shared and routed experts per expert); kept
+Which kernels SGLang runs follows from ``packing_format``, ``sym`` and the config's ``backend`` (also
+``sglang_backend`` / ``vllm_backend``; "auto" by default): :func:`sglang_route` names the case, the
+allow-list label (sglang_step35/served.py decides each).
+
+The tiny (``step35 tiny --quant autoround``) writes the GPTQ packing, symmetric, group 128; ``--quant
+autoround-awq`` the AWQ packing with zero points (``sym: false``, what AutoRound's ``auto_awq`` export is
+for), AutoAWQ's GEMM tensors (the AWQ tiny's writer). Both quantize what the GPTQ tiny quantizes (attention q/k/v/o, dense MLPs, shared and routed experts per expert); kept
 unquantized through ``extra_config``: each main layer's ``g_proj`` and router ``moe.gate`` (by name,
 as AutoRound lists the modules it skipped) and the MTP layers (one regular expression: quantizers
 never see them).
@@ -34,10 +39,18 @@ import torch
 
 from sglang_step35.quant import w4a16
 
-NAMES = ("autoround",)
+NAMES = ("autoround", "autoround-awq")
+# SGLang's methods for some routes fail in the dense layers (GPTQLinearMethod's removed kernel), built
+# before any MoE layer asks the allow-list: the model asks the quantization row first
+# (models/quant_build.refuse_unservable_quant).
+ALLOW_LIST_BEFORE_LAYERS = True
 _METHODS = ("auto-round", "auto_round")
 _PACKINGS = {"auto_round:auto_gptq": "gptq", "auto_round:auto_awq": "awq"}
 _DEFAULT_PACKING = "auto_round:auto_gptq"  # SGLang's AutoRoundConfig default too
+_PACKING_OF_TINY = {"autoround": "auto_round:auto_gptq", "autoround-awq": "auto_round:auto_awq"}
+# SGLang 0.5.23 marlin_utils.MARLIN_SUPPORTED_GROUP_SIZES; its Marlin int4 types: GPTQ's uint4b8 without
+# zero points, AWQ's uint4 with them (query_marlin_supported_quant_types), on sm80 and newer.
+_MARLIN_GROUPS = (-1, 32, 64, 128)
 
 
 def _packing(qc: dict) -> Optional[str]:
@@ -49,6 +62,39 @@ def matches(quantization_config: dict) -> bool:
     qc = quantization_config
     return (str(qc.get("quant_method", "")).lower() in _METHODS and int(qc.get("bits") or 0) == w4a16.BITS
             and str(qc.get("data_type") or "int").lower() == "int" and _packing(qc) is not None)
+
+
+def backend(quantization_config: dict) -> str:
+    """The config's kernel choice as SGLang's AutoRoundConfig.from_config reads it."""
+    qc = quantization_config
+    return str(next((qc[k] for k in ("backend", "vllm_backend", "sglang_backend") if qc.get(k)), "auto")).lower()
+
+
+def sglang_route(quantization_config: dict) -> str:
+    """Which of SGLang 0.5.23's methods AutoRoundConfig builds a 4-bit checkpoint with on CUDA (sm80+),
+    as its ``get_quant_method`` decides (layers/quantization/auto_round.py), named as the allow-list's
+    label: its GPTQ path whenever ``packing_format`` *or* ``backend`` names gptq, else its AWQ path; on
+    either, Marlin when the backend is auto or names marlin and Marlin has the type (GPTQ symmetric, AWQ
+    with zero points) and group size, else MoeWNA16's Triton MoE for the experts and the path's
+    non-Marlin linear method for the dense layers.
+    - ``autoround``: GPTQ packing on GPTQ-Marlin (GPTQMarlinMoEMethod, GPTQMarlinLinearMethod);
+    - ``autoround-gptq-nomarlin``: GPTQ packing off Marlin: MoeWNA16 experts, GPTQLinearMethod dense;
+    - ``autoround-awq``: AWQ packing on AWQ-Marlin (AWQMoEMethod with AWQMarlinConfig);
+    - ``autoround-awq-nomarlin``: AWQ packing with zero points off Marlin (backend awq): MoeWNA16
+      experts, AWQLinearMethod dense — the methods ``--quantization moe_wna16`` builds for AWQ;
+    - ``autoround-awq-sym``: symmetric AWQ packing (never Marlin: no AWQ type without zero points);
+    - ``autoround-awq-as-gptq``: AWQ packing with a gptq backend, which SGLang reads with GPTQ's layouts."""
+    qc = quantization_config
+    packing, be = _packing(qc), backend(qc)
+    sym, group = bool(qc.get("sym", True)), int(qc.get("group_size") or w4a16.GROUP_SIZE)
+    marlin_backend = be == "auto" or "marlin" in be
+    if "gptq" in str(qc.get("packing_format") or _DEFAULT_PACKING).lower() or "gptq" in be:
+        if packing == "awq":
+            return "autoround-awq-as-gptq"
+        return "autoround" if marlin_backend and sym and group in _MARLIN_GROUPS else "autoround-gptq-nomarlin"
+    if sym:
+        return "autoround-awq-sym"
+    return "autoround-awq" if marlin_backend and group in _MARLIN_GROUPS else "autoround-awq-nomarlin"
 
 
 def equivalent_config(quantization_config: dict) -> dict:
@@ -83,16 +129,17 @@ class Dequantizer(w4a16.Dequantizer):
 # ------------------------------------------------------------------------------------------------
 # Writing tiny checkpoints
 # ------------------------------------------------------------------------------------------------
-def quantization_config(cfg: dict, group: int = w4a16.GROUP_SIZE) -> dict:
-    """config.json `quantization_config` of an AutoRound export (``auto_round:auto_gptq``)."""
+def quantization_config(cfg: dict, group: int = w4a16.GROUP_SIZE, name: str = "autoround") -> dict:
+    """config.json `quantization_config` of an AutoRound export: ``auto_round:auto_gptq`` symmetric
+    (``autoround``) or ``auto_round:auto_awq`` with zero points (``autoround-awq``)."""
     n, m = int(cfg["num_hidden_layers"]), int(cfg.get("num_nextn_predict_layers") or 0)
     keep = {"bits": 16, "data_type": "float"}
     extra = {f"model.layers.{i}.{mod}": dict(keep) for i in range(n) for mod in ("self_attn.g_proj", "moe.gate")
              if not _dense_layer(cfg, i) or mod == "self_attn.g_proj"}
     if m:
         extra[rf"model\.layers\.({'|'.join(str(i) for i in range(n, n + m))})\..*"] = dict(keep)
-    return {"quant_method": "auto-round", "packing_format": _DEFAULT_PACKING, "bits": w4a16.BITS,
-            "group_size": group, "sym": True, "data_type": "int", "iters": 200, "nsamples": 128, "seqlen": 2048,
+    return {"quant_method": "auto-round", "packing_format": _PACKING_OF_TINY[name], "bits": w4a16.BITS,
+            "group_size": group, "sym": name == "autoround", "data_type": "int", "iters": 200, "nsamples": 128, "seqlen": 2048,
             "batch_size": 8, "lr": 0.005, "minmax_lr": 0.005, "low_gpu_mem_usage": False,
             "autoround_version": "0.5.1", "block_name_to_quantize": "model.layers", "extra_config": extra}
 
@@ -107,12 +154,13 @@ def _dense_layer(cfg: dict, i: int) -> bool:
 
 
 def write_checkpoint_tensors(weights: dict[str, torch.Tensor], cfg: dict, name: str) -> tuple[dict, dict]:
-    """BF16 Step-3.5 tensors -> the AutoRound export: GPTQ's tensors (the GPTQ tiny's writer, which
-    keeps g_proj, routers and MTP layers BF16) under AutoRound's config."""
+    """BF16 Step-3.5 tensors -> the AutoRound export: GPTQ's (``autoround``) or AWQ's (``autoround-awq``)
+    tensors (the GPTQ / AWQ tiny's writer, which keeps g_proj, routers and MTP layers BF16) under
+    AutoRound's config."""
     if name not in NAMES:
         raise ValueError(f"AutoRound format: unknown name {name!r}; use one of {NAMES}")
-    tensors, _ = w4a16.write_checkpoint_tensors(weights, cfg, "gptq")
-    return tensors, {"quantization_config": quantization_config(cfg)}
+    tensors, _ = w4a16.write_checkpoint_tensors(weights, cfg, _packing({"packing_format": _PACKING_OF_TINY[name]}))
+    return tensors, {"quantization_config": quantization_config(cfg, name=name)}
 
 
 def _is_regex(key: str) -> bool:

@@ -39,6 +39,8 @@ SCALE = ".weight_scale"
 INT8_MAX = 127
 
 _CT_METHODS = ("compressed-tensors", "compressed_tensors")
+# The --quantization value that serves these checkpoints on GPUs (quant.method_refusal).
+SERVING_METHOD = "w8a8_int8"
 _MOE_STACKED = re.compile(r"^(model\.layers\.\d+\.moe\.)(gate|up|down)_proj\.weight$")
 _LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
