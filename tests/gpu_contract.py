@@ -96,6 +96,23 @@ def ensure_interpreted(module_name: str, kernel_name: str) -> None:
     assert isinstance(getattr(mod, kernel_name), InterpretedFunction), f"{module_name}.{kernel_name}"
 
 
+def interpreted_kernels(*kernels: tuple[str, str]):
+    """Generator for a module-scoped fixture: on a machine without a GPU, TRITON_INTERPRET=1 and each
+    (module, kernel) interpreted (:func:`ensure_interpreted`) while the module's tests run, restored
+    afterwards; on a GPU, nothing."""
+    if torch.cuda.is_available():
+        yield
+        return
+    import pytest
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TRITON_INTERPRET", "1")
+    for module_name, kernel_name in kernels:
+        ensure_interpreted(module_name, kernel_name)
+    yield
+    mp.undo()
+
+
 def aiter_shuffle_weight(x: torch.Tensor, layout=(16, 16)) -> torch.Tensor:
     """AITER's `shuffle_weight(x, (16, 16))` layout (aiter/ops/shuffle.py): 16-row x 32-element tiles
     reordered for its CK kernels. Any kernel reading the result as a plain [E, N, K] matrix computes

@@ -328,3 +328,27 @@ def as_objects(calls: List[Tuple[str, str]]) -> List[Tuple[str, Any]]:
         except ValueError:
             out.append((name, args))
     return out
+
+
+# Characters a tag soup mixes into its text, which every parse must give back exactly once each.
+SOUP_MARKERS = "Zß中😀"
+
+
+def assert_soup_parse_loses_nothing(text: str, cuts: List[int], tools) -> None:
+    """The invariants of a tool-call parse of any text (the tag-soup property tests): streaming at
+    the `cuts` equals the one-shot parse, every call is the declared "f" with a JSON-object argument
+    (only the last may be cut off by the end of output, as the start of an object), and every
+    marker of the text comes back exactly once, in the content or in a call."""
+    from sglang_step35.parsers import Step35ToolCallDetector
+
+    content, calls = tool_non_stream(Step35ToolCallDetector(), text, tools)
+    assert tool_stream(Step35ToolCallDetector(), split_at(text, cuts), tools) == (content, calls)
+    out = content + "".join(name + args for name, args in calls)
+    for i, (name, args) in enumerate(calls):
+        assert name == "f"  # "g" is undeclared: never a call
+        try:
+            assert isinstance(json.loads(args), dict)
+        except ValueError:
+            assert i == len(calls) - 1 and (args == "" or args.startswith("{"))
+    for marker in SOUP_MARKERS:
+        assert out.count(marker) == text.count(marker), marker

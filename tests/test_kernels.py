@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels_cuda._common import LaunchConfig
+from gpu_contract import interpreted_kernels
 from kernels_rocm import aiter_glue
 from sglang_step35 import ops
 
@@ -37,28 +38,9 @@ TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=1e-3
 @pytest.fixture(scope="module", autouse=True)
 def triton_interpreter():
     """Interpreter mode for this module when there is no GPU; restored afterwards."""
-    if ON_GPU:
-        yield
-        return
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TRITON_INTERPRET", "1")
-    from triton.runtime.interpreter import InterpretedFunction
-
-    # importlib, not attribute access: the package re-exports functions named like the submodules.
-    for name, kernel in (
-        ("kernels_cuda.swiglu_clamp", "_swiglu_clamp_kernel"),
-        ("kernels_cuda.head_gate", "_head_gate_kernel"),
-        ("kernels_cuda.router", "_sigmoid_topk_kernel"),
-    ):
-        mod = importlib.import_module(name)
-        # Imported earlier (by another test) without the env var, the kernels are compiled-mode
-        # JITFunctions; re-executing the module re-decorates them, and callers look them up by
-        # global name at call time.
-        if not isinstance(getattr(mod, kernel), InterpretedFunction):
-            importlib.reload(mod)
-        assert isinstance(getattr(mod, kernel), InterpretedFunction)
-    yield
-    mp.undo()
+    yield from interpreted_kernels(("kernels_cuda.swiglu_clamp", "_swiglu_clamp_kernel"),
+                                   ("kernels_cuda.head_gate", "_head_gate_kernel"),
+                                   ("kernels_cuda.router", "_sigmoid_topk_kernel"))
 
 
 def kernel_impls():

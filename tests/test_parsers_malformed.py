@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from parser_corpus import split_at, tool_non_stream, tool_stream
+from parser_corpus import SOUP_MARKERS, assert_soup_parse_loses_nothing, tool_non_stream, tool_stream
 from sglang.srt.entrypoints.openai.protocol import Function, Tool
 from sglang_step35.parsers import Step35ToolCallDetector
 from test_parsers_public_api import registered, tool_modes  # noqa: F401  (fixture)
@@ -166,13 +166,12 @@ def test_cut_off_inside_a_recovered_call_keeps_the_arguments_as_generated():
 
 # -- make fuzz: the new shapes mixed into tag soup ---------------------------------------
 
-MARKERS = "Zß中😀"
 # Parameters p0, p2, ... are declared; odd ones are not. Names never repeat (the first of a
 # repeated parameter wins: the one documented place where a value is dropped).
 SOUP_TOOL = [_tool("f", {f"p{i}": {"type": "string"} for i in range(0, 100, 2)})]
 FRAGMENTS = ["<tool_call>", "</tool_call>", "<function=f>", "<functionf>", "<function=f\n", "<function f\n",
              "<functionf\n", "<functiong>", "<function=g\n", "<function", "</function>", "<parameter=",
-             "<parameter=parameter=", "</parameter>", "\n", "<", ">", " ", "{", "}", '"', "=", *MARKERS]
+             "<parameter=parameter=", "</parameter>", "\n", "<", ">", " ", "{", "}", '"', "=", *SOUP_MARKERS]
 
 
 @st.composite
@@ -190,17 +189,7 @@ def malformed_soup(draw):
 @HYP
 @given(text=malformed_soup(), cuts=st.lists(st.integers(0, 300), max_size=12))
 def test_malformed_soup_never_raises_loses_nothing_and_is_chunking_invariant(text, cuts):
-    content, calls = tool_non_stream(Step35ToolCallDetector(), text, SOUP_TOOL)
-    assert tool_stream(Step35ToolCallDetector(), split_at(text, cuts), SOUP_TOOL) == (content, calls)
-    out = content + "".join(name + args for name, args in calls)
-    for i, (name, args) in enumerate(calls):
-        assert name == "f"  # "g" is undeclared: never a call
-        try:
-            assert isinstance(json.loads(args), dict)
-        except ValueError:
-            assert i == len(calls) - 1 and (args == "" or args.startswith("{"))
-    for marker in MARKERS:
-        assert out.count(marker) == text.count(marker), marker
+    assert_soup_parse_loses_nothing(text, cuts, SOUP_TOOL)
 
 
 def test_sglang_builtin_loses_these_calls():

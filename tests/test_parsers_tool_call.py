@@ -10,8 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from parser_corpus import (
+    SOUP_MARKERS,
     TOOLS,
     as_objects,
+    assert_soup_parse_loses_nothing,
     build_corpus,
     split_at,
     tool_non_stream,
@@ -211,10 +213,9 @@ def test_every_single_cut(case):
 # Markup fragments plus content characters that no tag or name contains, so their
 # count can be checked end to end. Parameter names never repeat: a repeat is the one
 # documented place where a value is dropped.
-MARKERS = "Zß中😀"
 FREE_TOOL = [Tool(function=Function(name="f", parameters={"type": "object"}))]
 FRAGMENTS = ["<tool_call>", "</tool_call>", "<function=f>", "<function f>", "<function=g>", "</function>",
-             "<parameter=", "</parameter>", "\n", "<", ">", " ", "{", "}", '"', ":", "=", *MARKERS]
+             "<parameter=", "</parameter>", "\n", "<", ">", " ", "{", "}", '"', ":", "=", *SOUP_MARKERS]
 
 
 @st.composite
@@ -227,19 +228,7 @@ def tag_soup(draw):
 @HYP
 @given(text=tag_soup(), cuts=st.lists(st.integers(0, 300), max_size=12))
 def test_tag_soup_never_raises_loses_nothing_and_is_chunking_invariant(text, cuts):
-    content, calls = tool_non_stream(Step35ToolCallDetector(), text, FREE_TOOL)
-    assert tool_stream(Step35ToolCallDetector(), split_at(text, cuts), FREE_TOOL) == (content, calls)
-    out = content + "".join(name + args for name, args in calls)
-    for i, (name, args) in enumerate(calls):
-        assert name == "f"
-        try:
-            assert isinstance(json.loads(args), dict)
-        except ValueError:
-            # Only the last call can be cut off by the end of output, and what it has
-            # is the start of an object.
-            assert i == len(calls) - 1 and (args == "" or args.startswith("{"))
-    for marker in MARKERS:
-        assert out.count(marker) == text.count(marker), marker
+    assert_soup_parse_loses_nothing(text, cuts, FREE_TOOL)
 
 
 def test_stray_text_in_function_keeps_its_spaces_at_every_cut():

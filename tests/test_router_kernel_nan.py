@@ -19,6 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gpu_contract import interpreted_kernels
 from sglang_step35 import ops
 
 ON_GPU = torch.cuda.is_available()
@@ -28,16 +29,7 @@ NAN, INF = float("nan"), float("inf")
 
 @pytest.fixture(scope="module", autouse=True)
 def triton_interpreter():
-    if ON_GPU:
-        yield
-        return
-    from gpu_contract import ensure_interpreted
-
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TRITON_INTERPRET", "1")
-    ensure_interpreted("kernels_cuda.router", "_sigmoid_topk_kernel")
-    yield
-    mp.undo()
+    yield from interpreted_kernels(("kernels_cuda.router", "_sigmoid_topk_kernel"))
 
 
 def impls():
