@@ -18,9 +18,9 @@ float16 it did not (0.006 everywhere). Such a flip is a property of the weights,
 when the plain reference is off, the reference that takes the runner-up at one near-tie decision
 (`RouteTies`) must match within the tolerance everywhere; the test names the decision. A format joins by registering in
 sglang_step35.quant; one the allow-list (sglang_step35.served) does not serve on CPU must be refused
-at launch by name (block FP8 is served in tests/test_weights_loading.py). Not started here: autoround-awq
-(IN_PROCESS_ONLY; the same dequantizer path as autoround, AWQ's tensors as the awq case's), whose CPU load
-tests/test_quant_autoround_load.py::test_autoround_awq_on_a_cpu_loads_the_references_weights checks.
+at launch by name (block FP8 is served in tests/test_weights_loading.py). Not started here
+(IN_PROCESS_ONLY): autoround-awq and w4a16-g32, whose loaders and dequantizers a served case here
+already runs; in-process tests check their CPU loads parameter by parameter.
 """
 
 from __future__ import annotations
@@ -129,8 +129,10 @@ def misscaled(weights: dict, n_layers: int) -> dict[str, torch.Tensor]:
 # server would run are the same ones another served case here already starts. autoround-awq: AutoRound's AWQ
 # packing goes through the AWQ dequantizer (the awq case) under the autoround case's format module;
 # tests/test_quant_autoround_load.py::test_autoround_awq_on_a_cpu_loads_the_references_weights checks every
-# parameter of its CPU load against the reference's weights.
-IN_PROCESS_ONLY = ("autoround-awq",)
+# parameter of its CPU load against the reference's weights. w4a16-g32: the w4a16 case's loader and
+# Dequantizer with groups of 32 (read from weight_scale's shape);
+# tests/test_quant_w4a16.py::test_w4a16_channel_and_group_64_load_dequantized_on_a_cpu[g32] checks its CPU load.
+IN_PROCESS_ONLY = ("autoround-awq", "w4a16-g32")
 
 
 @pytest.mark.parametrize("name", [n for n in quant.tiny_names() if n != "fp8" and n not in IN_PROCESS_ONLY])

@@ -269,13 +269,14 @@ def _regrouped(src, out, group: str):
     return out
 
 
-@pytest.mark.parametrize("group", ["channel", "g64"])
+@pytest.mark.parametrize("group", ["channel", "g64", "g32"])
 def test_w4a16_channel_and_group_64_load_dequantized_on_a_cpu(tmp_path, group):
     """On a CPU (what `sglang serve` runs here; in-process, no server start: the loader and dequantizer
-    are the w4a16 case's of tests/test_quant_served.py) symmetric channel-wise and group-64 W4A16 are
-    served: built unquantized, every weight dequantized at load; each parameter equals what the fp32
-    reference reads (the format's Dequantizer, experts stacked) rounded once to the model dtype. Teeth:
-    the group-64 scales read as one group per 128 inputs are refused by the Dequantizer."""
+    are the w4a16 case's of tests/test_quant_served.py) symmetric channel-wise, group-64 and group-32
+    (`step35 tiny --quant w4a16-g32`) W4A16 are served: built unquantized, every weight dequantized at
+    load; each parameter equals what the fp32 reference reads (the format's Dequantizer, experts
+    stacked) rounded once to the model dtype. Teeth: scales of groups of 64 or 32 read as one group
+    per 128 inputs are refused by the Dequantizer."""
     import json
 
     import gpu_contract
@@ -288,7 +289,10 @@ def test_w4a16_channel_and_group_64_load_dequantized_on_a_cpu(tmp_path, group):
     from sglang_step35.tiny import write_tiny_checkpoint
 
     gpu_contract.sglang_world_of_one()
-    ckpt = _regrouped(write_tiny_checkpoint(tmp_path / "w4a16", seed=4, quant="w4a16"), tmp_path / group, group)
+    if group == "g32":
+        ckpt = write_tiny_checkpoint(tmp_path / group, seed=4, quant="w4a16-g32")
+    else:
+        ckpt = _regrouped(write_tiny_checkpoint(tmp_path / "w4a16", seed=4, quant="w4a16"), tmp_path / group, group)
     qc = json.loads((ckpt / "config.json").read_text())["quantization_config"]
     assert served.quant_label(qc) == f"w4a16-{group}"
     assert served.refusal(served.QUANT, served.Setting("cpu", quant=f"w4a16-{group}", clamped_layers=(4,))) is None
@@ -298,7 +302,8 @@ def test_w4a16_channel_and_group_64_load_dequantized_on_a_cpu(tmp_path, group):
     assert guard_moe_layout(dict(tp_size=1, ep_size=1), cfg, "cpu", aiter=False).action != "refuse"
     w = load_file(str(ckpt / "model.safetensors"))
     q = w["model.layers.0.self_attn.q_proj.weight_scale"]
-    assert q.shape[1] == (1 if group == "channel" else w["model.layers.0.self_attn.q_proj.weight_shape"][1] // 64)
+    per = {"channel": None, "g64": 64, "g32": 32}[group]
+    assert q.shape[1] == (1 if per is None else int(w["model.layers.0.self_attn.q_proj.weight_shape"][1]) // per)
     model, _ = gpu_contract.load_like_sglang(ckpt)
     assert model.cpu_dequant is not None
     ref = dequantized_stacked(w4a16, ckpt)
@@ -311,7 +316,7 @@ def test_w4a16_channel_and_group_64_load_dequantized_on_a_cpu(tmp_path, group):
             wrong.append(pname)
         checked += 1
     assert not wrong and checked >= 60, wrong
-    if group == "g64":
+    if per is not None:
         bad = w4a16.Dequantizer(w4a16.quantization_config("w4a16"))  # says groups of 128
         for k in [k for k in w if k.startswith("model.layers.0.self_attn.q_proj.")]:
             bad.feed(k, w[k])
