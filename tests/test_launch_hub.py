@@ -96,7 +96,9 @@ def test_repo_id_gets_the_decisions_of_the_checkpoint_directory(decisions, name)
 def test_the_decisions_are_the_policys(decisions):
     """What the equal decisions are: a refusal per refused case, EP switch on AMD, CPU defaults."""
     out = decisions[0]
-    assert "Step35MTPError" in out["hub:mtp_refused"]["error"] and "--speculative-num-steps 4" in out["hub:mtp_refused"]["error"]
+    # `sglang serve` refuses it the same way: its launcher resolves the arguments through resolve_once, as here.
+    assert "Step35MTPError" in out["hub:mtp_refused"]["error"]
+    assert "--speculative-num-steps 4 needs 4 MTP layers, but the checkpoint has 3" in out["hub:mtp_refused"]["error"]
     assert "--pp-size 2 with --speculative-algorithm EAGLE" in out["hub:pp_refused"]["error"]
     assert "Step35ConfigError" in out["hub:invalid_config"]["error"] and "moe_layers_enum" in out["hub:invalid_config"]["error"]
     assert "flex_attention" in out["hub:window_refused"]["error"]

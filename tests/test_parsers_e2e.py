@@ -9,6 +9,7 @@ the grammar SGLang builds from our structural tag.
 """
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from openai import OpenAI
@@ -138,11 +139,21 @@ def test_forced_tool_choice_with_reasoning_gives_calls_and_clean_content(served_
     # string values the grammar had written, and xgrammar's "required" tag let the model go on
     # after its call.
     client = OpenAI(base_url=served_trained.base_url + "/v1", api_key="none")
-    for p in tool_prompts(held_out=True)[:3]:
+    prompts = tool_prompts(held_out=True)[:3]
+
+    def kwargs(p):
         choice = {"type": "function", "function": {"name": p.tool}} if named else "required"
-        kw = dict(model="tiny", messages=p.messages, tools=TRAINED_TOOLS, tool_choice=choice,
-                  max_tokens=160, temperature=0)
-        r = client.chat.completions.create(**kw)
+        return dict(model="tiny", messages=p.messages, tools=TRAINED_TOOLS, tool_choice=choice,
+                    max_tokens=160, temperature=0)
+
+    # All six requests (each prompt plain and streamed) in flight at once: the server decodes them
+    # in one batch, each under its own grammar.
+    with ThreadPoolExecutor(2 * len(prompts)) as pool:
+        plain = [pool.submit(client.chat.completions.create, **kwargs(p)) for p in prompts]
+        streamed = [pool.submit(lambda p: _collect(client.chat.completions.create(stream=True, **kwargs(p))), p)
+                    for p in prompts]
+        answers = [(p, f.result(), g.result()) for p, f, g in zip(prompts, plain, streamed)]
+    for p, r, s in answers:
         msg = r.choices[0].message
         reasoning = msg.model_extra.get("reasoning_content") or ""
         calls = [(c.function.name, c.function.arguments) for c in msg.tool_calls or []]
@@ -151,7 +162,6 @@ def test_forced_tool_choice_with_reasoning_gives_calls_and_clean_content(served_
         if named:
             assert {name for name, _ in calls} == {p.tool}
         assert not any(tag in (msg.content or "") for tag in MARKUP), msg.content
-        s = _collect(client.chat.completions.create(stream=True, **kw))
         assert (s["reasoning"], s["content"]) == (reasoning, msg.content or "")
         assert (s["names"], [s["args"][i] for i in sorted(s["args"])]) == ([n for n, _ in calls], [a for _, a in calls])
         assert s["finish_reason"] == r.choices[0].finish_reason
@@ -166,17 +176,18 @@ def test_reasoning_budget_caps_reasoning_and_the_answer_follows(served_trained, 
     client = OpenAI(base_url=served_trained.base_url + "/v1", api_key="none")
     kw = dict(model="tiny", messages=[{"role": "user", "content": read_gsm8k("test")[0]["question"]}],
               max_tokens=256, temperature=0)
-    free = client.chat.completions.create(**kw).choices[0].message
+    capped = dict(kw, extra_body={"custom_logit_processor": Step35ReasoningBudget.to_str(),
+                                  "custom_params": {"thinking_budget": budget}})
+    with ThreadPoolExecutor(3) as pool:  # one batch on the server
+        free_f = pool.submit(client.chat.completions.create, **kw)
+        r_f = pool.submit(client.chat.completions.create, **capped)
+        s_f = pool.submit(lambda: _collect(client.chat.completions.create(stream=True, **capped)))
+        free, r, s = free_f.result().choices[0].message, r_f.result(), s_f.result()
     assert len(tok.encode(free.model_extra["reasoning_content"], add_special_tokens=False)) > budget + 8
-
-    kw["extra_body"] = {"custom_logit_processor": Step35ReasoningBudget.to_str(),
-                        "custom_params": {"thinking_budget": budget}}
-    r = client.chat.completions.create(**kw)
     msg = r.choices[0].message
     reasoning = msg.model_extra["reasoning_content"] or ""
     assert len(tok.encode(reasoning, add_special_tokens=False)) <= budget
     assert free.model_extra["reasoning_content"].startswith(reasoning)
     assert (msg.content or "").strip() and "</think>" not in msg.content
     assert r.choices[0].finish_reason == "stop"  # the answer ended by itself, within max_tokens
-    s = _collect(client.chat.completions.create(stream=True, **kw))
     assert (s["reasoning"], s["content"]) == (reasoning, msg.content)
