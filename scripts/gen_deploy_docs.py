@@ -50,6 +50,8 @@ FORMATS = [
     ("w8a8-int8", ("h100", "h200", "b200", "mi300x", "mi355x")),
     ("w4a16", ("h100", "h200", "b200", "mi300x", "mi355x")),
     ("w4a16-g32", ("h100", "h200")),
+    # AWQ / GPTQ int4 (moe_wna16); SGLang refuses moe_wna16 on ROCm (configs/model_config.py).
+    ("int4", ("h100", "h200", "b200", "mi300x")),
     ("nvfp4", ("h100", "h200", "b200")),
     ("mxfp4", ("mi300x", "mi355x")),
 ]

@@ -117,16 +117,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("xdist_group") is None and (group := _xdist_group(item)):
             item.add_marker(pytest.mark.xdist_group(group))
-    # Modules with server tests first, each module's tests kept together and in order: xdist hands out
-    # work in collection order, so the long server chains start at once and the many short unit tests
-    # fill both workers at the end (last in collection order, test_weights_loading's two servers ran
-    # alone on one worker at the end of the run while the other had nothing left).
-    first = {_module_name(item) for item in items if item.get_closest_marker("server")}
-    items.sort(key=lambda item: _module_name(item) not in first)
-
-
-def _module_name(item) -> str:
-    return getattr(getattr(item, "module", None), "__name__", "")
 
 
 def pytest_configure(config):
