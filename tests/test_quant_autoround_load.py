@@ -333,23 +333,13 @@ def test_autoround_awq_on_a_cpu_loads_the_references_weights(ckpts):
     model is built unquantized and the loader dequantizes AutoRound's AWQ tensors with the packing's
     dequantizer; every parameter equals the weights the fp32 reference reads (the same Dequantizer,
     stacked), rounded to the model's dtype once."""
-    from test_quant_fp4_load import expected_param
-    from test_quant_served import dequantized_stacked
+    from test_quant_served import assert_cpu_load_is_the_references
 
     gpu_contract.sglang_world_of_one()
     ckpt = ckpts["autoround-awq"]
     model, _ = gpu_contract.load_like_sglang(ckpt)
     assert model.cpu_dequant is not None and model.cpu_dequant["packing_format"] == "auto_round:auto_awq"
-    ref = dequantized_stacked(autoround, ckpt)
-    wrong, checked = [], 0
-    for pname, p in model.named_parameters():
-        prefix, suffix = main_name(pname)
-        want = expected_param(ref, prefix, suffix, p)
-        assert want is not None, pname
-        if not torch.equal(p.data, want.to(p.dtype)):
-            wrong.append(pname)
-        checked += 1
-    assert not wrong and checked >= 60, wrong
+    assert_cpu_load_is_the_references(autoround, ckpt, model)
     # Teeth: the AWQ tensors read as GPTQ's would not even pair up.
     bad = autoround.Dequantizer(dict(model.cpu_dequant, packing_format="auto_round:auto_gptq"))
     w = load_file(str(ckpt / "model.safetensors"))

@@ -71,6 +71,25 @@ def dequantized_stacked(fmt, ckpt) -> dict[str, torch.Tensor]:
     return out
 
 
+def assert_cpu_load_is_the_references(fmt, ckpt, model) -> None:
+    """Every parameter of `model` (built on a CPU, its weights dequantized at load) equals the weights
+    the fp32 reference reads (`dequantized_stacked`), rounded once to the parameter's dtype; the
+    failure names every parameter that differs."""
+    from gpu_contract import main_name
+    from test_quant_fp4_load import expected_param
+
+    ref = dequantized_stacked(fmt, ckpt)
+    wrong, checked = [], 0
+    for pname, p in model.named_parameters():
+        prefix, suffix = main_name(pname)
+        want = expected_param(ref, prefix, suffix, p)
+        assert want is not None, pname
+        if not torch.equal(p.data, want.to(p.dtype)):
+            wrong.append(pname)
+        checked += 1
+    assert not wrong and checked >= 60, wrong  # every parameter of the 5 main layers, embedding, norm, lm_head
+
+
 class RouteTies(Step35Reference):
     """The reference, recording every routing decision within ROUTE_TIE of a tie as (MoE layer,
     position, margin) in `ties`, and taking the runner-up for the k-th expert at the (layer,

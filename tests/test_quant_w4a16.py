@@ -280,10 +280,8 @@ def test_w4a16_channel_and_group_64_load_dequantized_on_a_cpu(tmp_path, group):
     import json
 
     import gpu_contract
-    from gpu_contract import main_name
     from safetensors.torch import load_file
-    from test_quant_fp4_load import expected_param
-    from test_quant_served import dequantized_stacked
+    from test_quant_served import assert_cpu_load_is_the_references
 
     from sglang_step35 import served
     from sglang_step35.tiny import write_tiny_checkpoint
@@ -306,16 +304,7 @@ def test_w4a16_channel_and_group_64_load_dequantized_on_a_cpu(tmp_path, group):
     assert q.shape[1] == (1 if per is None else int(w["model.layers.0.self_attn.q_proj.weight_shape"][1]) // per)
     model, _ = gpu_contract.load_like_sglang(ckpt)
     assert model.cpu_dequant is not None
-    ref = dequantized_stacked(w4a16, ckpt)
-    wrong, checked = [], 0
-    for pname, p in model.named_parameters():
-        prefix, suffix = main_name(pname)
-        want = expected_param(ref, prefix, suffix, p)
-        assert want is not None, pname
-        if not torch.equal(p.data, want.to(p.dtype)):
-            wrong.append(pname)
-        checked += 1
-    assert not wrong and checked >= 60, wrong
+    assert_cpu_load_is_the_references(w4a16, ckpt, model)
     if per is not None:
         bad = w4a16.Dequantizer(w4a16.quantization_config("w4a16"))  # says groups of 128
         for k in [k for k in w if k.startswith("model.layers.0.self_attn.q_proj.")]:
