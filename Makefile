@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 PYTEST := $(BIN)/python -m pytest
 # pytest-xdist workers: a 2-core CI runner spends much of a server test waiting on its `sglang serve`;
 # tests sharing a server or a module-scoped fixture run on one worker (xdist groups, tests/conftest.py).
-# Not 3: a third worker's servers oversubscribe the cores (measured: 28.5 min instead of 20; the
+# Not 3: a third worker's servers oversubscribe the cores (measured: 28.5 min instead of 19.5; the
 # multi-rank gloo servers of test_parallel_served 3x slower). WORKERS=0: one process.
 WORKERS ?= 2
 XDIST := $(if $(filter 0,$(WORKERS)),-p no:xdist,-n $(WORKERS) --dist loadgroup)
