@@ -38,6 +38,7 @@ def decisions(tmp_path_factory):
     mxfp4 = write_tiny_checkpoint(root / "mxfp4", seed=0, quant="mxfp4")
     nvfp4 = write_tiny_checkpoint(root / "nvfp4", seed=0, quant="nvfp4")
     mixed = write_tiny_checkpoint(root / "modelopt-mixed", seed=0, quant="modelopt-mixed")
+    nvfp4_ct = write_tiny_checkpoint(root / "nvfp4-ct", seed=0, quant="nvfp4-ct")
     cases = [
         {"name": "ct_gpu", "model_path": str(ct), "args": {}, "platform": "nvidia"},
         {"name": "ct_gpu_w8a8_int8", "model_path": str(ct), "args": {"quantization": "w8a8_int8"}, "platform": "nvidia"},
@@ -48,6 +49,11 @@ def decisions(tmp_path_factory):
         {"name": "mxfp4_cpu", "model_path": str(mxfp4), "args": {}},
         {"name": "nvfp4_cpu", "model_path": str(nvfp4), "args": {}},
         {"name": "modelopt_mixed_cpu", "model_path": str(mixed), "args": {}},
+        {"name": "nvfp4_ct_cpu", "model_path": str(nvfp4_ct), "args": {}},
+        # The formats tests/test_quant_served.py does not start a server for (IN_PROCESS_ONLY), launched
+        # with the flags its servers get.
+        *({"name": f"served_{name}", "model_path": str(ckpt), "args": {"dtype": "bfloat16"}}
+          for name, ckpt in (("w8a8-int8-ct", ct), ("nvfp4", nvfp4), ("nvfp4-ct", nvfp4_ct))),
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SGLANG_STEP35", "SGLANG_EXTERNAL"))}
     r = subprocess.run([sys.executable, str(PROBE), json.dumps(cases)], capture_output=True, text=True, env=env,
@@ -77,7 +83,19 @@ def test_awq_on_a_cpu_gets_float16_unless_the_user_chose(decisions):
     assert "use --dtype float16, or leave --dtype unset" in error
 
 
-@pytest.mark.parametrize("case", ["mxfp4_cpu", "nvfp4_cpu", "modelopt_mixed_cpu"])
+@pytest.mark.parametrize("case", ["mxfp4_cpu", "nvfp4_cpu", "modelopt_mixed_cpu", "nvfp4_ct_cpu"])
 def test_fp4_on_a_cpu_launches_in_its_config_dtype(decisions, case):
     assert decisions[case]["error"] is None, decisions[case]["error"]
     assert decisions[case]["dtype"] in ("auto", "bfloat16")  # the tiny's config dtype, accepted by the method
+
+
+@pytest.mark.parametrize("name", ["w8a8-int8-ct", "nvfp4", "nvfp4-ct"])
+def test_formats_served_without_a_server_start_launch_on_a_cpu(decisions, name):
+    """The launch half of tests/test_quant_served.py's IN_PROCESS_ONLY formats: `sglang serve --device
+    cpu --dtype bfloat16` of the checkpoint passes SGLang's resolve_once and the launch policy, on CPU."""
+    from test_quant_served import IN_PROCESS_ONLY
+
+    assert name in IN_PROCESS_ONLY
+    d = decisions[f"served_{name}"]
+    assert d["error"] is None, d["error"]
+    assert (d["device"], d["dtype"], d["attention_backend"]) == ("cpu", "bfloat16", "torch_native")

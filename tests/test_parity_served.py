@@ -12,9 +12,14 @@ Checkpoints (tiny, real layout, built per session):
 - A: TinySpec() seed 0: 5 layers, window 16, GQA 4q/2kv (full) and 6q/2kv (sliding), clamps that
   trigger on the last layer (routed 0.5, shared 1.0).
 - B: seed 3, 6 layers, window 128, MQA (8q/1kv full, 4q/1kv sliding), top-3 of 8 experts, one dense
-  layer, no clamps -> SGLang's built-in computes the same function inside the window.
+  layer, no clamps: a second set of shapes for our model.
 Our model in fp32 on A is the session's shared tiny server (conftest `served_tiny`); this module
-starts the other three configurations one at a time, in test order (each once).
+starts the other two configurations one at a time, in test order (each once): SGLang's built-in on A
+and ours on B. The built-in is pinned on A, where both of its departures from the spec show (the
+routed clamp triggers, and prompts run past the window): at every position and over all V tokens it
+equals the reference with exactly those two departures, so ours and the built-in are tied through the
+reference (issue #27: the built-in on B, 64 greedy steps of ours vs the built-in inside B's window,
+was a third server start for what this full-distribution pin already says).
 """
 
 from __future__ import annotations
@@ -68,7 +73,6 @@ def servers(ckpts):
     pool = ServerPool({
         "A-builtin-fp32": (lambda: ckpts["A"], fp32, BUILTIN_ENV),
         "B-ours-fp32": (lambda: ckpts["B"], fp32, None),
-        "B-builtin-fp32": (lambda: ckpts["B"], fp32, BUILTIN_ENV),
     })
     yield pool
     pool.close()
@@ -158,25 +162,36 @@ def test_ours_fp32_radix_prefix_hit_gives_same_logprobs(served_tiny, refs):
     assert max_abs_diff(served_logprobs(hit, V, False), served_logprobs(miss, V, False)) <= FP32_TOL
 
 
-# --- A: SGLang's built-in model drops the routed clamp on CPU ----------------------------------------
-def test_builtin_cpu_drops_routed_clamp(servers, refs):
-    """Records SGLang 0.5.23's CPU bug: moe_forward_native ignores gemm1_clamp_limit. The built-in
-    equals the reference WITHOUT the routed clamp (and with its window+1 keys), not the true model."""
-    server, ref = servers.get("A-builtin-fp32"), refs("A")
+# --- A: SGLang's built-in model on CPU: no routed clamp, one key too many past the window -------------
+def test_builtin_cpu_drops_routed_clamp_and_sees_one_extra_key_past_window(servers, refs):
+    """Records SGLang 0.5.23's two departures on CPU. moe_forward_native ignores gemm1_clamp_limit; and
+    SGLang's torch_native mask keeps k >= q - sliding_window_size, i.e. sliding_window_size keys BEFORE
+    the query: the built-in passes config.sliding_window there (W+1 keys in all), we pass W-1 (W keys
+    including the current one, the spec). So the built-in equals the reference without the routed clamp
+    and with window W+1, at every position of a prompt past the window; each departure alone is far
+    off it (inside the window only the clamp differs, past it also the window)."""
+    server = servers.get("A-builtin-fp32")
     assert OUR_CLASS_LINE not in server.log_text()  # really the built-in class
-    V, W = _vocab(ref), SPEC_A.sliding_window
-    prompt = _prompt(1, W - 2, V)  # inside the window: only the clamp differs
-    resp = generate(server, prompt, 2, V)
+    V, W = _vocab(refs("A")), SPEC_A.sliding_window
+    prompt = _prompt(7, W + 24, V)
+    resp = generate(server, prompt, 4, V)
     seq = full_sequence(prompt, resp)
     got = served_logprobs(resp, V)
-    true_diff = max_abs_diff(got, ref.logprobs(seq[:-1]))
-    unclamped_diff = max_abs_diff(got, refs("A", routed_clamp=False).logprobs(seq[:-1]))
-    print(f"A built-in: vs reference {true_diff:.3f}, vs reference without routed clamp {unclamped_diff:.2e}")
-    assert true_diff > DIFFERENT
-    assert unclamped_diff <= FP32_TOL
+    builtin_math = refs("A", window=W + 1, routed_clamp=False).logprobs(seq[:-1])
+    assert max_abs_diff(got, builtin_math) <= FP32_TOL
+    spec = refs("A").logprobs(seq[:-1])
+    no_clamp = refs("A", routed_clamp=False).logprobs(seq[:-1])  # the spec's window
+    with_clamp = refs("A", window=W + 1).logprobs(seq[:-1])  # the built-in's window
+    inside, past = max_abs_diff(got[: W - 1], spec[: W - 1]), max_abs_diff(got[W:], no_clamp[W:])
+    print(f"A built-in: inside the window vs reference {inside:.3f}; past it vs reference without routed "
+          f"clamp {past:.3f}")
+    assert inside > DIFFERENT  # the clamp triggers inside the window already
+    assert max_abs_diff(got[: W - 1], no_clamp[: W - 1]) <= FP32_TOL  # positions < W: windows agree
+    assert past > FP32_TOL * 10  # past the window: the extra key
+    assert max_abs_diff(got, with_clamp) > DIFFERENT
 
 
-# --- B: several shapes; ours vs the built-in ---------------------------------------------------------
+# --- B: several shapes, ours ---------------------------------------------------------------------
 GREEDY_PROMPTS = [(_p_seed, n) for _p_seed, n in zip(range(100, 108), (4, 9, 13, 20, 27, 33, 38, 40))]
 GREEDY_STEPS = 64
 
@@ -194,7 +209,7 @@ def test_ours_fp32_checkpoint_b_greedy_matches_reference(ours_b_greedy, refs):
     jobs, resps = ours_b_greedy
     for (prompt, _), resp in zip(jobs, resps):
         seq = full_sequence(prompt, resp)
-        assert len(seq) <= SPEC_B.sliding_window  # inside the window (see the built-in test)
+        assert len(seq) <= SPEC_B.sliding_window  # inside the window; the next test runs past it
         want = ref.logprobs(seq[:-1])
         # 8 x 64 steps with full distributions would cost minutes of JSON on 2 cores: compare the
         # chosen token's logprob at every position, and the argmax.
@@ -211,34 +226,3 @@ def test_ours_fp32_checkpoint_b_long_prompt_past_window(servers, refs):
     got = served_logprobs(resp, V)
     assert max_abs_diff(got, ref.logprobs(seq[:-1])) <= FP32_TOL
     assert max_abs_diff(got, refs("B", window=W + 1).logprobs(seq[:-1])) > FP32_TOL * 10
-
-
-def test_builtin_greedy_equals_ours_inside_window(ours_b_greedy, servers, refs):
-    """No clamp configured and sequences shorter than the window: same tokens over 64 steps x 8."""
-    server = servers.get("B-builtin-fp32")
-    assert OUR_CLASS_LINE not in server.log_text()
-    V = _vocab(refs("B"))
-    jobs, ours = ours_b_greedy
-    builtin = generate_concurrently(server, jobs, V, top_logprobs=False)
-    for o, b in zip(ours, builtin):
-        assert b["output_ids"] == o["output_ids"]
-        assert max_abs_diff(served_token_logprobs(b), served_token_logprobs(o)) <= FP32_TOL
-
-
-def test_builtin_sees_one_extra_key_past_window(servers, refs):
-    """SGLang's torch_native mask keeps k >= q - sliding_window_size, i.e. sliding_window_size keys
-    BEFORE the query; the built-in passes config.sliding_window there (W+1 keys in all), we pass W-1
-    (W keys including the current one, the spec). Past the window the built-in therefore equals the
-    reference with window W+1 and differs from the spec'd window W."""
-    server, ref = servers.get("B-builtin-fp32"), refs("B")
-    V, W = _vocab(ref), SPEC_B.sliding_window
-    prompt = _prompt(7, W + 40, V)
-    resp = generate(server, prompt, 4, V)
-    seq = full_sequence(prompt, resp)
-    got = served_logprobs(resp, V)
-    assert max_abs_diff(got, refs("B", window=W + 1).logprobs(seq[:-1])) <= FP32_TOL
-    spec_ref = ref.logprobs(seq[:-1])
-    past = max_abs_diff(got[W:], spec_ref[W:])
-    print(f"B built-in past the window: vs spec window {past:.3f}")
-    assert max_abs_diff(got[: W - 1], spec_ref[: W - 1]) <= FP32_TOL  # positions < W: windows agree
-    assert past > FP32_TOL * 10

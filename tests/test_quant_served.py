@@ -1,4 +1,6 @@
-"""Every registered quantized format serves on CPU through a real `sglang serve` (one server per format).
+"""Every registered quantized format serves on CPU: through a real `sglang serve` (one server per format),
+or, for the formats of IN_PROCESS_ONLY, through the parts of one (launch, load) whose rest a sibling's
+server runs.
 
 On a CPU SGLang's kernels for these formats do not run, so our model is built unquantized and the
 loader dequantizes each weight with the format's Dequantizer (models/quant_build.py
@@ -6,8 +8,8 @@ loader dequantizes each weight with the format's Dequantizer (models/quant_build
 on the same dequantized weights: at every output position the served token is the reference's argmax
 (teacher-forced on the served sequence) wherever the reference's top-2 margin exceeds the bf16 server's
 tolerance, and every position's logprobs are within BF16_TOL (measured: w8a8-int8 0.046,
-w8a8-int8-ct 0.052, w4a16 0.056, mxfp4 0.042 after its one near-tie route); AWQ / GPTQ serve in float16, the only dtype SGLang's configs for them accept,
-within 0.02 (measured: awq 0.0057, gptq 0.0064). Teeth: the same weights mis-scaled are far off.
+w4a16 0.056, mxfp4 0.042 after its one near-tie route); AWQ / GPTQ serve in float16, the only dtype
+SGLang's configs for them accept, within 0.02 (measured: awq 0.0057, gptq 0.0064). Teeth: the same weights mis-scaled are far off.
 
 A router near a tie: Step's top-k picks experts by `sigmoid(x @ gate) + bias`; where the k-th and the
 (k+1)-th are closer than bf16's rounding of x can move them (ROUTE_TIE), the bf16 server may take the
@@ -19,8 +21,9 @@ when the plain reference is off, the reference that takes the runner-up at one n
 (`RouteTies`) must match within the tolerance everywhere; the test names the decision. A format joins by registering in
 sglang_step35.quant; one the allow-list (sglang_step35.served) does not serve on CPU must be refused
 at launch by name (block FP8 is served in tests/test_weights_loading.py). Not started here
-(IN_PROCESS_ONLY): autoround-awq and w4a16-g32, whose loaders and dequantizers a served case here
-already runs; in-process tests check their CPU loads parameter by parameter.
+(IN_PROCESS_ONLY): autoround-awq, w4a16-g32, w8a8-int8-ct, nvfp4-ct and nvfp4, whose dequantizers and
+launch paths a served case here already runs; their launches go through SGLang's resolve_once in
+tests/test_launch_quant.py and in-process tests check their CPU loads parameter by parameter.
 """
 
 from __future__ import annotations
@@ -144,14 +147,48 @@ def misscaled(weights: dict, n_layers: int) -> dict[str, torch.Tensor]:
             if k.startswith("model.layers.") else v for k, v in weights.items()}
 
 
-# Covered in-process instead of by a server start of their own (issue #27): the loader and dequantizer a
-# server would run are the same ones another served case here already starts. autoround-awq: AutoRound's AWQ
-# packing goes through the AWQ dequantizer (the awq case) under the autoround case's format module;
-# tests/test_quant_autoround_load.py::test_autoround_awq_on_a_cpu_loads_the_references_weights checks every
-# parameter of its CPU load against the reference's weights. w4a16-g32: the w4a16 case's loader and
-# Dequantizer with groups of 32 (read from weight_scale's shape);
-# tests/test_quant_w4a16.py::test_w4a16_channel_and_group_64_load_dequantized_on_a_cpu[g32] checks its CPU load.
-IN_PROCESS_ONLY = ("autoround-awq", "w4a16-g32")
+# Covered without a server start of their own (issue #27). What a server start of one of these would
+# add is covered in three parts: its launch through SGLang's own `resolve_once` in a fresh process, as
+# `sglang serve` launches (tests/test_launch_quant.py's probe, a case per format); its CPU load through
+# SGLang's own loader functions (`_get_quantization_config`, `_initialize_model`, our `load_weights`),
+# each parameter equal to the reference's weights (test_in_process_formats_load_the_references_weights
+# below, and the named tests); and the same dequantizer, or launch path, served by a case here that does
+# start a server. What is left, the request path from the loaded weights on, is the same for every format.
+IN_PROCESS_ONLY = {
+    # AutoRound's AWQ packing: the awq case's dequantizer under the autoround case's format module.
+    "autoround-awq": "tests/test_quant_autoround_load.py::test_autoround_awq_on_a_cpu_loads_the_references_weights",
+    # The w4a16 case's loader and Dequantizer with groups of 32 (read from weight_scale's shape).
+    "w4a16-g32": "tests/test_quant_w4a16.py::test_w4a16_channel_and_group_64_load_dequantized_on_a_cpu[g32]",
+    # compressed-tensors, as the served w4a16 case (one SGLang method and launch path, one loader), with
+    # the served w8a8-int8 case's INT8 arithmetic.
+    "w8a8-int8-ct": "test_in_process_formats_load_the_references_weights[w8a8-int8-ct]",
+    # compressed-tensors, as w4a16; its NVFP4 blocks are the served modelopt-mixed case's (the global
+    # scale read as a divisor: tests/test_quant_nvfp4_ct_load.py checks it against compressed-tensors'
+    # own decompressor).
+    "nvfp4-ct": "test_in_process_formats_load_the_references_weights[nvfp4-ct]",
+    # ModelOpt NVFP4: the served modelopt-mixed case runs the same ModelOpt config reading
+    # (hf_quant_config / quantization_config, our CPU hook on `_parse_modelopt_quant_config`) and the
+    # same NVFP4 dequantizer on its FP4 layers.
+    "nvfp4": "test_in_process_formats_load_the_references_weights[nvfp4]",
+}
+IN_PROCESS = [n for n, test in IN_PROCESS_ONLY.items() if test.startswith("test_in_process_formats")]
+
+
+@pytest.mark.parametrize("name", IN_PROCESS)
+def test_in_process_formats_load_the_references_weights(tmp_path, name):
+    """A format of IN_PROCESS_ONLY on this CPU: served by the allow-list, its checkpoint built and loaded
+    as SGLang's scheduler does (unquantized, every weight dequantized at load), each parameter equal to
+    what the fp32 reference of the served cases reads. Its launch is test_launch_quant's case."""
+    import gpu_contract
+
+    ckpt = write_tiny_checkpoint(tmp_path / name, seed=7, quant=name)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    label = served.quant_label(quant.checkpoint_quantization_config(cfg))
+    assert served.refusal(served.QUANT, served.Setting(platform="cpu", quant=label, clamped_layers=(4,))) is None
+    gpu_contract.sglang_world_of_one()
+    model, _ = gpu_contract.load_like_sglang(ckpt)
+    assert model.cpu_dequant is not None
+    assert_cpu_load_is_the_references(quant.format_for_tiny(name), ckpt, model)
 
 
 @pytest.mark.parametrize("name", [n for n in quant.tiny_names() if n != "fp8" and n not in IN_PROCESS_ONLY])
