@@ -9,7 +9,7 @@ on the same dequantized weights: at every output position the served token is th
 (teacher-forced on the served sequence) wherever the reference's top-2 margin exceeds the bf16 server's
 tolerance, and every position's logprobs are within BF16_TOL (measured: w8a8-int8 0.046,
 w4a16 0.056, mxfp4 0.042 after its one near-tie route); AWQ / GPTQ serve in float16, the only dtype
-SGLang's configs for them accept, within 0.02 (measured: awq 0.0057, gptq 0.0064). Teeth: the same weights mis-scaled are far off.
+SGLang's configs for them accept, within 0.02 (measured: awq 0.0057). Teeth: the same weights mis-scaled are far off.
 
 A router near a tie: Step's top-k picks experts by `sigmoid(x @ gate) + bias`; where the k-th and the
 (k+1)-th are closer than bf16's rounding of x can move them (ROUTE_TIE), the bf16 server may take the
@@ -21,7 +21,7 @@ when the plain reference is off, the reference that takes the runner-up at one n
 (`RouteTies`) must match within the tolerance everywhere; the test names the decision. A format joins by registering in
 sglang_step35.quant; one the allow-list (sglang_step35.served) does not serve on CPU must be refused
 at launch by name (block FP8 is served in tests/test_weights_loading.py). Not started here
-(IN_PROCESS_ONLY): autoround-awq, w4a16-g32, w8a8-int8-ct, nvfp4-ct and nvfp4, whose dequantizers and
+(IN_PROCESS_ONLY): autoround-awq, w4a16-g32, w8a8-int8-ct, nvfp4-ct, nvfp4 and gptq, whose dequantizers and
 launch paths a served case here already runs; their launches go through SGLang's resolve_once in
 tests/test_launch_quant.py and in-process tests check their CPU loads parameter by parameter.
 """
@@ -170,6 +170,9 @@ IN_PROCESS_ONLY = {
     # (hf_quant_config / quantization_config, our CPU hook on `_parse_modelopt_quant_config`) and the
     # same NVFP4 dequantizer on its FP4 layers.
     "nvfp4": "test_in_process_formats_load_the_references_weights[nvfp4]",
+    # GPTQ: the served autoround case's checkpoint is GPTQ's packing (auto_round:auto_gptq) read by the
+    # same w4a16 GPTQ dequantizer; the served awq case runs the float16 launch GPTQ's config also needs.
+    "gptq": "test_in_process_formats_load_the_references_weights[gptq]",
 }
 IN_PROCESS = [n for n, test in IN_PROCESS_ONLY.items() if test.startswith("test_in_process_formats")]
 
