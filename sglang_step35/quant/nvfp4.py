@@ -39,6 +39,7 @@ from typing import Any, Optional
 import torch
 
 from sglang_step35.quant import e2m1
+from sglang_step35.quant.pairing import ModuleParts
 
 # g_proj gets SGLang's method for this format, which reads the config (ModelOpt's `ignore` / `quantized_layers` say whether g_proj is quantized).
 G_PROJ_BY_CONFIG = True
@@ -240,72 +241,37 @@ def write_checkpoint_tensors(weights: dict[str, torch.Tensor], cfg: dict, name: 
 
 
 # ---------------------------------------------------------------- CPU dequantization
-def split_part(name: str, parts: tuple[str, ...] = _PARTS) -> tuple[str, str]:
-    """(module, part) of a checkpoint tensor name by the first of `parts` it ends with (list the
-    longest suffix first); (name, "") for none. Also the compressed-tensors NVFP4 reader's."""
-    for part in parts:
-        if name.endswith(part):
-            return name[: -len(part)], part
-    return name, ""
-
-
-class Dequantizer:
+class Dequantizer(ModuleParts):
     """CPU path: collects each module's parts (``weight``, ``weight_scale``, ``weight_scale_2``,
     ``input_scale``; any order) and yields the fp32 weight under ``X.weight`` once complete: NVFP4
     (uint8 weight: block and global scales needed) or ModelOpt per-tensor FP8 (float8 weight: its
     ``weight_scale``). ``input_scale`` only serves GPU kernels and is dropped. BF16 tensors pass."""
 
-    def __init__(self, quantization_config: Optional[dict] = None, **_: Any):
-        self.group = int(_section(quantization_config or {}).get("group_size") or GROUP)
-        self._parts: dict[str, dict[str, torch.Tensor]] = {}
-        self._done: set[str] = set()
-        self._problems: list[str] = []
+    PARTS, DROPPED, WEIGHT = _PARTS, ".input_scale", ".weight"
 
-    def _needs(self, parts: dict[str, torch.Tensor]) -> Optional[tuple[str, ...]]:
+    def __init__(self, quantization_config: Optional[dict] = None, **_: Any):
+        super().__init__()
+        self.group = int(_section(quantization_config or {}).get("group_size") or GROUP)
+
+    def passes(self, part: str, tensor: torch.Tensor) -> bool:
+        return not part or (part == ".weight" and tensor.dtype not in (torch.uint8, FP8_DTYPE))
+
+    def needs(self, parts: dict[str, torch.Tensor]) -> Optional[tuple[str, ...]]:
         w = parts.get(".weight")
         if w is None:
             return None
         return (".weight_scale", ".weight_scale_2") if w.dtype == torch.uint8 else (".weight_scale",)
 
-    def feed(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        base, part = split_part(name)
-        if part == ".weight" and tensor.dtype not in (torch.uint8, FP8_DTYPE):
-            return [(name, tensor)]
-        if not part:
-            return [(name, tensor)]
-        if base in self._done:
-            if part != ".input_scale":
-                self._problems.append(f"{name}: a second {part.lstrip('.')} for {base}")
-            return []
-        parts = self._parts.setdefault(base, {})
-        parts[part] = tensor
-        needs = self._needs(parts)
-        if needs is None or any(p not in parts for p in needs):
-            return []
-        del self._parts[base]
-        self._done.add(base)
+    def decode(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         w = parts[".weight"]
-        try:
-            if w.dtype == torch.uint8:
-                out = dequantize(w, parts[".weight_scale"], parts[".weight_scale_2"], self.group)
-            else:
-                out = dequantize_fp8_tensor(w, parts[".weight_scale"])
-        except ValueError as e:
-            self._problems.append(f"{base}.weight: {e}")
-            return []
-        return [(base + ".weight", out)]
+        if w.dtype == torch.uint8:
+            return dequantize(w, parts[".weight_scale"], parts[".weight_scale_2"], self.group)
+        return dequantize_fp8_tensor(w, parts[".weight_scale"])
 
-    def problems(self) -> list[str]:
-        out = list(self._problems)
-        for base, parts in sorted(self._parts.items()):
-            needs = self._needs(parts)
-            if needs is None:
-                if set(parts) != {".input_scale"}:
-                    out.append(f"{base}: {', '.join(p.lstrip('.') for p in sorted(parts))} without its "
-                               "quantized weight")
-                else:
-                    out.append(f"{base}.input_scale: without its quantized weight")
-                continue
-            missing = [base + p for p in needs if p not in parts]
-            out.append(f"{base}.weight: quantized weight without {', '.join(missing)}")
-        return out
+    def incomplete(self, base: str, parts: dict[str, torch.Tensor], needs: Optional[tuple[str, ...]]) -> str:
+        if needs is None:
+            if set(parts) == {".input_scale"}:
+                return f"{base}.input_scale: without its quantized weight"
+            return f"{base}: {', '.join(p.lstrip('.') for p in sorted(parts))} without its quantized weight"
+        missing = [base + p for p in needs if p not in parts]
+        return f"{base}.weight: quantized weight without {', '.join(missing)}"

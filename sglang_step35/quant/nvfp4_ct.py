@@ -33,6 +33,7 @@ from typing import Any, Optional
 import torch
 
 from sglang_step35.quant import e2m1, nvfp4
+from sglang_step35.quant.pairing import ModuleParts
 
 NAMES = ("nvfp4-ct",)
 # g_proj follows the checkpoint's `ignore` list (SGLang's compressed-tensors method honours it).
@@ -156,43 +157,23 @@ def checkpoint_shape(leaf: str, bf16_shape: tuple, quantization_config: dict) ->
 
 
 # ---------------------------------------------------------------- CPU dequantization
-class Dequantizer:
+class Dequantizer(ModuleParts):
     """CPU path: collects each module's ``weight_packed`` / ``weight_scale`` / ``weight_global_scale``
     (any order) and yields the fp32 weight under ``X.weight``; ``input_global_scale`` only serves the
     GPU kernels and is dropped. Unquantized tensors pass through."""
 
+    PARTS, DROPPED, WEIGHT = _PARTS, ".input_global_scale", ".weight_packed"
+
     def __init__(self, quantization_config: Optional[dict] = None, **_: Any):  # noqa: ARG002 (registry signature)
-        self._parts: dict[str, dict[str, torch.Tensor]] = {}
-        self._done: set[str] = set()
-        self._problems: list[str] = []
+        super().__init__()
 
-    def feed(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        base, part = nvfp4.split_part(name, _PARTS)
-        if not part:
-            return [(name, tensor)]
-        if base in self._done:
-            if part != ".input_global_scale":
-                self._problems.append(f"{name}: a second {part.lstrip('.')} for {base}")
-            return []
-        parts = self._parts.setdefault(base, {})
-        parts[part] = tensor
-        if any(p not in parts for p in _NEEDED):
-            return []
-        del self._parts[base]
-        self._done.add(base)
-        try:
-            w = dequantize(parts[".weight_packed"], parts[".weight_scale"], parts[".weight_global_scale"])
-        except ValueError as e:
-            self._problems.append(f"{base}.weight_packed: {e}")
-            return []
-        return [(base + ".weight", w)]
+    def needs(self, parts: dict[str, torch.Tensor]) -> tuple[str, ...]:  # noqa: ARG002 (one fixed set)
+        return _NEEDED
 
-    def problems(self) -> list[str]:
-        out = list(self._problems)
-        for base, parts in sorted(self._parts.items()):
-            missing = [base + p for p in _NEEDED if p not in parts]
-            if ".weight_packed" not in parts:
-                out.append(f"{base}: {', '.join(p.lstrip('.') for p in sorted(parts))} without its weight_packed")
-            else:
-                out.append(f"{base}.weight_packed: NVFP4 weight without {', '.join(missing)}")
-        return out
+    def decode(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        return dequantize(parts[".weight_packed"], parts[".weight_scale"], parts[".weight_global_scale"])
+
+    def incomplete(self, base: str, parts: dict[str, torch.Tensor], needs: Optional[tuple[str, ...]]) -> str:
+        if ".weight_packed" not in parts:
+            return f"{base}: {', '.join(p.lstrip('.') for p in sorted(parts))} without its weight_packed"
+        return f"{base}.weight_packed: NVFP4 weight without {', '.join(base + p for p in needs if p not in parts)}"

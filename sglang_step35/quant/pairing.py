@@ -1,9 +1,16 @@
-"""The CPU dequantizer of the formats whose quantized weight has exactly one scale tensor (block FP8,
-W8A8-INT8, MXFP4): pairs ``X.weight`` with its scale as they stream in, in either order, and yields
-the fp32 weight under ``X.weight``; every other tensor passes through. A format subclasses it with
-its scale suffix, its weight dtype and its decode (formats with more parts keep their own class)."""
+"""The CPU dequantizers' tensor pairing, as a checkpoint streams in (any order, any shard):
+
+- :class:`WeightScalePairs`, formats whose quantized weight has exactly one scale tensor (block FP8,
+  W8A8-INT8, MXFP4): pairs ``X.weight`` with its scale;
+- :class:`ModuleParts`, formats whose quantized weight comes as several tensors per module (ModelOpt
+  and compressed-tensors NVFP4): collects module X's parts until those its decode needs are in.
+
+Each yields the fp32 weight under ``X.weight``; every other tensor passes through. A format subclasses
+one with its suffixes, its weight dtype and its decode."""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -48,3 +55,66 @@ class WeightScalePairs:
         return (list(self._problems)
                 + [f"{k}.weight: {self.FORMAT} weight without {k}{self.SCALE}" for k in sorted(self._w)]
                 + [f"{k}{self.SCALE}: scale without its {self.FORMAT} weight" for k in sorted(self._s)])
+
+
+def split_part(name: str, parts: tuple[str, ...]) -> tuple[str, str]:
+    """(module, part) of a checkpoint tensor name by the first of `parts` it ends with (list the
+    longest suffix first); (name, "") for none."""
+    for part in parts:
+        if name.endswith(part):
+            return name[: -len(part)], part
+    return name, ""
+
+
+class ModuleParts:
+    """Collects each module's parts (``PARTS``, longest suffix first) and decodes the module once the
+    parts :meth:`needs` names are in; ``DROPPED`` (a scale only GPU kernels read) may come before or
+    after and is dropped. A decode error, or a second copy of a part, is reported under ``WEIGHT``."""
+
+    PARTS: tuple[str, ...] = ()
+    DROPPED = ""
+    WEIGHT = ".weight"
+
+    def __init__(self) -> None:
+        self._parts: dict[str, dict[str, torch.Tensor]] = {}
+        self._done: set[str] = set()
+        self._problems: list[str] = []
+
+    def needs(self, parts: dict[str, torch.Tensor]) -> Optional[tuple[str, ...]]:
+        """The parts the module's decode needs, given those in so far; None while that is not known."""
+        raise NotImplementedError
+
+    def decode(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def passes(self, part: str, tensor: torch.Tensor) -> bool:  # noqa: ARG002 (a format's dtype rule)
+        """Whether a tensor is not a quantized module's part and passes through unchanged."""
+        return not part
+
+    def incomplete(self, base: str, parts: dict[str, torch.Tensor], needs: Optional[tuple[str, ...]]) -> str:
+        raise NotImplementedError
+
+    def feed(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        base, part = split_part(name, self.PARTS)
+        if self.passes(part, tensor):
+            return [(name, tensor)]
+        if base in self._done:
+            if part != self.DROPPED:
+                self._problems.append(f"{name}: a second {part.lstrip('.')} for {base}")
+            return []
+        parts = self._parts.setdefault(base, {})
+        parts[part] = tensor
+        needs = self.needs(parts)
+        if needs is None or any(p not in parts for p in needs):
+            return []
+        del self._parts[base]
+        self._done.add(base)
+        try:
+            return [(base + ".weight", self.decode(parts))]
+        except ValueError as e:
+            self._problems.append(f"{base}{self.WEIGHT}: {e}")
+            return []
+
+    def problems(self) -> list[str]:
+        return list(self._problems) + [self.incomplete(base, parts, self.needs(parts))
+                                       for base, parts in sorted(self._parts.items())]
