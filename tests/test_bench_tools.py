@@ -1,12 +1,12 @@
 """bench/serving.py and bench/gsm8k.py: scenario scaling, ratios, harness parsing, and one real tiny run
-of each against the shared CPU server (SGLang's own bench_serving and few_shot_gsm8k as subprocesses).
+of each against the shared CPU server (SGLang's own bench_serving and few_shot_gsm8k as subprocesses,
+as the benches run them; each bench's `main` with its command-line arguments in this process).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -79,17 +79,17 @@ def _numbers(d: dict) -> bool:
 
 
 @pytest.mark.server
-def test_serving_tiny_run_writes_json_and_png(served_trained, tmp_path):
+def test_serving_tiny_run_writes_json_and_png(served_trained, tmp_path, capsys):
     # Both labels point at the one shared server: exercises the two-model JSON, ratio and plot paths
     # without a second `sglang serve` (CI time); the ratio of a server to itself is ~1.
-    proc = subprocess.run([
-        sys.executable, str(ROOT / "bench" / "serving.py"),
+    rc = serving.main([
         "--base-url", served_trained.base_url, "--builtin-base-url", served_trained.base_url,
         "--tokenizer", served_trained.model_path, "--scenarios", "low",
         "--num-prompts", "2", "--input-len", "16", "--output-len", "16",
         "--out", str(tmp_path), "--name", "t",
-    ], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ])
+    stdout = capsys.readouterr().out
+    assert rc == 0, stdout[-3000:]
     report = json.loads((tmp_path / "t.json").read_text())
     assert report["scenarios"] == [
         {"name": "low", "num_prompts": 2, "concurrency": 1, "input_len": 16, "output_len": 16}]
@@ -100,7 +100,7 @@ def test_serving_tiny_run_writes_json_and_png(served_trained, tmp_path):
         assert _numbers(metrics) and metrics["output_throughput"] > 0, metrics
     ratio = report["ratio_ours_over_builtin"]["low"]
     assert _numbers(ratio) and ratio["output_throughput"] > 0
-    assert "ratio ours/built-in low" in proc.stdout
+    assert "ratio ours/built-in low" in stdout
     png = (tmp_path / "t.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000  # a rendered figure, not an empty canvas
 
@@ -108,11 +108,8 @@ def test_serving_tiny_run_writes_json_and_png(served_trained, tmp_path):
 @pytest.mark.server
 def test_gsm8k_tiny_run_against_running_server(served_trained, tmp_path):
     host, port = served_trained.base_url.removeprefix("http://").split(":")
-    proc = subprocess.run([
-        sys.executable, str(ROOT / "bench" / "gsm8k.py"), "--host", host, "--port", port,
-        "--num-questions", "2", "--max-new-tokens", "8", "--parallel", "2", "--out", str(tmp_path),
-    ], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert gsm8k.main(["--host", host, "--port", port, "--num-questions", "2", "--max-new-tokens", "8",
+                       "--parallel", "2", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "gsm8k.json").read_text())
     assert report["num_questions"] == 2 and "--data-path" in report["command"]
     assert 0 <= report["accuracy"] <= 1 and 0 <= report["invalid"] <= 1
