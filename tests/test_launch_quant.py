@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from sglang_step35.tiny import write_tiny_checkpoint
-from test_quant_served import SERVER_DTYPE
+from test_quant_served import IN_PROCESS_ONLY, SERVER_DTYPE
 
 PROBE = Path(__file__).parent / "launch_probe.py"
 
@@ -40,7 +40,6 @@ def decisions(tmp_path_factory):
     nvfp4 = write_tiny_checkpoint(root / "nvfp4", seed=0, quant="nvfp4")
     mixed = write_tiny_checkpoint(root / "modelopt-mixed", seed=0, quant="modelopt-mixed")
     nvfp4_ct = write_tiny_checkpoint(root / "nvfp4-ct", seed=0, quant="nvfp4-ct")
-    gptq = write_tiny_checkpoint(root / "gptq", seed=0, quant="gptq")
     cases = [
         {"name": "ct_gpu", "model_path": str(ct), "args": {}, "platform": "nvidia"},
         {"name": "ct_gpu_w8a8_int8", "model_path": str(ct), "args": {"quantization": "w8a8_int8"}, "platform": "nvidia"},
@@ -54,8 +53,8 @@ def decisions(tmp_path_factory):
         {"name": "nvfp4_ct_cpu", "model_path": str(nvfp4_ct), "args": {}},
         # The formats tests/test_quant_served.py does not start a server for (IN_PROCESS_ONLY), launched
         # with the flags its servers get.
-        *({"name": f"served_{name}", "model_path": str(ckpt), "args": {"dtype": SERVER_DTYPE.get(name, "bfloat16")}}
-          for name, ckpt in (("w8a8-int8-ct", ct), ("nvfp4", nvfp4), ("nvfp4-ct", nvfp4_ct), ("gptq", gptq))),
+        *({"name": f"served_{name}", "model_path": str(write_tiny_checkpoint(root / f"served-{name}", seed=0, quant=name)),
+           "args": {"dtype": SERVER_DTYPE.get(name, "bfloat16")}} for name in IN_PROCESS_ONLY),
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SGLANG_STEP35", "SGLANG_EXTERNAL"))}
     r = subprocess.run([sys.executable, str(PROBE), json.dumps(cases)], capture_output=True, text=True, env=env,
@@ -91,14 +90,11 @@ def test_fp4_on_a_cpu_launches_in_its_config_dtype(decisions, case):
     assert decisions[case]["dtype"] in ("auto", "bfloat16")  # the tiny's config dtype, accepted by the method
 
 
-@pytest.mark.parametrize("name", ["w8a8-int8-ct", "nvfp4", "nvfp4-ct", "gptq"])
+@pytest.mark.parametrize("name", list(IN_PROCESS_ONLY))
 def test_formats_served_without_a_server_start_launch_on_a_cpu(decisions, name):
     """The launch half of tests/test_quant_served.py's IN_PROCESS_ONLY formats: `sglang serve --device
     cpu --dtype D` (D: what its servers are given) of the checkpoint passes SGLang's resolve_once and
     the launch policy, on CPU."""
-    from test_quant_served import IN_PROCESS, SERVER_DTYPE
-
-    assert name in IN_PROCESS
     d = decisions[f"served_{name}"]
     assert d["error"] is None, d["error"]
     assert (d["device"], d["dtype"], d["attention_backend"]) == ("cpu", SERVER_DTYPE.get(name, "bfloat16"),

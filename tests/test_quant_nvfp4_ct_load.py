@@ -216,6 +216,7 @@ def test_dequantizer_names_missing_misshaped_and_accepts_scalar_global_scales():
     (name, got), = d.feed("a.weight_packed", packed)  # any order; a scalar global scale
     assert name == "a.weight" and (got - w).abs().max() <= w.abs().max() / 5
     assert d.feed("a.input_global_scale", gs.reshape(1)) == []  # GPU-only, dropped
+    assert d.feed("a.weight_scale", bs) == []  # a second copy (two shards holding it): named below
     d.feed("b.weight_packed", packed)
     d.feed("b.weight_scale", bs)
     d.feed("c.weight_global_scale", gs.reshape(1))
@@ -224,6 +225,7 @@ def test_dequantizer_names_missing_misshaped_and_accepts_scalar_global_scales():
     assert d.feed("e.weight_global_scale", gs.reshape(1)) == []
     assert d.feed("n.weight", w) == [("n.weight", w)]
     assert d.problems() == [
+        "a.weight_scale: a second weight_scale for a",
         "e.weight_packed: weight_scale shape [32, 2] does not match weight [32, 32] (expected [32, 4]: one E4M3 "
         "scale per 16 elements)",
         "b.weight_packed: NVFP4 weight without b.weight_global_scale",

@@ -152,29 +152,37 @@ def misscaled(weights: dict, n_layers: int) -> dict[str, torch.Tensor]:
 # `sglang serve` launches (tests/test_launch_quant.py's probe, a case per format); its CPU load through
 # SGLang's own loader functions (`_get_quantization_config`, `_initialize_model`, our `load_weights`),
 # each parameter equal to the reference's weights (test_in_process_formats_load_the_references_weights
-# below, and the named tests); and the same dequantizer, or launch path, served by a case here that does
-# start a server. What is left, the request path from the loaded weights on, is the same for every format.
+# below, or the test LOAD_CHECKED_ELSEWHERE names); and the same dequantizer, or launch path, served by
+# a case here that does start a server. What is left, the request path from the loaded weights on, is the same for every format.
 IN_PROCESS_ONLY = {
-    # AutoRound's AWQ packing: the awq case's dequantizer under the autoround case's format module.
-    "autoround-awq": "tests/test_quant_autoround_load.py::test_autoround_awq_on_a_cpu_loads_the_references_weights",
-    # The w4a16 case's loader and Dequantizer with groups of 32 (read from weight_scale's shape).
-    "w4a16-g32": "tests/test_quant_w4a16.py::test_w4a16_channel_and_group_64_load_dequantized_on_a_cpu[g32]",
-    # compressed-tensors, as the served w4a16 case (one SGLang method and launch path, one loader), with
-    # the served w8a8-int8 case's INT8 arithmetic.
-    "w8a8-int8-ct": "test_in_process_formats_load_the_references_weights[w8a8-int8-ct]",
-    # compressed-tensors, as w4a16; its NVFP4 blocks are the served modelopt-mixed case's (the global
-    # scale read as a divisor: tests/test_quant_nvfp4_ct_load.py checks it against compressed-tensors'
-    # own decompressor).
-    "nvfp4-ct": "test_in_process_formats_load_the_references_weights[nvfp4-ct]",
-    # ModelOpt NVFP4: the served modelopt-mixed case runs the same ModelOpt config reading
-    # (hf_quant_config / quantization_config, our CPU hook on `_parse_modelopt_quant_config`) and the
-    # same NVFP4 dequantizer on its FP4 layers.
-    "nvfp4": "test_in_process_formats_load_the_references_weights[nvfp4]",
-    # GPTQ: the served autoround case's checkpoint is GPTQ's packing (auto_round:auto_gptq) read by the
-    # same w4a16 GPTQ dequantizer; the served awq case runs the float16 launch GPTQ's config also needs.
-    "gptq": "test_in_process_formats_load_the_references_weights[gptq]",
+    "autoround-awq": "AutoRound's AWQ packing: the awq case's dequantizer under the autoround case's format module",
+    "w4a16-g32": "the w4a16 case's loader and Dequantizer, groups of 32 read from weight_scale's shape",
+    "w8a8-int8-ct": "compressed-tensors, as the served w4a16 case (one SGLang method, launch path and loader), "
+                    "with the served w8a8-int8 case's INT8 arithmetic",
+    # tests/test_quant_nvfp4_ct_load.py also checks its global scale, read as a divisor, against
+    # compressed-tensors' own decompressor.
+    "nvfp4-ct": "compressed-tensors, as w4a16; its NVFP4 blocks are the served modelopt-mixed case's",
+    "nvfp4": "the served modelopt-mixed case runs the same ModelOpt config reading (our CPU hook on "
+             "`_parse_modelopt_quant_config`) and the same NVFP4 dequantizer on its FP4 layers",
+    "gptq": "the served autoround case's checkpoint is GPTQ's packing (auto_round:auto_gptq), read by the same "
+            "w4a16 GPTQ dequantizer; the served awq case runs the float16 launch GPTQ's config needs",
 }
-IN_PROCESS = [n for n, test in IN_PROCESS_ONLY.items() if test.startswith("test_in_process_formats")]
+# Their CPU loads checked with more of their own (teeth against a wrong packing or group size) elsewhere.
+LOAD_CHECKED_ELSEWHERE = {
+    "autoround-awq": "tests/test_quant_autoround_load.py::test_autoround_awq_on_a_cpu_loads_the_references_weights",
+    "w4a16-g32": "tests/test_quant_w4a16.py::test_w4a16_channel_and_group_64_load_dequantized_on_a_cpu[g32]",
+}
+IN_PROCESS = [n for n in IN_PROCESS_ONLY if n not in LOAD_CHECKED_ELSEWHERE]
+
+
+def test_formats_without_a_server_are_tiny_formats_whose_load_test_exists():
+    from pathlib import Path
+
+    assert set(IN_PROCESS_ONLY) <= set(quant.tiny_names()) and set(LOAD_CHECKED_ELSEWHERE) <= set(IN_PROCESS_ONLY)
+    root = Path(__file__).resolve().parents[1]
+    for where in LOAD_CHECKED_ELSEWHERE.values():
+        path, name = where.split("::")
+        assert f"def {name.split('[')[0]}(" in (root / path).read_text(), where
 
 
 @pytest.mark.parametrize("name", IN_PROCESS)
