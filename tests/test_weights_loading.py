@@ -1,6 +1,8 @@
-"""Weight loading through a real `sglang serve --device cpu`: a checkpoint that does not match its
-config fails start-up with ONE Step35WeightError naming every bad tensor with expected/actual shapes,
-and a block-FP8 checkpoint (Step-3.5-Flash-FP8 layout, `step35 tiny --fp8`) serves on CPU; stopping
+"""Weight loading: a checkpoint that does not match its config fails the load with ONE Step35WeightError
+naming every bad tensor with expected/actual shapes (in-process, through SGLang's own model builder and
+our `load_weights`, as SGLang's scheduler loads; that an error our model raises in SGLang's scheduler
+stops `sglang serve` with its message is the hub refusal server's, tests/test_launch_hub.py), and,
+through a real `sglang serve --device cpu`, a block-FP8 checkpoint (Step-3.5-Flash-FP8 layout, `step35 tiny --fp8`) serves on CPU; stopping
 the server leaves none of its processes behind. The FP8 tiny is served without its MTP layers, as
 re-quantized exports ship (eugr/spark-vllm-docker #268): the target model neither needs nor minds them.
 
@@ -22,13 +24,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from reference import Step35Reference
-from reference.serving import (CPU_ARGS, OUR_CLASS_LINE, full_sequence, generate, max_abs_diff, served_logprobs,
-                               start_expecting_exit)
+from reference.serving import (CPU_ARGS, OUR_CLASS_LINE, full_sequence, generate, max_abs_diff, served_logprobs)
 from sglang_step35 import fp8
 from sglang_step35.server import SGLangServer
 from sglang_step35.tiny import FP8_TINY_SPEC, write_tiny_checkpoint
-
-pytestmark = pytest.mark.server
 
 BF16_TOL = 0.1  # bf16 server vs fp32 reference on the same weights (see test_parity_served.py)
 # mean over positions of KL(bf16 checkpoint || served FP8 in bf16): FP8 rounding (mean KL ~0.009 in
@@ -49,6 +48,11 @@ def _copy_with(src, dst, edit):
 
 
 def test_mismatched_checkpoint_fails_with_one_error_listing_every_tensor(tiny_dir, tmp_path):
+    import gpu_contract
+
+    gpu_contract.sglang_world_of_one()  # register(), as SGLang's scheduler runs it first
+    from sglang_step35.models.weights import Step35WeightError
+
     def edit(w):
         del w[MISSING]
         w[UNEXPECTED] = torch.zeros(4, 4, dtype=torch.bfloat16)
@@ -58,11 +62,11 @@ def test_mismatched_checkpoint_fails_with_one_error_listing_every_tensor(tiny_di
     ckpt = _copy_with(tiny_dir, tmp_path / "broken", edit)
     e, i, h = load_file(str(tiny_dir / "model.safetensors"))[MISSHAPED].shape
     kv_shape = list(load_file(str(tiny_dir / "model.safetensors"))[MISSING].shape)
-    server = SGLangServer(str(ckpt), CPU_ARGS)
-    log = start_expecting_exit(server)
-    assert log.count("Step35WeightError") >= 1
+    model, _ = gpu_contract.build_like_sglang(ckpt)
+    with pytest.raises(Step35WeightError) as raised:
+        model.load_weights(load_file(str(ckpt / "model.safetensors")).items())
     # One error, all three problems, each with its shapes.
-    err = log[log.index("Step35WeightError"):]
+    err = str(raised.value)
     assert f"{MISSHAPED}: expected [{e}, {i}, {h}], got [{e}, {i - 1}, {h}]" in err
     assert UNEXPECTED in err
     assert f"{MISSING}: expected {kv_shape}" in err  # a missing shard of a fused parameter is named
@@ -87,6 +91,7 @@ def fp8_pair(tmp_path_factory):
             _without_mtp_layers(write_tiny_checkpoint(root / "fp8", seed=5, fp8=True)))
 
 
+@pytest.mark.server
 def test_fp8_checkpoint_serves_on_cpu_dequantized_at_load(fp8_pair):
     bf16_dir, fp8_dir = fp8_pair
     assert json.loads((fp8_dir / "config.json").read_text())["quantization_config"]["quant_method"] == "fp8"
